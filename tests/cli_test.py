@@ -1,0 +1,59 @@
+"""The `visage-jax` commands, run as a user runs them (a subprocess)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from absl.testing import absltest
+
+import fixtures
+from visage_jax import checkpoints, decode, prompts
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, check=True):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", "visage_jax.cli", *args], capture_output=True, text=True,
+                        cwd=ROOT, env=env, timeout=600)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"visage-jax {args} failed:\n{proc.stderr[-3000:]}")
+  return proc
+
+
+class GenerateTest(absltest.TestCase):
+
+  def test_generate_prints_json_lines_equal_to_library_greedy(self):
+    d = self.create_tempdir().full_path
+    tok = fixtures.toy_tokenizer()
+    fixtures.save_tiny_hf(d, "llama", tokenizer=tok)
+    proc = run_cli("generate", f"--model={d}", "--prompt=Write a poem", "--prompt=Tell me a story now",
+                   "--max_new_tokens=5")
+    lines = [json.loads(l) for l in proc.stdout.strip().splitlines()]
+    self.assertEqual([l["prompt"] for l in lines], ["Write a poem", "Tell me a story now"])
+    cfg, params = checkpoints.load_params(d)
+    ids = prompts.tokenize_prompts([prompts.format_prompt(p, tok) for p in ("Write a poem", "Tell me a story now")],
+                                   tok, "auto")
+    outs = decode.generate(params, cfg, ids, max_new_tokens=5, eos_ids=decode.eos_ids_of(tok),
+                           pad_id=decode.pad_id_of(tok))
+    self.assertEqual([l["generation"] for l in lines], [tok.decode(o, skip_special_tokens=True) for o in outs])
+
+  def test_convert_then_generate_raw(self):
+    d = self.create_tempdir().full_path
+    fixtures.save_tiny_hf(d, "mistral", tokenizer=fixtures.toy_tokenizer(), sliding_window=4)
+    out = os.path.join(self.create_tempdir().full_path, "conv")
+    run_cli("convert", f"--model={d}", f"--out={out}")
+    a = run_cli("generate", f"--model={out}", "--prompt=Hello there", "--no_chat_template", "--max_new_tokens=4")
+    b = run_cli("generate", f"--model={d}", "--prompt=Hello there", "--no_chat_template", "--max_new_tokens=4")
+    self.assertEqual(a.stdout, b.stdout)
+
+  def test_bad_model_path_is_a_clear_error(self):
+    proc = run_cli("generate", "--model=/nonexistent/model", "--prompt=hi", check=False)
+    self.assertNotEqual(proc.returncode, 0)
+    self.assertIn("/nonexistent/model: no such file or directory", proc.stderr)
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -1,0 +1,78 @@
+"""Greedy decoding: cache vs no cache, EOS per row, budget, no recompiles within a bucket."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest, parameterized
+
+import fixtures
+from visage_jax import decode, model, prompts
+
+
+def _uncached_greedy(params, prompt, cfg, n):
+  """Re-runs the whole sequence each step: the obviously-correct reference."""
+  seq = jnp.asarray(prompt)
+  out = []
+  for _ in range(n):
+    nxt = jnp.argmax(model.logits(params, seq, cfg)[:, -1], axis=-1)
+    out.append(np.asarray(nxt))
+    seq = jnp.concatenate([seq, nxt[:, None].astype(seq.dtype)], axis=1)
+  return np.stack(out, axis=1)
+
+
+class DecodeTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(("mha", 4, None), ("gqa", 2, None), ("mqa", 1, None),
+                                  ("sliding_window", 2, 3))
+  def test_cached_greedy_matches_uncached(self, num_kv_heads, window):
+    cfg = model.ModelConfig.tiny(num_kv_heads=num_kv_heads, sliding_window=window,
+                                 model_type="mistral" if window else "llama")
+    params = model.init(jax.random.key(0), cfg)
+    prompt = fixtures.random_tokens(2, 5, cfg.vocab_size)
+    out, length = decode.greedy(params, jnp.asarray(prompt), jnp.ones(prompt.shape, bool), cfg=cfg,
+                                max_new_tokens=8, eos_ids=(-1,), pad_id=0)
+    np.testing.assert_array_equal(np.asarray(out), _uncached_greedy(params, prompt, cfg, 8))
+    np.testing.assert_array_equal(np.asarray(length), [8, 8])
+
+  def test_left_padding_does_not_change_tokens(self):
+    cfg = model.ModelConfig.tiny()
+    params = model.init(jax.random.key(1), cfg)
+    a, b = [5, 9, 17, 3], [7, 8, 9, 10, 11, 12, 13]
+    together = decode.generate(params, cfg, [a, b], max_new_tokens=6, eos_ids=(-1,), pad_id=0)
+    alone = [decode.generate(params, cfg, [p], max_new_tokens=6, eos_ids=(-1,), pad_id=0)[0] for p in (a, b)]
+    self.assertEqual(together, alone)
+
+  def test_stops_at_eos_per_row_and_respects_budget(self):
+    cfg = model.ModelConfig.tiny()
+    params = model.init(jax.random.key(2), cfg)
+    rows = [list(r) for r in fixtures.random_tokens(4, 6, cfg.vocab_size, seed=3)]
+    free = decode.generate(params, cfg, rows, max_new_tokens=10, eos_ids=(-1,), pad_id=0)
+    self.assertEqual([len(r) for r in free], [10] * 4)
+    eos = free[0][3]  # row 0 emits this at step 3; every row must stop at its first occurrence
+    got = decode.generate(params, cfg, rows, max_new_tokens=10, eos_ids=(eos,), pad_id=0)
+    for f, g in zip(free, got):
+      expected = f[:f.index(eos) + 1] if eos in f else f
+      self.assertEqual(g, expected)
+    self.assertLessEqual(len(got[0]), 4)
+    fixed = decode.generate(params, cfg, rows, max_new_tokens=10, eos_ids=(eos,), pad_id=0,
+                            fixed_length=True)
+    self.assertEqual(fixed, free)
+
+  def test_same_bucket_does_not_recompile(self):
+    cfg = model.ModelConfig.tiny(num_layers=1)
+    params = model.init(jax.random.key(3), cfg)
+    decode.generate(params, cfg, [[1, 2, 3]], max_new_tokens=4, eos_ids=(-1,), pad_id=0)
+    before = decode.greedy._cache_size()
+    decode.generate(params, cfg, [[4, 5, 6, 7, 8]], max_new_tokens=4, eos_ids=(-1,), pad_id=0)
+    decode.generate(params, cfg, [[9] * 11], max_new_tokens=4, eos_ids=(-1,), pad_id=0)
+    self.assertEqual(decode.greedy._cache_size(), before)
+    decode.generate(params, cfg, [[9] * 17], max_new_tokens=4, eos_ids=(-1,), pad_id=0)
+    self.assertEqual(decode.greedy._cache_size(), before + 1)
+
+  def test_bucket_lengths(self):
+    self.assertEqual([prompts.bucket_length(n) for n in (1, 16, 17, 100, 257, 600)],
+                     [16, 16, 32, 128, 512, 768])
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -1,0 +1,92 @@
+"""Shared test material: a toy tokenizer, tiny random transformers checkpoints, AdvBench."""
+
+import functools
+import os
+
+import numpy as np
+
+ADVBENCH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "advbench",
+                        "harmful_behaviors.csv")
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def advbench_path() -> str:
+  path = os.path.abspath(ADVBENCH)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"AdvBench not found at {path}: tests expect ../shared beside the repo.")
+  return path
+
+
+@functools.lru_cache(maxsize=None)
+def _corpus() -> tuple[str, ...]:
+  import csv
+  with open(advbench_path(), newline="") as f:
+    return tuple(r["goal"] + " " + r["target"] for r in csv.DictReader(f))
+
+
+def toy_tokenizer(kind: str = "bpe", vocab_size: int = 384):
+  """A small trained tokenizer: 'bpe' (byte-level, GPT-2 style) or 'sentencepiece' (LLaMA-2 style:
+  metaspace + byte fallback), with <s>, </s>, <pad> and a chat template."""
+  from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+  from transformers import PreTrainedTokenizerFast
+
+  specials = ["<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|system|>", "<|assistant|>"]
+  if kind == "bpe":
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  elif kind == "sentencepiece":
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size + 256, special_tokens=specials + byte_tokens)
+  else:
+    raise ValueError(kind)
+  tok.train_from_iterator(_corpus(), trainer)
+  from tokenizers import processors
+  bos = tok.token_to_id("<s>")
+  tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                     special_tokens=[("<s>", bos)])
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                 pad_token="<pad>", unk_token="<unk>")
+  fast.chat_template = CHAT_TEMPLATE
+  return fast
+
+
+def save_tiny_hf(path: str, arch: str = "llama", tokenizer=None, seed: int = 0,
+                 max_shard_size=None, **overrides):
+  """A random tiny LlamaForCausalLM / MistralForCausalLM written by save_pretrained."""
+  import torch
+  import transformers
+
+  vocab = len(tokenizer) if tokenizer is not None else 128
+  base = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              rms_norm_eps=1e-5, tie_word_embeddings=False)
+  base.update(overrides)
+  if tokenizer is not None:
+    base.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+  config_cls, model_cls = {
+      "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+      "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+  }[arch]
+  torch.manual_seed(seed)
+  hf = model_cls(config_cls(**base)).eval()
+  with torch.no_grad():  # norms away from 1 so a wrong norm mapping shows
+    for name, p in hf.named_parameters():
+      if "norm" in name:
+        p.copy_(1.0 + 0.1 * torch.randn_like(p))
+  hf.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+  if tokenizer is not None:
+    tokenizer.save_pretrained(path)
+  return hf
+
+
+def random_tokens(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
+  return np.random.default_rng(seed).integers(3, vocab, size=(batch, length)).astype(np.int32)

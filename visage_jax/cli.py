@@ -1,0 +1,83 @@
+"""`visage-jax <command> --flags`: absl flags -> plain arguments -> one library call.
+
+Commands: generate, convert (more arrive with the landscape issue).
+"""
+
+import json
+import sys
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "", "HF directory, .gguf file or converted directory; "
+                    "empty = the embedded SmolLM2-135M-Instruct GGUF.")
+flags.DEFINE_multi_string("prompt", [], "A prompt to answer (repeatable).")
+flags.DEFINE_integer("max_new_tokens", 64, "Greedy tokens to generate per prompt.")
+flags.DEFINE_string("system_prompt", "default",
+                    "default (the model's own) | none | llama2 | aoa | any custom text.")
+flags.DEFINE_string("template", "auto", "auto (tokenizer chat template) | llama2 | vicuna | "
+                    "mistral | llama3 | raw.")
+flags.DEFINE_bool("no_chat_template", False, "Tokenize the prompt as raw text with the "
+                  "tokenizer's default special tokens.")
+flags.DEFINE_string("dtype", "float32", "Param and compute dtype: float32 | bfloat16.")
+flags.DEFINE_string("out", "", "Output path (convert: the converted directory).")
+
+
+def _load(path: str, dtype: str):
+  from visage_jax import checkpoints
+
+  path = path or checkpoints.default_model_path()
+  logging.info("loading %s", path)
+  cfg, params = checkpoints.load_params(path, dtype)
+  return path, cfg, params, checkpoints.load_tokenizer(path)
+
+
+def cmd_generate() -> None:
+  """One JSON line per prompt: {"prompt", "generation"} (greedy)."""
+  from visage_jax import decode, prompts
+
+  if not FLAGS.prompt:
+    raise app.UsageError("generate needs at least one --prompt=TEXT.")
+  _, cfg, params, tok = _load(FLAGS.model, FLAGS.dtype)
+  if FLAGS.no_chat_template:
+    ids = [tok(p)["input_ids"] for p in FLAGS.prompt]
+  else:
+    texts = [prompts.format_prompt(p, tok, FLAGS.template, FLAGS.system_prompt) for p in FLAGS.prompt]
+    ids = prompts.tokenize_prompts(texts, tok, FLAGS.template)
+  outs = decode.generate(params, cfg, ids, max_new_tokens=FLAGS.max_new_tokens,
+                         eos_ids=decode.eos_ids_of(tok), pad_id=decode.pad_id_of(tok))
+  for p, out in zip(FLAGS.prompt, outs):
+    print(json.dumps({"prompt": p, "generation": tok.decode(out, skip_special_tokens=True)}),
+          flush=True)
+
+
+def cmd_convert() -> None:
+  """Converts a HF directory or GGUF file once into an orbax directory that loads fast."""
+  from visage_jax import checkpoints
+
+  if not FLAGS.out:
+    raise app.UsageError("convert needs --out=DIR.")
+  path, cfg, params, tok = _load(FLAGS.model, FLAGS.dtype)
+  checkpoints.save_converted(FLAGS.out, cfg, params, tok, source=path)
+  print(json.dumps({"converted": FLAGS.out, "source": path, "dtype": FLAGS.dtype}))
+
+
+COMMANDS = {"generate": cmd_generate, "convert": cmd_convert}
+
+
+def main(argv=None) -> None:
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] not in COMMANDS:
+    names = ", ".join(COMMANDS)
+    sys.stderr.write(f"usage: visage-jax <command> [--flags]\ncommands: {names}\n")
+    sys.exit(2)
+  command = COMMANDS[argv[1]]
+
+  def run(_):
+    command()
+
+  app.run(run, argv=[f"{argv[0]} {argv[1]}"] + argv[2:])
+
+
+if __name__ == "__main__":
+  main()
