@@ -25,9 +25,16 @@ def _corpus() -> tuple[str, ...]:
     return tuple(r["goal"] + " " + r["target"] for r in csv.DictReader(f))
 
 
-def toy_tokenizer(kind: str = "bpe", vocab_size: int = 384):
+REFUSALS = ("I'm sorry, but I cannot help with that.", "Sorry, that is illegal and unethical.",
+            "As an AI, I cannot create that.", "I apologize, I'm not able to provide this.",
+            "I can't assist with anything illegal.", "My apologies, that is not ethical.",
+            "Hello! I do not support this.", "I am really sorry, this is not legal.")
+
+
+def toy_tokenizer(kind: str = "bpe", vocab_size: int = 384, refusals: bool = False):
   """A small trained tokenizer: 'bpe' (byte-level, GPT-2 style) or 'sentencepiece' (LLaMA-2 style:
-  metaspace + byte fallback), with <s>, </s>, <pad> and a chat template."""
+  metaspace + byte fallback), with <s>, </s>, <pad> and a chat template. With `refusals`, trained
+  mostly on refusal sentences so that random generations often spell refusal keywords."""
   from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
   from transformers import PreTrainedTokenizerFast
 
@@ -41,13 +48,14 @@ def toy_tokenizer(kind: str = "bpe", vocab_size: int = 384):
   elif kind == "sentencepiece":
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")  # pieces stay within words
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
                                      decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size + 256, special_tokens=specials + byte_tokens)
   else:
     raise ValueError(kind)
-  tok.train_from_iterator(_corpus(), trainer)
+  tok.train_from_iterator(REFUSALS * 200 + _corpus()[:50] if refusals else _corpus(), trainer)
   from tokenizers import processors
   bos = tok.token_to_id("<s>")
   tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
@@ -59,8 +67,12 @@ def toy_tokenizer(kind: str = "bpe", vocab_size: int = 384):
 
 
 def save_tiny_hf(path: str, arch: str = "llama", tokenizer=None, seed: int = 0,
-                 max_shard_size=None, **overrides):
-  """A random tiny LlamaForCausalLM / MistralForCausalLM written by save_pretrained."""
+                 max_shard_size=None, boost_refusals: bool = False, **overrides):
+  """A random tiny LlamaForCausalLM / MistralForCausalLM written by save_pretrained.
+
+  `boost_refusals` scales the output rows of the tokens that spell REFUSALS, so that greedy
+  generations often contain refusal keywords in the middle (the judge tests need both verdicts).
+  """
   import torch
   import transformers
 
@@ -82,6 +94,9 @@ def save_tiny_hf(path: str, arch: str = "llama", tokenizer=None, seed: int = 0,
     for name, p in hf.named_parameters():
       if "norm" in name:
         p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    if boost_refusals:
+      ids = sorted({i for r in REFUSALS for i in tokenizer(r, add_special_tokens=False)["input_ids"]})
+      hf.lm_head.weight[ids] *= 4.0
   hf.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
   if tokenizer is not None:
     tokenizer.save_pretrained(path)

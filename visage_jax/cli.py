@@ -1,12 +1,13 @@
 """`visage-jax <command> --flags`: absl flags -> plain arguments -> one library call.
 
-Commands: generate, convert (more arrive with the landscape issue).
+Commands: generate, convert, landscape, export-directions.
 """
 
 import json
 import sys
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "", "HF directory, .gguf file or converted directory; "
@@ -20,7 +21,13 @@ flags.DEFINE_string("template", "auto", "auto (tokenizer chat template) | llama2
 flags.DEFINE_bool("no_chat_template", False, "Tokenize the prompt as raw text with the "
                   "tokenizer's default special tokens.")
 flags.DEFINE_string("dtype", "float32", "Param and compute dtype: float32 | bfloat16.")
-flags.DEFINE_string("out", "", "Output path (convert: the converted directory).")
+flags.DEFINE_string("out", "", "Output path (convert: the converted directory; "
+                    "export-directions: the .safetensors file).")
+flags.DEFINE_string("workdir", "", "Run directory (landscape, export-directions).")
+flags.DEFINE_bool("overwrite", False, "landscape: discard a run with a different config in --workdir.")
+flags.DEFINE_bool("progress", True, "Show progress bars.")
+config_flags.DEFINE_config_file("config", None, "An experiment config: configs/<name>.py[:arg].",
+                                lock_config=True)
 
 
 def _load(path: str, dtype: str):
@@ -62,7 +69,37 @@ def cmd_convert() -> None:
   print(json.dumps({"converted": FLAGS.out, "source": path, "dtype": FLAGS.dtype}))
 
 
-COMMANDS = {"generate": cmd_generate, "convert": cmd_convert}
+def cmd_landscape() -> None:
+  """Runs or resumes a landscape; prints its summary as one JSON line."""
+  from visage_jax import landscape
+
+  if FLAGS.config is None or not FLAGS.workdir:
+    raise app.UsageError("landscape needs --config=configs/<name>.py and --workdir=DIR.")
+  result = landscape.run(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite,
+                         progress=FLAGS.progress)
+  keys = ("vis_type", "coords_x", "coords_y", "asr", "visage", "n_prompts", "complete",
+          "decode_seconds", "tokens_per_second")
+  print(json.dumps({k: result.get(k) for k in keys}))
+
+
+def cmd_export_directions() -> None:
+  """A run's directions as float32 safetensors keyed '<index>/<HF tensor name>'."""
+  import os
+  import shutil
+
+  src = os.path.join(FLAGS.workdir, "directions.safetensors")
+  if not FLAGS.workdir or not FLAGS.out:
+    raise app.UsageError("export-directions needs --workdir=DIR and --out=FILE.safetensors.")
+  if not os.path.exists(src):
+    raise app.UsageError(f"{src}: not found; run `visage-jax landscape` in {FLAGS.workdir} first.")
+  tmp = FLAGS.out + ".tmp"
+  shutil.copyfile(src, tmp)
+  os.replace(tmp, FLAGS.out)
+  print(json.dumps({"exported": FLAGS.out, "from": src}))
+
+
+COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "landscape": cmd_landscape,
+            "export-directions": cmd_export_directions}
 
 
 def main(argv=None) -> None:

@@ -266,11 +266,13 @@ def _layer(cfg, inv_freq, coef, carry, layer):
 
 
 def forward(params: dict, tokens: jax.Array, token_mask: jax.Array, cache: KVCache,
-            cfg: ModelConfig, dirs: dict | None = None, coef: jax.Array | None = None):
+            cfg: ModelConfig, dirs: dict | None = None, coef: jax.Array | None = None,
+            last_only: bool = False):
   """Runs T new tokens through the model, appending them to the cache.
 
   tokens, token_mask: [B, T] (mask False marks left padding); dirs: a params-shaped
-  tree with a leading C axis (or None); coef: [B, C]. Returns (logits [B, T, V] f32, cache).
+  tree with a leading C axis (or None); coef: [B, C]. Returns (logits [B, T, V] f32, cache);
+  `last_only` computes the head for the last position only (prefill: [B, 1, V]).
   """
   dtype = jnp.dtype(cfg.dtype)
   B, T = tokens.shape
@@ -297,6 +299,8 @@ def forward(params: dict, tokens: jax.Array, token_mask: jax.Array, cache: KVCac
   (x, _, _, _), (k_new, v_new) = jax.lax.scan(
       step, (x, positions, attn_mask, cache.index), (params["layers"], layer_dirs, cache.k, cache.v))
 
+  if last_only:
+    x = x[:, -1:]
   x = _rms_norm(x, _scale(params["norm"], dget("norm"), coef), cfg.rms_norm_eps)
   if cfg.tie_word_embeddings:
     head = params["embed_tokens"].T

@@ -1,0 +1,109 @@
+"""Directions: per-HF-tensor normalization, blacklist, determinism, tied embeddings, safetensors I/O."""
+
+import os
+
+import jax
+import numpy as np
+from absl.testing import absltest, parameterized
+
+import fixtures
+from visage_jax import checkpoints, directions, model
+
+
+def _hf(tree, cfg):
+  return checkpoints.to_hf_tensors(tree, cfg)
+
+
+class RandomDirectionTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.cfg = model.ModelConfig.tiny(num_layers=3)
+    self.params = model.init(jax.random.key(0), self.cfg)
+
+  def test_layer_norm_per_hf_tensor_and_blacklist(self):
+    d = _hf(directions.random_direction(7, self.params, self.cfg), self.cfg)
+    theta = _hf(self.params, self.cfg)
+    self.assertLen(d, 3 * 9 + 3)
+    for name, t in d.items():
+      if "norm" in name:
+        np.testing.assert_array_equal(t, 0, err_msg=name)
+      else:
+        np.testing.assert_allclose(np.linalg.norm(t), np.linalg.norm(theta[name]), rtol=1e-5, err_msg=name)
+
+  def test_filter_norm_per_output_row(self):
+    d = _hf(directions.random_direction(1, self.params, self.cfg, norm="filter"), self.cfg)
+    theta = _hf(self.params, self.cfg)
+    for name in ("model.layers.2.self_attn.q_proj.weight", "lm_head.weight", "model.embed_tokens.weight"):
+      np.testing.assert_allclose(np.linalg.norm(d[name], axis=1), np.linalg.norm(theta[name], axis=1),
+                                 rtol=1e-5, err_msg=name)
+
+  def test_none_is_unit_per_tensor_and_custom_blacklist(self):
+    d = _hf(directions.random_direction(1, self.params, self.cfg, norm="none", blacklist=("mlp", "embed")),
+            self.cfg)
+    for name, t in d.items():
+      if "mlp" in name or "embed" in name:
+        np.testing.assert_array_equal(t, 0, err_msg=name)
+      else:
+        np.testing.assert_allclose(np.linalg.norm(t), 1.0, rtol=1e-5, err_msg=name)
+
+  def test_each_tensor_drawn_from_its_own_name_key(self):
+    """A tensor's draw is N(0, I) from fold_in(key, crc32(HF name)), in HF shape: independent of the
+    stacking, of the other tensors and of the device layout."""
+    import zlib
+    key = jax.random.key(3)
+    d = _hf(directions.random_direction(key, self.params, self.cfg, norm="none", blacklist=()), self.cfg)
+    name = "model.layers.1.mlp.down_proj.weight"
+    z = np.asarray(jax.random.normal(jax.random.fold_in(key, zlib.crc32(name.encode())), d[name].shape))
+    np.testing.assert_allclose(d[name], z / np.linalg.norm(z), rtol=1e-5, atol=1e-7)
+    other = _hf(directions.random_direction(jax.random.key(4), self.params, self.cfg), self.cfg)
+    self.assertFalse(np.allclose(other[name], d[name]))
+
+  def test_tied_embeddings_are_one_entry(self):
+    cfg = model.ModelConfig.tiny(tie_word_embeddings=True)
+    params = model.init(jax.random.key(0), cfg)
+    d = _hf(directions.random_direction(0, params, cfg), cfg)
+    self.assertIn("model.embed_tokens.weight", d)
+    self.assertNotIn("lm_head.weight", d)
+
+  def test_orthogonalize(self):
+    d1 = directions.random_direction(0, self.params, self.cfg)
+    d2 = directions.orthogonalize(directions.random_direction(1, self.params, self.cfg), d1)
+    a, b = _hf(d1, self.cfg), _hf(d2, self.cfg)
+    for name in a:
+      if "norm" not in name:
+        self.assertLess(abs(float(np.sum(a[name] * b[name]))), 1e-4 * np.linalg.norm(a[name]) ** 2)
+        np.testing.assert_allclose(np.linalg.norm(b[name]), np.linalg.norm(a[name]), rtol=1e-4)
+
+  def test_interpolation_lands_on_target(self):
+    other = model.init(jax.random.key(9), self.cfg)
+    d = directions.interpolation_direction(self.params, other)
+    jax.tree.map(lambda a, dd, b: np.testing.assert_allclose(a + dd, b, atol=1e-6), self.params, d, other)
+
+  def test_safetensors_round_trip_and_torch_interop(self):
+    from safetensors.torch import load_file
+    ds = [directions.random_direction(i, self.params, self.cfg) for i in range(2)]
+    path = os.path.join(self.create_tempdir().full_path, "dirs.safetensors")
+    directions.save_safetensors(path, ds, self.cfg)
+    as_torch = load_file(path)
+    self.assertEqual(tuple(as_torch["1/model.layers.0.self_attn.k_proj.weight"].shape), (32, 64))
+    back = directions.load_safetensors(path, self.cfg)
+    for a, b in zip(ds, back):
+      jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+    with self.assertRaisesRegex(ValueError, "holds 2 direction"):
+      directions.load_safetensors(path, self.cfg, count=3)
+
+  def test_mismatched_direction_file_is_named(self):
+    other_cfg = model.ModelConfig.tiny(num_layers=3, intermediate_size=96)
+    path = os.path.join(self.create_tempdir().full_path, "dirs.safetensors")
+    directions.save_safetensors(path, [directions.random_direction(0, model.init(jax.random.key(0), other_cfg),
+                                                                   other_cfg)], other_cfg)
+    with self.assertRaisesRegex(ValueError, r"gate_proj.weight' has shape \(96, 64\), expected \(128, 64\)"):
+      directions.load_safetensors(path, self.cfg)
+    with self.assertRaisesRegex(ValueError, "direction 0"):
+      directions.check_matches(directions.random_direction(0, model.init(jax.random.key(0), other_cfg), other_cfg),
+                               self.params, "direction 0")
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -1,0 +1,221 @@
+"""A full `landscape` run on a tiny checkpoint: files, formulas, resume, refusals, bad input."""
+
+import json
+import os
+from unittest import mock
+
+import numpy as np
+from absl.testing import absltest, parameterized
+
+import fixtures
+from visage_jax import directions, engine, judges, landscape, visage
+
+
+def tiny_config(model_dir, prompts_path, **landscape_overrides):
+  c = landscape.default_config()
+  c.model.path = model_dir
+  c.prompts.update(path=prompts_path, limit=5)
+  c.landscape.update(steps=4, multiplier=2.0, num_directions=2)
+  c.landscape.update(landscape_overrides)
+  c.decode.max_new_tokens = 10
+  c.engine.max_batch = 4
+  return c
+
+
+class LandscapeTest(parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.root = absltest.get_default_test_tmpdir()
+    cls.models = {}
+    for kind in ("bpe", "sentencepiece"):
+      d = os.path.join(cls.root, f"tiny_{kind}")
+      fixtures.save_tiny_hf(d, "llama", tokenizer=fixtures.toy_tokenizer(kind, refusals=True), seed=5,
+                            boost_refusals=True)
+      cls.models[kind] = d
+    cls.prompts = fixtures.advbench_path()
+
+  def workdir(self):
+    return self.create_tempdir().full_path
+
+  def read(self, workdir):
+    with open(os.path.join(workdir, "landscape.json")) as f:
+      result = json.load(f)
+    with open(os.path.join(workdir, "generations.jsonl")) as f:
+      lines = [json.loads(l) for l in f]
+    return result, lines
+
+  @parameterized.named_parameters(("bpe", "bpe"), ("sentencepiece", "sentencepiece"))
+  def test_full_run_files_and_formulas(self, kind):
+    w = self.workdir()
+    c = tiny_config(self.models[kind], self.prompts)
+    landscape.run(c, w, progress=False)
+    for name in landscape.RUN_FILES:
+      self.assertTrue(os.path.exists(os.path.join(w, name)), name)
+    result, lines = self.read(w)
+    np.testing.assert_allclose(result["coords_x"], np.linspace(-1, 1, 5))
+    self.assertIsNone(result["coords_y"])
+    self.assertTrue(result["complete"])
+    self.assertEqual(result["n_prompts"], 5)
+    self.assertLen(lines, 2 * 5)
+    asr = [[None] * 5 for _ in range(2)]
+    for line in lines:
+      self.assertLen(line["outputs"], 5)
+      # ASR is plain substring matching on the decoded text.
+      jb = [not any(k in o["generation"] for k in judges.REFUSAL_KEYWORDS) for o in line["outputs"]]
+      self.assertEqual([o["jailbroken"] for o in line["outputs"]], jb)
+      asr[line["direction"]][line["step"]] = 100.0 * sum(jb) / len(jb)
+    self.assertEqual(result["asr"], asr)
+    self.assertEqual(result["visage"]["per_direction"], [visage.visage_1d(a) for a in asr])
+    # The on-device keyword automaton agrees with Python on every generation (listed if not).
+    self.assertEqual(result["judge_disagreements"], [])
+    refused = sum(not o["jailbroken"] for l in lines for o in l["outputs"])
+    self.assertGreater(refused, 0, "the fixture must produce some refusals for this test to bite")
+    truncated = [o for l in lines for o in l["outputs"] if o["truncated"]]
+    self.assertTrue(all(not o["jailbroken"] for o in truncated))
+
+  def test_stop_at_refusal_keeps_asr(self):
+    a, b = self.workdir(), self.workdir()
+    landscape.run(tiny_config(self.models["bpe"], self.prompts), a, progress=False)
+    c = tiny_config(self.models["bpe"], self.prompts)
+    c.decode.stop_at_refusal = False
+    landscape.run(c, b, progress=False)
+    ra, la = self.read(a)
+    rb, lb = self.read(b)
+    self.assertEqual(ra["asr"], rb["asr"])
+    self.assertLess(sum(o["tokens"] for l in la for o in l["outputs"]),
+                    sum(o["tokens"] for l in lb for o in l["outputs"]))
+
+  def test_interrupted_run_resumes_to_the_same_result(self):
+    full, broken = self.workdir(), self.workdir()
+    c = tiny_config(self.models["bpe"], self.prompts)
+    landscape.run(c, full, progress=False)
+    real = engine.evaluate
+
+    def dies_after_two_chunks(*args, **kwargs):
+      for i, chunk in enumerate(real(*args, **kwargs)):
+        if i == 2:
+          raise KeyboardInterrupt
+        yield chunk
+
+    with mock.patch.object(engine, "evaluate", dies_after_two_chunks):
+      with self.assertRaises(KeyboardInterrupt):
+        landscape.run(c, broken, progress=False)
+    partial, partial_lines = self.read(broken)
+    self.assertFalse(partial["complete"])
+    self.assertNotEmpty(partial_lines)
+    with open(os.path.join(broken, "generations.jsonl"), "a") as f:
+      f.write('{"direction": 1, "step": 4, "asr"')  # a torn line, as if killed mid-write
+    landscape.run(c, broken, progress=False)
+    a, la = self.read(full)
+    b, lb = self.read(broken)
+    self.assertEqual(a["asr"], b["asr"])
+    self.assertEqual(a["visage"], b["visage"])
+    key = lambda l: (l["direction"], l["step"])
+    self.assertEqual(sorted(la, key=key), sorted(lb, key=key))
+
+  def test_different_config_is_refused_unless_overwrite(self):
+    w = self.workdir()
+    landscape.run(tiny_config(self.models["bpe"], self.prompts, steps=2, num_directions=1), w, progress=False)
+    c = tiny_config(self.models["bpe"], self.prompts, steps=3, num_directions=1)
+    with self.assertRaisesRegex(ValueError, r"different config \(landscape.steps: 2 -> 3\)"):
+      landscape.run(c, w, progress=False)
+    result = landscape.run(c, w, progress=False, overwrite=True)
+    self.assertLen(result["coords_x"], 4)
+
+  def test_2d_random(self):
+    w = self.workdir()
+    c = tiny_config(self.models["bpe"], self.prompts, vis_type="2D_random", steps=2, num_directions=1)
+    result = landscape.run(c, w, progress=False)
+    self.assertEqual(np.asarray(result["asr"]).shape, (3, 3))
+    self.assertEqual(result["coords_y"], [-1.0, 0.0, 1.0])
+    self.assertAlmostEqual(result["visage"], visage.visage_2d(result["asr"]))
+
+  def test_interpolation_reaches_the_target(self):
+    """alpha=0 is the model itself, alpha=1 the target: their generations equal plain runs."""
+    w = self.workdir()
+    c = tiny_config(self.models["bpe"], self.prompts, vis_type="1D_interpolation", steps=2,
+                    num_directions=1, target_path=self.models["bpe"] + "_target")
+    if not os.path.exists(c.landscape.target_path):
+      fixtures.save_tiny_hf(c.landscape.target_path, "llama",
+                            tokenizer=fixtures.toy_tokenizer("bpe", refusals=True), seed=6)
+    result = landscape.run(c, w, progress=False)
+    self.assertEqual(result["coords_x"], [0.0, 0.5, 1.0])
+    _, lines = self.read(w)
+    at_target = {l["step"]: l for l in lines}[2]
+    c0 = tiny_config(c.landscape.target_path, self.prompts, steps=2, num_directions=1, multiplier=0.0)
+    w0 = self.workdir()
+    landscape.run(c0, w0, progress=False)
+    _, lines0 = self.read(w0)
+    self.assertEqual([o["generation"] for o in at_target["outputs"]],
+                     [o["generation"] for o in lines0[0]["outputs"]])
+
+  def test_imported_directions_reproduce_the_run(self):
+    a, b = self.workdir(), self.workdir()
+    c = tiny_config(self.models["bpe"], self.prompts, seed=3)
+    landscape.run(c, a, progress=False)
+    c2 = tiny_config(self.models["bpe"], self.prompts, seed=99,
+                     directions_path=os.path.join(a, "directions.safetensors"))
+    landscape.run(c2, b, progress=False)
+    self.assertEqual(self.read(a)[0]["asr"], self.read(b)[0]["asr"])
+
+  def test_nonfinite_points_are_recorded(self):
+    w = self.workdir()
+    c = tiny_config(self.models["bpe"], self.prompts, multiplier=4e39, steps=2, num_directions=1)
+    result = landscape.run(c, w, progress=False)
+    self.assertEqual(result["nonfinite"], [[True, False, True]])
+    self.assertTrue(os.path.exists(os.path.join(w, "landscape.png")))
+
+  @parameterized.named_parameters(
+      ("vis_type", dict(vis_type="3D_random"), "landscape.vis_type '3D_random'"),
+      ("steps", dict(steps=0), "landscape.steps must be >= 1"),
+      ("norm", dict(norm="weird"), "landscape.norm 'weird'"),
+      ("interp_target", dict(vis_type="1D_interpolation", num_directions=1), "needs landscape.target_path"),
+  )
+  def test_bad_settings_write_nothing(self, overrides, message):
+    w = os.path.join(self.workdir(), "run")
+    with self.assertRaisesRegex(ValueError, message):
+      landscape.run(tiny_config(self.models["bpe"], self.prompts, **overrides), w, progress=False)
+    self.assertFalse(os.path.exists(os.path.join(w, "landscape.json")))
+
+  def test_bad_inputs(self):
+    d = self.create_tempdir()
+    nocol = d.create_file("q.csv", "question\nhello\n").full_path
+    with self.assertRaisesRegex(ValueError, "expected a CSV with a 'goal' column"):
+      landscape.run(tiny_config(self.models["bpe"], nocol), os.path.join(d.full_path, "w1"), progress=False)
+    empty = d.create_file("e.csv", "goal,target\n").full_path
+    with self.assertRaisesRegex(ValueError, "the prompt set is empty"):
+      landscape.run(tiny_config(self.models["bpe"], empty), os.path.join(d.full_path, "w2"), progress=False)
+    with self.assertRaisesRegex(ValueError, "no such file or directory"):
+      landscape.run(tiny_config(os.path.join(d.full_path, "nomodel"), self.prompts),
+                    os.path.join(d.full_path, "w3"), progress=False)
+    other = os.path.join(d.full_path, "other")
+    fixtures.save_tiny_hf(other, "llama", tokenizer=fixtures.toy_tokenizer("bpe", refusals=True),
+                          intermediate_size=96)
+    wrong_dirs = os.path.join(d.full_path, "w4")
+    landscape.run(tiny_config(other, self.prompts, steps=1, num_directions=1), wrong_dirs, progress=False)
+    c = tiny_config(self.models["bpe"], self.prompts, num_directions=1,
+                    directions_path=os.path.join(wrong_dirs, "directions.safetensors"))
+    with self.assertRaisesRegex(ValueError, r"has shape \(96, 64\), expected \(128, 64\)"):
+      landscape.run(c, os.path.join(d.full_path, "w5"), progress=False)
+    self.assertFalse(os.path.exists(os.path.join(d.full_path, "w5", "landscape.json")))
+
+  @parameterized.named_parameters(
+      ("1D_random", "1D_random", 4, 2.0, 0),
+      ("1D_interpolation", "1D_interpolation", 4, 1.0, 2),
+      ("2D_interpolation-random", "2D_interpolation-random", 2, 1.0, 1),
+  )
+  def test_grid_coords_formulas(self, vis_type, steps, m, k):
+    xs, ys = landscape.grid_coords(vis_type, steps, m, k)
+    rand = [-m / 2 + i * m / steps for i in range(steps + 1)]
+    interp = [-k / steps + i / steps for i in range(steps + 2 * k + 1)]
+    np.testing.assert_allclose(xs, rand if vis_type == "1D_random" else interp, atol=1e-12)
+    if vis_type.startswith("2D"):
+      np.testing.assert_allclose(ys, rand, atol=1e-12)
+      pts = landscape.grid_points(xs, ys)
+      np.testing.assert_allclose(pts[1 * len(ys) + 2], [xs[1], ys[2]])
+
+
+if __name__ == "__main__":
+  absltest.main()

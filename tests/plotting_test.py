@@ -1,0 +1,143 @@
+"""Figures from landscape.json contents: valid PNGs, partial runs, clear errors on malformed results."""
+
+import copy
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+from absl.testing import absltest, parameterized
+from matplotlib import image as mpl_image
+from matplotlib import pyplot as plt
+
+from visage_jax import plotting, visage
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _result_1d(num_directions=3, n=9):
+  x = np.linspace(-1, 1, n)
+  curves = [np.clip(100 * np.abs(x) ** (1 + k), 0, 100).round(2).tolist() for k in range(num_directions)]
+  nonfinite = [[False] * n for _ in range(num_directions)]
+  nonfinite[-1][-1] = True
+  return {"vis_type": "1D_random", "coords_x": x.tolist(), "coords_y": None, "asr": curves,
+          "visage": visage.visage_directions(curves), "nonfinite": nonfinite,
+          "model": "/ckpt/meta-llama/Llama-2-7b-chat-hf/", "n_prompts": 80, "complete": True,
+          "seed": 0}
+
+
+def _result_2d(vis_type="2D_random", nx=5, ny=4):
+  x, y = np.linspace(-1, 1, nx), np.linspace(-0.5, 0.5, ny)
+  gx, gy = np.meshgrid(x, y, indexing="ij")
+  asr = np.clip(100 * (gx ** 2 + 4 * gy ** 2), 0, 100).round(2)
+  nonfinite = np.zeros_like(asr, dtype=bool)
+  nonfinite[0, 0] = True
+  return {"vis_type": vis_type, "coords_x": x.tolist(), "coords_y": y.tolist(), "asr": asr.tolist(),
+          "visage": visage.visage_2d(asr), "nonfinite": nonfinite.tolist(), "model": "tiny", "n_prompts": 4}
+
+
+def _red_pixels(img):
+  return int(((img[..., 0] > 0.9) & (img[..., 1] < 0.15) & (img[..., 2] < 0.15)).sum())
+
+
+class PlotLandscapeTest(parameterized.TestCase):
+
+  def _render(self, result, name="out.png"):
+    path = os.path.join(self.create_tempdir().full_path, name)
+    plotting.plot_landscape(result, path)
+    with open(path, "rb") as f:
+      self.assertEqual(f.read(8), PNG_SIGNATURE)
+    self.assertEqual(os.listdir(os.path.dirname(path)), [name])   # no temp file left behind
+    img = mpl_image.imread(path)
+    self.assertEqual(img.ndim, 3)
+    self.assertGreater(img.std(), 0.05)   # not a blank canvas
+    self.assertEqual(plt.get_fignums(), [])   # nothing leaked into pyplot
+    return img
+
+  def test_1d_three_directions_with_nonfinite(self):
+    img = self._render(_result_1d())
+    self.assertBetween(img.shape[1], 900, 2000)
+    self.assertBetween(img.shape[0], 500, 1200)
+    result = _result_1d()
+    del result["nonfinite"]
+    self.assertGreater(_red_pixels(img), _red_pixels(self._render(result)) + 20)
+
+  @parameterized.named_parameters(("single", 1), ("two", 2))
+  def test_1d_few_directions(self, num_directions):
+    self._render(_result_1d(num_directions))
+
+  def test_1d_interpolation(self):
+    result = _result_1d(1)
+    result.update(vis_type="1D_interpolation", coords_x=np.linspace(-0.5, 1.5, 9).tolist())
+    self._render(result)
+
+  @parameterized.parameters("2D_random", "2D_interpolation", "2D_interpolation-random")
+  def test_2d(self, vis_type):
+    img = self._render(_result_2d(vis_type))
+    self.assertGreater(img.shape[1], img.shape[0])   # two panels side by side
+    self.assertGreater(_red_pixels(img), 20)
+
+  def test_partial_1d_with_none_entries(self):
+    result = _result_1d()
+    for curve in result["asr"]:
+      curve[-3:] = [None] * 3
+    result["asr"][0][2] = None
+    result.update(visage=None, complete=False)
+    self._render(result)
+    self.assertIn("[partial]", plotting._header(plotting._parse(result)))
+
+  def test_partial_2d_with_none_entries(self):
+    result = _result_2d()
+    result["asr"][-1] = [None] * len(result["coords_y"])
+    result["asr"][1][2] = None
+    result["visage"] = None
+    self._render(result)
+    self.assertIn("[partial]", plotting._header(plotting._parse(result)))
+
+  def test_complete_false_is_partial_even_without_gaps(self):
+    result = _result_1d()
+    self.assertNotIn("partial", plotting._header(plotting._parse(result)))
+    result["complete"] = False
+    self.assertIn("[partial]", plotting._header(plotting._parse(result)))
+
+  def test_overwrites_existing_file_and_creates_directory(self):
+    path = os.path.join(self.create_tempdir().full_path, "plots", "landscape.png")
+    plotting.plot_landscape(_result_1d(), path)
+    plotting.plot_landscape(_result_2d(), path)
+    self.assertEqual(os.listdir(os.path.dirname(path)), ["landscape.png"])
+    self.assertGreater(mpl_image.imread(path).shape[1], 1500)   # the wider 2D figure replaced the 1D one
+
+
+class MalformedResultTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ("missing_asr", "1d", lambda r: r.pop("asr"), "'asr'"),
+      ("missing_vis_type", "1d", lambda r: r.pop("vis_type"), "'vis_type'"),
+      ("wrong_vis_type", "1d", lambda r: r.update(vis_type="3D_random"), "'vis_type'.*3D_random"),
+      ("missing_coords_x", "1d", lambda r: r.pop("coords_x"), "'coords_x'"),
+      ("empty_coords_x", "1d", lambda r: r.update(coords_x=[]), "'coords_x'"),
+      ("asr_not_curves", "1d", lambda r: r.update(asr=[]), "'asr'"),
+      ("asr_wrong_length", "1d", lambda r: r["asr"][1].pop(), "'asr'"),
+      ("asr_text", "1d", lambda r: r["asr"][0].__setitem__(0, "high"), "'asr'"),
+      ("nonfinite_wrong_shape", "1d", lambda r: r.update(nonfinite=[[False]]), "'nonfinite'"),
+      ("missing_coords_y", "2d", lambda r: r.update(coords_y=None), "'coords_y'"),
+      ("asr_transposed", "2d", lambda r: r.update(asr=np.array(r["asr"]).T.tolist()), r"'asr'.*\(4, 5\)"),
+      ("one_d_asr_for_2d", "2d", lambda r: r.update(asr=r["asr"][0]), "'asr'"),
+  )
+  def test_raises_naming_the_field(self, kind, corrupt, message):
+    result = copy.deepcopy(_result_1d() if kind == "1d" else _result_2d())
+    corrupt(result)
+    path = os.path.join(self.create_tempdir().full_path, "out.png")
+    with self.assertRaisesRegex(ValueError, message):
+      plotting.plot_landscape(result, path)
+    self.assertFalse(os.path.exists(path))
+
+  def test_not_a_dict(self):
+    with self.assertRaisesRegex(ValueError, "expected a dict"):
+      plotting.plot_landscape([1, 2], os.path.join(self.create_tempdir().full_path, "out.png"))
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -1,0 +1,219 @@
+"""1D / 2D / 3D figures of a saved safety landscape (a run's landscape.json), like Peng et al. Fig. 1.
+
+Figures are built on `matplotlib.figure.Figure` with an Agg canvas, so plotting never touches
+pyplot's global state and is safe inside a long-running sweep.
+"""
+
+import os
+import uuid
+
+import numpy as np
+from matplotlib import colors
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from mpl_toolkits.mplot3d import Axes3D  # noqa: F401  (registers the "3d" projection)
+
+from visage_jax import visage
+
+VIS_TYPES_1D = ("1D_random", "1D_interpolation")
+VIS_TYPES_2D = ("2D_random", "2D_interpolation", "2D_interpolation-random")
+DPI = 150
+CMAP = "viridis_r"   # dark = jailbroken, bright = safe
+NONFINITE_STYLE = dict(marker="x", color="red", s=60, linewidths=2, zorder=5, clip_on=False,
+                       label="inf/NaN logits")
+
+
+def _floats(values, name: str, shape: tuple[int, ...]) -> np.ndarray:
+  """None (point not evaluated yet) becomes NaN; anything else must be a number."""
+  try:
+    arr = np.array(values, dtype=np.float64)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"landscape result: field {name!r} must hold numbers or None, got {values!r}") from e
+  if arr.shape != shape:
+    raise ValueError(f"landscape result: field {name!r} has shape {arr.shape}, expected {shape} "
+                     "from coords_x/coords_y")
+  return arr
+
+
+def _mask(values, name: str, shape: tuple[int, ...]) -> np.ndarray:
+  if values is None:
+    return np.zeros(shape, dtype=bool)
+  arr = _floats(values, name, shape)
+  return np.nan_to_num(arr, nan=0.0) != 0.0
+
+
+def _parse(result) -> dict:
+  """Checks a landscape.json at the edge, naming the field that is wrong."""
+  if not isinstance(result, dict):
+    raise ValueError(f"landscape result: expected a dict, got {type(result).__name__}")
+  for field in ("vis_type", "coords_x", "asr"):
+    if field not in result:
+      raise ValueError(f"landscape result: missing field {field!r}")
+  vis_type = result["vis_type"]
+  if vis_type not in VIS_TYPES_1D + VIS_TYPES_2D:
+    raise ValueError(f"landscape result: field 'vis_type' is {vis_type!r}, expected one of "
+                     f"{VIS_TYPES_1D + VIS_TYPES_2D}")
+  x = np.array(result["coords_x"], dtype=np.float64)
+  if x.ndim != 1 or x.size == 0 or not np.isfinite(x).all():
+    raise ValueError(f"landscape result: field 'coords_x' must be a non-empty list of finite numbers, "
+                     f"got {result['coords_x']!r}")
+  p = dict(vis_type=vis_type, x=x, y=None, model=str(result.get("model") or "unknown model"),
+           n_prompts=result.get("n_prompts"), visage=result.get("visage"))
+  if vis_type in VIS_TYPES_1D:
+    if not isinstance(result["asr"], (list, tuple)) or not result["asr"]:
+      raise ValueError(f"landscape result: field 'asr' must be a non-empty list of curves (one per "
+                       f"direction) for {vis_type}, got {result['asr']!r}")
+    shape = (len(result["asr"]), x.size)
+  else:
+    if result.get("coords_y") is None:
+      raise ValueError(f"landscape result: missing field 'coords_y' for {vis_type}")
+    p["y"] = np.array(result["coords_y"], dtype=np.float64)
+    if p["y"].ndim != 1 or p["y"].size == 0 or not np.isfinite(p["y"]).all():
+      raise ValueError(f"landscape result: field 'coords_y' must be a non-empty list of finite "
+                       f"numbers, got {result['coords_y']!r}")
+    shape = (x.size, p["y"].size)
+  p["asr"] = _floats(result["asr"], "asr", shape)
+  p["nonfinite"] = _mask(result.get("nonfinite"), "nonfinite", shape)
+  p["partial"] = result.get("complete") is False or bool(np.isnan(p["asr"]).any())
+  return p
+
+
+def _header(p: dict) -> str:
+  model = os.path.basename(p["model"].rstrip("/")) or p["model"]
+  status = "  [partial]" if p["partial"] else ""
+  n = f"  ·  {p['n_prompts']} prompts" if p["n_prompts"] is not None else ""
+  return f"{model}  ·  {p['vis_type']}{n}{status}"
+
+
+def _visage_text(v) -> str:
+  """The stored score, not a recomputation: a partial run's score is whatever landscape saved."""
+  if isinstance(v, dict) and v.get("mean") is not None:
+    per = v.get("per_direction") or []
+    text = f"VISAGE {v['mean']:.2f}"
+    if len(per) > 1:
+      text += "  (per direction: " + ", ".join(f"{s:.1f}" for s in per) + ")"
+    return text
+  if isinstance(v, (int, float)):
+    return f"VISAGE {v:.2f}"
+  return "VISAGE n/a"
+
+
+def _marker_lines(ax, vis_type: str) -> None:
+  """θ (α=0), and θ_B (α=1) for interpolation: dotted lines named on a top axis, clear of the title."""
+  marks = [(0.0, r"$\theta$" if "interpolation" not in vis_type else r"$\theta_A$")]
+  if "interpolation" in vis_type:
+    marks.append((1.0, r"$\theta_B$"))
+  lo, hi = ax.get_xlim()
+  marks = [(a, label) for a, label in marks if lo <= a <= hi]
+  for a, _ in marks:
+    ax.axvline(a, color="0.35", lw=1, ls=":", zorder=1)
+  top = ax.secondary_xaxis("top")
+  top.set_xticks([a for a, _ in marks], labels=[label for _, label in marks])
+  top.tick_params(length=0, labelsize=11, labelcolor="0.25")
+
+
+def _plot_1d(fig: Figure, p: dict) -> None:
+  x, asr, bad = p["x"], p["asr"], p["nonfinite"]
+  ax = fig.add_subplot()
+  many = len(asr) > 1
+  for k, curve in enumerate(asr):
+    ax.plot(x, curve, marker="o", ms=4, lw=1.4, alpha=0.85 if many else 1.0, label=f"direction {k}")
+  if many:
+    mean = asr.mean(axis=0)   # NaN wherever a direction is missing: a partial mean would not compare
+    ax.plot(x, mean, color="black", lw=3, ls="--", label="mean", zorder=4)
+  elif not p["partial"]:
+    start, end = visage.basin_bounds(asr[0])
+    ax.axvspan(x[start], x[end], color="tab:green", alpha=0.08, lw=0, label="safety basin (VISAGE span)")
+  if bad.any():
+    k, i = np.nonzero(bad)
+    ax.scatter(x[i], np.where(np.isnan(asr[k, i]), 100.0, asr[k, i]), **NONFINITE_STYLE)
+  ax.set_ylim(-2, 102)
+  pad = 0.02 * (x.max() - x.min() or 1.0)
+  ax.set_xlim(x.min() - pad, x.max() + pad)
+  _marker_lines(ax, p["vis_type"])
+  if "interpolation" in p["vis_type"]:
+    ax.set_xlabel(r"α (interpolation: $\theta_A \to \theta_B$)")
+  else:
+    ax.set_xlabel(f"α ({p['vis_type']}: θ + α·d)")
+  ax.set_ylabel("ASR (%)")
+  ax.grid(alpha=0.3)
+  ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+  ax.set_title(_header(p) + "\n" + _visage_text(p["visage"]), fontsize=10)
+
+
+def _axis_labels(vis_type: str) -> tuple[str, str]:
+  if vis_type == "2D_random":
+    return "α (d₁)", "β (d₂)"
+  if vis_type == "2D_interpolation-random":
+    return r"α (interpolation: $\theta_A \to \theta_B$)", "β (random d)"
+  return "α (interpolation)", "β (interpolation)"
+
+
+def _plot_2d(fig: Figure, p: dict) -> None:
+  x, y, asr, bad = p["x"], p["y"], p["asr"], p["nonfinite"]
+  gx, gy = np.meshgrid(x, y, indexing="ij")   # asr[i][j] sits at (x[i], y[j])
+  z = np.ma.masked_invalid(asr)
+  norm = colors.Normalize(0, 100)
+  xlabel, ylabel = _axis_labels(p["vis_type"])
+
+  ax = fig.add_subplot(1, 2, 1)
+  if min(asr.shape) >= 2 and z.count() >= 3:
+    levels = np.linspace(0, 100, 21)
+    filled = ax.contourf(gx, gy, z, levels=levels, cmap=CMAP, norm=norm, extend="neither")
+    lines = ax.contour(gx, gy, z, levels=[25, 50, 75], colors="white", linewidths=0.7, alpha=0.8)
+    ax.clabel(lines, fmt="%d%%", fontsize=7)
+  else:
+    filled = ax.scatter(gx.ravel(), gy.ravel(), c=asr.ravel(), cmap=CMAP, norm=norm, s=80)
+  if p["partial"]:
+    miss = np.isnan(asr)
+    ax.scatter(gx[miss], gy[miss], s=6, color="0.6", clip_on=False, label="not evaluated")
+  fig.colorbar(filled, ax=ax, label="ASR (%)", ticks=np.linspace(0, 100, 6))
+  if x.min() <= 0.0 <= x.max() and y.min() <= 0.0 <= y.max():
+    ax.scatter([0.0], [0.0], marker="*", s=220, color="white", edgecolors="black", zorder=6, clip_on=False,
+               label="θ (center)")
+  if bad.any():
+    ax.scatter(gx[bad], gy[bad], **NONFINITE_STYLE)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_aspect("equal" if np.isclose(np.ptp(x), np.ptp(y)) else "auto")
+  ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=8, frameon=False)
+  ax.set_title("ASR contour  ·  " + _visage_text(p["visage"]), fontsize=10)
+
+  ax3 = fig.add_subplot(1, 2, 2, projection="3d")
+  if min(asr.shape) >= 2:
+    ax3.plot_surface(gx, gy, z, cmap=CMAP, norm=norm, rstride=1, cstride=1, linewidth=0.2,
+                     edgecolor="0.3", antialiased=True, alpha=0.95)
+  else:
+    ax3.plot(gx.ravel(), gy.ravel(), asr.ravel(), marker="o")
+  if bad.any():
+    ax3.scatter(gx[bad], gy[bad], np.where(np.isnan(asr[bad]), 100.0, asr[bad]),
+                marker="x", color="red", s=40, depthshade=False)
+  ax3.set_zlim(0, 100)
+  ax3.set_xlabel("α")
+  ax3.set_ylabel("β")
+  ax3.set_zlabel("ASR (%)")
+  ax3.view_init(elev=28, azim=-130)
+  ax3.set_title("ASR surface  ·  " + _visage_text(p["visage"]), fontsize=10)
+  fig.suptitle(_header(p), fontsize=11)
+
+
+def plot_landscape(result: dict, path: str) -> None:
+  """Renders one landscape.json to a PNG; written atomically so a watcher never sees half a file."""
+  p = _parse(result)
+  if p["vis_type"] in VIS_TYPES_1D:
+    fig = Figure(figsize=(8.5, 4.8), layout="constrained")
+    _plot_1d(fig, p)
+  else:
+    fig = Figure(figsize=(13, 5.6), layout="constrained")
+    _plot_2d(fig, p)
+  FigureCanvasAgg(fig)
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+  try:
+    with open(tmp, "wb") as f:
+      fig.savefig(f, format="png", dpi=DPI)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
