@@ -55,5 +55,41 @@ class GenerateTest(absltest.TestCase):
     self.assertIn("/nonexistent/model: no such file or directory", proc.stderr)
 
 
+class LandscapeCommandTest(absltest.TestCase):
+
+  def test_demo_config_end_to_end_on_smollm2_then_export(self):
+    """The README's main job (configs/demo.py, small grid) on the embedded real model."""
+    w = self.create_tempdir().full_path
+    proc = run_cli("landscape", "--config=configs/demo.py:tiny", f"--workdir={w}", "--noprogress")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    self.assertTrue(summary["complete"])
+    self.assertLen(summary["asr"], 1)
+    self.assertLen(summary["asr"][0], 3)
+    for name in ("landscape.json", "generations.jsonl", "landscape.png", "directions.safetensors",
+                 "run_config.json"):
+      self.assertTrue(os.path.exists(os.path.join(w, name)), name)
+    with open(os.path.join(w, "landscape.json")) as f:
+      result = json.load(f)
+    self.assertEqual(result["judge_disagreements"], [])
+    self.assertIn("SmolLM2", result["model"])
+    # Re-running the finished run is a no-op resume with the same result.
+    again = json.loads(run_cli("landscape", "--config=configs/demo.py:tiny", f"--workdir={w}",
+                               "--noprogress").stdout.strip().splitlines()[-1])
+    self.assertEqual(again["asr"], summary["asr"])
+    # A different config in the same workdir is refused.
+    refused = run_cli("landscape", "--config=configs/demo.py:tiny", f"--workdir={w}", "--noprogress",
+                      "--config.landscape.seed=1", check=False)
+    self.assertNotEqual(refused.returncode, 0)
+    self.assertIn("different config (landscape.seed: 0 -> 1)", refused.stderr)
+    out = os.path.join(self.create_tempdir().full_path, "dirs.safetensors")
+    run_cli("export-directions", f"--workdir={w}", f"--out={out}")
+    from safetensors.numpy import load_file
+    tensors = load_file(out)
+    self.assertEqual(tensors["0/model.layers.0.self_attn.q_proj.weight"].shape, (576, 576))
+    self.assertEqual(tensors["0/model.embed_tokens.weight"].dtype, np.float32)
+    self.assertNotIn("0/lm_head.weight", tensors)  # tied: one entry moves both
+    self.assertTrue(np.all(tensors["0/model.norm.weight"] == 0))
+
+
 if __name__ == "__main__":
   absltest.main()

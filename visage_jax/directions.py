@@ -49,9 +49,10 @@ def random_direction(seed: int | jax.Array, params: dict, cfg: model.ModelConfig
   if norm not in NORMS:
     raise ValueError(f"landscape.norm {norm!r} is not one of {', '.join(NORMS)}.")
   key = jax.random.key(seed) if isinstance(seed, int) else seed
+  home = jax.devices()[0]  # one device: reductions in one fixed order, whatever the mesh
   out = {}
   for path, names in checkpoints.hf_tensor_names(cfg).items():
-    theta = checkpoints.get_leaf(params, path)
+    theta = jax.device_put(checkpoints.get_leaf(params, path), home)
     stacked = path[0] == "layers"
     theta_l = theta if stacked else theta[None]
     transposed = checkpoints.HF_NAMES[path][1]

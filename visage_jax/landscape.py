@@ -264,7 +264,8 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> d
   lines = read_generations(gen_path)
   have = {(l["direction"], l["step"]) for l in lines}
   todo = [p for p in range(len(coefs)) if any((r, p) not in have for r in range(n_dirs))]
-  extra = dict(mode=c.engine.mode, load_seconds=round(load_seconds, 2))
+  extra = dict(mode=c.engine.mode, load_seconds=round(load_seconds, 2),
+               mesh=dict(shape=list(mesh.devices.shape), platform=mesh.devices.flat[0].platform))
   json_path = os.path.join(workdir, "landscape.json")
 
   def write_summary():

@@ -1,0 +1,51 @@
+"""Run in a subprocess with 8 virtual CPU devices (XLA_FLAGS set before jax is imported).
+
+  python tests/multidevice_main.py MODEL_DIR PROMPTS OUT_DIR
+writes OUT_DIR/summary.json: per mesh shape, the landscape's ASR, tokens and direction checksums.
+"""
+
+import hashlib
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from visage_jax import checkpoints, directions, landscape, sharding  # noqa: E402
+
+
+def main(model_dir, prompts_path, out_dir):
+  assert jax.device_count() == 8, jax.devices()
+  summary = {}
+  cfg, params = checkpoints.load_params(model_dir)
+  for shape in ((1, 1), (8, 1), (4, 2), (2, 4)):
+    name = f"{shape[0]}x{shape[1]}"
+    mesh = sharding.make_mesh(shape)
+    d = directions.random_direction(jax.random.key(11), sharding.shard_params(params, mesh), cfg)
+    d_host = checkpoints.to_hf_tensors(d, cfg)
+    c = landscape.default_config()
+    c.model.path = model_dir
+    c.prompts.update(path=prompts_path, limit=6)
+    c.landscape.update(steps=2, multiplier=2.0, num_directions=2)
+    c.decode.max_new_tokens = 8
+    c.engine.max_batch = 8
+    c.mesh.shape = shape
+    w = os.path.join(out_dir, name)
+    result = landscape.run(c, w, progress=False)
+    with open(os.path.join(w, "generations.jsonl")) as f:
+      gens = sorted((json.loads(l) for l in f), key=lambda l: (l["direction"], l["step"]))
+    summary[name] = dict(asr=result["asr"], visage=result["visage"],
+                         generations=[[o["generation"] for o in l["outputs"]] for l in gens],
+                         direction_bytes={k: hashlib.sha256(v.tobytes()).hexdigest() for k, v in d_host.items()},
+                         mesh=result["mesh"]["shape"])
+  with open(os.path.join(out_dir, "summary.json"), "w") as f:
+    json.dump(summary, f)
+
+
+if __name__ == "__main__":
+  main(*sys.argv[1:4])
