@@ -29,8 +29,9 @@ class DecodeTest(parameterized.TestCase):
                                  model_type="mistral" if window else "llama")
     params = model.init(jax.random.key(0), cfg)
     prompt = fixtures.random_tokens(2, 5, cfg.vocab_size)
+    spec = decode.DecodeSpec(max_new_tokens=8, eos_ids=(-1,), pad_id=0)
     gen = decode.greedy(params, jnp.asarray(prompt), jnp.ones(prompt.shape, bool), None, None, None,
-                        cfg=cfg, max_new_tokens=8, eos_ids=(-1,), pad_id=0)
+                        cfg=cfg, spec=spec)
     np.testing.assert_array_equal(np.asarray(gen.tokens), _uncached_greedy(params, prompt, cfg, 8))
     np.testing.assert_array_equal(np.asarray(gen.length), [8, 8])
 

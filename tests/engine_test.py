@@ -54,6 +54,31 @@ class FusedMatchesMaterializedTest(parameterized.TestCase):
                           batch_bucket=False)
     np.testing.assert_array_equal(got["materialized"][1, 3], np.array(ref))
 
+  def test_continuous_batching_matches_static_batches(self):
+    """Rows end at different times (EOS); refilled slots must give each row its static-batch tokens."""
+    cfg, params, d1, _ = _setup(layers=1)
+    dirs = directions.stack([directions.stack([d1])])
+    coefs = np.linspace(-0.5, 0.5, 4)[:, None]
+    tokens = fixtures.random_tokens(5, 6, cfg.vocab_size, seed=8)
+    mask = np.ones_like(tokens, bool)
+    probe = engine.DecodeSpec(max_new_tokens=10, eos_ids=(-1,), pad_id=0)
+    [free] = list(engine.evaluate(params, cfg, dirs, coefs, tokens, mask, None, probe, points=[0], max_batch=8))
+    eos = int(free.tokens[0, 0, 2])  # ends some rows early, others run to the budget
+    spec = engine.DecodeSpec(max_new_tokens=10, eos_ids=(eos,), pad_id=0)
+    got = {}
+    for mode in ("fused", "continuous"):
+      out = {}
+      for ch in engine.evaluate(params, cfg, dirs, coefs, tokens, mask, None, spec, points=[0, 1, 2, 3],
+                                mode=mode, max_batch=4, refill_every=3):
+        for b in range(len(ch.points)):
+          key = (int(ch.points[b]), int(ch.prompts[b]))
+          self.assertNotIn(key, out)
+          out[key] = ch.tokens[0, b, :ch.length[0, b]].tolist()
+      got[mode] = out
+    self.assertLen(got["continuous"], 20)
+    self.assertEqual(got["continuous"], got["fused"])
+    self.assertGreater(len({len(v) for v in got["fused"].values()}), 1)
+
   def test_every_row_is_delivered_once(self):
     cfg, params, d1, _ = _setup(layers=1)
     dirs = directions.stack([directions.stack([d1])])

@@ -15,7 +15,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
 from visage_jax import checkpoints, directions, landscape, sharding  # noqa: E402
 
 
@@ -23,8 +23,10 @@ def main(model_dir, prompts_path, out_dir):
   assert jax.device_count() == 8, jax.devices()
   summary = {}
   cfg, params = checkpoints.load_params(model_dir)
-  for shape in ((1, 1), (8, 1), (4, 2), (2, 4)):
-    name = f"{shape[0]}x{shape[1]}"
+  runs = [((1, 1), "continuous"), ((8, 1), "continuous"), ((4, 2), "continuous"), ((2, 4), "fused"),
+          ((4, 2), "materialized")]
+  for shape, mode in runs:
+    name = f"{shape[0]}x{shape[1]}-{mode}"
     mesh = sharding.make_mesh(shape)
     d = directions.random_direction(jax.random.key(11), sharding.shard_params(params, mesh), cfg)
     d_host = checkpoints.to_hf_tensors(d, cfg)
@@ -35,6 +37,7 @@ def main(model_dir, prompts_path, out_dir):
     c.decode.max_new_tokens = 8
     c.engine.max_batch = 8
     c.mesh.shape = shape
+    c.engine.mode = mode
     w = os.path.join(out_dir, name)
     result = landscape.run(c, w, progress=False)
     with open(os.path.join(w, "generations.jsonl")) as f:

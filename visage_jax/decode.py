@@ -1,5 +1,6 @@
 """Greedy decoding: prefill + KV cache + one jitted while_loop, no host round-trip per token."""
 
+import dataclasses
 import functools
 
 import flax
@@ -12,14 +13,15 @@ from visage_jax import judges, model, prompts
 
 @flax.struct.dataclass
 class DecodeState:
-  step: jax.Array       # [] tokens written so far
+  """Per-row decoding state; rows advance independently (continuous batching refills rows)."""
   last: jax.Array       # [B] token fed next
-  out: jax.Array        # [B, max_new_tokens]
+  out: jax.Array        # [B, max_new_tokens], pad_id after the end
   done: jax.Array       # [B]
   length: jax.Array     # [B] tokens generated, EOS included
   judge: jax.Array      # [B] keyword-automaton state
   refused: jax.Array    # [B] a refusal keyword has appeared
   nonfinite: jax.Array  # [B] some step produced inf/NaN logits
+  coef: jax.Array | None  # [B, C] perturbation coefficients of each row (fused mode)
   cache: model.KVCache
 
 
@@ -38,68 +40,107 @@ class KeywordTables:
   matched: jax.Array     # [states, V] bool
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+  """Static decoding settings (hashable: part of the compiled program's identity).
+
+  A row ends at its first EOS, at max_new_tokens, or at a refusal keyword when
+  `stop_at_refusal` (its verdict cannot change after that). `fixed_length` disables
+  EOS and refusal stops (benchmarks: every row does max_new_tokens steps).
+  """
+  max_new_tokens: int
+  eos_ids: tuple[int, ...]
+  pad_id: int
+  stop_at_refusal: bool = False
+  fixed_length: bool = False
+
+
 def _is_eos(tokens, eos_ids):
   return functools.reduce(jnp.logical_or, [tokens == e for e in eos_ids])
 
 
-def greedy_impl(params: dict, tokens: jax.Array, mask: jax.Array, tables: KeywordTables | None,
-                dirs: dict | None, coef: jax.Array | None, *, cfg: model.ModelConfig,
-                max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int,
-                fixed_length: bool = False, stop_at_refusal: bool = False) -> Generation:
-  """Greedy continuation of left-padded prompts [B, T] (unjitted; the engine vmaps it).
+def _judge(tables, state, refused, tok, live):
+  if tables is None:
+    return state, refused
+  nxt_state, hit = judges.advance(tables.next_state, tables.matched, state, tok)
+  return jnp.where(live, nxt_state, state), refused | (hit & live)
 
-  A row ends at its first EOS, or at a refusal keyword when `stop_at_refusal` (its verdict
-  cannot change after that); the loop ends when every row has. `fixed_length` disables both
-  (benchmarks: every row does max_new_tokens steps).
-  """
+
+def _finished(spec, tok, refused, length, has_tables):
+  done = length >= spec.max_new_tokens
+  if spec.fixed_length:
+    return done
+  done |= _is_eos(tok, spec.eos_ids)
+  if spec.stop_at_refusal and has_tables:
+    done |= refused
+  return done
+
+
+def _bad(logits):
+  return ~jnp.all(jnp.isfinite(logits[:, -1]), axis=-1)
+
+
+def prefill(params: dict, tokens: jax.Array, mask: jax.Array, tables: KeywordTables | None,
+            dirs: dict | None, coef: jax.Array | None, *, cfg: model.ModelConfig,
+            spec: DecodeSpec) -> DecodeState:
+  """Runs left-padded prompts [B, T] and emits each row's first token."""
   B, T = tokens.shape
-  stop_refusal = stop_at_refusal and tables is not None and not fixed_length
-
-  def judge(state, refused, tok, live):
-    if tables is None:
-      return state, refused
-    nxt_state, hit = judges.advance(tables.next_state, tables.matched, state, tok)
-    return jnp.where(live, nxt_state, state), refused | (hit & live)
-
-  def finished(tok, refused):
-    if fixed_length:
-      return jnp.zeros_like(refused)
-    return _is_eos(tok, eos_ids) | (refused & stop_refusal)
-
-  def bad(logits):
-    return ~jnp.all(jnp.isfinite(logits[:, -1]), axis=-1)
-
-  cache = model.init_cache(cfg, B, T + max_new_tokens)
+  cache = model.init_cache(cfg, B, T + spec.max_new_tokens)
   logits, cache = model.forward(params, tokens, mask, cache, cfg, dirs, coef, last_only=True)
   first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
   live = jnp.ones((B,), bool)
-  jstate, refused = judge(jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool), first, live)
-  state = DecodeState(
-      step=jnp.ones((), jnp.int32), last=first,
-      out=jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first),
-      done=finished(first, refused), length=jnp.ones((B,), jnp.int32), judge=jstate,
-      refused=refused, nonfinite=bad(logits), cache=cache)
+  jstate, refused = _judge(tables, jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool), first, live)
+  length = jnp.ones((B,), jnp.int32)
+  return DecodeState(
+      last=first, out=jnp.full((B, spec.max_new_tokens), spec.pad_id, jnp.int32).at[:, 0].set(first),
+      done=_finished(spec, first, refused, length, tables is not None), length=length, judge=jstate,
+      refused=refused, nonfinite=_bad(logits), coef=coef, cache=cache)
 
-  def running(s):
-    return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
-  def step(s):
-    logits, cache = model.forward(params, s.last[:, None], jnp.ones((B, 1), bool), s.cache, cfg,
-                                  dirs, coef)
-    live = ~s.done
-    nxt = jnp.where(live, jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), pad_id)
-    jstate, refused = judge(s.judge, s.refused, nxt, live)
-    return s.replace(step=s.step + 1, last=nxt, cache=cache,
-                     out=jax.lax.dynamic_update_slice_in_dim(s.out, nxt[:, None], s.step, axis=1),
-                     done=s.done | finished(nxt, refused), length=s.length + live.astype(jnp.int32),
-                     judge=jstate, refused=refused, nonfinite=s.nonfinite | (bad(logits) & live))
+def step(params: dict, s: DecodeState, tables: KeywordTables | None, dirs: dict | None, *,
+         cfg: model.ModelConfig, spec: DecodeSpec) -> DecodeState:
+  """One token for every live row; finished rows are carried unchanged."""
+  B = s.last.shape[0]
+  logits, cache = model.forward(params, s.last[:, None], jnp.ones((B, 1), bool), s.cache, cfg,
+                                dirs, s.coef)
+  live = ~s.done
+  nxt = jnp.where(live, jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), spec.pad_id)
+  jstate, refused = _judge(tables, s.judge, s.refused, nxt, live)
+  write = jnp.where(live, s.length, spec.max_new_tokens)  # out of range: dropped
+  out = s.out.at[jnp.arange(B), write].set(nxt, mode="drop")
+  length = s.length + live.astype(jnp.int32)
+  return s.replace(last=nxt, cache=cache, out=out, length=length, judge=jstate, refused=refused,
+                   done=s.done | _finished(spec, nxt, refused, length, tables is not None),
+                   nonfinite=s.nonfinite | (_bad(logits) & live))
 
-  s = jax.lax.while_loop(running, step, state)
+
+def run_steps(params: dict, s: DecodeState, tables: KeywordTables | None, dirs: dict | None,
+              n_steps: jax.Array | int, *, cfg: model.ModelConfig, spec: DecodeSpec) -> DecodeState:
+  """Up to n_steps tokens, leaving early when every row is done; no host round-trip per token."""
+  def running(carry):
+    i, st = carry
+    return (i < n_steps) & ~jnp.all(st.done)
+
+  def body(carry):
+    i, st = carry
+    return i + 1, step(params, st, tables, dirs, cfg=cfg, spec=spec)
+
+  return jax.lax.while_loop(running, body, (jnp.zeros((), jnp.int32), s))[1]
+
+
+def as_generation(s: DecodeState) -> Generation:
   return Generation(tokens=s.out, length=s.length, refused=s.refused, nonfinite=s.nonfinite)
 
 
-_STATIC = ("cfg", "max_new_tokens", "eos_ids", "pad_id", "fixed_length", "stop_at_refusal")
-greedy = jax.jit(greedy_impl, static_argnames=_STATIC)
+def greedy_impl(params: dict, tokens: jax.Array, mask: jax.Array, tables: KeywordTables | None,
+                dirs: dict | None, coef: jax.Array | None, *, cfg: model.ModelConfig,
+                spec: DecodeSpec) -> Generation:
+  """Static batch: prefill, then decode until every row is done (unjitted; the engine vmaps it)."""
+  s = prefill(params, tokens, mask, tables, dirs, coef, cfg=cfg, spec=spec)
+  return as_generation(run_steps(params, s, tables, dirs, spec.max_new_tokens, cfg=cfg, spec=spec))
+
+
+greedy = jax.jit(greedy_impl, static_argnames=("cfg", "spec"))
 
 
 def eos_ids_of(tokenizer, extra: tuple[int, ...] = ()) -> tuple[int, ...]:
@@ -131,8 +172,8 @@ def generate(params: dict, cfg: model.ModelConfig, token_lists: list[list[int]],
   if batch_bucket:
     rows += [rows[-1]] * (prompts.bucket_length(len(rows), minimum=1) - len(rows))
   tokens, mask = prompts.left_pad(rows, length, pad_id)
-  gen = greedy(params, jnp.asarray(tokens), jnp.asarray(mask), None, None, None, cfg=cfg,
-               max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids), pad_id=pad_id,
-               fixed_length=fixed_length)
+  spec = DecodeSpec(max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids), pad_id=pad_id,
+                    fixed_length=fixed_length)
+  gen = greedy(params, jnp.asarray(tokens), jnp.asarray(mask), None, None, None, cfg=cfg, spec=spec)
   out, lengths = np.asarray(gen.tokens), np.asarray(gen.length)
   return [out[i, :lengths[i]].tolist() for i in range(len(token_lists))]

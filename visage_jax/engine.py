@@ -1,16 +1,20 @@
 """Many perturbed models at once: theta + sum_c coef_c * d_c for every decode row, chunked.
 
-Two modes, same results up to float rounding:
+Three modes, same results up to float rounding:
   fused         one program decodes rows of many grid points over ONE copy of theta and the
                 directions (each linear computes x.W + sum_c coef[b, c] x.D_c); several
                 directions at once by `jax.vmap` over the stacked direction axis R.
   materialized  theta + alpha.d written into a donated buffer per (direction, point), then a
                 plain decode: half the FLOPs, one extra weight copy; for when theta and D do
                 not fit together or compute is the bottleneck.
+  continuous    fused rows in a fixed number of slots; a slot whose row ends (EOS, budget,
+                refusal) is refilled with the next (point, prompt) every `refill_every`
+                steps, so short refusals do not leave slots idle until the longest row ends.
 """
 
 import dataclasses
 import functools
+import math
 from typing import Iterator
 
 import jax
@@ -19,31 +23,64 @@ import numpy as np
 
 from visage_jax import decode, model, sharding
 
-MODES = ("fused", "materialized")
+MODES = ("fused", "materialized", "continuous")
+
+# Nominal peak FLOP/s and memory bandwidth (bytes/s) by device kind, for the mode cost model.
+# Unknown accelerators fall back to the H100 figures (memory-bound decode, like every GPU/TPU).
+DEVICE_PEAKS = {
+    "cpu": (1.0e11, 2.0e10),
+    "H100": (9.89e14, 3.35e12),
+    "H200": (9.89e14, 4.8e12),
+    "A100": (3.12e14, 2.0e12),
+    "TPU v4": (2.75e14, 1.2e12),
+    "TPU v5 lite": (1.97e14, 8.2e11),
+    "TPU v5p": (4.59e14, 2.76e12),
+}
 
 
-@dataclasses.dataclass(frozen=True)
-class DecodeSpec:
-  """Static decoding settings (hashable: part of the compiled program's identity)."""
-  max_new_tokens: int
-  eos_ids: tuple[int, ...]
-  pad_id: int
-  stop_at_refusal: bool = True
-  fixed_length: bool = False
+def device_peaks(device=None) -> tuple[float, float]:
+  device = device or jax.devices()[0]
+  if device.platform == "cpu":
+    return DEVICE_PEAKS["cpu"]
+  kind = str(getattr(device, "device_kind", ""))
+  for name, peaks in DEVICE_PEAKS.items():
+    if name.lower() in kind.lower():
+      return peaks
+  return DEVICE_PEAKS["H100"]
 
 
-def _greedy(params, tokens, mask, tables, dirs, coef, cfg, spec):
-  return decode.greedy_impl(params, tokens, mask, tables, dirs, coef, cfg=cfg,
-                            max_new_tokens=spec.max_new_tokens, eos_ids=spec.eos_ids,
-                            pad_id=spec.pad_id, fixed_length=spec.fixed_length,
-                            stop_at_refusal=spec.stop_at_refusal)
+def choose_mode(cfg: model.ModelConfig, *, n_prompts: int, n_directions: int, batch: int,
+                device=None) -> tuple[str, str]:
+  """Roofline cost model of one decode step: materialized points vs rows fused across points.
+
+  Per generated token a row costs 2*N FLOPs (4*N fused: x.W and x.D); a step reads the
+  weights once (fused: weights + R directions). Materialized batches one point's prompts;
+  fused batches `batch` rows of any points. The cheaper per-token time wins; fused runs
+  as continuous batching (refilled slots), which only ever removes idle work.
+  """
+  flops, bandwidth = device_peaks(device)
+  n = sum(math.prod(s) for s in jax.tree.leaves(model.param_shapes(cfg),
+                                                 is_leaf=lambda x: isinstance(x, tuple)))
+  wbytes = n * jnp.dtype(cfg.param_dtype).itemsize
+  b_mat = max(1, min(n_prompts, batch))
+  t_mat = max(wbytes / bandwidth, 2 * n * b_mat / flops) / b_mat
+  b_fus = max(1, batch)
+  t_fus = max(wbytes * (1 + n_directions) / bandwidth, 4 * n * b_fus * n_directions / flops) / (b_fus * n_directions)
+  if t_mat <= t_fus:
+    return "materialized", (f"compute-bound: {t_mat * 1e3:.3f} ms/token materialized (batch {b_mat}) "
+                            f"<= {t_fus * 1e3:.3f} ms/token fused (batch {b_fus})")
+  return "continuous", (f"memory-bound: {t_fus * 1e3:.3f} ms/token fused (batch {b_fus}) < "
+                        f"{t_mat * 1e3:.3f} ms/token materialized (batch {b_mat})")
+
+
+DecodeSpec = decode.DecodeSpec
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "spec"))
 def decode_fused(params, dirs, coef, tokens, mask, tables, *, cfg: model.ModelConfig,
                  spec: DecodeSpec) -> decode.Generation:
   """dirs leaves [R, C, ...], coef [B, C], tokens/mask [B, T] -> Generation with leaves [R, B, ...]."""
-  one = lambda d: _greedy(params, tokens, mask, tables, d, coef, cfg, spec)
+  one = lambda d: decode.greedy_impl(params, tokens, mask, tables, d, coef, cfg=cfg, spec=spec)
   return jax.vmap(one)(dirs)
 
 
@@ -56,9 +93,25 @@ def materialize(buffer, params, dirs, coef):
       params, dirs)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "spec"))
-def decode_plain(params, tokens, mask, tables, *, cfg: model.ModelConfig, spec: DecodeSpec):
-  return _greedy(params, tokens, mask, tables, None, None, cfg, spec)
+@functools.partial(jax.jit, static_argnames=("cfg", "spec"), donate_argnums=0)
+def refill(state: decode.DecodeState, slots, params, dirs, tokens, mask, coef, tables, *,
+           cfg: model.ModelConfig, spec: DecodeSpec) -> decode.DecodeState:
+  """Prefills k new rows and writes them into the given slots (slot index >= B: dropped)."""
+  new = decode.prefill(params, tokens, mask, tables, dirs, coef, cfg=cfg, spec=spec)
+
+  def put(old, fresh, axis):
+    idx = (slice(None),) * axis + (slots,)
+    return old.at[idx].set(fresh, mode="drop")
+
+  cache = jax.tree.map(lambda o, f: put(o, f, 1 if o.ndim == 5 else 0), state.cache, new.cache)
+  rest = jax.tree.map(lambda o, f: put(o, f, 0), state.replace(cache=None), new.replace(cache=None))
+  return rest.replace(cache=cache)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "spec", "n_steps"), donate_argnums=0)
+def advance(state: decode.DecodeState, params, dirs, tables, *, cfg: model.ModelConfig,
+            spec: DecodeSpec, n_steps: int) -> decode.DecodeState:
+  return decode.run_steps(params, state, tables, dirs, n_steps, cfg=cfg, spec=spec)
 
 
 @dataclasses.dataclass
@@ -101,7 +154,7 @@ def _pad_rows(idx: np.ndarray, size: int) -> np.ndarray:
 def evaluate(params: dict, cfg: model.ModelConfig, dirs: dict, coefs: np.ndarray,
              tokens: np.ndarray, mask: np.ndarray, tables: decode.KeywordTables | None,
              spec: DecodeSpec, *, points: list[int], mode: str = "fused", max_batch: int = 0,
-             mesh=None) -> Iterator[Chunk]:
+             mesh=None, refill_every: int = 8) -> Iterator[Chunk]:
   """Decodes every prompt at the given grid points for all R directions, one chunk at a time.
 
   dirs: leaves [R, C, ...]; coefs: [n_points, C] grid coefficients; tokens/mask: [n_prompts, T].
@@ -126,6 +179,13 @@ def evaluate(params: dict, cfg: model.ModelConfig, dirs: dict, coefs: np.ndarray
                  tokens=np.asarray(gen.tokens)[:, :n], length=np.asarray(gen.length)[:, :n],
                  refused=np.asarray(gen.refused)[:, :n], nonfinite=np.asarray(gen.nonfinite)[:, :n])
 
+  if mode == "continuous":
+    for r in range(R):
+      d = jax.tree.map(lambda x: x[r], dirs)
+      yield from _continuous(params, cfg, d, r, coefs, tokens_all, mask_all, tables, spec, rows_point,
+                             rows_prompt, batch, refill_every, bsh, data)
+    return
+
   if mode == "fused":
     for start in range(0, len(rows_point), batch):
       sel_point = _pad_rows(rows_point[start:start + batch], batch)
@@ -148,6 +208,49 @@ def evaluate(params: dict, cfg: model.ModelConfig, dirs: dict, coefs: np.ndarray
         n = min(batch, n_prompts - start)
         tok = jax.device_put(tokens_all[sel_prompt], bsh(2))
         msk = jax.device_put(mask_all[sel_prompt], bsh(2))
-        gen = decode_plain(buffer, tok, msk, tables, cfg=cfg, spec=spec)
+        gen = decode.greedy(buffer, tok, msk, tables, None, None, cfg=cfg, spec=spec)
         gen = jax.tree.map(lambda x: x[None], gen)
         yield fetch(gen, [r], np.full(batch, p), sel_prompt, n)
+
+
+def _continuous(params, cfg, dirs_r, r, coefs, tokens_all, mask_all, tables, spec, rows_point,
+                rows_prompt, slots, refill_every, bsh, data) -> Iterator[Chunk]:
+  """Slots decode rows of any grid point (per-row coefficients); ended rows are refilled."""
+  width = max(data, slots // 4 // data * data)  # rows prefilled per refill call: one compiled shape
+  n_rows = len(rows_point)
+  rows_like = lambda a: jax.ShapeDtypeStruct((slots,) + a.shape[1:], a.dtype)
+  shapes = jax.eval_shape(
+      functools.partial(decode.prefill, cfg=cfg, spec=spec), params, rows_like(tokens_all),
+      rows_like(mask_all), tables, dirs_r, jax.ShapeDtypeStruct((slots, coefs.shape[1]), jnp.float32))
+  state = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes).replace(done=jnp.ones((slots,), bool))
+  owner = np.full(slots, -1)     # row index held by each slot, -1 = free
+  queue = 0
+  while queue < n_rows or (owner >= 0).any():
+    free = np.flatnonzero(owner < 0)
+    while queue < n_rows and len(free):
+      take = free[:width]
+      rows = np.arange(queue, min(queue + len(take), n_rows))
+      take = take[:len(rows)]
+      slot_ids = np.full(width, slots, np.int64)            # out of range: dropped
+      slot_ids[:len(take)] = take
+      sel = _pad_rows(rows, width)
+      state = refill(state, jnp.asarray(slot_ids), params, dirs_r,
+                     jax.device_put(tokens_all[rows_prompt[sel]], bsh(2)),
+                     jax.device_put(mask_all[rows_prompt[sel]], bsh(2)),
+                     jax.device_put(jnp.asarray(coefs[rows_point[sel]], jnp.float32), bsh(2)),
+                     tables, cfg=cfg, spec=spec)
+      owner[take] = rows
+      queue += len(rows)
+      free = np.flatnonzero(owner < 0)
+    state = advance(state, params, dirs_r, tables, cfg=cfg, spec=spec, n_steps=refill_every)
+    done = np.asarray(jax.device_get(state.done))
+    finished = np.flatnonzero(done & (owner >= 0))
+    if not len(finished):
+      continue
+    gen = jax.device_get(decode.as_generation(state))
+    rows = owner[finished]
+    yield Chunk(directions=[r], points=rows_point[rows], prompts=rows_prompt[rows],
+                tokens=np.asarray(gen.tokens)[None, finished], length=np.asarray(gen.length)[None, finished],
+                refused=np.asarray(gen.refused)[None, finished],
+                nonfinite=np.asarray(gen.nonfinite)[None, finished])
+    owner[finished] = -1

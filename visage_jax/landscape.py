@@ -21,7 +21,7 @@ from visage_jax import (checkpoints, decode, directions, engine, judges, model, 
 VIS_TYPES = ("1D_random", "1D_interpolation", "2D_random", "2D_interpolation", "2D_interpolation-random")
 RUN_FILES = ("run_config.json", "directions.safetensors", "generations.jsonl", "landscape.json",
              "landscape.png")
-_IGNORED_FOR_RESUME = (("engine", "max_batch"), ("engine", "progress"))
+_IGNORED_FOR_RESUME = (("engine", "max_batch"), ("engine", "refill_every"))
 
 
 def _random_axis(steps: int, multiplier: float) -> np.ndarray:
@@ -146,8 +146,8 @@ def validate(c) -> None:
     raise ValueError("2D_interpolation needs landscape.target2_path (the third checkpoint).")
   if c.decode.max_new_tokens < 1:
     raise ValueError(f"decode.max_new_tokens must be >= 1, got {c.decode.max_new_tokens}.")
-  if c.engine.mode not in engine.MODES:
-    raise ValueError(f"engine.mode {c.engine.mode!r} is not one of {', '.join(engine.MODES)}.")
+  if c.engine.mode not in ("auto",) + engine.MODES:
+    raise ValueError(f"engine.mode {c.engine.mode!r} is not one of auto, {', '.join(engine.MODES)}.")
 
 
 def build_directions(c, params, cfg) -> list[dict]:
@@ -264,7 +264,12 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> d
   lines = read_generations(gen_path)
   have = {(l["direction"], l["step"]) for l in lines}
   todo = [p for p in range(len(coefs)) if any((r, p) not in have for r in range(n_dirs))]
-  extra = dict(mode=c.engine.mode, load_seconds=round(load_seconds, 2),
+  batch = c.engine.max_batch or engine.choose_batch(
+      cfg, len(coefs) * len(goals), tokens.shape[1], spec, n_directions=n_dirs, mode="fused", mesh=mesh)
+  mode, why = c.engine.mode, "set in the config"
+  if mode == "auto":
+    mode, why = engine.choose_mode(cfg, n_prompts=len(goals), n_directions=n_dirs, batch=batch)
+  extra = dict(mode=mode, mode_reason=why, batch=batch, load_seconds=round(load_seconds, 2),
                mesh=dict(shape=list(mesh.devices.shape), platform=mesh.devices.flat[0].platform))
   json_path = os.path.join(workdir, "landscape.json")
 
@@ -278,7 +283,8 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> d
   t_decode, n_tokens = time.time(), 0
   with open(gen_path, "a") as out_file:
     for chunk in engine.evaluate(params, cfg, stacked, coefs, tokens, mask, tables, spec, points=todo,
-                                 mode=c.engine.mode, max_batch=c.engine.max_batch, mesh=mesh):
+                                 mode=mode, max_batch=batch, mesh=mesh,
+                                 refill_every=c.engine.refill_every):
       for ri, r in enumerate(chunk.directions):
         for b in range(len(chunk.points)):
           p, q = int(chunk.points[b]), int(chunk.prompts[b])
@@ -354,8 +360,9 @@ def default_config():
                      directions_path="", target_path="", target2_path="")
   # Greedy decoding; stop_at_refusal ends a row at its first refusal keyword (ASR unchanged).
   c.decode = dict(max_new_tokens=512, stop_at_refusal=True)
-  # mode: fused (one theta, many points per batch) | materialized (theta + alpha d per point);
-  # max_batch: decode rows per chunk (0 = from the device memory model).
-  c.engine = dict(mode="fused", max_batch=0)
+  # mode: auto (cost model of the device) | fused (one theta, many points per batch) |
+  # materialized (theta + alpha d per point) | continuous (fused, ended rows refilled every
+  # refill_every steps); max_batch: decode rows per chunk or slots (0 = from the memory model).
+  c.engine = dict(mode="auto", max_batch=0, refill_every=8)
   c.mesh = dict(shape=(1, 1))  # ("data", "model")
   return c

@@ -167,7 +167,8 @@ class KVCache:
   v: jax.Array      # [L, B, S, K, H]
   mask: jax.Array   # [B, S] bool
   pos: jax.Array    # [B] int32, position id of the next token of each row
-  index: jax.Array  # [] int32, next slot to write (shared: rows are left-padded together)
+  index: jax.Array  # [B] int32, next slot each row writes (rows advance independently when
+                    #     continuous batching refills some of them)
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
@@ -175,7 +176,7 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
   dtype = jnp.dtype(cfg.dtype)
   return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                  mask=jnp.zeros((batch, length), bool), pos=jnp.zeros((batch,), jnp.int32),
-                 index=jnp.zeros((), jnp.int32))
+                 index=jnp.zeros((batch,), jnp.int32))
 
 
 def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
@@ -231,6 +232,11 @@ def _scale(w, dw, coef):
   return w[None] + jnp.einsum("bc,cd->bd", coef, dw.astype(coef.dtype))
 
 
+def _write_rows(cache, new, index):
+  """cache [B, S, ...] <- new [B, T, ...] at per-row offsets index [B]."""
+  return jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=0))(cache, new, index)
+
+
 def _layer(cfg, inv_freq, coef, carry, layer):
   """One decoder block; `carry` is the residual stream, `layer` the per-layer slices."""
   x, positions, attn_mask, index = carry
@@ -244,8 +250,8 @@ def _layer(cfg, inv_freq, coef, carry, layer):
   k = _dense(h, p["k_proj"], dget("k_proj"), coef).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
   v = _dense(h, p["v_proj"], dget("v_proj"), coef).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
   q, k = _rope(q, positions, inv_freq), _rope(k, positions, inv_freq)
-  k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
-  v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
+  k_cache = _write_rows(k_cache, k.astype(k_cache.dtype), index)
+  v_cache = _write_rows(v_cache, v.astype(v_cache.dtype), index)
 
   G = cfg.num_heads // cfg.num_kv_heads
   qg = q.reshape(B, T, cfg.num_kv_heads, G, cfg.head_dim)
@@ -280,13 +286,13 @@ def forward(params: dict, tokens: jax.Array, token_mask: jax.Array, cache: KVCac
   token_mask = token_mask.astype(bool)
   offsets = jnp.cumsum(token_mask, axis=1) - 1
   positions = cache.pos[:, None] + jnp.maximum(offsets, 0)                   # [B, T]
-  kv_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, token_mask, cache.index, axis=1)
-  q_slot = cache.index + jnp.arange(T)                                         # [T]
+  kv_mask = _write_rows(cache.mask, token_mask, cache.index)
+  q_slot = cache.index[:, None] + jnp.arange(T)                                # [B, T]
   s_slot = jnp.arange(S)
-  allowed = s_slot[None, :] <= q_slot[:, None]
+  allowed = s_slot[None, None, :] <= q_slot[:, :, None]
   if cfg.sliding_window is not None:
-    allowed &= s_slot[None, :] > q_slot[:, None] - cfg.sliding_window
-  attn_mask = allowed[None] & kv_mask[:, None, :]                              # [B, T, S]
+    allowed &= s_slot[None, None, :] > q_slot[:, :, None] - cfg.sliding_window
+  attn_mask = allowed & kv_mask[:, None, :]                                    # [B, T, S]
 
   if coef is not None:
     coef = coef.astype(jnp.float32)
