@@ -1,6 +1,6 @@
 """`visage-jax <command> --flags`: absl flags -> plain arguments -> one library call.
 
-Commands: generate, convert, landscape, export-directions.
+Commands: generate, convert, landscape, export-directions, bench.
 """
 
 import json
@@ -98,8 +98,18 @@ def cmd_export_directions() -> None:
   print(json.dumps({"exported": FLAGS.out, "from": src}))
 
 
+def cmd_bench() -> None:
+  """Times the reference method and our modes side by side; writes --out JSON."""
+  from visage_jax import bench
+
+  if FLAGS.config is None or not FLAGS.out:
+    raise app.UsageError("bench needs --config=configs/<name>.py and --out=FILE.json.")
+  report = bench.run(FLAGS.config, FLAGS.out, log=lambda m: logging.info("%s", m))
+  print(bench.table(report))
+
+
 COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "landscape": cmd_landscape,
-            "export-directions": cmd_export_directions}
+            "export-directions": cmd_export_directions, "bench": cmd_bench}
 
 
 def main(argv=None) -> None:

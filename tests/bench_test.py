@@ -1,0 +1,53 @@
+"""Benchmark smoke test: every method runs on a tiny model and the report has its fields (no timings asserted)."""
+
+import json
+import os
+
+from absl.testing import absltest
+
+import fixtures
+from visage_jax import bench
+
+
+class BenchSmokeTest(absltest.TestCase):
+
+  def test_all_methods_report(self):
+    d = self.create_tempdir().full_path
+    model_dir = os.path.join(d, "model")
+    fixtures.save_tiny_hf(model_dir, "llama", tokenizer=fixtures.toy_tokenizer("bpe", refusals=True),
+                          boost_refusals=True, seed=5)
+    c = bench.default_config()
+    c.model.path = model_dir
+    c.prompts.update(path=fixtures.advbench_path(), limit=3)
+    c.landscape.update(steps=4, multiplier=1.0)
+    c.decode.max_new_tokens = 5
+    c.bench.reference_points = 2
+    out = os.path.join(d, "bench.json")
+    report = bench.run(c, out, log=lambda m: None)
+    with open(out) as f:
+      self.assertEqual(json.load(f), report)
+    self.assertEqual(set(report["methods"]), set(bench.METHODS))
+    self.assertEqual(report["work_generated_tokens"], 5 * 3 * 5)
+    pub = report["methods"]["reference_published"]
+    self.assertTrue(pub["extrapolated"])
+    self.assertEqual(pub["measured_points"], [0, 4])
+    for name in ("fused", "materialized", "continuous"):
+      e = report["methods"][name]
+      self.assertFalse(e["extrapolated"])
+      for key in ("wall_seconds", "compile_seconds", "generated_tokens_per_second",
+                  "speedup_vs_reference_published", "speedup_vs_reference_batched"):
+        self.assertIn(key, e)
+      # Same greedy tokens as transformers at the measured points (float32 on both sides).
+      self.assertGreaterEqual(e["token_agreement_vs_reference_batched"], 0.99, name)
+    self.assertFalse(report["methods"]["default_real"]["equal_work"])
+    self.assertIn("| reference_published |", bench.table(report))
+
+  def test_unknown_method(self):
+    c = bench.default_config()
+    c.bench.methods = ("fastest",)
+    with self.assertRaisesRegex(ValueError, "bench.methods: 'fastest'"):
+      bench.run(c, "/tmp/never.json")
+
+
+if __name__ == "__main__":
+  absltest.main()

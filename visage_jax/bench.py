@@ -1,0 +1,267 @@
+"""Side-by-side benchmark: the reference method (transformers PyTorch) against our engine modes.
+
+Every timed method does the same work: the same model, direction, grid, prompts and
+max_new_tokens, decoded to fixed length (no early EOS, no refusal stop). Our default real
+run (EOS + stop_at_refusal) does less work and is reported separately. Slow reference
+methods are timed on a subset of grid points and extrapolated linearly (said in the JSON).
+torch is imported only here: a benchmark/test dependency, never a runtime one.
+"""
+
+import dataclasses
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from visage_jax import checkpoints, decode, directions, engine, judges, landscape, prompts, sharding
+
+METHODS = ("reference_published", "reference_batched", "fused", "materialized", "continuous",
+           "default_real")
+
+
+class _CompileClock:
+  """Sums XLA compile time reported by jax.monitoring while active."""
+
+  def __init__(self):
+    self.seconds = 0.0
+    self._on = False
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+  def _listen(self, event, duration, **_):
+    if self._on and event == "/jax/core/compile/backend_compile_duration":
+      self.seconds += duration
+
+  def __enter__(self):
+    self.seconds, self._on = 0.0, True
+    return self
+
+  def __exit__(self, *exc):
+    self._on = False
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything the methods share, loaded once (load time reported separately)."""
+  cfg: object
+  params: dict
+  tokenizer: object
+  texts: list
+  ids: list
+  direction: dict
+  alphas: np.ndarray
+  eos_ids: tuple
+  pad_id: int
+  model_path: str
+
+
+def load_setup(c) -> Setup:
+  model_path = c.model.path or checkpoints.default_model_path()
+  cfg, params = checkpoints.load_params(model_path, c.model.dtype)
+  tok = checkpoints.load_tokenizer(model_path)
+  goals = prompts.load_goals(c.prompts.path, c.prompts.limit)
+  texts = [prompts.format_prompt(g, tok, c.prompts.template, c.prompts.system_prompt) for g in goals]
+  ids = prompts.tokenize_prompts(texts, tok, c.prompts.template)
+  d = directions.random_direction(jax.random.fold_in(jax.random.key(c.landscape.seed), 0), params, cfg,
+                                  norm=c.landscape.norm, blacklist=tuple(c.landscape.blacklist))
+  xs, _ = landscape.grid_coords("1D_random", c.landscape.steps, c.landscape.multiplier)
+  return Setup(cfg=cfg, params=params, tokenizer=tok, texts=texts, ids=ids, direction=d, alphas=xs,
+               eos_ids=decode.eos_ids_of(tok), pad_id=decode.pad_id_of(tok), model_path=model_path)
+
+
+# ------------------------------------------------------------------ the reference (PyTorch)
+
+
+def _torch_model(s: Setup, dtype):
+  """transformers' own model with our (dequantized) weights, so both sides start from one theta."""
+  import torch
+  import transformers
+
+  hf_cfg = dict(checkpoints.model.config_to_hf(s.cfg))
+  hf_cfg.pop("rope_parameters", None)
+  config = transformers.AutoConfig.for_model(**hf_cfg)
+  with torch.device("cpu"):
+    net = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+  state = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in checkpoints.to_hf_tensors(s.params, s.cfg).items()}
+  if s.cfg.tie_word_embeddings:
+    state["lm_head.weight"] = state["model.embed_tokens.weight"]
+  net.load_state_dict(state, strict=True)
+  net.generation_config.eos_token_id = None  # fixed length: decode past EOS like the others
+  net.generation_config.pad_token_id = s.pad_id
+  return net.to(dtype), state
+
+
+def run_reference(s: Setup, *, batch_size: int, points: list[int], max_new_tokens: int, dtype: str):
+  """The published loop: per point, theta + alpha d in a float32 state_dict, load, generate."""
+  import torch
+
+  torch_dtype = getattr(torch, dtype)
+  net, state = _torch_model(s, torch_dtype)
+  dirs = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in checkpoints.to_hf_tensors(s.direction, s.cfg).items()}
+  if s.cfg.tie_word_embeddings:
+    dirs["lm_head.weight"] = dirs["model.embed_tokens.weight"]
+  tokens = np.zeros((len(points), len(s.texts), max_new_tokens), np.int32)
+  t_load, t_gen = 0.0, 0.0
+  with torch.no_grad():
+    for i, p in enumerate(points):
+      t0 = time.perf_counter()
+      alpha = float(s.alphas[p])
+      net.load_state_dict({k: (v + alpha * dirs[k]).to(torch_dtype) for k, v in state.items()})
+      t1 = time.perf_counter()
+      for start in range(0, len(s.ids), batch_size):
+        rows = s.ids[start:start + batch_size]  # the same token ids as ours, left-padded
+        ids, mask = prompts.left_pad(rows, max(map(len, rows)), s.pad_id)
+        out = net.generate(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
+                           max_new_tokens=max_new_tokens, do_sample=False)
+        tokens[i, start:start + batch_size] = out[:, ids.shape[1]:].numpy()
+      t_load, t_gen = t_load + (t1 - t0), t_gen + (time.perf_counter() - t1)
+  return tokens, t_load, t_gen
+
+
+# ------------------------------------------------------------------ ours
+
+
+def run_ours(s: Setup, *, mode: str, points: list[int], max_new_tokens: int, fixed_length: bool,
+             stop_at_refusal: bool, max_batch: int, mesh):
+  dirs = directions.stack([directions.stack([s.direction])])
+  dirs = jax.tree.map(lambda x: x.astype(s.cfg.param_dtype), dirs)
+  params = sharding.shard_params(s.params, mesh)
+  dirs = sharding.shard_params(dirs, mesh)
+  tokens, mask = prompts.left_pad(s.ids, prompts.bucket_length(max(map(len, s.ids))), s.pad_id)
+  kw = judges.build_keyword_tables(s.tokenizer, s.cfg.vocab_size)
+  tables = decode.KeywordTables(next_state=jnp.asarray(kw.next_state), matched=jnp.asarray(kw.matched))
+  spec = engine.DecodeSpec(max_new_tokens=max_new_tokens, eos_ids=s.eos_ids, pad_id=s.pad_id,
+                           stop_at_refusal=stop_at_refusal, fixed_length=fixed_length)
+  coefs = s.alphas[:, None]
+  out = np.full((len(s.alphas), len(s.ids), max_new_tokens), s.pad_id, np.int32)
+  lengths = np.zeros((len(s.alphas), len(s.ids)), np.int32)
+  clock = _CompileClock()
+  with clock:
+    t0 = time.perf_counter()
+    for ch in engine.evaluate(params, s.cfg, dirs, coefs, tokens, mask, tables, spec, points=points,
+                              mode=mode, max_batch=max_batch, mesh=mesh):
+      out[ch.points, ch.prompts] = ch.tokens[0]
+      lengths[ch.points, ch.prompts] = ch.length[0]
+    wall = time.perf_counter() - t0
+  return out[points], lengths[points], wall, clock.seconds
+
+
+def _agreement(a: np.ndarray, b: np.ndarray) -> float:
+  return float(np.mean(a == b))
+
+
+def run(c, out_path: str, log=print) -> dict:
+  """Times every method in c.bench.methods; writes and returns the JSON report."""
+  for m in c.bench.methods:
+    if m not in METHODS:
+      raise ValueError(f"bench.methods: {m!r} is not one of {', '.join(METHODS)}.")
+  t0 = time.perf_counter()
+  s = load_setup(c)
+  load_seconds = time.perf_counter() - t0
+  n_points, n_prompts, n_new = len(s.alphas), len(s.ids), c.decode.max_new_tokens
+  all_points = list(range(n_points))
+  ref_points = _subset(n_points, c.bench.reference_points)
+  mesh = sharding.make_mesh(tuple(c.mesh.shape))
+  report = dict(
+      machine=dict(platform=jax.devices()[0].platform, device=str(jax.devices()[0].device_kind),
+                   cpu_count=os.cpu_count(), python=platform.python_version(), jax=jax.__version__),
+      model=s.model_path, points=n_points, prompts=n_prompts, max_new_tokens=n_new,
+      work_generated_tokens=n_points * n_prompts * n_new, load_seconds=round(load_seconds, 2), methods={})
+  tokens_by_method = {}
+  prompt_len = prompts.bucket_length(max(map(len, s.ids)))
+  batch_ours = c.engine.max_batch or engine.choose_batch(
+      s.cfg, n_points * n_prompts, prompt_len, engine.DecodeSpec(n_new, s.eos_ids, s.pad_id),
+      n_directions=1, mode="fused", mesh=mesh)
+  report["batch"] = batch_ours
+
+  def record(name, wall, compile_s, tokens_done, extrapolated_from=None, **extra):
+    scale = n_points / len(extrapolated_from) if extrapolated_from else 1.0
+    entry = dict(wall_seconds=round(wall * scale, 3), compile_seconds=round(compile_s, 3),
+                 generated_tokens_per_second=round(tokens_done / max(wall, 1e-9), 2),
+                 extrapolated=bool(extrapolated_from), **extra)
+    if extrapolated_from:
+      entry["measured_points"] = extrapolated_from
+      entry["measured_wall_seconds"] = round(wall, 3)
+    report["methods"][name] = entry
+    log(f"{name}: {entry}")
+
+  for name in c.bench.methods:
+    if name in ("reference_published", "reference_batched"):
+      batch = 4 if name == "reference_published" else n_prompts
+      dtype = "float32" if name == "reference_published" or jax.devices()[0].platform == "cpu" else "bfloat16"
+      toks, t_load, t_gen = run_reference(s, batch_size=batch, points=ref_points, max_new_tokens=n_new,
+                                          dtype=dtype)
+      tokens_by_method[name] = (ref_points, toks)
+      record(name, t_load + t_gen, 0.0, len(ref_points) * n_prompts * n_new,
+             extrapolated_from=ref_points if len(ref_points) < n_points else None,
+             batch_size=batch, dtype=dtype, reload_seconds=round(t_load, 3))
+    else:
+      real = name == "default_real"
+      mode = name if name in engine.MODES else c.engine.mode
+      if mode == "auto":
+        mode, why = engine.choose_mode(s.cfg, n_prompts=n_prompts, n_directions=1, batch=batch_ours)
+        report["auto_mode"] = dict(mode=mode, reason=why)
+      toks, lens, wall, comp = run_ours(s, mode=mode, points=all_points, max_new_tokens=n_new,
+                                        fixed_length=not real, stop_at_refusal=real,
+                                        max_batch=batch_ours, mesh=mesh)
+      done = int(lens.sum()) if real else n_points * n_prompts * n_new
+      if not real:
+        tokens_by_method[name] = (all_points, toks)
+      record(name, wall - comp, comp, done, mode=mode, generated_tokens=done,
+             equal_work=not real, wall_seconds_including_compile=round(wall, 3))
+
+  ref_name = next((m for m in ("reference_batched", "reference_published") if m in tokens_by_method), None)
+  for name, entry in report["methods"].items():
+    for base in ("reference_published", "reference_batched"):
+      if base in report["methods"]:
+        entry[f"speedup_vs_{base}"] = round(report["methods"][base]["wall_seconds"] / max(entry["wall_seconds"], 1e-9), 2)
+    if ref_name and name in tokens_by_method and name != ref_name:
+      ref_pts, ref_toks = tokens_by_method[ref_name]
+      pts, toks = tokens_by_method[name]
+      sel = [pts.index(p) for p in ref_pts]
+      entry[f"token_agreement_vs_{ref_name}"] = round(_agreement(toks[sel], ref_toks), 4)
+  _write_json(out_path, report)
+  return report
+
+
+def _subset(n_points: int, k: int) -> list[int]:
+  """k grid points spread over the grid (ends and centre included), or all when k <= 0."""
+  if k <= 0 or k >= n_points:
+    return list(range(n_points))
+  return sorted({int(round(i)) for i in np.linspace(0, n_points - 1, k)})
+
+
+def _write_json(path: str, obj) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
+
+
+def default_config():
+  c = landscape.default_config()
+  c.bench = dict(methods=METHODS, reference_points=3)
+  return c
+
+
+def table(report: dict) -> str:
+  """The report as a markdown table (what BENCHMARKS.md and closing notes show)."""
+  cols = ("wall_seconds", "compile_seconds", "generated_tokens_per_second", "speedup_vs_reference_published",
+          "speedup_vs_reference_batched")
+  head = "| method | " + " | ".join(cols) + " | tokens agree | notes |"
+  rows = [head, "|" + "---|" * (len(cols) + 3)]
+  for name, e in report["methods"].items():
+    agree = next((f"{v:.4f}" for k, v in e.items() if k.startswith("token_agreement")), "")
+    notes = []
+    if e.get("extrapolated"):
+      notes.append(f"extrapolated from points {e['measured_points']}")
+    if "mode" in e:
+      notes.append(f"mode {e['mode']}")
+    if not e.get("equal_work", True):
+      notes.append(f"EOS + stop_at_refusal: {e['generated_tokens']} tokens")
+    rows.append(f"| {name} | " + " | ".join(str(e.get(c, "")) for c in cols) + f" | {agree} | {'; '.join(notes)} |")
+  return "\n".join(rows)
