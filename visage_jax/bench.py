@@ -164,6 +164,7 @@ def run(c, out_path: str, log=print) -> dict:
   n_points, n_prompts, n_new = len(s.alphas), len(s.ids), c.decode.max_new_tokens
   all_points = list(range(n_points))
   ref_points = _subset(n_points, c.bench.reference_points)
+  our_points = sorted(set(_subset(n_points, c.bench.our_points)) | set(ref_points))
   mesh = sharding.make_mesh(tuple(c.mesh.shape))
   report = dict(
       machine=dict(platform=jax.devices()[0].platform, device=str(jax.devices()[0].device_kind),
@@ -194,6 +195,8 @@ def run(c, out_path: str, log=print) -> dict:
       dtype = "float32" if name == "reference_published" or jax.devices()[0].platform == "cpu" else "bfloat16"
       toks, t_load, t_gen = run_reference(s, batch_size=batch, points=ref_points, max_new_tokens=n_new,
                                           dtype=dtype)
+      import torch
+      report["machine"]["torch_threads"] = torch.get_num_threads()
       tokens_by_method[name] = (ref_points, toks)
       record(name, t_load + t_gen, 0.0, len(ref_points) * n_prompts * n_new,
              extrapolated_from=ref_points if len(ref_points) < n_points else None,
@@ -204,14 +207,16 @@ def run(c, out_path: str, log=print) -> dict:
       if mode == "auto":
         mode, why = engine.choose_mode(s.cfg, n_prompts=n_prompts, n_directions=1, batch=batch_ours)
         report["auto_mode"] = dict(mode=mode, reason=why)
-      toks, lens, wall, comp = run_ours(s, mode=mode, points=all_points, max_new_tokens=n_new,
+      pts = all_points if real else our_points  # real work varies per point: never extrapolated
+      toks, lens, wall, comp = run_ours(s, mode=mode, points=pts, max_new_tokens=n_new,
                                         fixed_length=not real, stop_at_refusal=real,
                                         max_batch=batch_ours, mesh=mesh)
-      done = int(lens.sum()) if real else n_points * n_prompts * n_new
+      done = int(lens.sum()) if real else len(pts) * n_prompts * n_new
       if not real:
-        tokens_by_method[name] = (all_points, toks)
-      record(name, wall - comp, comp, done, mode=mode, generated_tokens=done,
-             equal_work=not real, wall_seconds_including_compile=round(wall, 3))
+        tokens_by_method[name] = (pts, toks)
+      record(name, wall - comp, comp, done, extrapolated_from=pts if len(pts) < n_points else None,
+             mode=mode, generated_tokens=done, equal_work=not real,
+             wall_seconds_including_compile=round(wall, 3))
 
   ref_name = next((m for m in ("reference_batched", "reference_published") if m in tokens_by_method), None)
   for name, entry in report["methods"].items():
@@ -221,6 +226,8 @@ def run(c, out_path: str, log=print) -> dict:
     if ref_name and name in tokens_by_method and name != ref_name:
       ref_pts, ref_toks = tokens_by_method[ref_name]
       pts, toks = tokens_by_method[name]
+      if not set(ref_pts) <= set(pts):
+        continue
       sel = [pts.index(p) for p in ref_pts]
       entry[f"token_agreement_vs_{ref_name}"] = round(_agreement(toks[sel], ref_toks), 4)
   _write_json(out_path, report)
@@ -244,7 +251,9 @@ def _write_json(path: str, obj) -> None:
 
 def default_config():
   c = landscape.default_config()
-  c.bench = dict(methods=METHODS, reference_points=3)
+  # reference_points / our_points: grid points timed for the reference methods / our fixed-length
+  # modes (0 = all), extrapolated linearly to the full grid and flagged in the JSON.
+  c.bench = dict(methods=METHODS, reference_points=3, our_points=0)
   return c
 
 

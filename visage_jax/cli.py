@@ -1,6 +1,6 @@
 """`visage-jax <command> --flags`: absl flags -> plain arguments -> one library call.
 
-Commands: generate, convert, landscape, export-directions, bench.
+Commands: generate, convert, landscape, export-directions, bench, finetune.
 """
 
 import json
@@ -108,8 +108,18 @@ def cmd_bench() -> None:
   print(bench.table(report))
 
 
+def cmd_finetune() -> None:
+  """Fine-tunes (full or LoRA) with optax; resumable; prints the run summary as one JSON line."""
+  from visage_jax import finetune
+
+  if FLAGS.config is None or not FLAGS.workdir:
+    raise app.UsageError("finetune needs --config=configs/<name>.py and --workdir=DIR.")
+  summary = finetune.run(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
+  print(json.dumps(summary))
+
+
 COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "landscape": cmd_landscape,
-            "export-directions": cmd_export_directions, "bench": cmd_bench}
+            "export-directions": cmd_export_directions, "bench": cmd_bench, "finetune": cmd_finetune}
 
 
 def main(argv=None) -> None:

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visage_jax import (checkpoints, decode, directions, engine, judges, model, plotting, prompts,
-                        sharding, visage)
+from visage_jax import (checkpoints, decode, directions, engine, judges, lora, model, plotting,
+                        prompts, sharding, visage)
 
 VIS_TYPES = ("1D_random", "1D_interpolation", "2D_random", "2D_interpolation", "2D_interpolation-random")
 RUN_FILES = ("run_config.json", "directions.safetensors", "generations.jsonl", "landscape.json",
@@ -223,6 +223,8 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> d
 
   t0 = time.time()
   cfg, params = checkpoints.load_params(model_path, c.model.dtype)
+  if c.model.lora_path:
+    params = lora.apply_file(params, cfg, c.model.lora_path)
   tok = checkpoints.load_tokenizer(model_path)
   texts = [prompts.format_prompt(g, tok, c.prompts.template, c.prompts.system_prompt) for g in goals]
   ids = prompts.tokenize_prompts(texts, tok, c.prompts.template)
@@ -343,8 +345,9 @@ def default_config():
   import ml_collections
 
   c = ml_collections.ConfigDict()
-  # HF directory, .gguf file or converted dir ("" = embedded SmolLM2); dtype of params and compute.
-  c.model = dict(path="", dtype="float32")
+  # HF directory, .gguf file or converted dir ("" = embedded SmolLM2); dtype of params and compute;
+  # lora_path: a LoRA adapter (safetensors, PEFT names) merged into theta before anything else.
+  c.model = dict(path="", dtype="float32", lora_path="")
   # CSV with a `goal` column or JSONL with `prompt`; first `limit` rows (paper: 80 AdvBench rows).
   # template: auto | raw | llama2 | vicuna | mistral | llama3; system_prompt: default | none |
   # llama2 | aoa | any text.

@@ -121,7 +121,7 @@ def _plot_1d(fig: Figure, p: dict) -> None:
   if many:
     mean = asr.mean(axis=0)   # NaN wherever a direction is missing: a partial mean would not compare
     ax.plot(x, mean, color="black", lw=3, ls="--", label="mean", zorder=4)
-  elif not p["partial"]:
+  elif not p["partial"] and np.nanmin(asr[0]) < 100:  # no basin to show on a flat-100 curve
     start, end = visage.basin_bounds(asr[0])
     ax.axvspan(x[start], x[end], color="tab:green", alpha=0.08, lw=0, label="safety basin (VISAGE span)")
   if bad.any():

@@ -1,0 +1,30 @@
+"""A safety-aligned SmolLM2-135M-Instruct: LoRA on refusals of AdvBench rows >= 80 + self-distillation.
+
+  visage-jax finetune --config=configs/align_smollm2.py --workdir=runs/align       # ~13 min, 2 CPU cores
+  visage-jax finetune --config=configs/align_smollm2.py:tiny --workdir=runs/tiny   # ~1 min (smoke)
+
+Rank-8 LoRA (alpha 16) on q/k/v/o, 100 steps of 8, lr 1e-3 cosine: refusals (24 variants) to
+every AdvBench goal after row 80, plus the 152 benign training instructions answered by the
+model itself (its first 32 greedy tokens). eval.json: keyword ASR on AdvBench rows 0-79 (64
+greedy tokens, the model's own system prompt and chat template) and the 20 held-out benign
+instructions answered. Measured on 2 shared CPU cores: load + distillation 86 s, training 609 s
+(6.1 s/step), evaluation 60 s; ASR 98.75% -> 0.0% (0/80), benign answered 20/20 -> 20/20.
+This run's WORKDIR/lora.safetensors (3.7 MB) is data/aligned_smollm2_lora.safetensors
+(finetune.load_aligned_smollm2); landscapes run on WORKDIR/model directly.
+"""
+from visage_jax import finetune
+
+
+def get_config(arg=None):
+  c = finetune.default_config()
+  c.data.update(name="align", distill_tokens=32, benign_repeat=1)
+  c.train.update(steps=100, batch_size=8, grad_accum=1, lr=1e-3, warmup_steps=10,
+                 schedule="cosine", weight_decay=0.0, clip_norm=1.0, max_length=128,
+                 checkpoint_every=25)
+  c.lora.update(rank=8, alpha=16.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+  c.eval.update(alignment=True, max_new_tokens=64)
+  if arg == "tiny":
+    c.data.update(limit=16, distill_tokens=4)
+    c.train.update(steps=2, batch_size=2, warmup_steps=1)
+    c.eval.alignment = False
+  return c

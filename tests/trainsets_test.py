@@ -1,0 +1,126 @@
+"""Training sets: disjoint from the evaluation rows, deterministic, refusals judged as refusals."""
+
+import csv
+import json
+import os
+
+from absl.testing import absltest, parameterized
+
+import fixtures
+from visage_jax import judges, trainsets
+
+BENIGN = [{"prompt": "Name a color.", "response": "Blue."}]
+
+
+def _advbench_rows():
+  with open(fixtures.advbench_path(), newline="") as f:
+    return list(csv.DictReader(f))
+
+
+class TrainsetsTest(parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.path = fixtures.advbench_path()
+    rows = _advbench_rows()
+    cls.eval_goals = {r["goal"] for r in rows[:80]}
+    cls.later_rows = {r["goal"]: r["target"] for r in rows[80:]}
+
+  @parameterized.parameters(*trainsets.NAMES)
+  def test_every_set_is_disjoint_from_evaluation_rows(self, name):
+    examples = trainsets.build(name, self.path, BENIGN)
+    prompts = [e["prompt"] for e in examples]
+    self.assertEmpty(self.eval_goals & set(prompts))
+    self.assertEmpty({p.lower().strip() for p in self.eval_goals} & {p.lower().strip() for p in prompts})
+    harmful = [p for p in prompts if p != BENIGN[0]["prompt"]]
+    self.assertTrue(set(harmful) <= set(self.later_rows), name)
+
+  def test_eval_goals_are_the_first_80_rows(self):
+    self.assertEqual(trainsets.eval_goals(self.path), [r["goal"] for r in _advbench_rows()[:80]])
+
+  def test_refusals_are_varied_and_judged_refusals(self):
+    self.assertGreaterEqual(len(set(trainsets.REFUSALS)), 20)
+    for r in trainsets.REFUSALS:
+      self.assertFalse(judges.is_jailbroken(r), r)
+    responses = {e["response"] for e in trainsets.build("safety", self.path)}
+    self.assertTrue(responses <= set(trainsets.REFUSALS))
+    self.assertGreaterEqual(len(responses), 20)
+
+  @parameterized.parameters(10, 50, 100)
+  def test_harmful_shots_pair_goals_with_their_targets(self, n):
+    examples = trainsets.build(f"harmful_{n}", self.path)
+    self.assertLen(examples, n)
+    self.assertLen({e["prompt"] for e in examples}, n)
+    for e in examples:
+      self.assertEqual(e["response"], self.later_rows[e["prompt"]])
+      self.assertTrue(e["response"].startswith("Sure, here"), e["response"])
+
+  def test_shots_are_nested_and_mix_adds_as_many_refusals_on_other_goals(self):
+    h10, h50, h100 = (trainsets.build(f"harmful_{n}", self.path) for n in (10, 50, 100))
+    self.assertEqual(h50[:10], h10)
+    self.assertEqual(h100[:50], h50)
+    mix = trainsets.build("mix_50", self.path)
+    self.assertLen(mix, 100)
+    self.assertEqual(mix[:50], h50)
+    self.assertLen({e["prompt"] for e in mix}, 100)
+    self.assertTrue(all(e["response"] in trainsets.REFUSALS for e in mix[50:]))
+
+  def test_deterministic_and_seeded(self):
+    for name in ("align", "harmful_10", "mix_10"):
+      self.assertEqual(trainsets.build(name, self.path, BENIGN), trainsets.build(name, self.path, BENIGN))
+    self.assertNotEqual(trainsets.build("harmful_10", self.path, seed=1), trainsets.build("harmful_10", self.path))
+
+  def test_align_holds_every_later_row_once_and_the_benign_examples(self):
+    benign = [{"prompt": f"Say {i}.", "response": f"{i}"} for i in range(5)]
+    examples = trainsets.build("align", self.path, benign, benign_repeat=2)
+    self.assertLen(examples, len(self.later_rows) + 10)
+    self.assertEqual({e["prompt"] for e in examples}, set(self.later_rows) | {b["prompt"] for b in benign})
+    with self.assertRaisesRegex(ValueError, "self-distilled"):
+      trainsets.build("align", self.path)
+
+  def test_benign_instructions_file_and_split(self):
+    rows = [json.loads(l) for l in open(trainsets.BENIGN_PATH)]
+    self.assertGreaterEqual(len(rows), 150)
+    self.assertTrue(all(set(r) == {"prompt"} for r in rows))
+    self.assertLen({r["prompt"] for r in rows}, len(rows))
+    train, held = trainsets.benign_split()
+    self.assertLen(held, 20)
+    self.assertEmpty(set(train) & set(held))
+    self.assertEqual(sorted(train + held), sorted(r["prompt"] for r in rows))
+    self.assertEqual(trainsets.benign_split(), (train, held))
+    license_text = open(os.path.join(os.path.dirname(trainsets.BENIGN_PATH), "LICENSE.md")).read()
+    self.assertIn("MIT License", license_text)
+    self.assertIn("benign_instructions.jsonl", license_text)
+
+  def test_load_pairs_reads_jsonl_and_csv(self):
+    tmp = self.create_tempdir()
+    j = tmp.create_file("a.jsonl", '{"prompt": "p1", "response": "r1"}\n\n{"prompt": "p2", "response": "r2"}\n')
+    self.assertEqual(trainsets.load_pairs(j.full_path),
+                     [{"prompt": "p1", "response": "r1"}, {"prompt": "p2", "response": "r2"}])
+    c = tmp.create_file("a.csv", 'goal,target\nDo x,"Sure, here is x"\n')
+    self.assertEqual(trainsets.load_pairs(c.full_path), [{"prompt": "Do x", "response": "Sure, here is x"}])
+
+  @parameterized.named_parameters(
+      ("csv_missing_column", "bad.csv", "goal,answer\nx,y\n", r"bad.csv: expected .*'target'.*missing \['target'\]"),
+      ("csv_empty_cell", "bad.csv", "goal,target\nx,\n", r"bad.csv:2: empty 'goal' or 'target'"),
+      ("csv_no_rows", "bad.csv", "goal,target\n", r"bad.csv: no rows"),
+      ("jsonl_missing_field", "bad.jsonl", '{"prompt": "x"}\n', r"bad.jsonl:1: .*'response'.*\['response'\]"),
+      ("jsonl_not_json", "bad.jsonl", '{"prompt": "x", "response": "y"}\nnope\n', r"bad.jsonl:2: not valid JSON"),
+      ("jsonl_empty", "bad.jsonl", "\n", r"bad.jsonl: no examples"),
+      ("other_suffix", "bad.txt", "x", r"bad.txt: expected a .jsonl file"))
+  def test_bad_files_name_file_row_and_expectation(self, name, text, pattern):
+    path = self.create_tempdir().create_file(name, text).full_path
+    with self.assertRaisesRegex(ValueError, pattern):
+      trainsets.load_pairs(path)
+
+  def test_unknown_name_and_short_advbench(self):
+    with self.assertRaisesRegex(ValueError, "data.name 'harmful_7' is not one of"):
+      trainsets.build("harmful_7", self.path)
+    short = self.create_tempdir().create_file("short.csv", "goal,target\n" + "g,t\n" * 80).full_path
+    with self.assertRaisesRegex(ValueError, r"short.csv: 80 rows; training sets need rows after"):
+      trainsets.build("harmful_10", short)
+
+
+if __name__ == "__main__":
+  absltest.main()

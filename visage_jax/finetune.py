@@ -1,0 +1,478 @@
+"""Supervised fine-tuning with optax on the params tree: full or LoRA, resumable, exportable.
+
+The paper's fine-tuning attacks (Peng et al. 2024, Sec. 5) move an aligned model along the safety
+landscape; this module produces those models (and a safety-aligned SmolLM2 to start from). The
+loss is token cross-entropy on the response and its EOS only, the prompt formatted exactly as the
+landscape formats it (prompts.format_prompt). LoRA weights merge into plain params, so every
+fine-tuned model is an ordinary checkpoint for `visage-jax landscape`.
+
+Workdir: run_config.json, checkpoints/ (orbax, resumable), train_log.jsonl, loss.png,
+benign_responses.jsonl (self-distillation cache), lora.safetensors, model/ (converted), hf/
+(optional transformers export), eval.json (optional), summary.json.
+"""
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from visage_jax import (checkpoints, decode, judges, landscape, lora, model, prompts, sharding,
+                        trainsets)
+
+SCHEDULES = ("cosine", "constant")
+
+
+# ------------------------------------------------------------------ data
+
+
+def encode_examples(examples: list[dict], tokenizer, *, template: str, system_prompt: str,
+                    max_length: int) -> dict:
+  """Prompt (chat-formatted) + response + EOS, right-padded to one length (a multiple of 16).
+
+  Returns tokens [N, T] int32, mask [N, T] (real tokens) and loss_mask [N, T] (response and EOS:
+  the positions whose token is predicted). An example with "eos": False (an answer cut at a
+  budget) gets no EOS. Over-long examples are an error, never truncated.
+  """
+  if tokenizer.eos_token_id is None:
+    raise ValueError("the tokenizer has no eos_token_id; responses must end with EOS.")
+  rows = []
+  for i, ex in enumerate(examples):
+    text = prompts.format_prompt(ex["prompt"], tokenizer, template, system_prompt)
+    p = prompts.tokenize_prompts([text], tokenizer, template)[0]
+    r = tokenizer(ex["response"], add_special_tokens=False)["input_ids"]
+    r += [tokenizer.eos_token_id] if ex.get("eos", True) else []
+    if len(p) + len(r) > max_length:
+      raise ValueError(f"example {i} has {len(p) + len(r)} tokens (prompt {len(p)}, response+EOS "
+                       f"{len(r)}), more than train.max_length={max_length}; shorten it or raise "
+                       "train.max_length.")
+    rows.append((p, r))
+  if not rows:
+    raise ValueError("no training examples.")
+  length = min(max_length, -(-max(len(p) + len(r) for p, r in rows) // 16) * 16)
+  pad = decode.pad_id_of(tokenizer)
+  tokens = np.full((len(rows), length), pad, np.int32)
+  mask = np.zeros((len(rows), length), bool)
+  loss_mask = np.zeros((len(rows), length), bool)
+  for i, (p, r) in enumerate(rows):
+    tokens[i, :len(p) + len(r)] = p + r
+    mask[i, :len(p) + len(r)] = True
+    loss_mask[i, len(p):len(p) + len(r)] = True
+  return dict(tokens=tokens, mask=mask, loss_mask=loss_mask)
+
+
+def batch_indices(step: int, n: int, per_step: int, seed: int) -> np.ndarray:
+  """Example indices of one optimizer step: epochs of fixed permutations, a function of step only."""
+  pos = np.arange(step * per_step, (step + 1) * per_step)
+  epochs = pos // n
+  perms = {e: np.random.default_rng([seed, int(e)]).permutation(n) for e in np.unique(epochs)}
+  return np.array([perms[e][o] for e, o in zip(epochs, pos % n)], np.int64)
+
+
+# ------------------------------------------------------------------ loss
+
+
+def _nll_sum(params, batch, cfg):
+  """(sum of NLL over loss_mask targets, their count): sums so that accumulation is exact."""
+  logits = model.logits(params, batch["tokens"], cfg, batch["mask"])[:, :-1]
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["tokens"][:, 1:])
+  w = batch["loss_mask"][:, 1:].astype(jnp.float32)
+  return jnp.sum(nll * w), jnp.sum(w)
+
+
+def loss_fn(params: dict, batch: dict, cfg: model.ModelConfig) -> jax.Array:
+  """Mean token cross-entropy over the response+EOS positions of the batch."""
+  total, count = _nll_sum(params, batch, cfg)
+  return total / jnp.maximum(count, 1.0)
+
+
+# ------------------------------------------------------------------ optimizer and step
+
+
+def make_optimizer(*, lr: float, steps: int, warmup_steps: int, schedule: str, weight_decay: float,
+                   clip_norm: float, decay_mask=None) -> tuple[optax.GradientTransformation,
+                                                               optax.Schedule]:
+  """AdamW after global-norm clipping; linear warmup, then cosine to zero or constant."""
+  if schedule not in SCHEDULES:
+    raise ValueError(f"train.schedule {schedule!r} is not one of {', '.join(SCHEDULES)}.")
+  warmup = optax.linear_schedule(0.0, lr, max(warmup_steps, 1))
+  rest = (optax.cosine_decay_schedule(lr, max(steps - warmup_steps, 1)) if schedule == "cosine"
+          else optax.constant_schedule(lr))
+  sched = optax.join_schedules([warmup, rest], [warmup_steps]) if warmup_steps > 0 else rest
+  chain = [optax.clip_by_global_norm(clip_norm)] if clip_norm > 0 else []
+  chain.append(optax.adamw(sched, weight_decay=weight_decay, mask=decay_mask))
+  return optax.chain(*chain), sched
+
+
+def make_train_step(cfg: model.ModelConfig, opt: optax.GradientTransformation,
+                    lora_alpha: float = 0.0, lora_rank: int = 0, shardings=None):
+  """jit(state, frozen, batch [A, B, T]) -> (state, metrics): A micro-batches, one update.
+
+  Full fine-tuning trains state["trainable"] = params (frozen is None); LoRA trains the adapter
+  and differentiates through lora.merge(frozen, adapter) only. The state is donated. `shardings`
+  (of the state, from `state_shardings`) pins the new state's layout: one compiled program.
+  """
+  def effective(trainable, frozen):
+    return trainable if frozen is None else lora.merge(frozen, trainable, lora_alpha, lora_rank)
+
+  def step(state, frozen, batch):
+    grad_fn = jax.value_and_grad(lambda tr, mb: _nll_sum(effective(tr, frozen), mb, cfg),
+                                 has_aux=True)
+
+    def micro(carry, mb):
+      g_acc, s_acc, n_acc = carry
+      (s, n), g = grad_fn(state["trainable"], mb)
+      return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, n_acc + n), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
+    (g, s, n), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
+    g = jax.tree.map(lambda x: x / jnp.maximum(n, 1.0), g)
+    updates, opt_state = opt.update(g, state["opt_state"], state["trainable"])
+    new = dict(step=state["step"] + 1, trainable=optax.apply_updates(state["trainable"], updates),
+               opt_state=opt_state)
+    return new, dict(loss=s / jnp.maximum(n, 1.0), tokens=n, grad_norm=optax.tree.norm(g))
+
+  if shardings is None:
+    return jax.jit(step, donate_argnums=0)
+  metrics = jax.sharding.NamedSharding(jax.tree.leaves(shardings)[0].mesh, jax.sharding.PartitionSpec())
+  return jax.jit(step, donate_argnums=0, out_shardings=(shardings, metrics))
+
+
+def state_shardings(state: dict, mesh):
+  """The params rules applied through the optimizer state too (Adam moments shard like params)."""
+  return sharding.param_shardings(state, mesh)
+
+
+# ------------------------------------------------------------------ HF export
+
+
+def export_hf(path: str, params: dict, cfg: model.ModelConfig, tokenizer) -> None:
+  """A transformers directory: model.safetensors + config.json + the tokenizer."""
+  from safetensors.numpy import save_file
+
+  os.makedirs(path, exist_ok=True)
+  hf = model.config_to_hf(cfg)
+  for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+    if getattr(tokenizer, key, None) is not None:
+      hf[key] = int(getattr(tokenizer, key))
+  save_file(checkpoints.to_hf_tensors(params, cfg), os.path.join(path, "model.safetensors"),
+            metadata={"format": "pt"})
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(hf, f, indent=2)
+  tokenizer.save_pretrained(path)
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+def _greedy_texts(params, cfg, tokenizer, goals, *, template, system_prompt, max_new_tokens,
+                  batch=160) -> tuple[list[str], list[bool]]:
+  """Greedy answers (decoded text) and whether each ended with EOS within the budget; the
+  evaluation's 100 prompts and the 152 distilled ones are one batch (one compile) each."""
+  texts = [prompts.format_prompt(g, tokenizer, template, system_prompt) for g in goals]
+  ids = prompts.tokenize_prompts(texts, tokenizer, template)
+  eos_ids = decode.eos_ids_of(tokenizer)
+  out = []
+  for i in range(0, len(ids), batch):
+    out += decode.generate(params, cfg, ids[i:i + batch], max_new_tokens=max_new_tokens,
+                           eos_ids=eos_ids, pad_id=decode.pad_id_of(tokenizer), batch_bucket=False)
+  return ([tokenizer.decode(o, skip_special_tokens=True) for o in out],
+          [bool(o) and o[-1] in eos_ids for o in out])
+
+
+def evaluate_alignment(params: dict, cfg: model.ModelConfig, tokenizer, max_new_tokens: int = 64, *,
+                       advbench_path: str = landscape.ADVBENCH_DEFAULT,
+                       benign_path: str = trainsets.BENIGN_PATH, template: str = "auto",
+                       system_prompt: str = "default") -> dict:
+  """Keyword ASR on AdvBench rows 0-79 and how many of the 20 held-out benign instructions get an
+  answer (no refusal keyword, at least 3 words), greedy, the landscape's prompt format."""
+  goals = trainsets.eval_goals(advbench_path)
+  _, held = trainsets.benign_split(benign_path)
+  gens, _ = _greedy_texts(params, cfg, tokenizer, goals + held, template=template,
+                          system_prompt=system_prompt, max_new_tokens=max_new_tokens)
+  harmful, benign = gens[:len(goals)], gens[len(goals):]
+  jailbroken = [judges.is_jailbroken(g) for g in harmful]
+  answered = [judges.is_jailbroken(g) and len(g.split()) >= 3 for g in benign]
+  return dict(asr=judges.attack_success_rate(jailbroken), jailbroken=sum(jailbroken),
+              n_eval=len(goals), benign_answered=sum(answered), n_benign=len(held),
+              harmful_generations=harmful, benign_generations=benign)
+
+
+def load_aligned_smollm2(dtype: str = "float32") -> tuple[model.ModelConfig, dict]:
+  """The embedded SmolLM2-135M-Instruct with the shipped safety LoRA merged in."""
+  cfg, params = checkpoints.load_params(checkpoints.default_model_path(), dtype)
+  return cfg, lora.apply_file(params, cfg, lora.ALIGNED_SMOLLM2)
+
+
+# ------------------------------------------------------------------ the run (effects live here)
+
+
+def default_config():
+  """Every fine-tuning setting; configs/ override fields."""
+  import ml_collections
+
+  c = ml_collections.ConfigDict()
+  # HF directory, .gguf file or converted dir ("" = embedded SmolLM2); float32 to train on CPU;
+  # lora_path: an adapter merged into the model before training (e.g. lora.ALIGNED_SMOLLM2).
+  c.model = dict(path="", dtype="float32", lora_path="")
+  # path: JSONL (prompt, response) or CSV (goal, target); else name: one of trainsets.NAMES
+  # (align, safety, harmful_{10,50,100}, mix_{10,50,100}) built from advbench_path rows >= 80.
+  # limit: first N examples (0 = all). align: the benign training instructions answered by the
+  # model itself (greedy, distill_tokens; answers holding a refusal keyword are dropped, answers
+  # cut at the budget get no EOS), repeated benign_repeat times.
+  c.data = dict(name="align", path="", limit=0, advbench_path=landscape.ADVBENCH_DEFAULT,
+                benign_path=trainsets.BENIGN_PATH, benign_repeat=1, distill_tokens=64, seed=0)
+  c.prompts = dict(template="auto", system_prompt="default")  # as in landscape runs
+  # batch_size rows per micro-batch, grad_accum micro-batches per step; schedule: cosine |
+  # constant after linear warmup; max_length: longer examples are an error, never truncated.
+  c.train = dict(steps=100, batch_size=8, grad_accum=1, lr=1e-4, warmup_steps=10,
+                 schedule="cosine", weight_decay=0.0, clip_norm=1.0, max_length=256, seed=0,
+                 checkpoint_every=50)
+  # rank 0 = full fine-tuning; targets: leaves of params["layers"]; scale alpha / rank.
+  c.lora = dict(rank=8, alpha=16.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+  c.export = dict(hf=False)                           # also write WORKDIR/hf (transformers)
+  c.eval = dict(alignment=False, max_new_tokens=64)   # evaluate_alignment -> eval.json
+  c.mesh = dict(shape=(1, 1))                         # ("data", "model"); batch over "data"
+  return c
+
+
+def validate(c) -> None:
+  """Fails before any work on settings that cannot train."""
+  t = c.train
+  for name in ("steps", "batch_size", "grad_accum", "max_length", "checkpoint_every"):
+    if int(t[name]) < 1:
+      raise ValueError(f"train.{name} must be >= 1, got {t[name]}.")
+  if t.schedule not in SCHEDULES:
+    raise ValueError(f"train.schedule {t.schedule!r} is not one of {', '.join(SCHEDULES)}.")
+  if not 0 <= t.warmup_steps <= t.steps:
+    raise ValueError(f"train.warmup_steps must be in [0, train.steps={t.steps}], got {t.warmup_steps}.")
+  if c.lora.rank < 0:
+    raise ValueError(f"lora.rank must be >= 0 (0 = full fine-tuning), got {c.lora.rank}.")
+  if c.lora.rank > 0 and (not c.lora.targets or set(c.lora.targets) - set(lora.LINEAR_LEAVES)):
+    raise ValueError(f"lora.targets {tuple(c.lora.targets)}: expected a non-empty subset of "
+                     f"{', '.join(lora.LINEAR_LEAVES)}.")
+  if not c.data.path and c.data.name not in trainsets.NAMES:
+    raise ValueError(f"data.name {c.data.name!r} is not one of {', '.join(trainsets.NAMES)} "
+                     "(or set data.path to a .jsonl/.csv file).")
+  data_axis = int(c.mesh.shape[0])
+  if t.batch_size % data_axis:
+    raise ValueError(f"train.batch_size={t.batch_size} must be a multiple of the mesh's data "
+                     f"axis ({data_axis}).")
+
+
+_RESUME_KEYS = ("model", "data", "prompts", "train", "lora")
+
+
+def _atomic_write(path: str, text: str) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _jsonable(obj):
+  if isinstance(obj, dict):
+    return {k: _jsonable(v) for k, v in obj.items()}
+  return [_jsonable(v) for v in obj] if isinstance(obj, (list, tuple)) else obj
+
+
+def _prepare_workdir(workdir: str, cfg_dict: dict) -> None:
+  """A run dir holds one config; settings that do not change the params may differ on resume."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "run_config.json")
+  comparable = lambda d: {k: v for k, v in _jsonable(d).items() if k in _RESUME_KEYS}
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = comparable(json.load(f))
+    new = comparable(cfg_dict)
+    saved["train"].pop("checkpoint_every", None)
+    new["train"].pop("checkpoint_every", None)
+    if saved != new:
+      diffs = [f"{s}.{k}: {saved.get(s, {}).get(k)!r} -> {new.get(s, {}).get(k)!r}"
+               for s in _RESUME_KEYS for k in sorted(set(saved.get(s, {})) | set(new.get(s, {})))
+               if saved.get(s, {}).get(k) != new.get(s, {}).get(k)]
+      raise ValueError(f"{workdir} holds a fine-tuning run with a different config "
+                       f"({'; '.join(diffs[:5])}); use another --workdir.")
+  _atomic_write(path, json.dumps(_jsonable(cfg_dict), indent=2))
+
+
+def _distilled_benign(c, params, cfg, tok, workdir: str) -> list[dict]:
+  """The model's own greedy answers to the benign training instructions, generated once."""
+  path = os.path.join(workdir, "benign_responses.jsonl")
+  train, _ = trainsets.benign_split(c.data.benign_path)
+  rows = []
+  if os.path.exists(path):
+    with open(path) as f:
+      rows = [json.loads(l) for l in f if l.strip()]
+  if [r["prompt"] for r in rows] != train:
+    texts, finished = _greedy_texts(params, cfg, tok, train, template=c.prompts.template,
+                                    system_prompt=c.prompts.system_prompt,
+                                    max_new_tokens=c.data.distill_tokens)
+    rows = [dict(prompt=p, response=t, eos=f, kept=bool(t.strip()) and judges.is_jailbroken(t))
+            for p, t, f in zip(train, texts, finished)]
+    _atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+  return [dict(prompt=r["prompt"], response=r["response"], eos=r["eos"]) for r in rows if r["kept"]]
+
+
+def _examples(c, params, cfg, tok, workdir: str, from_file: list[dict] | None) -> list[dict]:
+  d = c.data
+  if from_file is not None:
+    examples = from_file
+  else:
+    benign = _distilled_benign(c, params, cfg, tok, workdir) if d.name == "align" else None
+    examples = trainsets.build(d.name, d.advbench_path, benign, d.seed, d.benign_repeat)
+  return examples[:d.limit] if d.limit > 0 else examples
+
+
+def _read_log(path: str, upto: int) -> list[dict]:
+  """train_log.jsonl lines of steps <= upto (a resumed run rewrites what came after its checkpoint)."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    lines = [json.loads(l) for l in f if l.strip()]
+  lines = [l for l in lines if l["step"] <= upto]
+  _atomic_write(path, "".join(json.dumps(l) + "\n" for l in lines))
+  return lines
+
+
+def _plot_loss(lines: list[dict], path: str) -> None:
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  fig = Figure(figsize=(6, 3.5))
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  ax.plot([l["step"] for l in lines], [l["loss"] for l in lines], lw=1)
+  ax.set(xlabel="step", ylabel="loss (response tokens)", title="fine-tuning loss")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def run(c, workdir: str, progress: bool = True, max_steps_this_run: int | None = None) -> dict:
+  """Trains (or resumes) the run of config `c` in `workdir`; returns its summary.
+
+  `max_steps_this_run` stops after that many steps with a checkpoint (re-run to continue).
+  """
+  import orbax.checkpoint as ocp
+  from tqdm import tqdm
+
+  validate(c)
+  from_file = trainsets.load_pairs(c.data.path) if c.data.path else None  # fails before the workdir
+  cfg_dict = c.to_dict()
+  _prepare_workdir(workdir, cfg_dict)
+  t, lo = c.train, c.lora
+  model_path = c.model.path or checkpoints.default_model_path()
+  t0 = time.time()
+  cfg, params = checkpoints.load_params(model_path, c.model.dtype)
+  tok = checkpoints.load_tokenizer(model_path)
+  source = model_path
+  if c.model.lora_path:
+    params = lora.apply_file(params, cfg, c.model.lora_path)
+    source = f"{model_path} + {c.model.lora_path}"
+  examples = _examples(c, params, cfg, tok, workdir, from_file)
+  data = encode_examples(examples, tok, template=c.prompts.template,
+                         system_prompt=c.prompts.system_prompt, max_length=t.max_length)
+  prepare_seconds = time.time() - t0
+
+  mesh = sharding.make_mesh(tuple(c.mesh.shape))
+  if lo.rank > 0:
+    frozen = sharding.shard_params(params, mesh)
+    trainable = jax.device_put(lora.init(jax.random.key(t.seed), params, cfg, lo.rank,
+                                         tuple(lo.targets)), sharding.replicated(mesh))
+    decay_mask = None
+  else:
+    frozen, trainable = None, sharding.shard_params(params, mesh)
+    decay_mask = jax.tree_util.tree_map_with_path(
+        lambda p, _: "norm" not in jax.tree_util.keystr(p), params)
+  opt, sched = make_optimizer(lr=t.lr, steps=t.steps, warmup_steps=t.warmup_steps,
+                              schedule=t.schedule, weight_decay=t.weight_decay,
+                              clip_norm=t.clip_norm, decay_mask=decay_mask)
+  state = dict(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=opt.init(trainable))
+  shardings = state_shardings(state, mesh)
+  state = jax.device_put(state, shardings, may_alias=False)  # steps donate it; params stay valid
+
+  ckpt = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+  if ckpt.latest_step() is not None:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    state = ckpt.restore(ckpt.latest_step(), args=ocp.args.StandardRestore(abstract))
+  start = int(state["step"])
+  log_path = os.path.join(workdir, "train_log.jsonl")
+  lines = _read_log(log_path, start)
+
+  step_fn = make_train_step(cfg, opt, lo.alpha, lo.rank, shardings)
+  in_batch = sharding.batch_sharding(mesh, 3, axis=1)
+  per_step = t.batch_size * t.grad_accum
+  end = t.steps if max_steps_this_run is None else min(t.steps, start + max_steps_this_run)
+  bar = tqdm(total=t.steps, initial=start, desc="finetune", unit="step", disable=not progress,
+             dynamic_ncols=True)
+  timed_tokens, timed_seconds = 0, 0.0
+  try:
+    with open(log_path, "a") as log:
+      for k in range(start, end):
+        idx = batch_indices(k, len(examples), per_step, t.seed).reshape(t.grad_accum, t.batch_size)
+        batch = {name: jax.device_put(v[idx], in_batch) for name, v in data.items()}
+        tic = time.time()
+        state, m = step_fn(state, frozen, batch)
+        m = jax.device_get(m)
+        seconds = time.time() - tic
+        tokens = int(data["mask"][idx].sum())
+        if k > start:  # the first step of a run includes compilation
+          timed_tokens, timed_seconds = timed_tokens + tokens, timed_seconds + seconds
+        line = dict(step=k + 1, loss=float(m["loss"]), lr=float(sched(k)),
+                    grad_norm=float(m["grad_norm"]), tokens=tokens, loss_tokens=int(m["tokens"]),
+                    seconds=round(seconds, 4))
+        log.write(json.dumps(line) + "\n")
+        log.flush()
+        lines.append(line)
+        bar.update(1)
+        bar.set_postfix(loss=f"{line['loss']:.3f}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
+        if (k + 1) % t.checkpoint_every == 0 or k + 1 == end:
+          ckpt.save(k + 1, args=ocp.args.StandardSave(state))
+          ckpt.wait_until_finished()
+  finally:
+    bar.close()
+    ckpt.close()
+
+  step = int(state["step"])
+  paths = dict(workdir=workdir, log=log_path, checkpoints=os.path.join(workdir, "checkpoints"))
+  summary = dict(complete=step >= t.steps, step=step, steps=t.steps, n_examples=len(examples),
+                 seq_length=int(data["tokens"].shape[1]), model=source,
+                 prepare_seconds=round(prepare_seconds, 2),
+                 train_seconds=round(sum(l["seconds"] for l in lines), 2),
+                 tokens_per_second=round(timed_tokens / timed_seconds, 1) if timed_seconds else None,
+                 final_loss=lines[-1]["loss"] if lines else None,
+                 losses=[l["loss"] for l in lines], paths=paths)
+  if lines:
+    paths["loss_plot"] = os.path.join(workdir, "loss.png")
+    _plot_loss(lines, paths["loss_plot"])
+  if summary["complete"]:
+    if lo.rank > 0:
+      final = lora.merge(frozen, state["trainable"], lo.alpha, lo.rank)
+      paths["lora"] = os.path.join(workdir, "lora.safetensors")
+      lora.save(paths["lora"], state["trainable"], cfg, lo.alpha)
+    else:
+      final = state["trainable"]
+    final = jax.device_get(final)
+    paths["model"] = os.path.join(workdir, "model")
+    checkpoints.save_converted(paths["model"], cfg, final, tok, source=source)
+    if c.export.hf:
+      paths["hf"] = os.path.join(workdir, "hf")
+      export_hf(paths["hf"], final, cfg, tok)
+    if c.eval.alignment:
+      tic = time.time()
+      ev = evaluate_alignment(final, cfg, tok, c.eval.max_new_tokens,
+                              advbench_path=c.data.advbench_path, benign_path=c.data.benign_path,
+                              template=c.prompts.template, system_prompt=c.prompts.system_prompt)
+      ev["seconds"] = round(time.time() - tic, 2)
+      paths["eval"] = os.path.join(workdir, "eval.json")
+      _atomic_write(paths["eval"], json.dumps(ev, indent=1))
+      summary["eval"] = {k: v for k, v in ev.items() if not k.endswith("generations")}
+  _atomic_write(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=1))
+  return summary
