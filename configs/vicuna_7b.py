@@ -14,15 +14,4 @@ from visage_jax import landscape
 
 
 def get_config(arg=None):
-  c = landscape.default_config()
-  c.model.dtype = "bfloat16"
-  c.prompts.update(limit=80, template="vicuna", system_prompt="default")
-  c.landscape.update(vis_type="1D_random", steps=20, multiplier=1.0)
-  c.decode.max_new_tokens = 512
-  if arg == "2d":
-    c.landscape.vis_type = "2D_random"
-  elif arg == "interpolation":
-    c.landscape.update(vis_type="1D_interpolation", steps=20, extra_steps=5)
-  elif arg:
-    raise ValueError(f"unknown config argument {arg!r}: use 2d or interpolation")
-  return c
+  return landscape.paper_config("vicuna", arg)

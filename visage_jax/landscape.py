@@ -369,3 +369,21 @@ def default_config():
   c.engine = dict(mode="auto", max_batch=0, refill_every=8)
   c.mesh = dict(shape=(1, 1))  # ("data", "model")
   return c
+
+
+def paper_config(template: str, arg: str | None = None):
+  """The paper's protocol for a 7B-class chat model (configs/<model>.py): 80 AdvBench goals,
+  the model's template with its default system prompt, 21 points over [-0.5, 0.5], 512 tokens,
+  bfloat16; arg '2d' = 2D random, 'interpolation' = base -> chat with 5 extra steps each side."""
+  c = default_config()
+  c.model.dtype = "bfloat16"
+  c.prompts.update(limit=80, template=template, system_prompt="default")
+  c.landscape.update(vis_type="1D_random", steps=20, multiplier=1.0)
+  c.decode.max_new_tokens = 512
+  if arg == "2d":
+    c.landscape.vis_type = "2D_random"
+  elif arg == "interpolation":
+    c.landscape.update(vis_type="1D_interpolation", steps=20, extra_steps=5)
+  elif arg:
+    raise ValueError(f"unknown config argument {arg!r}: use 2d or interpolation")
+  return c
