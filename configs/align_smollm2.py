@@ -7,8 +7,9 @@ Rank-8 LoRA (alpha 16) on q/k/v/o, 100 steps of 8, lr 1e-3 cosine: refusals (24 
 every AdvBench goal after row 80, plus the 152 benign training instructions answered by the
 model itself (its first 32 greedy tokens). eval.json: keyword ASR on AdvBench rows 0-79 (64
 greedy tokens, the model's own system prompt and chat template) and the 20 held-out benign
-instructions answered. Measured on 2 shared CPU cores: load + distillation 86 s, training 609 s
-(6.1 s/step), evaluation 60 s; ASR 98.75% -> 0.0% (0/80), benign answered 20/20 -> 20/20.
+instructions answered. Measured on 2 shared CPU cores (two runs, bit-identical adapters): load +
+distillation 79-86 s, training 609-642 s (~6.3 s/step), evaluation 60-81 s, 13.6 min in all;
+ASR 98.75% -> 0.0% (0/80), benign answered 20/20 -> 20/20.
 This run's WORKDIR/lora.safetensors (3.7 MB) is data/aligned_smollm2_lora.safetensors
 (finetune.load_aligned_smollm2); landscapes run on WORKDIR/model directly.
 """

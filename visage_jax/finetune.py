@@ -266,26 +266,11 @@ def validate(c) -> None:
 _RESUME_KEYS = ("model", "data", "prompts", "train", "lora")
 
 
-def _atomic_write(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def _jsonable(obj):
-  if isinstance(obj, dict):
-    return {k: _jsonable(v) for k, v in obj.items()}
-  return [_jsonable(v) for v in obj] if isinstance(obj, (list, tuple)) else obj
-
-
 def _prepare_workdir(workdir: str, cfg_dict: dict) -> None:
   """A run dir holds one config; settings that do not change the params may differ on resume."""
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "run_config.json")
-  comparable = lambda d: {k: v for k, v in _jsonable(d).items() if k in _RESUME_KEYS}
+  comparable = lambda d: {k: v for k, v in landscape.jsonable(d).items() if k in _RESUME_KEYS}
   if os.path.exists(path):
     with open(path) as f:
       saved = comparable(json.load(f))
@@ -298,7 +283,7 @@ def _prepare_workdir(workdir: str, cfg_dict: dict) -> None:
                if saved.get(s, {}).get(k) != new.get(s, {}).get(k)]
       raise ValueError(f"{workdir} holds a fine-tuning run with a different config "
                        f"({'; '.join(diffs[:5])}); use another --workdir.")
-  _atomic_write(path, json.dumps(_jsonable(cfg_dict), indent=2))
+  landscape.write_atomic(path, json.dumps(landscape.jsonable(cfg_dict), indent=2))
 
 
 def _distilled_benign(c, params, cfg, tok, workdir: str) -> list[dict]:
@@ -315,7 +300,7 @@ def _distilled_benign(c, params, cfg, tok, workdir: str) -> list[dict]:
                                     max_new_tokens=c.data.distill_tokens)
     rows = [dict(prompt=p, response=t, eos=f, kept=bool(t.strip()) and judges.is_jailbroken(t))
             for p, t, f in zip(train, texts, finished)]
-    _atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+    landscape.write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
   return [dict(prompt=r["prompt"], response=r["response"], eos=r["eos"]) for r in rows if r["kept"]]
 
 
@@ -336,7 +321,7 @@ def _read_log(path: str, upto: int) -> list[dict]:
   with open(path) as f:
     lines = [json.loads(l) for l in f if l.strip()]
   lines = [l for l in lines if l["step"] <= upto]
-  _atomic_write(path, "".join(json.dumps(l) + "\n" for l in lines))
+  landscape.write_atomic(path, "".join(json.dumps(l) + "\n" for l in lines))
   return lines
 
 
@@ -472,7 +457,7 @@ def run(c, workdir: str, progress: bool = True, max_steps_this_run: int | None =
                               template=c.prompts.template, system_prompt=c.prompts.system_prompt)
       ev["seconds"] = round(time.time() - tic, 2)
       paths["eval"] = os.path.join(workdir, "eval.json")
-      _atomic_write(paths["eval"], json.dumps(ev, indent=1))
+      landscape.write_atomic(paths["eval"], json.dumps(ev, indent=1))
       summary["eval"] = {k: v for k, v in ev.items() if not k.endswith("generations")}
-  _atomic_write(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=1))
+  landscape.write_atomic(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=1))
   return summary

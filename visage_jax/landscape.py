@@ -61,7 +61,8 @@ def grid_points(xs: np.ndarray, ys: np.ndarray | None) -> np.ndarray:
 # ------------------------------------------------------------------ files
 
 
-def _atomic_write(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
+  """Temp file, fsync, rename: a reader never sees half a file (also used by finetune)."""
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     f.write(text)
@@ -70,16 +71,17 @@ def _atomic_write(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
-def _jsonable(obj):
+def jsonable(obj):
+  """ConfigDict.to_dict() output with tuples as lists, for JSON and comparisons."""
   if isinstance(obj, dict):
-    return {k: _jsonable(v) for k, v in obj.items()}
+    return {k: jsonable(v) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
-    return [_jsonable(v) for v in obj]
+    return [jsonable(v) for v in obj]
   return obj
 
 
 def _comparable(cfg_dict: dict) -> dict:
-  out = json.loads(json.dumps(_jsonable(cfg_dict)))
+  out = json.loads(json.dumps(jsonable(cfg_dict)))
   for section, key in _IGNORED_FOR_RESUME:
     out.get(section, {}).pop(key, None)
   return out
@@ -125,7 +127,7 @@ def prepare_workdir(workdir: str, cfg_dict: dict, overwrite: bool) -> None:
         p = os.path.join(workdir, name)
         if os.path.exists(p):
           os.remove(p)
-  _atomic_write(saved_path, json.dumps(_jsonable(cfg_dict), indent=2))
+  write_atomic(saved_path, json.dumps(jsonable(cfg_dict), indent=2))
 
 
 # ------------------------------------------------------------------ the run
@@ -207,7 +209,7 @@ def summarize(c, cfg_dict, xs, ys, lines: list[dict], n_prompts: int, n_dirs: in
   out = dict(vis_type=c.landscape.vis_type, coords_x=list(map(float, xs)),
              coords_y=None if ys is None else list(map(float, ys)), asr=asr, visage=vis,
              nonfinite=bad, n_prompts=n_prompts, model=model_path, seed=c.landscape.seed,
-             complete=complete, judge_disagreements=disagreements, config=_jsonable(cfg_dict))
+             complete=complete, judge_disagreements=disagreements, config=jsonable(cfg_dict))
   out.update(extra)
   return out
 
@@ -277,7 +279,7 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> d
 
   def write_summary():
     result = summarize(c, cfg_dict, xs, ys, lines, len(goals), n_dirs, model_path, extra)
-    _atomic_write(json_path, json.dumps(result, indent=1))
+    write_atomic(json_path, json.dumps(result, indent=1))
     return result
 
   pending: dict[tuple[int, int], dict[int, dict]] = {}
