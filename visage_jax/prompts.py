@@ -79,23 +79,35 @@ def tokenize_prompts(texts: list[str], tokenizer, template: str) -> list[list[in
   return [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts]
 
 
+def read_jsonl(path: str, fields: tuple[str, ...]) -> list[dict]:
+  """JSON objects, one a line, each with non-empty string `fields`; errors name file:line."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no such file.")
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n}: not valid JSON ({e}).") from None
+      bad = [k for k in fields if not isinstance(row, dict) or not isinstance(row.get(k), str)
+             or not row[k].strip()]
+      if bad:
+        plural = "s" if len(fields) > 1 else ""
+        raise ValueError(f"{path}:{n}: expected an object with a string field{plural} "
+                         f"{', '.join(repr(k) for k in fields)} (non-empty); missing or empty: {bad}.")
+      rows.append({k: row[k] for k in fields})
+  return rows
+
+
 def load_goals(path: str, limit: int | None = None) -> list[str]:
   """Prompts from a CSV with a `goal` column (AdvBench) or JSONL with a `prompt` field; first `limit`."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"prompts.path {path!r}: no such file.")
   if path.endswith(".jsonl"):
-    goals = []
-    with open(path, encoding="utf-8") as f:
-      for n, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{n}: not valid JSON ({e}).") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-          raise ValueError(f"{path}:{n}: expected an object with a string field 'prompt'.")
-        goals.append(row["prompt"])
+    goals = [r["prompt"] for r in read_jsonl(path, ("prompt",))]
   else:
     with open(path, newline="", encoding="utf-8") as f:
       reader = csv.DictReader(f)

@@ -11,10 +11,11 @@ An example is {"prompt": str, "response": str}.
 """
 
 import csv
-import json
 import os
 
 import numpy as np
+
+from visage_jax import prompts
 
 EVAL_ROWS = 80
 HELDOUT_BENIGN = 20
@@ -113,35 +114,14 @@ def safety_examples(advbench_path: str, seed: int = 0) -> list[dict]:
   return refuse(_train_rows(advbench_path, seed), seed)
 
 
-def read_jsonl(path: str, fields: tuple[str, ...]) -> list[dict]:
-  """JSON objects, one a line, each with non-empty string `fields`; errors name file:line."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: no such file.")
-  rows = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: not valid JSON ({e}).") from None
-      bad = [k for k in fields if not isinstance(row, dict) or not isinstance(row.get(k), str)
-             or not row[k].strip()]
-      if bad:
-        raise ValueError(f"{path}:{n}: expected an object with non-empty string fields "
-                         f"{', '.join(repr(k) for k in fields)}; missing or empty: {bad}.")
-      rows.append({k: row[k] for k in fields})
-  if not rows:
-    raise ValueError(f"{path}: no examples (expected one JSON object per line with fields "
-                     f"{', '.join(fields)}).")
-  return rows
-
-
 def load_pairs(path: str) -> list[dict]:
   """A user's training file: JSONL with prompt/response, or CSV with goal/target."""
   if path.endswith(".jsonl"):
-    return read_jsonl(path, ("prompt", "response"))
+    rows = prompts.read_jsonl(path, ("prompt", "response"))
+    if not rows:
+      raise ValueError(f"{path}: no examples (expected one JSON object per line with fields "
+                       "prompt, response).")
+    return rows
   if path.endswith(".csv"):
     rows = read_advbench(path)
     if not rows:
@@ -153,13 +133,13 @@ def load_pairs(path: str) -> list[dict]:
 
 def benign_split(path: str = BENIGN_PATH, seed: int = 0) -> tuple[list[str], list[str]]:
   """(train, held-out 20) benign instructions, a fixed split."""
-  prompts = [r["prompt"] for r in read_jsonl(path, ("prompt",))]
-  if len(prompts) <= HELDOUT_BENIGN:
-    raise ValueError(f"{path}: {len(prompts)} instructions; need more than {HELDOUT_BENIGN}.")
-  order = np.random.default_rng(seed + 2).permutation(len(prompts))
+  instructions = [r["prompt"] for r in prompts.read_jsonl(path, ("prompt",))]
+  if len(instructions) <= HELDOUT_BENIGN:
+    raise ValueError(f"{path}: {len(instructions)} instructions; need more than {HELDOUT_BENIGN}.")
+  order = np.random.default_rng(seed + 2).permutation(len(instructions))
   held = sorted(order[:HELDOUT_BENIGN])
   train = sorted(order[HELDOUT_BENIGN:])
-  return [prompts[i] for i in train], [prompts[i] for i in held]
+  return [instructions[i] for i in train], [instructions[i] for i in held]
 
 
 def align_examples(advbench_path: str, benign: list[dict], seed: int = 0,
