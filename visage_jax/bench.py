@@ -178,6 +178,20 @@ def run(c, out_path: str, log=print) -> dict:
       n_directions=1, mode="fused", mesh=mesh)
   report["batch"] = batch_ours
 
+  def roofline(mode, batch, n_pts, decode_wall, dtype):
+    """Per-step floor (engine.step_roofline) at the mean cache length, and the fraction achieved."""
+    cfg = dataclasses.replace(s.cfg, param_dtype=str(dtype), dtype=str(dtype))
+    if mode == "materialized":
+      batch = min(batch, n_prompts)
+      steps = n_pts * -(-n_prompts // batch) * n_new
+    else:
+      steps = -(-(n_pts * n_prompts) // batch) * n_new
+    r = engine.step_roofline(cfg, mode=mode, batch=batch, cache_len=prompt_len + n_new // 2)
+    floor = r["floor_seconds_per_step"] * steps
+    return dict(r, batch=batch, decode_steps=steps, floor_seconds=round(floor, 3),
+                fraction_of_floor=round(floor / max(decode_wall, 1e-9), 4),
+                peaks="nominal, engine.DEVICE_PEAKS" )
+
   def record(name, wall, compile_s, tokens_done, extrapolated_from=None, **extra):
     scale = n_points / len(extrapolated_from) if extrapolated_from else 1.0
     entry = dict(wall_seconds=round(wall * scale, 3), compile_seconds=round(compile_s, 3),
@@ -200,7 +214,8 @@ def run(c, out_path: str, log=print) -> dict:
       tokens_by_method[name] = (ref_points, toks)
       record(name, t_load + t_gen, 0.0, len(ref_points) * n_prompts * n_new,
              extrapolated_from=ref_points if len(ref_points) < n_points else None,
-             batch_size=batch, dtype=dtype, reload_seconds=round(t_load, 3))
+             batch_size=batch, dtype=dtype, reload_seconds=round(t_load, 3),
+             roofline=roofline("materialized", batch, len(ref_points), t_gen, dtype))
     else:
       real = name == "default_real"
       mode = name if name in engine.MODES else c.engine.mode
@@ -216,7 +231,8 @@ def run(c, out_path: str, log=print) -> dict:
         tokens_by_method[name] = (pts, toks)
       record(name, wall - comp, comp, done, extrapolated_from=pts if len(pts) < n_points else None,
              mode=mode, generated_tokens=done, equal_work=not real,
-             wall_seconds_including_compile=round(wall, 3))
+             wall_seconds_including_compile=round(wall, 3),
+             **({} if real else dict(roofline=roofline(mode, batch_ours, len(pts), wall - comp, s.cfg.param_dtype))))
 
   ref_name = next((m for m in ("reference_batched", "reference_published") if m in tokens_by_method), None)
   for name, entry in report["methods"].items():
@@ -266,6 +282,9 @@ def table(report: dict) -> str:
   for name, e in report["methods"].items():
     agree = next((f"{v:.4f}" for k, v in e.items() if k.startswith("token_agreement")), "")
     notes = []
+    floor = e.get("roofline", {}).get("fraction_of_floor")
+    if floor is not None:
+      notes.append(f"{floor:.1%} of the {e['roofline']['bound']}-bound step floor")
     if e.get("extrapolated"):
       notes.append(f"extrapolated from points {e['measured_points']}")
     if "mode" in e:

@@ -73,6 +73,30 @@ def choose_mode(cfg: model.ModelConfig, *, n_prompts: int, n_directions: int, ba
                         f"{t_mat * 1e3:.3f} ms/token materialized (batch {b_mat})")
 
 
+def step_roofline(cfg: model.ModelConfig, *, mode: str, batch: int, cache_len: int,
+                  n_directions: int = 1, device=None) -> dict:
+  """The floor of one decode step: bytes it must move and FLOPs it must do, over the device peaks.
+
+  Weights are read once per step (fused/continuous also read the R directions); every row reads
+  its KV cache (`cache_len` positions) and does 2*N FLOPs per linear pass (fused: x.W and x.D,
+  4*N) plus attention. Prefill is not counted, so a run's achieved fraction is a lower bound.
+  """
+  flops_peak, bandwidth = device_peaks(device)
+  n = sum(math.prod(s) for s in jax.tree.leaves(model.param_shapes(cfg),
+                                                 is_leaf=lambda x: isinstance(x, tuple)))
+  item = jnp.dtype(cfg.param_dtype).itemsize
+  fused = mode != "materialized"
+  rows = batch * (n_directions if fused else 1)
+  weight_bytes = n * item * (1 + (n_directions if fused else 0))
+  kv_bytes = rows * 2 * cfg.num_layers * cache_len * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+  flops = rows * ((4 if fused else 2) * n + 4 * cfg.num_layers * cache_len * cfg.num_heads * cfg.head_dim)
+  t_mem, t_flop = (weight_bytes + kv_bytes) / bandwidth, flops / flops_peak
+  return dict(bytes_per_step=int(weight_bytes + kv_bytes), weight_bytes=int(weight_bytes),
+              kv_cache_bytes=int(kv_bytes), flops_per_step=int(flops), peak_flops=flops_peak,
+              peak_bandwidth=bandwidth, floor_seconds_per_step=max(t_mem, t_flop),
+              bound="memory" if t_mem >= t_flop else "compute")
+
+
 DecodeSpec = decode.DecodeSpec
 
 
