@@ -238,8 +238,13 @@ def _write_rows(cache, new, index):
 
 
 def _layer(cfg, inv_freq, coef, carry, layer):
-  """One decoder block; `carry` is the residual stream, `layer` the per-layer slices."""
-  x, positions, attn_mask, index = carry
+  """One decoder block; `carry` is the residual stream, `layer` the per-layer slices.
+
+  Attention reads the cache as it was before this call (old slots) and the T new keys/values
+  separately, and returns only the new ones: the caller writes them into the cache once, after
+  all layers, so no step copies the whole cache (it stays in place in the decode loop's carry).
+  """
+  x, positions, old_mask, new_mask = carry
   p, d, k_cache, v_cache = layer
   dget = (lambda name: None) if d is None else d.get
   B, T, _ = x.shape
@@ -250,16 +255,19 @@ def _layer(cfg, inv_freq, coef, carry, layer):
   k = _dense(h, p["k_proj"], dget("k_proj"), coef).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
   v = _dense(h, p["v_proj"], dget("v_proj"), coef).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
   q, k = _rope(q, positions, inv_freq), _rope(k, positions, inv_freq)
-  k_cache = _write_rows(k_cache, k.astype(k_cache.dtype), index)
-  v_cache = _write_rows(v_cache, v.astype(v_cache.dtype), index)
+  k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
 
   G = cfg.num_heads // cfg.num_kv_heads
   qg = q.reshape(B, T, cfg.num_kv_heads, G, cfg.head_dim)
-  scores = jnp.einsum("btkgh,bskh->bkgts", qg, k_cache.astype(dtype)).astype(jnp.float32)
-  scores = scores * (cfg.head_dim ** -0.5)
-  scores = jnp.where(attn_mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  s_old = jnp.einsum("btkgh,bskh->bkgts", qg, k_cache.astype(dtype)).astype(jnp.float32)
+  s_new = jnp.einsum("btkgh,bukh->bkgtu", qg, k.astype(dtype)).astype(jnp.float32)
+  scores = jnp.concatenate([s_old, s_new], axis=-1) * (cfg.head_dim ** -0.5)
+  mask = jnp.concatenate([old_mask, new_mask], axis=-1)                       # [B, T, S + T]
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-  attn = jnp.einsum("bkgts,bskh->btkgh", probs, v_cache.astype(dtype))
+  S = k_cache.shape[1]
+  attn = (jnp.einsum("bkgts,bskh->btkgh", probs[..., :S], v_cache.astype(dtype))
+          + jnp.einsum("bkgtu,bukh->btkgh", probs[..., S:], v.astype(dtype)))
   attn = attn.reshape(B, T, cfg.num_heads * cfg.head_dim)
   x = x + _dense(attn, p["o_proj"], dget("o_proj"), coef)
 
@@ -268,7 +276,7 @@ def _layer(cfg, inv_freq, coef, carry, layer):
   gate = _dense(h, p["gate_proj"], dget("gate_proj"), coef)
   up = _dense(h, p["up_proj"], dget("up_proj"), coef)
   x = x + _dense(jax.nn.silu(gate) * up, p["down_proj"], dget("down_proj"), coef)
-  return (x, positions, attn_mask, index), (k_cache, v_cache)
+  return (x, positions, old_mask, new_mask), (k, v)
 
 
 def forward(params: dict, tokens: jax.Array, token_mask: jax.Array, cache: KVCache,
@@ -286,13 +294,15 @@ def forward(params: dict, tokens: jax.Array, token_mask: jax.Array, cache: KVCac
   token_mask = token_mask.astype(bool)
   offsets = jnp.cumsum(token_mask, axis=1) - 1
   positions = cache.pos[:, None] + jnp.maximum(offsets, 0)                   # [B, T]
-  kv_mask = _write_rows(cache.mask, token_mask, cache.index)
-  q_slot = cache.index[:, None] + jnp.arange(T)                                # [B, T]
+  q_slot = cache.index[:, None] + jnp.arange(T)                                # [B, T] slots written
   s_slot = jnp.arange(S)
-  allowed = s_slot[None, None, :] <= q_slot[:, :, None]
+  # Old slots: valid cached entries (all before q_slot); new: causal among the T new tokens.
+  old_mask = jnp.broadcast_to(cache.mask[:, None, :], (B, T, S))
+  new_mask = (jnp.arange(T)[None, None, :] <= jnp.arange(T)[None, :, None]) & token_mask[:, None, :]
   if cfg.sliding_window is not None:
-    allowed &= s_slot[None, None, :] > q_slot[:, :, None] - cfg.sliding_window
-  attn_mask = allowed & kv_mask[:, None, :]                                    # [B, T, S]
+    old_mask = old_mask & (s_slot[None, None, :] > q_slot[:, :, None] - cfg.sliding_window)
+    new_mask = new_mask & (q_slot[:, None, :] > q_slot[:, :, None] - cfg.sliding_window)
+  kv_mask = _write_rows(cache.mask, token_mask, cache.index)
 
   if coef is not None:
     coef = coef.astype(jnp.float32)
@@ -303,7 +313,11 @@ def forward(params: dict, tokens: jax.Array, token_mask: jax.Array, cache: KVCac
   layer_dirs = None if dirs is None else {k: jnp.moveaxis(v, 1, 0) for k, v in dirs["layers"].items()}
   step = lambda carry, layer: _layer(cfg, inv_freq, coef, carry, layer)
   (x, _, _, _), (k_new, v_new) = jax.lax.scan(
-      step, (x, positions, attn_mask, cache.index), (params["layers"], layer_dirs, cache.k, cache.v))
+      step, (x, positions, old_mask, new_mask), (params["layers"], layer_dirs, cache.k, cache.v))
+  rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+  # One scatter of the new rows per step (in place); slots past the end are dropped.
+  k_all = cache.k.at[:, rows, q_slot].set(k_new, mode="drop")
+  v_all = cache.v.at[:, rows, q_slot].set(v_new, mode="drop")
 
   if last_only:
     x = x[:, -1:]
@@ -314,7 +328,7 @@ def forward(params: dict, tokens: jax.Array, token_mask: jax.Array, cache: KVCac
   else:
     head, dhead = params["lm_head"], dget("lm_head")
   logits = _dense(x, head, dhead, coef).astype(jnp.float32)
-  new_cache = KVCache(k=k_new, v=v_new, mask=kv_mask,
+  new_cache = KVCache(k=k_all, v=v_all, mask=kv_mask,
                       pos=cache.pos + token_mask.sum(axis=1).astype(jnp.int32),
                       index=cache.index + T)
   return logits, new_cache
