@@ -1,5 +1,7 @@
-"""Directions: per-HF-tensor normalization, blacklist, determinism, tied embeddings, safetensors I/O."""
+"""Directions: per-HF-tensor normalization, blacklist, determinism, tied embeddings, safetensors I/O,
+sharded draws bit-identical to one device."""
 
+import json
 import os
 
 import jax
@@ -103,6 +105,40 @@ class RandomDirectionTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "direction 0"):
       directions.check_matches(directions.random_direction(0, model.init(jax.random.key(0), other_cfg), other_cfg),
                                self.params, "direction 0")
+
+
+class OrderedSumTest(parameterized.TestCase):
+
+  @parameterized.parameters(1, 5, 64, 96, 320, 1000)
+  def test_ordered_sum_is_the_sum(self, n):
+    x = np.random.default_rng(n).standard_normal((3, n, 2)).astype(np.float32)
+    got = directions._ordered_sum(jax.numpy.asarray(x), 1, None)
+    self.assertEqual(got.shape, (3, 1, 2))
+    np.testing.assert_allclose(got, x.astype(np.float64).sum(1, keepdims=True), rtol=1e-5, atol=1e-5)
+
+
+class ShardedDrawTest(absltest.TestCase):
+
+  def test_sharded_draws_are_one_device_bits_and_stay_sharded(self):
+    """8 virtual CPU devices, meshes (1,1) (8,1) (1,8) (2,4) (4,2), norms layer/filter/none, the
+    `shardings=` argument and orthogonalize: bit-identical to the one-device result, every leaf in
+    its param sharding with each device holding its shard only; drawing communicates nothing and
+    normalizing only partial sums."""
+    out = os.path.join(self.create_tempdir().full_path, "directions.json")
+    proc = fixtures.run_script("scaleout_main.py", "directions", out)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-4000:])
+    with open(out) as f:
+      r = json.load(f)
+    self.assertEqual(r["problems"], [])
+    self.assertEqual(r["compared"], (5 * (3 + 1) + 1) * 11)  # (5 meshes x 4 draws + orthogonalize) x leaves
+    for mesh, split in r["split"].items():  # all but the 3 RMSNorm leaves split over "model"
+      self.assertEqual(split, 8 if mesh.endswith(("x8", "x4", "x2")) else 0, mesh)
+    stages = {name for name, _, _ in r["collectives"]}
+    self.assertEqual(stages, {"_draw", "_squares", "_normalize", "_zeros"})
+    for name, biggest, size in r["collectives"]:
+      if name != "_normalize":
+        self.assertEqual(biggest, 0, f"{name} communicates")  # each device draws its own shard
+      self.assertLess(biggest, size, f"{name}: a collective moves a whole leaf")
 
 
 if __name__ == "__main__":

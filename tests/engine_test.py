@@ -54,6 +54,22 @@ class FusedMatchesMaterializedTest(parameterized.TestCase):
                           batch_bucket=False)
     np.testing.assert_array_equal(got["materialized"][1, 3], np.array(ref))
 
+  def test_materialized_batches_hold_one_points_prompts_without_padding(self):
+    cfg, params, d1, _ = _setup(layers=1)
+    dirs = directions.stack([directions.stack([d1])])
+    tokens = fixtures.random_tokens(3, 5, cfg.vocab_size, seed=2)
+    spec = engine.DecodeSpec(max_new_tokens=3, eos_ids=(-1,), pad_id=0)
+    rows = []
+    real = decode.greedy
+    def spy(buffer, tok, *a, **k):
+      rows.append(tok.shape[0])
+      return real(buffer, tok, *a, **k)
+    with absltest.mock.patch.object(decode, "greedy", spy):
+      chunks = list(engine.evaluate(params, cfg, dirs, np.zeros((2, 1)), tokens, np.ones_like(tokens, bool),
+                                    None, spec, points=[0, 1], mode="materialized", max_batch=64))
+    self.assertEqual(rows, [3, 3])  # max_batch 64, but a batch never exceeds one point's 3 prompts
+    self.assertEqual([len(c.prompts) for c in chunks], [3, 3])
+
   def test_continuous_batching_matches_static_batches(self):
     """Rows end at different times (EOS); refilled slots must give each row its static-batch tokens."""
     cfg, params, d1, _ = _setup(layers=1)

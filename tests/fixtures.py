@@ -2,6 +2,8 @@
 
 import functools
 import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -105,3 +107,10 @@ def save_tiny_hf(path: str, arch: str = "llama", tokenizer=None, seed: int = 0,
 
 def random_tokens(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
   return np.random.default_rng(seed).integers(3, vocab, size=(batch, length)).astype(np.int32)
+
+
+def run_script(name: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+  """python tests/NAME ARGS in a fresh process (which sets its own XLA_FLAGS device count)."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), name), *args],
+                        capture_output=True, text=True, env=env, timeout=timeout)

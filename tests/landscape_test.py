@@ -8,7 +8,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import fixtures
-from visage_jax import directions, engine, judges, landscape, visage
+from visage_jax import engine, judges, landscape, visage
 
 
 def tiny_config(model_dir, prompts_path, **landscape_overrides):

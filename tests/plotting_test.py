@@ -110,6 +110,27 @@ class PlotLandscapeTest(parameterized.TestCase):
     self.assertGreater(mpl_image.imread(path).shape[1], 1500)   # the wider 2D figure replaced the 1D one
 
 
+class PlotSweepTest(absltest.TestCase):
+
+  def test_runs_on_one_axes(self):
+    partial = _result_1d(2)
+    for curve in partial["asr"]:
+      curve[4:] = [None] * 5
+    partial["complete"] = False
+    with_zero = _result_2d(ny=5)        # coords_y = linspace(-0.5, 0.5, 5) holds beta = 0
+    not_started = _result_1d(1)
+    not_started["asr"] = [[None] * 9]
+    results = {"a": _result_1d(), "b": partial, "c": with_zero, "d": _result_2d(ny=4), "e": not_started}
+    path = os.path.join(self.create_tempdir().full_path, "sweep.png")
+    self.assertEqual(plotting.plot_sweep(results, path), ["a", "b", "c"])
+    with open(path, "rb") as f:
+      self.assertEqual(f.read(8), PNG_SIGNATURE)
+    self.assertEqual(os.listdir(os.path.dirname(path)), ["sweep.png"])
+    self.assertEqual(plt.get_fignums(), [])
+    with self.assertRaisesRegex(ValueError, "'asr'"):
+      plotting.plot_sweep({"bad": dict(_result_1d(), asr=[])}, path)
+
+
 class MalformedResultTest(parameterized.TestCase):
 
   @parameterized.named_parameters(

@@ -43,6 +43,18 @@ class MeshTest(absltest.TestCase):
       sharding.make_mesh((4, 4))
     with self.assertRaisesRegex(ValueError, "two positive ints"):
       sharding.make_mesh((0, 1))
+    with self.assertRaisesRegex(ValueError, "two positive ints"):
+      sharding.make_mesh((-1, -1))
+    import jax
+    n = len(jax.devices())
+    with self.assertRaisesRegex(ValueError, rf"{n} devices do not split into groups of {n + 1}"):
+      sharding.make_mesh((-1, n + 1))
+
+  def test_minus_one_takes_all_remaining_devices(self):
+    import jax
+    n = len(jax.devices())
+    self.assertEqual(sharding.make_mesh((-1, 1)).devices.shape, (n, 1))
+    self.assertEqual(sharding.make_mesh((1, -1)).devices.shape, (1, n))
 
   def test_rules_fall_back_to_replicated_when_not_divisible(self):
     import jax

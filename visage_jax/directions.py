@@ -5,77 +5,197 @@ Hugging Face tensor theta_t, z ~ N(0, I) of the HF shape, d_t = z / |z| * |theta
 per output row ("filter", Li et al. 2018) or z / |z| ("none", the reference's unit direction);
 blacklisted names (default "norm") get zeros. Each tensor's key is folded from the seed and
 its HF name, so a direction does not depend on devices, sharding or tensor order.
+
+Each device draws only its shards (partitionable threefry), and the norms are sums in one
+order fixed by the tensor's shape (pairwise within 64 blocks, then over the block sums), so
+the bits are the same on one device and on any mesh.
 """
 
 import dataclasses
 import functools
+import math
 import os
 import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from visage_jax import checkpoints, model
 
 NORMS = ("layer", "filter", "none")
+_BLOCKS = 64  # partial sums per reduced axis; a "model" mesh axis dividing 64 keeps every block on one device
 
 
-def _name_key(key: jax.Array, name: str) -> jax.Array:
-  return jax.random.fold_in(key, zlib.crc32(name.encode()))
+def _pairwise(x: jax.Array, axis: int) -> jax.Array:
+  """Sums `axis` (kept, size 1) as a binary tree of adds fixed by the length alone."""
+  while x.shape[axis] > 1:
+    n = x.shape[axis]
+    s = (jax.lax.slice_in_dim(x, 0, n - 1, stride=2, axis=axis)
+         + jax.lax.slice_in_dim(x, 1, n, stride=2, axis=axis))
+    x = jnp.concatenate([s, jax.lax.slice_in_dim(x, n - 1, n, axis=axis)], axis) if n % 2 else s
+  return x
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "norm", "transposed"))
-def _draw_stack(keys, theta, *, shape, norm, transposed):
-  """keys [L], theta [L, *ours] -> directions [L, *ours]; z is drawn in the HF layout."""
-  def one(k, t):
-    z = jax.random.normal(k, shape, jnp.float32)
-    if transposed:
-      z = z.T
-    t = t.astype(jnp.float32)
-    if norm == "filter" and z.ndim == 2:
-      # HF rows are outputs: our axis -1 when transposed, axis 0 otherwise.
-      axis = 0 if transposed else 1
-      zn = jnp.linalg.norm(z, axis=axis, keepdims=True)
-      return z / zn * jnp.linalg.norm(t, axis=axis, keepdims=True)
-    z = z / jnp.linalg.norm(z)
-    return z * jnp.linalg.norm(t) if norm in ("layer", "filter") else z
-  return jax.vmap(one)(keys, theta)
+def _unsharded(sharding, axis: int):
+  """`sharding` with `axis` no longer split (None stays None: no constraint)."""
+  if sharding is None:
+    return None
+  spec = list(sharding.spec) + [None] * (axis + 1 - len(sharding.spec))
+  spec[axis] = None
+  return NamedSharding(sharding.mesh, P(*spec))
+
+
+def _ordered_sum(x: jax.Array, axis: int, sharding=None) -> jax.Array:
+  """Sum over `axis` (kept) in one order on every mesh: pairwise inside `_BLOCKS` equal blocks (each
+  held by one device when the axis is split evenly), then pairwise over the gathered block sums."""
+  n, shape = x.shape[axis], x.shape
+  nb = math.gcd(n, _BLOCKS)
+  blocks = x.reshape(shape[:axis] + (nb, n // nb) + shape[axis + 1:])
+  partial = _pairwise(blocks, axis + 1).reshape(shape[:axis] + (nb,) + shape[axis + 1:])
+  if sharding is not None:
+    partial = jax.lax.with_sharding_constraint(partial, _unsharded(sharding, axis))
+  return _pairwise(partial, axis)
+
+
+def _total(x: jax.Array, axes: tuple[int, ...], sharding=None) -> jax.Array:
+  """`_ordered_sum` over several axes (kept), the last one first."""
+  for axis in reversed(axes):
+    x = _ordered_sum(x, axis, sharding)
+    sharding = _unsharded(sharding, axis)
+  return x
+
+
+@functools.lru_cache(maxsize=None)
+def _stage(fn, out_shardings, **static):
+  """`fn` jitted once per static arguments and output sharding.
+
+  The arithmetic runs in stages whose results are materialized: XLA may contract a multiply and
+  an add into an FMA, or recompute a value inside several fusions, differently in programs that
+  fuse differently, and a sharded program does. So no stage adds products it computed or
+  recomputes an input (the draw is one elementwise chain per element), and every program does
+  the same operations on the same values: the same bits on any mesh (tests/directions_test.py).
+  """
+  return jax.jit(functools.partial(fn, **static), out_shardings=out_shardings)
+
+
+def _stacked(sharding, stacked: bool):
+  """The NamedSharding of a leaf seen as a stack [L, ...] (None off a mesh)."""
+  if not isinstance(sharding, NamedSharding):
+    return None
+  return sharding if stacked else NamedSharding(sharding.mesh, P(None, *sharding.spec))
+
+
+def _draw(key_data, crcs, *, impl, hf_shape, transposed, stacked):
+  """z ~ N(0, I) per HF tensor from fold_in(key, crc32(name)), drawn in the HF layout; partitionable
+  threefry gives each device the bits of its own shard only."""
+  key = jax.random.wrap_key_data(key_data, impl=impl)
+  z = jax.vmap(lambda c: jax.random.normal(jax.random.fold_in(key, c), hf_shape, jnp.float32))(crcs)
+  z = jnp.swapaxes(z, 1, 2) if transposed else z
+  return z if stacked else z[0]
+
+
+def _squares(z, theta):
+  t = theta.astype(jnp.float32)
+  return z * z, t * t
+
+
+def _normalize(z, z_sq, t_sq, *, norm, transposed, black, stacked, sharding):
+  """d = z / |z| * |theta| per HF tensor (or per output row, or unit), blacklisted tensors zero."""
+  if not stacked:
+    z, z_sq, t_sq = z[None], z_sq[None], t_sq[None]
+  sharding = _stacked(sharding, stacked)
+  if z.ndim == 2:  # stacked vectors: rows are the whole tensor
+    d = z / jnp.sqrt(_total(z_sq, (1,), sharding))
+    if norm != "none":
+      d = d * jnp.sqrt(_total(t_sq, (1,), sharding))
+  else:
+    row, col = (2, 1) if transposed else (1, 2)  # HF rows are outputs
+    axes = (col,) if norm == "filter" else (row, col)
+    d = z / jnp.sqrt(_total(z_sq, axes, sharding))
+    if norm != "none":
+      d = d * jnp.sqrt(_total(t_sq, axes, sharding))
+  d = jnp.where(jnp.asarray(black).reshape((-1,) + (1,) * (d.ndim - 1)), 0.0, d)
+  return d if stacked else d[0]
+
+
+def _zeros(*, shape):
+  return jnp.zeros(shape, jnp.float32)
+
+
+def _target_sharding(theta, sharding):
+  if sharding is not None:
+    return sharding
+  if isinstance(theta, jax.Array):
+    return theta.sharding
+  return SingleDeviceSharding(jax.local_devices()[0])
 
 
 def random_direction(seed: int | jax.Array, params: dict, cfg: model.ModelConfig, *,
-                     norm: str = "layer", blacklist: tuple[str, ...] = ("norm",)) -> dict:
-  """One random direction (float32, params-shaped), normalized per original HF tensor."""
+                     norm: str = "layer", blacklist: tuple[str, ...] = ("norm",),
+                     shardings: dict | None = None) -> dict:
+  """One random direction (float32, params-shaped), normalized per original HF tensor.
+
+  Each leaf is drawn where it lives: in `shardings` (a params-shaped tree, e.g.
+  `sharding.param_shardings(params, mesh)`), else in the params' own sharding; no device
+  holds more than its shards. The bits are the same on every mesh and device count.
+  """
   if norm not in NORMS:
     raise ValueError(f"landscape.norm {norm!r} is not one of {', '.join(NORMS)}.")
-  key = jax.random.key(seed) if isinstance(seed, int) else seed
-  home = jax.devices()[0]  # one device: reductions in one fixed order, whatever the mesh
+  key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
+  impl = str(jax.random.key_impl(key))
+  key_data = np.asarray(jax.random.key_data(key))
   out = {}
   for path, names in checkpoints.hf_tensor_names(cfg).items():
-    theta = jax.device_put(checkpoints.get_leaf(params, path), home)
-    stacked = path[0] == "layers"
-    theta_l = theta if stacked else theta[None]
-    transposed = checkpoints.HF_NAMES[path][1]
-    hf_shape = tuple(theta_l.shape[1:][::-1] if transposed else theta_l.shape[1:])
-    keys = jnp.stack([_name_key(key, n) for n in names])
-    d = _draw_stack(keys, theta_l, shape=hf_shape, norm=norm, transposed=transposed)
-    black = np.array([any(b.lower() in n.lower() for b in blacklist) for n in names])
-    if black.any():
-      d = jnp.where(jnp.asarray(black).reshape((-1,) + (1,) * (d.ndim - 1)), 0.0, d)
-    checkpoints._set_leaf(out, path, d if stacked else d[0])
+    theta = checkpoints.get_leaf(params, path)
+    target = _target_sharding(theta, None if shardings is None else checkpoints.get_leaf(shardings, path))
+    black = tuple(any(b.lower() in n.lower() for b in blacklist) for n in names)
+    if all(black):
+      checkpoints._set_leaf(out, path, _stage(_zeros, target, shape=tuple(theta.shape))())
+      continue
+    transposed, stacked = checkpoints.HF_NAMES[path][1], path[0] == "layers"
+    ours = tuple(theta.shape[1:] if stacked else theta.shape)
+    crcs = np.array([zlib.crc32(n.encode()) for n in names], np.uint32)
+    z = _stage(_draw, target, impl=impl, hf_shape=ours[::-1] if transposed else ours,
+               transposed=transposed, stacked=stacked)(key_data, crcs)
+    z_sq, t_sq = _stage(_squares, target)(z, jax.device_put(theta, target))
+    d = _stage(_normalize, target, norm=norm,
+               transposed=transposed, black=black, stacked=stacked, sharding=target)(z, z_sq, t_sq)
+    checkpoints._set_leaf(out, path, d)
   return out
 
 
+def _products(a, b):
+  return a * b, a * a, b * b
+
+
+def _project(a, ab, aa, *, axes, sharding):
+  dot, norm_a = _total(ab, axes, sharding), _total(aa, axes, sharding)
+  return jnp.where(norm_a > 0, dot / jnp.where(norm_a > 0, norm_a, 1), 0) * a
+
+
+def _subtract(b, proj):
+  c = b - proj
+  return c, c * c
+
+
+def _rescale(c, c_sq, b_sq, *, axes, sharding):
+  cn, bn = jnp.sqrt(_total(c_sq, axes, sharding)), jnp.sqrt(_total(b_sq, axes, sharding))
+  return jnp.where(cn > 0, c / jnp.where(cn > 0, cn, 1) * bn, c)
+
+
 def orthogonalize(d2: dict, d1: dict) -> dict:
-  """d2 minus its projection on d1, per tensor, rescaled to d2's per-tensor norms."""
+  """d2 minus its projection on d1, per tensor, rescaled to d2's per-tensor norms; staged like the
+  draw (`_stage`), so the bits are the same on any mesh."""
   def one(b, a):
-    axes = tuple(range(1, a.ndim)) if a.ndim > 1 else None
-    dot = jnp.sum(a * b, axis=axes, keepdims=True)
-    aa = jnp.sum(a * a, axis=axes, keepdims=True)
-    c = b - jnp.where(aa > 0, dot / jnp.where(aa > 0, aa, 1), 0) * a
-    cn = jnp.sqrt(jnp.sum(c * c, axis=axes, keepdims=True))
-    bn = jnp.sqrt(jnp.sum(b * b, axis=axes, keepdims=True))
-    return jnp.where(cn > 0, c / jnp.where(cn > 0, cn, 1) * bn, c)
+    axes = tuple(range(1, a.ndim)) if a.ndim > 1 else (0,)
+    where = a.sharding
+    mesh_sharding = where if isinstance(where, NamedSharding) else None
+    ab, aa, bb = _stage(_products, where)(a, b)
+    proj = _stage(_project, where, axes=axes, sharding=mesh_sharding)(a, ab, aa)
+    c, cc = _stage(_subtract, where)(b, proj)
+    return _stage(_rescale, where, axes=axes, sharding=mesh_sharding)(c, cc, bb)
   return jax.tree.map(one, d2, d1)
 
 

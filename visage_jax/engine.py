@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visage_jax import decode, model, sharding
+from visage_jax import decode, model, planner, sharding
 
 MODES = ("fused", "materialized", "continuous")
 
@@ -152,23 +152,32 @@ class Chunk:
 
 def choose_batch(cfg: model.ModelConfig, n_rows: int, prompt_len: int, spec: DecodeSpec, *,
                  n_directions: int, mode: str, mesh, device=None) -> int:
-  """Rows per chunk from a memory model: KV cache + activations per row against free memory."""
-  device = device or jax.devices()[0]
-  itemsize = jnp.dtype(cfg.dtype).itemsize
-  seq = prompt_len + spec.max_new_tokens
-  kv = 2 * cfg.num_layers * seq * cfg.num_kv_heads * cfg.head_dim * itemsize
-  act = prompt_len * (4 * cfg.hidden_size + 2 * cfg.intermediate_size) * 4 + cfg.vocab_size * 8
-  act += cfg.num_heads * prompt_len * seq * 4
-  per_row = (kv + act) * (n_directions if mode == "fused" else 1)
+  """Rows per chunk from planner's memory model: slots per device on the free memory, times data.
+
+  On CPU one host memory holds every device's rows, so the budget is global and rows unsplit.
+  Memory is read on a local device: other processes' devices have no memory_stats.
+  """
+  device = device or jax.local_devices()[0]
+  data, shards = mesh.shape["data"], mesh.shape["model"]
   stats = device.memory_stats() if hasattr(device, "memory_stats") else None
   if stats and "bytes_limit" in stats:
+    per_slot = planner.slot_bytes(cfg, prompt_len, spec.max_new_tokens, n_directions=n_directions,
+                                  mode=mode, model_shards=shards)
     free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    budget, cap = 0.7 * free, 1024
+    cap = min(planner.MAX_SLOTS, int(planner.HEADROOM * free) // per_slot) * data
   else:
-    budget, cap = 2 << 30, 64  # CPU: compute-bound, bigger batches stop paying off
-  rows = int(max(1, min(cap, budget // max(per_row, 1), n_rows)))
-  data = mesh.shape["data"]
+    per_slot = planner.slot_bytes(cfg, prompt_len, spec.max_new_tokens, n_directions=n_directions,
+                                  mode=mode)
+    cap = min(64, planner.CPU_BUDGET // per_slot)
+  rows = int(max(1, min(cap, n_rows)))
   return max(data, rows // data * data)
+
+
+def _f32(coefs: np.ndarray) -> np.ndarray:
+  """Coefficients as float32 on the host; beyond float32 they become inf like jnp's cast (such
+  points are flagged nonfinite, not fatal)."""
+  with np.errstate(over="ignore"):
+    return np.asarray(coefs, np.float32)
 
 
 def _pad_rows(idx: np.ndarray, size: int) -> np.ndarray:
@@ -195,10 +204,12 @@ def evaluate(params: dict, cfg: model.ModelConfig, dirs: dict, coefs: np.ndarray
   data = mesh.shape["data"]
   batch = -(-batch // data) * data
   bsh = lambda nd, axis=0: sharding.batch_sharding(mesh, nd, axis)
-  tokens_all, mask_all = jnp.asarray(tokens), jnp.asarray(mask)
+  tokens_all, mask_all = np.asarray(tokens, np.int32), np.asarray(mask, bool)
+  rep = sharding.replicated(mesh)
+  tables = sharding.put(tables, rep)  # host values -> global arrays, also across processes
 
   def fetch(gen, directions, sel_point, sel_prompt, n):
-    gen = jax.device_get(gen)
+    gen = sharding.to_host(gen)
     return Chunk(directions=directions, points=sel_point[:n], prompts=sel_prompt[:n],
                  tokens=np.asarray(gen.tokens)[:, :n], length=np.asarray(gen.length)[:, :n],
                  refused=np.asarray(gen.refused)[:, :n], nonfinite=np.asarray(gen.nonfinite)[:, :n])
@@ -207,7 +218,7 @@ def evaluate(params: dict, cfg: model.ModelConfig, dirs: dict, coefs: np.ndarray
     for r in range(R):
       d = jax.tree.map(lambda x: x[r], dirs)
       yield from _continuous(params, cfg, d, r, coefs, tokens_all, mask_all, tables, spec, rows_point,
-                             rows_prompt, batch, refill_every, bsh, data)
+                             rows_prompt, batch, refill_every, bsh, mesh)
     return
 
   if mode == "fused":
@@ -215,38 +226,59 @@ def evaluate(params: dict, cfg: model.ModelConfig, dirs: dict, coefs: np.ndarray
       sel_point = _pad_rows(rows_point[start:start + batch], batch)
       sel_prompt = _pad_rows(rows_prompt[start:start + batch], batch)
       n = min(batch, len(rows_point) - start)
-      tok = jax.device_put(tokens_all[sel_prompt], bsh(2))
-      msk = jax.device_put(mask_all[sel_prompt], bsh(2))
-      coef = jax.device_put(jnp.asarray(coefs[sel_point], jnp.float32), bsh(2))
+      tok = sharding.put(tokens_all[sel_prompt], bsh(2))
+      msk = sharding.put(mask_all[sel_prompt], bsh(2))
+      coef = sharding.put(_f32(coefs[sel_point]), bsh(2))
       gen = decode_fused(params, dirs, coef, tok, msk, tables, cfg=cfg, spec=spec)
       yield fetch(gen, list(range(R)), sel_point, sel_prompt, n)
     return
 
+  # One point's prompts per batch: more rows would only be padding (wasted compute).
+  batch = min(batch, -(-n_prompts // data) * data)
   buffer = jax.tree.map(jnp.copy, params)
   for p in points:
     for r in range(R):
       d = jax.tree.map(lambda x: x[r], dirs)
-      buffer = materialize(buffer, params, d, jnp.asarray(coefs[p], jnp.float32))
+      buffer = materialize(buffer, params, d, sharding.put(_f32(coefs[p]), rep))
       for start in range(0, n_prompts, batch):
         sel_prompt = _pad_rows(np.arange(start, min(start + batch, n_prompts)), batch)
         n = min(batch, n_prompts - start)
-        tok = jax.device_put(tokens_all[sel_prompt], bsh(2))
-        msk = jax.device_put(mask_all[sel_prompt], bsh(2))
+        tok = sharding.put(tokens_all[sel_prompt], bsh(2))
+        msk = sharding.put(mask_all[sel_prompt], bsh(2))
         gen = decode.greedy(buffer, tok, msk, tables, None, None, cfg=cfg, spec=spec)
         gen = jax.tree.map(lambda x: x[None], gen)
         yield fetch(gen, [r], np.full(batch, p), sel_prompt, n)
 
 
+def _slot_shardings(state, mesh):
+  """Slots over "data" (KV heads over "model"), as refill and advance keep them: each data shard
+  decodes only its own slots, and each program compiles once."""
+  def one(x):
+    axes = [None] * x.ndim
+    if x.ndim == 5:  # KV cache [L, B, S, K, H]
+      axes[1], axes[3] = "data", "model"
+    elif x.ndim:
+      axes[0] = "data"
+    return sharding.fit(mesh, x.shape, *axes)
+  return jax.tree.map(one, state)
+
+
 def _continuous(params, cfg, dirs_r, r, coefs, tokens_all, mask_all, tables, spec, rows_point,
-                rows_prompt, slots, refill_every, bsh, data) -> Iterator[Chunk]:
-  """Slots decode rows of any grid point (per-row coefficients); ended rows are refilled."""
+                rows_prompt, slots, refill_every, bsh, mesh) -> Iterator[Chunk]:
+  """Slots decode rows of any grid point (per-row coefficients); ended rows are refilled.
+
+  The `done` flags come back whole to every process, so all processes refill alike.
+  """
+  data, rep = mesh.shape["data"], sharding.replicated(mesh)
   width = max(data, slots // 4 // data * data)  # rows prefilled per refill call: one compiled shape
   n_rows = len(rows_point)
   rows_like = lambda a: jax.ShapeDtypeStruct((slots,) + a.shape[1:], a.dtype)
   shapes = jax.eval_shape(
       functools.partial(decode.prefill, cfg=cfg, spec=spec), params, rows_like(tokens_all),
       rows_like(mask_all), tables, dirs_r, jax.ShapeDtypeStruct((slots, coefs.shape[1]), jnp.float32))
-  state = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes).replace(done=jnp.ones((slots,), bool))
+  empty = lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes).replace(
+      done=jnp.ones((slots,), bool))
+  state = jax.jit(empty, out_shardings=_slot_shardings(shapes, mesh))()
   owner = np.full(slots, -1)     # row index held by each slot, -1 = free
   queue = 0
   while queue < n_rows or (owner >= 0).any():
@@ -258,20 +290,20 @@ def _continuous(params, cfg, dirs_r, r, coefs, tokens_all, mask_all, tables, spe
       slot_ids = np.full(width, slots, np.int64)            # out of range: dropped
       slot_ids[:len(take)] = take
       sel = _pad_rows(rows, width)
-      state = refill(state, jnp.asarray(slot_ids), params, dirs_r,
-                     jax.device_put(tokens_all[rows_prompt[sel]], bsh(2)),
-                     jax.device_put(mask_all[rows_prompt[sel]], bsh(2)),
-                     jax.device_put(jnp.asarray(coefs[rows_point[sel]], jnp.float32), bsh(2)),
+      state = refill(state, sharding.put(slot_ids, rep), params, dirs_r,
+                     sharding.put(tokens_all[rows_prompt[sel]], bsh(2)),
+                     sharding.put(mask_all[rows_prompt[sel]], bsh(2)),
+                     sharding.put(_f32(coefs[rows_point[sel]]), bsh(2)),
                      tables, cfg=cfg, spec=spec)
       owner[take] = rows
       queue += len(rows)
       free = np.flatnonzero(owner < 0)
     state = advance(state, params, dirs_r, tables, cfg=cfg, spec=spec, n_steps=refill_every)
-    done = np.asarray(jax.device_get(state.done))
+    done = np.asarray(sharding.to_host(state.done))
     finished = np.flatnonzero(done & (owner >= 0))
     if not len(finished):
       continue
-    gen = jax.device_get(decode.as_generation(state))
+    gen = sharding.to_host(decode.as_generation(state))
     rows = owner[finished]
     yield Chunk(directions=[r], points=rows_point[rows], prompts=rows_prompt[rows],
                 tokens=np.asarray(gen.tokens)[None, finished], length=np.asarray(gen.length)[None, finished],

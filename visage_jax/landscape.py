@@ -8,20 +8,20 @@ chunk; `complete` turns true at the end) and landscape.png.
 
 import json
 import os
-import shutil
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visage_jax import (checkpoints, decode, directions, engine, judges, lora, model, plotting,
+from visage_jax import (checkpoints, decode, directions, distributed, engine, judges, lora, plotting,
                         prompts, sharding, visage)
 
 VIS_TYPES = ("1D_random", "1D_interpolation", "2D_random", "2D_interpolation", "2D_interpolation-random")
 RUN_FILES = ("run_config.json", "directions.safetensors", "generations.jsonl", "landscape.json",
              "landscape.png")
 _IGNORED_FOR_RESUME = (("engine", "max_batch"), ("engine", "refill_every"))
+_IGNORED_SECTIONS = ("distributed",)  # how many processes compute a run does not change it
 
 
 def _random_axis(steps: int, multiplier: float) -> np.ndarray:
@@ -84,11 +84,13 @@ def _comparable(cfg_dict: dict) -> dict:
   out = json.loads(json.dumps(jsonable(cfg_dict)))
   for section, key in _IGNORED_FOR_RESUME:
     out.get(section, {}).pop(key, None)
+  for section in _IGNORED_SECTIONS:
+    out.pop(section, None)
   return out
 
 
-def read_generations(path: str) -> list[dict]:
-  """Completed lines; a torn last line (killed mid-write) is dropped from the file."""
+def read_generations(path: str, repair: bool = True) -> list[dict]:
+  """Completed lines; a torn last line (killed mid-write) is dropped (from the file if `repair`)."""
   if not os.path.exists(path):
     return []
   lines, good_bytes = [], 0
@@ -102,15 +104,17 @@ def read_generations(path: str) -> list[dict]:
         lines.pop()
         break
       good_bytes += len(raw)
-  if good_bytes != os.path.getsize(path):
+  if repair and good_bytes != os.path.getsize(path):
     with open(path, "r+b") as f:
       f.truncate(good_bytes)
   return lines
 
 
-def prepare_workdir(workdir: str, cfg_dict: dict, overwrite: bool) -> None:
-  """Creates the run dir or checks it belongs to the same config (else a clear refusal)."""
-  os.makedirs(workdir, exist_ok=True)
+def prepare_workdir(workdir: str, cfg_dict: dict, overwrite: bool, write: bool = True) -> None:
+  """Creates the run dir or checks it belongs to the same config (else a clear refusal).
+
+  `write=False` (processes other than the writer) only checks, so every process refuses alike.
+  """
   saved_path = os.path.join(workdir, "run_config.json")
   if os.path.exists(saved_path):
     with open(saved_path) as f:
@@ -125,9 +129,26 @@ def prepare_workdir(workdir: str, cfg_dict: dict, overwrite: bool) -> None:
                          "use another --workdir, or --overwrite to discard it.")
       for name in RUN_FILES:
         p = os.path.join(workdir, name)
-        if os.path.exists(p):
+        if write and os.path.exists(p):
           os.remove(p)
-  write_atomic(saved_path, json.dumps(jsonable(cfg_dict), indent=2))
+  if write:
+    os.makedirs(workdir, exist_ok=True)
+    write_atomic(saved_path, json.dumps(jsonable(cfg_dict), indent=2))
+
+
+def finished_result(workdir: str, cfg_dict: dict) -> dict | None:
+  """landscape.json of a complete run of this config in `workdir`, else None: what resuming
+  would leave unchanged (sweeps skip such runs without loading the model)."""
+  try:
+    with open(os.path.join(workdir, "run_config.json")) as f:
+      saved = json.load(f)
+    with open(os.path.join(workdir, "landscape.json")) as f:
+      result = json.load(f)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return None
+  if _comparable(saved) != _comparable(cfg_dict) or not result.get("complete"):
+    return None
+  return result
 
 
 # ------------------------------------------------------------------ the run
@@ -152,15 +173,18 @@ def validate(c) -> None:
     raise ValueError(f"engine.mode {c.engine.mode!r} is not one of auto, {', '.join(engine.MODES)}.")
 
 
-def build_directions(c, params, cfg) -> list[dict]:
-  """The C components of the perturbation for each of R directions: [[d_c for c] for r]."""
+def build_directions(c, params, cfg, mesh=None) -> list[dict]:
+  """The C components of the perturbation for each of R directions: [[d_c for c] for r].
+
+  With a mesh, random directions are drawn straight into the params' sharding on it."""
   ls = c.landscape
   key = jax.random.key(ls.seed)
   blacklist = tuple(ls.blacklist)
+  shardings = None if mesh is None else sharding.param_shardings(params, mesh)
 
   def rand(i):
     return directions.random_direction(jax.random.fold_in(key, i), params, cfg, norm=ls.norm,
-                                       blacklist=blacklist)
+                                       blacklist=blacklist, shardings=shardings)
 
   def interp(path):
     _, other = checkpoints.load_params(path, cfg.param_dtype)
@@ -220,8 +244,10 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> d
   cfg_dict = c.to_dict()
   model_path = c.model.path or checkpoints.default_model_path()
   goals = prompts.load_goals(c.prompts.path, c.prompts.limit)  # fails before touching workdir
-  prepare_workdir(workdir, cfg_dict, overwrite)
+  writer = distributed.is_writer()
   mesh = sharding.make_mesh(tuple(c.mesh.shape))
+  prepare_workdir(workdir, cfg_dict, overwrite, write=writer)
+  distributed.barrier("landscape: workdir prepared")
 
   t0 = time.time()
   cfg, params = checkpoints.load_params(model_path, c.model.dtype)
@@ -237,16 +263,9 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> d
                        c.landscape.extra_steps)
   coefs = grid_points(xs, ys)
   n_comp = coefs.shape[1]
-  dir_file = os.path.join(workdir, "directions.safetensors")
-  if os.path.exists(dir_file):
-    dirs = _regroup(directions.load_safetensors(dir_file, cfg), n_comp)
-  elif c.landscape.directions_path:
-    n_dirs = c.landscape.num_directions
-    dirs = _regroup(directions.load_safetensors(c.landscape.directions_path, cfg, n_dirs * n_comp), n_comp)
-    directions.save_safetensors(dir_file, _flatten(dirs), cfg)
-  else:
-    dirs = build_directions(c, params, cfg)
-    directions.save_safetensors(dir_file, _flatten(dirs), cfg)
+  gen_path = os.path.join(workdir, "generations.jsonl")
+  lines = read_generations(gen_path, repair=writer)  # before any process can append
+  dirs = _run_directions(c, workdir, params, cfg, n_comp, writer, mesh)
   for r, comps in enumerate(dirs):
     for d in comps:
       directions.check_matches(d, params, f"direction {r}")
@@ -264,8 +283,6 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> d
   spec = engine.DecodeSpec(max_new_tokens=c.decode.max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
                            stop_at_refusal=c.decode.stop_at_refusal)
 
-  gen_path = os.path.join(workdir, "generations.jsonl")
-  lines = read_generations(gen_path)
   have = {(l["direction"], l["step"]) for l in lines}
   todo = [p for p in range(len(coefs)) if any((r, p) not in have for r in range(n_dirs))]
   batch = c.engine.max_batch or engine.choose_batch(
@@ -274,18 +291,20 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> d
   if mode == "auto":
     mode, why = engine.choose_mode(cfg, n_prompts=len(goals), n_directions=n_dirs, batch=batch)
   extra = dict(mode=mode, mode_reason=why, batch=batch, load_seconds=round(load_seconds, 2),
-               mesh=dict(shape=list(mesh.devices.shape), platform=mesh.devices.flat[0].platform))
+               mesh=dict(shape=list(mesh.devices.shape), platform=mesh.devices.flat[0].platform,
+                         processes=jax.process_count()))
   json_path = os.path.join(workdir, "landscape.json")
 
   def write_summary():
     result = summarize(c, cfg_dict, xs, ys, lines, len(goals), n_dirs, model_path, extra)
-    write_atomic(json_path, json.dumps(result, indent=1))
+    if writer:
+      write_atomic(json_path, json.dumps(result, indent=1))
     return result
 
   pending: dict[tuple[int, int], dict[int, dict]] = {}
-  bar = _progress(len(todo) * len(goals) * n_dirs, enabled=progress)
+  bar = _progress(len(todo) * len(goals) * n_dirs, enabled=progress and writer)
   t_decode, n_tokens = time.time(), 0
-  with open(gen_path, "a") as out_file:
+  with open(gen_path if writer else os.devnull, "a") as out_file:
     for chunk in engine.evaluate(params, cfg, stacked, coefs, tokens, mask, tables, spec, points=todo,
                                  mode=mode, max_batch=batch, mesh=mesh,
                                  refill_every=c.engine.refill_every):
@@ -319,8 +338,9 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> d
         out_file.write(json.dumps(line) + "\n")
         lines.append(line)
         have.add((r, p))
-      out_file.flush()
-      os.fsync(out_file.fileno())
+      if writer:
+        out_file.flush()
+        os.fsync(out_file.fileno())
       elapsed = time.time() - t_decode
       extra.update(decode_seconds=round(elapsed, 2), generated_tokens=n_tokens,
                    tokens_per_second=round(n_tokens / max(elapsed, 1e-9), 1))
@@ -328,9 +348,31 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> d
       write_summary()
   bar.close()
   result = write_summary()
-  if result["complete"]:
+  if result["complete"] and writer:
     plotting.plot_landscape(result, os.path.join(workdir, "landscape.png"))
+  distributed.barrier("landscape: results written")
   return result
+
+
+def _run_directions(c, workdir: str, params, cfg, n_comp: int, writer: bool,
+                    mesh=None) -> list[list[dict]]:
+  """The workdir's directions when resuming; else drawn (or imported) and saved by the writer.
+
+  With several processes every process then reads the writer's file back: all hold the
+  same bits, and only the writer draws (or loads the interpolation targets).
+  """
+  dir_file = os.path.join(workdir, "directions.safetensors")
+  if writer and not os.path.exists(dir_file):
+    if c.landscape.directions_path:
+      n = c.landscape.num_directions * n_comp
+      dirs = _regroup(directions.load_safetensors(c.landscape.directions_path, cfg, n), n_comp)
+    else:
+      dirs = build_directions(c, params, cfg, mesh if jax.process_count() == 1 else None)
+    directions.save_safetensors(dir_file, _flatten(dirs), cfg)
+    if jax.process_count() == 1:
+      return dirs
+  distributed.barrier("landscape: directions saved")
+  return _regroup(directions.load_safetensors(dir_file, cfg), n_comp)
 
 
 def _progress(total: int, enabled: bool):
@@ -369,7 +411,16 @@ def default_config():
   # materialized (theta + alpha d per point) | continuous (fused, ended rows refilled every
   # refill_every steps); max_batch: decode rows per chunk or slots (0 = from the memory model).
   c.engine = dict(mode="auto", max_batch=0, refill_every=8)
-  c.mesh = dict(shape=(1, 1))  # ("data", "model")
+  c.mesh = dict(shape=(1, 1))  # ("data", "model"); -1 = all remaining devices, e.g. (-1, 1)
+  # Multi-process runs (every process runs the same command and config; process 0 writes the
+  # files; the mesh must span all processes' devices, e.g. mesh.shape=(-1, 1)). Explicit:
+  # coordinator_address "host:port" of process 0 with num_processes and this process's
+  # process_id (e.g. several processes on one machine). Else auto: detect (jax's cluster
+  # auto-detection when launched as an srun step of several tasks, by Open MPI, on a Cloud TPU
+  # pod, or with JAX_COORDINATOR_ADDRESS or VISAGE_JAX_DISTRIBUTED=1 set) | always | never.
+  # Not part of a run's identity: a run resumes with any number of processes.
+  c.distributed = dict(coordinator_address="", num_processes=1, process_id=0, auto="detect",
+                       initialization_timeout=300)
   return c
 
 

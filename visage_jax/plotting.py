@@ -1,4 +1,5 @@
-"""1D / 2D / 3D figures of a saved safety landscape (a run's landscape.json), like Peng et al. Fig. 1.
+"""1D / 2D / 3D figures of a saved safety landscape (a run's landscape.json), like Peng et al. Fig. 1,
+and a sweep's runs on one axes.
 
 Figures are built on `matplotlib.figure.Figure` with an Agg canvas, so plotting never touches
 pyplot's global state and is safe inside a long-running sweep.
@@ -206,6 +207,46 @@ def plot_landscape(result: dict, path: str) -> None:
   else:
     fig = Figure(figsize=(13, 5.6), layout="constrained")
     _plot_2d(fig, p)
+  _save(fig, path)
+
+
+def plot_sweep(results: dict, path: str) -> list[str]:
+  """One axes for a whole sweep (run name -> landscape.json): ASR vs alpha of every run (1D: mean
+  over directions; 2D: the beta = 0 slice, dashed). Returns the runs drawn; runs with no point
+  yet, or 2D ones without beta = 0, are left out. Atomic, like plot_landscape."""
+  fig = Figure(figsize=(10, 5.2), layout="constrained")
+  ax = fig.add_subplot()
+  drawn = []
+  for name, result in results.items():
+    p = _parse(result)
+    if p["vis_type"] in VIS_TYPES_1D:
+      curve, style, label = p["asr"].mean(axis=0), "-", name
+    else:
+      zero = np.flatnonzero(np.isclose(p["y"], 0.0))
+      if not len(zero):
+        continue
+      curve, style, label = p["asr"][:, zero[0]], "--", f"{name} (β = 0 slice)"
+    if np.isnan(curve).all():
+      continue
+    partial = "  [partial]" if p["partial"] else ""
+    ax.plot(p["x"], curve, ls=style, marker="o", ms=3, lw=1.4,
+            label=f"{label}  ·  {_visage_text(p['visage'])}{partial}")
+    drawn.append(name)
+  if not drawn:
+    ax.text(0.5, 0.5, "no evaluated points yet", ha="center", va="center", transform=ax.transAxes)
+  ax.axvline(0.0, color="0.35", lw=1, ls=":", zorder=1)
+  ax.set_ylim(-2, 102)
+  ax.set_xlabel("α")
+  ax.set_ylabel("ASR (%)")
+  ax.grid(alpha=0.3)
+  if drawn:
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+  ax.set_title(f"sweep: {len(drawn)} of {len(results)} runs", fontsize=10)
+  _save(fig, path)
+  return drawn
+
+
+def _save(fig: Figure, path: str) -> None:
   FigureCanvasAgg(fig)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)

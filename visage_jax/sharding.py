@@ -25,15 +25,29 @@ PARAM_RULES = (
 
 
 def make_mesh(shape: tuple[int, int] = (1, 1), devices=None) -> Mesh:
-  """A (data, model) mesh over the first data*model devices."""
+  """A (data, model) mesh over the first data*model devices; -1 = all remaining devices.
+
+  Devices are global (every process's), so with several processes the mesh must span all
+  of them: data splits across processes, model stays within one when it fits.
+  """
   devices = jax.devices() if devices is None else devices
   shape = tuple(int(s) for s in shape)
-  if len(shape) != 2 or min(shape) < 1:
-    raise ValueError(f"mesh.shape {shape} must be two positive ints (data, model).")
+  if len(shape) != 2 or min(shape) < -1 or 0 in shape or shape.count(-1) > 1:
+    raise ValueError(f"mesh.shape {shape} must be two positive ints (data, model), one of them "
+                     "may be -1 (all remaining devices).")
+  if -1 in shape:
+    other = shape[0] * shape[1] * -1
+    if len(devices) % other:
+      raise ValueError(f"mesh.shape {shape}: {len(devices)} devices do not split into groups of {other}.")
+    shape = tuple(len(devices) // other if s == -1 else s for s in shape)
   n = shape[0] * shape[1]
   if n > len(devices):
     raise ValueError(f"mesh.shape {shape} needs {n} devices; {len(devices)} available "
                      f"({devices[0].platform}).")
+  if jax.process_count() > 1 and n != len(devices):
+    raise ValueError(f"mesh.shape {shape} uses {n} of the {len(devices)} devices of "
+                     f"{jax.process_count()} processes; a multi-process run needs a mesh over all of "
+                     "them, e.g. mesh.shape=(-1, 1).")
   return Mesh(np.asarray(devices[:n]).reshape(shape), AXES)
 
 
@@ -68,9 +82,47 @@ def batch_sharding(mesh: Mesh, ndim: int, axis: int = 0) -> NamedSharding:
   return NamedSharding(mesh, P(*spec))
 
 
+def fit(mesh: Mesh, shape: tuple[int, ...], *axes) -> NamedSharding:
+  """NamedSharding of P(*axes) for an array of `shape`; axes the mesh does not divide stay whole."""
+  return NamedSharding(mesh, _fit(P(*axes), shape, mesh))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def put(tree, shardings):
+  """jax.device_put of host values, also onto a mesh spanning several processes.
+
+  There every process holds the same host value and fills only its own devices
+  (jax.device_put would first all-gather each value to check that it is the same).
+  """
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, tree)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+
+  def one(x, s):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return jax.device_put(x, s)
+    x = np.asarray(x)
+    x = x.astype(jax.dtypes.canonicalize_dtype(x.dtype), copy=False)
+    return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+  return jax.tree.map(one, tree, shardings)
+
+
+def to_host(tree):
+  """jax.device_get for arrays that may span processes: every process gets the whole value."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+  return jax.tree.map(one, tree)
+
+
 def shard_params(tree, mesh: Mesh):
-  return jax.device_put(tree, param_shardings(tree, mesh))
+  return put(tree, param_shardings(tree, mesh))

@@ -1,0 +1,273 @@
+"""Sweeps: a grid of landscape runs executed in turn, in one process on one mesh.
+
+`base` is a landscape config; `sweep.grid` and `sweep.runs` say which fields change. Each run is
+a plain landscape workdir, WORKDIR/<run name>/, so it resumes like one: finished runs are
+skipped (landscape.finished_result, without loading the model), unfinished ones continue, a
+failed one is recorded with its error and the sweep goes on. sweep.csv, sweep.md and sweep.png
+are rewritten after every run, so an interrupted sweep still has its summary.
+"""
+
+import copy
+import csv
+import hashlib
+import io
+import itertools
+import json
+import os
+import re
+import time
+
+import numpy as np
+from absl import logging
+
+from visage_jax import distributed, landscape, plotting
+
+SUMMARY_FILES = ("sweep.csv", "sweep.md", "sweep.png")
+COLUMNS = ("run", "status", "asr_at_0", "visage", "workdir", "error")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
+_VALUE_CHARS = 40
+
+
+def default_config():
+  """Every sweep setting; configs/sweep_*.py fill in base and the grid."""
+  import ml_collections
+
+  c = ml_collections.ConfigDict()
+  # A landscape config (every field of landscape.default_config()); each run is base + overrides.
+  c.base = landscape.default_config()
+  # grid: ((dotted field of base, (value, ...)), ...); the runs are the product of the value
+  #   lists, the first field outermost, e.g. (("prompts.system_prompt", ("default", "aoa")),).
+  # runs: (dict(name="...", overrides={"dotted.field": value, ...}), ...): explicit runs, e.g. one
+  #   per fine-tuned checkpoint, each crossed with the grid (name may be left out).
+  # A run's directory is named after its overrides, "field=value,..." (the field's last part,
+  # a path's basename), made filesystem-safe and unique; an explicit name comes first.
+  c.sweep = dict(grid=(), runs=())
+  # Multi-process sweeps: the very same section as base.distributed (see landscape.default_config).
+  c.distributed = c.base.distributed
+  return c
+
+
+# ------------------------------------------------------------------ the runs
+
+
+def _field_names(base) -> str:
+  return ", ".join(f"{s}.{k}" for s in base.keys() if hasattr(base[s], "keys") for k in base[s].keys())
+
+
+def _check_field(base, field: str, where: str) -> None:
+  """Names the offending entry: a typo in a sweep must not silently add a field."""
+  node = base
+  for part in str(field).split("."):
+    if not hasattr(node, "keys") or part not in node:
+      raise ValueError(f"{where}: {field!r} is not a field of the landscape config (sweep base); "
+                       f"fields: {_field_names(base)}.")
+    node = node[part]
+  if hasattr(node, "keys"):
+    raise ValueError(f"{where}: {field!r} is a section; name one of its fields: "
+                     f"{', '.join(f'{field}.{k}' for k in node.keys())}.")
+
+
+def _grid(c) -> list[tuple[str, tuple]]:
+  out = []
+  for i, entry in enumerate(c.sweep.grid):
+    if not isinstance(entry, (tuple, list)) or len(entry) != 2 or isinstance(entry[1], str) \
+        or not hasattr(entry[1], "__iter__"):
+      raise ValueError(f"sweep.grid[{i}]: expected (dotted field, (value, ...)), got {entry!r}.")
+    field, values = str(entry[0]), tuple(entry[1])
+    _check_field(c.base, field, f"sweep.grid[{i}]")
+    if not values:
+      raise ValueError(f"sweep.grid[{i}]: {field!r} has no values.")
+    if field in [f for f, _ in out]:
+      raise ValueError(f"sweep.grid[{i}]: {field!r} appears twice in the grid.")
+    out.append((field, values))
+  return out
+
+
+def _explicit(c) -> list[tuple[str | None, dict]]:
+  out = []
+  for i, entry in enumerate(c.sweep.runs):
+    entry = dict(entry)
+    unknown = set(entry) - {"name", "overrides"}
+    if unknown:
+      raise ValueError(f"sweep.runs[{i}]: unknown keys {sorted(unknown)}; expected name and overrides.")
+    name = entry.get("name") or None
+    if name is not None and (_UNSAFE.search(str(name)) or str(name) in (".", "..")):
+      raise ValueError(f"sweep.runs[{i}].name {name!r} is a directory name: use letters, digits "
+                       "and . _ = , + -")
+    overrides = dict(entry.get("overrides") or {})
+    for field in overrides:
+      _check_field(c.base, field, f"sweep.runs[{i}].overrides")
+    out.append((name, overrides))
+  return out
+
+
+def _short_value(value) -> str:
+  if isinstance(value, (tuple, list)):
+    return "x".join(_short_value(v) for v in value)
+  if isinstance(value, str):
+    text = os.path.basename(value.rstrip("/")) if "/" in value else value
+    text = _UNSAFE.sub("_", text or "none").strip("_") or "none"
+    if len(text) > _VALUE_CHARS:   # long custom text (a system prompt): a prefix and a hash
+      text = text[:_VALUE_CHARS - 9] + "-" + hashlib.sha1(value.encode()).hexdigest()[:8]
+    return text
+  return _UNSAFE.sub("_", str(value))
+
+
+def _label(overrides: dict, keys: dict) -> str:
+  return ",".join(f"{keys[f]}={_short_value(v)}" for f, v in overrides.items())
+
+
+def expand(c) -> list[tuple[str, dict]]:
+  """(run name, {dotted field: value}) for every run of the sweep, in order."""
+  grid, explicit = _grid(c), _explicit(c)
+  points = [dict(zip([f for f, _ in grid], combo)) for combo in itertools.product(*[v for _, v in grid])]
+  fields = list(dict.fromkeys([f for f, _ in grid] + [f for _, o in explicit for f in o]))
+  last = [f.split(".")[-1] for f in fields]
+  keys = {f: f.split(".")[-1] if last.count(f.split(".")[-1]) == 1 else f for f in fields}
+  runs = []
+  for name, over in explicit or [(None, {})]:
+    for point in points:
+      clash = set(over) & set(point)
+      if clash:
+        raise ValueError(f"sweep: {sorted(clash)} set both by sweep.runs ({name or over}) and by sweep.grid.")
+      head = name or _label(over, keys)
+      runs.append((",".join(p for p in (head, _label(point, keys)) if p) or "base", {**over, **point}))
+  names = [n for n, _ in runs]
+  for i, (n, over) in enumerate(runs):
+    if names.count(n) > 1:   # distinct values that read the same: tell them apart by a hash
+      digest = hashlib.sha1(json.dumps(landscape.jsonable(over), sort_keys=True, default=str).encode())
+      runs[i] = (f"{n}-{digest.hexdigest()[:8]}", over)
+  seen = {}
+  for n, over in runs:
+    if n in seen:
+      raise ValueError(f"sweep: two runs are both named {n!r} (overrides {seen[n]} and {over}); "
+                       "give explicit runs distinct names and overrides.")
+    seen[n] = over
+  return runs
+
+
+def run_config(base, overrides: dict):
+  """base with the overrides applied (a copy); a value of the wrong type names its field."""
+  c = copy.deepcopy(base)
+  for field, value in overrides.items():
+    *parents, leaf = field.split(".")
+    node = c
+    for part in parents:
+      node = node[part]
+    try:
+      node[leaf] = tuple(value) if isinstance(value, list) else value
+    except TypeError as e:
+      raise ValueError(f"sweep: cannot set {field} = {value!r} ({e}).") from None
+  return c
+
+
+# ------------------------------------------------------------------ summaries
+
+
+def asr_at_zero(result: dict) -> float | None:
+  """ASR of the model itself (alpha = 0, and beta = 0 in 2D): the same for every direction."""
+  i = np.flatnonzero(np.isclose(result["coords_x"], 0.0, atol=1e-9))
+  if not len(i):
+    return None
+  if result.get("coords_y") is None:
+    return result["asr"][0][i[0]]
+  j = np.flatnonzero(np.isclose(result["coords_y"], 0.0, atol=1e-9))
+  return result["asr"][i[0]][j[0]] if len(j) else None
+
+
+def visage_score(result: dict) -> float | None:
+  """The run's VISAGE: the mean over directions in 1D, the plane's score in 2D."""
+  v = result.get("visage")
+  return v.get("mean") if isinstance(v, dict) else v
+
+
+def _fmt(v) -> str:
+  return "–" if v is None else f"{v:.2f}"
+
+
+def _csv_value(v):
+  if v is None:
+    return ""
+  if isinstance(v, (tuple, list, dict)):
+    return json.dumps(landscape.jsonable(v))
+  return v
+
+
+def summary_csv(rows: list[dict], fields: list[str]) -> str:
+  out = io.StringIO()
+  w = csv.DictWriter(out, fieldnames=list(COLUMNS) + fields, lineterminator="\n")
+  w.writeheader()
+  for row in rows:
+    w.writerow({k: _csv_value(row.get(k)) for k in w.fieldnames})
+  return out.getvalue()
+
+
+def summary_markdown(rows: list[dict], workdir: str) -> str:
+  title = os.path.basename(os.path.abspath(workdir))
+  lines = [f"# Sweep {title}", "", "| run | status | ASR at α = 0 | VISAGE |", "|---|---|---:|---:|"]
+  lines += [f"| {r['run']} | {r['status']} | {_fmt(r['asr_at_0'])} | {_fmt(r['visage'])} |" for r in rows]
+  failed = [r for r in rows if r["status"] == "failed"]
+  if failed:
+    lines += ["", "Failed runs:", ""]
+    lines += [f"- `{r['run']}`: {' '.join(str(r['error']).split())[:500]}" for r in failed]
+  return "\n".join(lines) + "\n"
+
+
+def _write_summary(workdir: str, rows: list[dict], fields: list[str], results: dict) -> None:
+  landscape.write_atomic(os.path.join(workdir, "sweep.csv"), summary_csv(rows, fields))
+  landscape.write_atomic(os.path.join(workdir, "sweep.md"), summary_markdown(rows, workdir))
+  if results:
+    plotting.plot_sweep(results, os.path.join(workdir, "sweep.png"))
+
+
+# ------------------------------------------------------------------ the sweep
+
+
+def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> list[dict]:
+  """Runs (or resumes) every run of sweep config `c` under `workdir`; returns the summary rows."""
+  runs = [(name, over, run_config(c.base, over)) for name, over in expand(c)]
+  fields = list(dict.fromkeys(f for _, over, _ in runs for f in over))
+  writer = distributed.is_writer()
+  say = logging.info if writer else (lambda *a: None)
+  rows, results = [], {}
+  for name, over, rc in runs:
+    run_dir = os.path.join(workdir, name)
+    row = dict(run=name, status="pending", asr_at_0=None, visage=None, workdir=run_dir, error=None,
+               **{f: over.get(f) for f in fields})
+    done = landscape.finished_result(run_dir, rc.to_dict())
+    if done is not None:
+      row.update(status="complete", asr_at_0=asr_at_zero(done), visage=visage_score(done))
+      results[name] = done
+    rows.append(row)
+  todo = [i for i, r in enumerate(rows) if r["status"] != "complete"]
+  say("sweep %s: %d runs, %d complete, %d to run", workdir, len(rows), len(rows) - len(todo), len(todo))
+  if writer:
+    os.makedirs(workdir, exist_ok=True)
+    _write_summary(workdir, rows, fields, results)
+  for k, i in enumerate(todo):
+    name, _, rc = runs[i]
+    row = rows[i]
+    say("sweep [%d/%d] %s: running", k + 1, len(todo), name)
+    row["status"], t0 = "running", time.time()
+    if writer:
+      _write_summary(workdir, rows, fields, results)
+    try:
+      result = landscape.run(rc, row["workdir"], overwrite=overwrite, progress=progress)
+    except Exception as e:  # recorded; the next runs go on
+      row.update(status="failed", error=f"{type(e).__name__}: {e}")
+      logging.exception("sweep: run %s failed", name)
+    except BaseException:    # Ctrl-C: the summary says where the sweep stopped
+      row["status"] = "interrupted"
+      if writer:
+        _write_summary(workdir, rows, fields, results)
+      raise
+    else:
+      row.update(status="complete" if result["complete"] else "failed",
+                 asr_at_0=asr_at_zero(result), visage=visage_score(result),
+                 error=None if result["complete"] else "landscape incomplete")
+      results[name] = result
+      say("sweep [%d/%d] %s: ASR at 0 %s, VISAGE %s (%.0f s)", k + 1, len(todo), name,
+          _fmt(row["asr_at_0"]), _fmt(row["visage"]), time.time() - t0)
+    if writer:
+      _write_summary(workdir, rows, fields, results)
+  return rows
