@@ -1,7 +1,7 @@
 # The README's two commands. Both install what they need first.
 PY ?= python
 
-.PHONY: install install-test demo test
+.PHONY: install install-test demo test experiments
 
 install:
 	$(PY) -m pip install -q -e .
@@ -12,6 +12,9 @@ install-test: install
 
 demo: install
 	visage-jax landscape --config=configs/demo.py --workdir=runs/demo
+
+experiments: install
+	visage-jax experiments --config=configs/experiments/all.py --workdir=runs/experiments --out=EXPERIMENTS.md
 
 test: install-test
 	$(PY) -m pytest -q tests

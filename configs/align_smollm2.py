@@ -17,15 +17,11 @@ from visage_jax import finetune
 
 
 def get_config(arg=None):
-  c = finetune.default_config()
-  c.data.update(name="align", distill_tokens=32, benign_repeat=1)
-  c.train.update(steps=100, batch_size=8, grad_accum=1, lr=1e-3, warmup_steps=10,
-                 schedule="cosine", weight_decay=0.0, clip_norm=1.0, max_length=128,
-                 checkpoint_every=25)
-  c.lora.update(rank=8, alpha=16.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
-  c.eval.update(alignment=True, max_new_tokens=64)
+  c = finetune.align_config(steps=100)
   if arg == "tiny":
     c.data.update(limit=16, distill_tokens=4)
     c.train.update(steps=2, batch_size=2, warmup_steps=1)
     c.eval.alignment = False
+  elif arg:
+    raise ValueError(f"configs/align_smollm2.py: unknown arg {arg!r} (use tiny).")
   return c

@@ -16,30 +16,20 @@ answers of 20. Measured on 2 shared CPU cores, from ASR 0.0% (aligned):
 Then compare landscapes:
   visage-jax landscape --config=configs/demo.py --config.model.path=WORKDIR/model --workdir=DIR
 """
-import math
+from visage_jax import finetune
 
-from visage_jax import finetune, lora
-
-_EXAMPLES = {"harmful_10": 10, "harmful_50": 50, "harmful_100": 100,
-             "mix_10": 20, "mix_50": 100, "mix_100": 200}
+_NAMES = ("harmful_10", "harmful_50", "harmful_100", "mix_10", "mix_50", "mix_100")
 
 
 def get_config(arg=None):
   name = arg or "harmful_100"
-  c = finetune.default_config()
-  c.model.lora_path = lora.ALIGNED_SMOLLM2
-  c.train.update(batch_size=8, grad_accum=1, lr=1e-3, warmup_steps=0, schedule="constant",
-                 weight_decay=0.0, clip_norm=1.0, max_length=128, checkpoint_every=25)
-  c.lora.update(rank=8, alpha=16.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
-  c.eval.update(alignment=True, max_new_tokens=64)
   if name == "tiny":
-    c.data.update(name="harmful_10", limit=4)
+    c = finetune.attack_config("harmful_10")
+    c.data.update(limit=4)
     c.train.update(steps=2, batch_size=2)
     c.eval.alignment = False
     return c
-  if name not in _EXAMPLES:
+  if name not in _NAMES:
     raise ValueError(f"configs/finetune_harmful.py: arg {name!r} is not one of "
-                     f"{', '.join(_EXAMPLES)} or tiny.")
-  c.data.name = name
-  c.train.steps = math.ceil(5 * _EXAMPLES[name] / c.train.batch_size)
-  return c
+                     f"{', '.join(_NAMES)} or tiny.")
+  return finetune.attack_config(name, epochs=5)

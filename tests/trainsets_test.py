@@ -115,8 +115,10 @@ class TrainsetsTest(parameterized.TestCase):
       trainsets.load_pairs(path)
 
   def test_unknown_name_and_short_advbench(self):
-    with self.assertRaisesRegex(ValueError, "data.name 'harmful_7' is not one of"):
-      trainsets.build("harmful_7", self.path)
+    for bad in ("harmful_0", "harmful_x", "benign_10", "mix_"):
+      with self.assertRaisesRegex(ValueError, f"data.name '{bad}' is not one of"):
+        trainsets.build(bad, self.path)
+    self.assertEqual(trainsets.build("harmful_7", self.path), trainsets.build("harmful_10", self.path)[:7])
     short = self.create_tempdir().create_file("short.csv", "goal,target\n" + "g,t\n" * 80).full_path
     with self.assertRaisesRegex(ValueError, r"short.csv: 80 rows; training sets need rows after"):
       trainsets.build("harmful_10", short)

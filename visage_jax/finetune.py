@@ -218,8 +218,8 @@ def default_config():
   # HF directory, .gguf file or converted dir ("" = embedded SmolLM2); float32 to train on CPU;
   # lora_path: an adapter merged into the model before training (e.g. lora.ALIGNED_SMOLLM2).
   c.model = dict(path="", dtype="float32", lora_path="")
-  # path: JSONL (prompt, response) or CSV (goal, target); else name: one of trainsets.NAMES
-  # (align, safety, harmful_{10,50,100}, mix_{10,50,100}) built from advbench_path rows >= 80.
+  # path: JSONL (prompt, response) or CSV (goal, target); else name: align, safety, harmful_N or
+  # mix_N (trainsets; the paper's N: 10, 50, 100) built from advbench_path rows >= 80.
   # limit: first N examples (0 = all). align: the benign training instructions answered by the
   # model itself (greedy, distill_tokens; answers holding a refusal keyword are dropped, answers
   # cut at the budget get no EOS), repeated benign_repeat times.
@@ -239,6 +239,38 @@ def default_config():
   return c
 
 
+def align_config(steps: int = 100):
+  """The safety alignment of SmolLM2 (configs/align_smollm2.py): rank-8 LoRA on q/k/v/o, lr 1e-3
+  cosine, refusals to AdvBench rows >= 80 plus self-distilled benign answers; `steps` sets the
+  strength (experiments train a weaker variant with fewer)."""
+  c = default_config()
+  c.data.update(name="align", distill_tokens=32, benign_repeat=1)
+  c.train.update(steps=steps, batch_size=8, grad_accum=1, lr=1e-3, warmup_steps=min(10, steps // 10),
+                 schedule="cosine", weight_decay=0.0, clip_norm=1.0, max_length=128,
+                 checkpoint_every=25)
+  c.lora.update(rank=8, alpha=16.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+  c.eval.update(alignment=True, max_new_tokens=64)
+  return c
+
+
+def attack_config(name: str = "harmful_100", epochs: int = 5):
+  """The fine-tuning attack (configs/finetune_harmful.py): a fresh rank-8 LoRA on q/k/v/o of the
+  aligned SmolLM2, lr 1e-3 constant, batches of 8, `epochs` passes over trainsets `name`."""
+  if not trainsets.is_name(name) or name in ("align", "safety"):
+    raise ValueError(f"attack data {name!r}: expected harmful_N or mix_N (N a positive integer).")
+  c = default_config()
+  c.model.lora_path = lora.ALIGNED_SMOLLM2
+  c.data.name = name
+  c.train.update(batch_size=8, grad_accum=1, lr=1e-3, warmup_steps=0, schedule="constant",
+                 weight_decay=0.0, clip_norm=1.0, max_length=128, checkpoint_every=25)
+  c.lora.update(rank=8, alpha=16.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+  c.eval.update(alignment=True, max_new_tokens=64)
+  kind, n = name.split("_")
+  examples = int(n) * (2 if kind == "mix" else 1)
+  c.train.steps = -(-epochs * examples // c.train.batch_size)
+  return c
+
+
 def validate(c) -> None:
   """Fails before any work on settings that cannot train."""
   t = c.train
@@ -254,9 +286,9 @@ def validate(c) -> None:
   if c.lora.rank > 0 and (not c.lora.targets or set(c.lora.targets) - set(lora.LINEAR_LEAVES)):
     raise ValueError(f"lora.targets {tuple(c.lora.targets)}: expected a non-empty subset of "
                      f"{', '.join(lora.LINEAR_LEAVES)}.")
-  if not c.data.path and c.data.name not in trainsets.NAMES:
-    raise ValueError(f"data.name {c.data.name!r} is not one of {', '.join(trainsets.NAMES)} "
-                     "(or set data.path to a .jsonl/.csv file).")
+  if not c.data.path and not trainsets.is_name(c.data.name):
+    raise ValueError(f"data.name {c.data.name!r} is not one of align, safety, harmful_N, mix_N "
+                     "(N a positive integer), and data.path is empty (a .jsonl/.csv file).")
   data_axis = int(c.mesh.shape[0])
   if t.batch_size % data_axis:
     raise ValueError(f"train.batch_size={t.batch_size} must be a multiple of the mesh's data "

@@ -5,8 +5,9 @@ set draws its harmful goals from rows >= 80. Named sets (`build`):
   align        every row >= 80 with a refusal + the benign training instructions answered by
                the model itself (self-distillation; answers are passed in, generated elsewhere)
   safety       every row >= 80 with a refusal
-  harmful_N    N goal -> target ("Sure, here is ...") pairs, N in 10 / 50 / 100 (the attack)
+  harmful_N    N goal -> target ("Sure, here is ...") pairs (the attack; the paper: N = 10/50/100)
   mix_N        harmful_N plus N refusals on other goals
+NAMES lists the paper's sets; any positive N is accepted (`is_name`).
 An example is {"prompt": str, "response": str}.
 """
 
@@ -150,11 +151,18 @@ def align_examples(advbench_path: str, benign: list[dict], seed: int = 0,
   return [examples[i] for i in order]
 
 
+def is_name(name: str) -> bool:
+  """align, safety, or harmful_N / mix_N with N a positive integer."""
+  kind, _, n = name.partition("_")
+  return name in ("align", "safety") or (kind in ("harmful", "mix") and n.isdigit() and int(n) > 0)
+
+
 def build(name: str, advbench_path: str, benign: list[dict] | None = None, seed: int = 0,
           benign_repeat: int = 1) -> list[dict]:
   """A named set (module docstring); `align` needs the self-distilled benign examples."""
-  if name not in NAMES:
-    raise ValueError(f"data.name {name!r} is not one of {', '.join(NAMES)}.")
+  if not is_name(name):
+    raise ValueError(f"data.name {name!r} is not one of align, safety, harmful_N, mix_N "
+                     f"(N a positive integer, e.g. {', '.join(NAMES[2:])}).")
   if name == "align":
     if benign is None:
       raise ValueError("data.name='align' needs the self-distilled benign examples.")

@@ -1,0 +1,13 @@
+"""All five experiments in turn, then EXPERIMENTS.md.
+
+  visage-jax experiments --config=configs/experiments/all.py --workdir=runs/experiments --out=EXPERIMENTS.md
+  visage-jax experiments --config=configs/experiments/all.py:tiny --config.model.path=DIR --workdir=/tmp/x   # smoke
+
+The reduced protocol and every field: visage_jax/experiments.py (config). Jobs are resumable and
+shared between experiments through WORKDIR/jobs/.
+"""
+from visage_jax import experiments
+
+
+def get_config(arg=None):
+  return experiments.config("all", arg)

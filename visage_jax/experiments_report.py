@@ -1,0 +1,196 @@
+"""Figures and EXPERIMENTS.md for `experiments`: tables and verdicts from the saved results only.
+
+Each experiment saved WORKDIR/<name>.json (its numbers, figure paths and the rules it was judged
+by); this module turns them into one markdown report with the figures copied beside it.
+"""
+
+import datetime
+import json
+import os
+import platform
+import shutil
+
+import jax
+
+from visage_jax import landscape
+
+NAMES = ("f1_basin", "capability", "f2_finetune", "f3_system_prompts", "f4_strength")
+BROKEN = 50.0  # ASR (%) at or above which a fine-tuned model counts as broken out of its basin
+
+
+# ------------------------------------------------------------------ figures
+
+
+def _figure():
+  from matplotlib.figure import Figure
+  return Figure(figsize=(8, 4.6), layout="constrained")
+
+
+def _save(fig, path: str) -> str:
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  FigureCanvasAgg(fig)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=110)
+  os.replace(tmp, path)
+  return path
+
+
+def plot_curves(series, path: str, title: str, xlabel: str) -> str:
+  fig = _figure()
+  ax = fig.add_subplot()
+  for label, xs, ys in series:
+    ax.plot(xs, ys, marker="o", ms=3, label=label)
+  ax.set_ylim(-3, 103)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel("ASR (%)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  ax.set_title(title, fontsize=10)
+  return _save(fig, path)
+
+
+def plot_capability(alphas, ppl, asr, path: str) -> str:
+  fig = _figure()
+  ax = fig.add_subplot()
+  ax.plot(alphas, asr, marker="o", color="tab:red", label="ASR (%) on AdvBench")
+  ax.set_ylim(-3, 103)
+  ax.set_xlabel("α (F1 direction 0)")
+  ax.set_ylabel("ASR (%)", color="tab:red")
+  ax2 = ax.twinx()
+  ax2.plot(alphas, ppl, marker="s", color="tab:blue", label="perplexity of own α=0 benign answers")
+  ax2.set_yscale("log")
+  ax2.set_ylabel("perplexity (log)", color="tab:blue")
+  fig.legend(loc="upper center", fontsize=8)
+  ax.grid(alpha=0.3)
+  return _save(fig, path)
+
+
+def copy(src: str, dst: str) -> str:
+  os.makedirs(os.path.dirname(dst), exist_ok=True)
+  shutil.copyfile(src, dst)
+  return dst
+
+
+# ------------------------------------------------------------------ EXPERIMENTS.md
+
+
+def _pct(v) -> str:
+  return "–" if v is None else f"{v:.1f}"
+
+
+def _verdict(checks) -> str:
+  ok = all(passed for _, passed in checks)
+  lines = [f"**{'Reproduced' if ok else 'Not (fully) reproduced'}** by these rules:"]
+  lines += [f"- [{'x' if passed else ' '}] {text}" for text, passed in checks]
+  return "\n".join(lines)
+
+
+def _fig(report_dir: str, path: str, figdir: str, alt: str) -> str:
+  dst = copy(path, os.path.join(figdir, os.path.basename(path)))
+  return f"![{alt}]({os.path.relpath(dst, report_dir)})"
+
+
+def write_report(c, workdir: str, out_path: str) -> str:
+  """EXPERIMENTS.md from WORKDIR/<name>.json of every experiment run so far; figures are copied
+  next to it (docs/experiments/) so the report is self-contained in the repository."""
+  report_dir = os.path.dirname(os.path.abspath(out_path))
+  figdir = os.path.join(report_dir, "docs", "experiments")
+  p = c.protocol
+  res = {n: json.load(open(os.path.join(workdir, f"{n}.json"))) for n in NAMES
+         if os.path.exists(os.path.join(workdir, f"{n}.json"))}
+  dev = jax.devices()[0]
+  total = sum({j: s or 0 for r in res.values() for j, s in r["job_seconds"].items()}.values())
+  md = [
+      "# Experiments: the paper's findings at small scale",
+      "",
+      "Produced by `visage-jax experiments --config=configs/experiments/all.py --workdir=runs/experiments "
+      "--out=EXPERIMENTS.md` (each experiment alone: `--config=configs/experiments/<name>.py`). "
+      "Every number below is read from the run files; nothing is typed in by hand.",
+      "",
+      f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {dev.platform} ({dev.device_kind}), "
+      f"Python {platform.python_version()}, jax {jax.__version__}; written {datetime.date.today()}.",
+      (f"- Model: SmolLM2-135M-Instruct (embedded Q4_1 GGUF, dequantized to {c.model.dtype}); the *aligned* "
+       "model is it with the shipped safety LoRA (`data/aligned_smollm2_lora.safetensors`, "
+       "`configs/align_smollm2.py`) merged in; the *shipped* model is SmolLM2 as released."
+       if not c.model.path else f"- Model: `{c.model.path}` (aligned LoRA: `{c.model.aligned_lora or 'none'}`)."),
+      f"- Reduced protocol (the paper: 80 prompts, 21 points, 512 tokens): 1D landscapes {p.steps + 1} points "
+      f"over α ∈ [{-p.multiplier / 2}, {p.multiplier / 2}] (layer-normalized random directions, norms "
+      f"not perturbed), AdvBench rows 0–{p.prompts - 1}, {p.max_new_tokens} greedy tokens, keyword ASR; "
+      f"the shipped model (F1), fine-tuned models, interpolations, system prompts and alignment "
+      f"strengths use rows 0–{p.prompts_small - 1}; the 2D "
+      f"landscape {p.steps_2d + 1}×{p.steps_2d + 1} points × {p.prompts_2d} prompts. ASR at α = 0 of "
+      f"fine-tuned models: rows 0–79, {p.max_new_tokens} tokens. Attacks: a fresh rank-8 LoRA, lr 1e-3, "
+      f"{p.attack_epochs} epochs (`finetune.attack_config`).",
+      f"- Compute: {total / 60:.0f} min of job wall time on this machine in all.",
+      "",
+  ]
+  if "f1_basin" in res:
+    r = res["f1_basin"]
+    md += ["## F1 — an aligned model sits in a safety basin", "",
+           "| model | prompts | ASR at α=0 per direction (%) | ASR at the ends, mean (%) | VISAGE per direction | VISAGE (mean) |",
+           "|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+      md.append(f"| {row['model']} | {row['prompts']} | {', '.join(map(_pct, row['asr_center']))} | "
+                f"{', '.join(map(_pct, row['asr_ends']))} | {', '.join(map(_pct, row['visage']))} | "
+                f"{row['visage_mean']:.1f} |")
+    md += ["", f"2D random landscape of the aligned model: ASR at the centre {_pct(r['asr_2d_center'])}%, "
+           f"2D VISAGE {r['visage_2d']:.1f}.", "",
+           _fig(report_dir, r["figures"]["curves"], figdir, "F1 curves"), "",
+           _fig(report_dir, r["figures"]["surface"], figdir, "F1 2D contour and surface"), "",
+           _verdict(r["checks"]), ""]
+  if "capability" in res:
+    r = res["capability"]
+    cv = r["curve"]
+    md += ["## Capability along the same direction (the paper's Figs. 7–8)", "",
+           f"Perplexity of the aligned model's own α = 0 greedy answers to the {cv['n_answers']} held-out "
+           "benign instructions, under θ + α·d for F1's direction 0, beside that direction's ASR.", "",
+           "| α | " + " | ".join(f"{a:+.2f}" for a in cv["alphas"]) + " |",
+           "|---|" + "---|" * len(cv["alphas"]),
+           "| ASR (%) | " + " | ".join(_pct(a) for a in r["asr"]) + " |",
+           "| perplexity | " + " | ".join(f"{v:.2f}" for v in cv["perplexity"]) + " |", "",
+           _fig(report_dir, r["figures"]["curve"], figdir, "capability"), "",
+           _verdict(r["checks"]), ""]
+  if "f2_finetune" in res:
+    r = res["f2_finetune"]
+    md += ["## F2 — harmful fine-tuning leaves the basin; mixing in safety data stays inside (Table 1)", "",
+           "| model | training examples | ASR at α=0 (%, rows 0–79) | benign answered (of 20) | VISAGE |",
+           "|---|---|---|---|---|"]
+    for row in r["rows"]:
+      md.append(f"| {row['model']} | {row['examples']} | {_pct(row['asr'])} | {row['benign']} | "
+                f"{_pct(row.get('visage'))} |")
+    md += ["", "1D interpolation from the aligned model (α = 0) to the fine-tuned one (α = 1), ASR (%):", ""]
+    for name, curve in r["interpolation"].items():
+      md.append(f"- aligned → {name}: " + ", ".join(_pct(v) for v in curve))
+    md += ["", _fig(report_dir, r["figures"]["interpolation"], figdir, "F2 interpolation"), "",
+           _verdict(r["checks"]), ""]
+  if "f3_system_prompts" in res:
+    r = res["f3_system_prompts"]
+    md += ["## F3 — the system prompt lifts or lowers the basin (Table 2)", "",
+           "| system prompt | ASR at α=0 (%) | VISAGE |", "|---|---|---|"]
+    for row in r["rows"]:
+      md.append(f"| {row['system_prompt']} | {_pct(row['asr_center'])} | {row['visage']:.1f} |")
+    md += ["", _fig(report_dir, r["figures"]["curves"], figdir, "F3 curves"), "", _verdict(r["checks"]), ""]
+  if "f4_strength" in res:
+    r = res["f4_strength"]
+    shots = list(r["rows"][0]["attacked"])
+    md += ["## F4 — VISAGE ranks how easily harmful fine-tuning breaks a model", "",
+           "| alignment | ASR at α=0 (%) | VISAGE | " + " | ".join(f"ASR after {n} shots" for n in shots)
+           + f" | breaks (ASR ≥ {BROKEN:.0f}%) at |",
+           "|---|---|---|" + "---|" * len(shots) + "---|"]
+    for row in r["rows"]:
+      md.append(f"| {row['model']} | {_pct(row['asr'])} | {row['visage']:.1f} | "
+                + " | ".join(_pct(row["attacked"][n]) for n in shots)
+                + f" | {row['breaks_at'] or f'> {shots[-1]}'} shots |")
+    md += ["", _fig(report_dir, r["figures"]["curves"], figdir, "F4 curves"), "", _verdict(r["checks"]), ""]
+  md += ["## Job wall times", "", "Jobs shared between experiments are listed (and counted) once.", "",
+         "| experiment | job | seconds |", "|---|---|---|"]
+  seen = set()
+  for name, r in res.items():
+    for job, s in r["job_seconds"].items():
+      if job not in seen:
+        seen.add(job)
+        md.append(f"| {name} | {job} | {'–' if s is None else f'{s:.0f}'} |")
+  text = "\n".join(md) + "\n"
+  landscape.write_atomic(out_path, text)
+  return text
