@@ -3,6 +3,7 @@ files, a second run recomputes nothing, and the capability curve matches transfo
 
 import json
 import os
+import tempfile
 from unittest import mock
 
 import numpy as np
@@ -26,7 +27,7 @@ class ExperimentsTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    root = absltest.get_default_test_tmpdir()
+    root = tempfile.mkdtemp(prefix="experiments_test_")  # fresh: cached jobs would hide a broken run
     cls.model_dir = os.path.join(root, "tiny_exp")
     fixtures.save_tiny_hf(cls.model_dir, "llama", tokenizer=fixtures.toy_tokenizer("bpe", refusals=True),
                           seed=3, boost_refusals=True)
