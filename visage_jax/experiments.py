@@ -218,13 +218,18 @@ def capability(c, workdir: str) -> dict:
               jobs=["capability", "f1_aligned_1d"])
 
 
-def _capability_curve(c, lc) -> dict:
-  """Answers at alpha = 0 (greedy), then their per-token NLL under theta + alpha d per grid point."""
+def _aligned_model(c):
+  """(cfg, params, tokenizer) of the aligned model: the base checkpoint with the safety LoRA merged."""
   model_path = c.model.path or checkpoints.default_model_path()
   cfg, params = checkpoints.load_params(model_path, c.model.dtype)
   if c.model.aligned_lora:
     params = lora.apply_file(params, cfg, c.model.aligned_lora)
-  tok = checkpoints.load_tokenizer(model_path)
+  return cfg, params, checkpoints.load_tokenizer(model_path)
+
+
+def _capability_curve(c, lc) -> dict:
+  """Answers at alpha = 0 (greedy), then their per-token NLL under theta + alpha d per grid point."""
+  cfg, params, tok = _aligned_model(c)
   _, held = trainsets.benign_split(c.data.benign_path)
   texts = [prompts.format_prompt(g, tok, "auto", "default") for g in held]
   ids = prompts.tokenize_prompts(texts, tok, "auto")
@@ -292,11 +297,8 @@ def _aligned_eval(c, workdir: str) -> dict:
   path = os.path.join(_job_dir(workdir, "aligned_eval"), "eval.json")
   if not os.path.exists(path):
     def go():
-      model_path = c.model.path or checkpoints.default_model_path()
-      cfg, params = checkpoints.load_params(model_path, c.model.dtype)
-      if c.model.aligned_lora:
-        params = lora.apply_file(params, cfg, c.model.aligned_lora)
-      ev = finetune.evaluate_alignment(params, cfg, checkpoints.load_tokenizer(model_path),
+      cfg, params, tok = _aligned_model(c)
+      ev = finetune.evaluate_alignment(params, cfg, tok,
                                        c.protocol.max_new_tokens, advbench_path=c.data.advbench_path,
                                        benign_path=c.data.benign_path)
       landscape.write_atomic(path, json.dumps(ev, indent=1))
