@@ -1,5 +1,7 @@
 """Greedy decoding: cache vs no cache, EOS per row, budget, no recompiles within a bucket."""
 
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,6 +36,36 @@ class DecodeTest(parameterized.TestCase):
                         cfg=cfg, spec=spec)
     np.testing.assert_array_equal(np.asarray(gen.tokens), _uncached_greedy(params, prompt, cfg, 8))
     np.testing.assert_array_equal(np.asarray(gen.length), [8, 8])
+
+  @parameterized.named_parameters(("gqa", 2, None), ("sliding_window", 2, 3))
+  def test_attention_windows_match_uncached(self, num_kv_heads, window):
+    """Every step its own window (the tightest bound), with left-padded rows."""
+    cfg = model.ModelConfig.tiny(num_kv_heads=num_kv_heads, sliding_window=window,
+                                 model_type="mistral" if window else "llama")
+    params = model.init(jax.random.key(4), cfg)
+    rows = [[5, 9, 17, 3], [7, 8, 9, 10, 11, 12, 13]]
+    tokens, mask = prompts.left_pad(rows, 8, 0)
+    spec = decode.DecodeSpec(max_new_tokens=9, eos_ids=(-1,), pad_id=0)
+    with mock.patch.object(decode, "WINDOW_SEGMENTS", 100), mock.patch.object(decode, "MIN_SEGMENT_STEPS", 1):
+      self.assertEqual(len(decode.windows(8, 9)), 8)
+      gen = jax.jit(lambda p, t, m: decode.greedy_impl(p, t, m, None, None, None, cfg=cfg, spec=spec))(
+          params, tokens, mask)
+    for i, r in enumerate(rows):
+      np.testing.assert_array_equal(np.asarray(gen.tokens)[i], _uncached_greedy(params, np.asarray([r]), cfg, 9)[0])
+
+  def test_windows_cover_every_written_slot(self):
+    for prompt_len, new in [(8, 1), (8, 2), (16, 9), (56, 64), (100, 512), (24, 17)]:
+      w = decode.windows(prompt_len, new)
+      self.assertEqual(sum(n for n, _ in w), max(new - 1, 0))
+      done = 0
+      for n, attend in w:
+        done += n
+        # the last step of a segment reads slots < prompt_len + done - 1
+        self.assertGreaterEqual(attend, prompt_len + done - 1)
+        self.assertLessEqual(attend, prompt_len + new)
+    self.assertEqual(len(decode.windows(56, 64)), 7)
+    self.assertEqual(len(decode.windows(100, 512)), decode.WINDOW_SEGMENTS)
+    self.assertEqual(len(decode.windows(16, 9)), 1)
 
   def test_left_padding_does_not_change_tokens(self):
     cfg = model.ModelConfig.tiny()
@@ -72,7 +104,8 @@ class DecodeTest(parameterized.TestCase):
 
   def test_bucket_lengths(self):
     self.assertEqual([prompts.bucket_length(n) for n in (1, 16, 17, 100, 257, 600)],
-                     [16, 16, 32, 128, 512, 768])
+                     [16, 16, 24, 104, 264, 640])
+    self.assertEqual([prompts.bucket_rows(n) for n in (0, 1, 3, 4, 33)], [1, 1, 4, 4, 64])
 
 
 if __name__ == "__main__":

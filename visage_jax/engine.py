@@ -109,11 +109,15 @@ def decode_fused(params, dirs, coef, tokens, mask, tables, *, cfg: model.ModelCo
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def materialize(buffer, params, dirs, coef):
-  """theta + sum_c coef[c] * dirs[c] (float32 math) into `buffer`'s memory; dirs leaves [C, ...]."""
+def materialize(buffer, params, dirs, r, coef):
+  """theta + sum_c coef[c] * dirs[r, c] (float32 math) into `buffer`'s memory; dirs leaves [R, C, ...].
+
+  Direction r is indexed inside the program, where the index fuses into the sum: slicing it out
+  on the host side first would copy a whole params-sized tree per (point, direction).
+  """
   del buffer
   return jax.tree.map(
-      lambda p, d: (p.astype(jnp.float32) + jnp.tensordot(coef, d.astype(jnp.float32), 1)).astype(p.dtype),
+      lambda p, d: (p.astype(jnp.float32) + jnp.tensordot(coef, d[r].astype(jnp.float32), 1)).astype(p.dtype),
       params, dirs)
 
 
@@ -238,8 +242,8 @@ def evaluate(params: dict, cfg: model.ModelConfig, dirs: dict, coefs: np.ndarray
   buffer = jax.tree.map(jnp.copy, params)
   for p in points:
     for r in range(R):
-      d = jax.tree.map(lambda x: x[r], dirs)
-      buffer = materialize(buffer, params, d, sharding.put(_f32(coefs[p]), rep))
+      buffer = materialize(buffer, params, dirs, sharding.put(np.int32(r), rep),
+                           sharding.put(_f32(coefs[p]), rep))
       for start in range(0, n_prompts, batch):
         sel_prompt = _pad_rows(np.arange(start, min(start + batch, n_prompts)), batch)
         n = min(batch, n_prompts - start)
@@ -255,8 +259,8 @@ def _slot_shardings(state, mesh):
   decodes only its own slots, and each program compiles once."""
   def one(x):
     axes = [None] * x.ndim
-    if x.ndim == 5:  # KV cache [L, B, S, K, H]
-      axes[1], axes[3] = "data", "model"
+    if x.ndim == 5:  # KV cache k [L, B, K, S, H], v [L, B, K, H, S]
+      axes[1], axes[2] = "data", "model"
     elif x.ndim:
       axes[0] = "data"
     return sharding.fit(mesh, x.shape, *axes)

@@ -163,8 +163,8 @@ def init(key: jax.Array, cfg: ModelConfig) -> dict:
 @flax.struct.dataclass
 class KVCache:
   """Keys/values for every layer; slot s of row b is valid iff mask[b, s]."""
-  k: jax.Array      # [L, B, S, K, H]
-  v: jax.Array      # [L, B, S, K, H]
+  k: jax.Array      # [L, B, K, S, H]  (the layouts attention's two products read without a
+  v: jax.Array      # [L, B, K, H, S]   transpose: each step streams the cache as it lies)
   mask: jax.Array   # [B, S] bool
   pos: jax.Array    # [B] int32, position id of the next token of each row
   index: jax.Array  # [B] int32, next slot each row writes (rows advance independently when
@@ -172,9 +172,9 @@ class KVCache:
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
-  shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+  L, K, H = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
   dtype = jnp.dtype(cfg.dtype)
-  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+  return KVCache(k=jnp.zeros((L, batch, K, length, H), dtype), v=jnp.zeros((L, batch, K, H, length), dtype),
                  mask=jnp.zeros((batch, length), bool), pos=jnp.zeros((batch,), jnp.int32),
                  index=jnp.zeros((batch,), jnp.int32))
 
@@ -237,15 +237,18 @@ def _write_rows(cache, new, index):
   return jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=0))(cache, new, index)
 
 
-def _layer(cfg, inv_freq, coef, carry, layer):
+def _layer(cfg, inv_freq, coef, attend, carry, layer):
   """One decoder block; `carry` is the residual stream, `layer` the per-layer slices.
 
   Attention reads the cache as it was before this call (old slots) and the T new keys/values
   separately, and returns only the new ones: the caller writes them into the cache once, after
   all layers, so no step copies the whole cache (it stays in place in the decode loop's carry).
+  Only the first `attend` old slots are read (None: all of them).
   """
   x, positions, old_mask, new_mask = carry
   p, d, k_cache, v_cache = layer
+  if attend is not None:
+    k_cache, v_cache = k_cache[:, :, :attend], v_cache[..., :attend]
   dget = (lambda name: None) if d is None else d.get
   B, T, _ = x.shape
   dtype = x.dtype
@@ -259,14 +262,14 @@ def _layer(cfg, inv_freq, coef, carry, layer):
 
   G = cfg.num_heads // cfg.num_kv_heads
   qg = q.reshape(B, T, cfg.num_kv_heads, G, cfg.head_dim)
-  s_old = jnp.einsum("btkgh,bskh->bkgts", qg, k_cache.astype(dtype)).astype(jnp.float32)
+  s_old = jnp.einsum("btkgh,bksh->bkgts", qg, k_cache.astype(dtype)).astype(jnp.float32)
   s_new = jnp.einsum("btkgh,bukh->bkgtu", qg, k.astype(dtype)).astype(jnp.float32)
   scores = jnp.concatenate([s_old, s_new], axis=-1) * (cfg.head_dim ** -0.5)
-  mask = jnp.concatenate([old_mask, new_mask], axis=-1)                       # [B, T, S + T]
+  S = k_cache.shape[2]
+  mask = jnp.concatenate([old_mask[..., :S], new_mask], axis=-1)              # [B, T, S + T]
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-  S = k_cache.shape[1]
-  attn = (jnp.einsum("bkgts,bskh->btkgh", probs[..., :S], v_cache.astype(dtype))
+  attn = (jnp.einsum("bkgts,bkhs->btkgh", probs[..., :S], v_cache.astype(dtype))
           + jnp.einsum("bkgtu,bukh->btkgh", probs[..., S:], v.astype(dtype)))
   attn = attn.reshape(B, T, cfg.num_heads * cfg.head_dim)
   x = x + _dense(attn, p["o_proj"], dget("o_proj"), coef)
@@ -281,12 +284,14 @@ def _layer(cfg, inv_freq, coef, carry, layer):
 
 def forward(params: dict, tokens: jax.Array, token_mask: jax.Array, cache: KVCache,
             cfg: ModelConfig, dirs: dict | None = None, coef: jax.Array | None = None,
-            last_only: bool = False):
+            last_only: bool = False, attend: int | None = None):
   """Runs T new tokens through the model, appending them to the cache.
 
   tokens, token_mask: [B, T] (mask False marks left padding); dirs: a params-shaped
   tree with a leading C axis (or None); coef: [B, C]. Returns (logits [B, T, V] f32, cache);
   `last_only` computes the head for the last position only (prefill: [B, 1, V]).
+  `attend` (static): attention reads only the first `attend` cache slots, so early decode steps
+  do not stream the empty end of the cache; the caller guarantees every valid slot lies below it.
   """
   dtype = jnp.dtype(cfg.dtype)
   B, T = tokens.shape
@@ -311,13 +316,15 @@ def forward(params: dict, tokens: jax.Array, token_mask: jax.Array, cache: KVCac
   inv_freq = rope_inv_freq(cfg)
 
   layer_dirs = None if dirs is None else {k: jnp.moveaxis(v, 1, 0) for k, v in dirs["layers"].items()}
-  step = lambda carry, layer: _layer(cfg, inv_freq, coef, carry, layer)
+  attend = None if attend is None or attend >= S else attend
+  step = lambda carry, layer: _layer(cfg, inv_freq, coef, attend, carry, layer)
   (x, _, _, _), (k_new, v_new) = jax.lax.scan(
       step, (x, positions, old_mask, new_mask), (params["layers"], layer_dirs, cache.k, cache.v))
   rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-  # One scatter of the new rows per step (in place); slots past the end are dropped.
-  k_all = cache.k.at[:, rows, q_slot].set(k_new, mode="drop")
-  v_all = cache.v.at[:, rows, q_slot].set(v_new, mode="drop")
+  # One scatter of the new rows per step (in place); slots past the end are dropped. The indexed
+  # (row, slot) pairs come first in the updates: k_new/v_new [L, B, T, K, H] -> [B, T, L, K, H].
+  k_all = cache.k.at[:, rows, :, q_slot].set(jnp.moveaxis(k_new, 0, 2), mode="drop")
+  v_all = cache.v.at[:, rows, :, :, q_slot].set(jnp.moveaxis(v_new, 0, 2), mode="drop")
 
   if last_only:
     x = x[:, -1:]
