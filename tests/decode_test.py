@@ -1,5 +1,6 @@
 """Greedy decoding: cache vs no cache, EOS per row, budget, no recompiles within a bucket."""
 
+import dataclasses
 from unittest import mock
 
 import jax
@@ -52,6 +53,23 @@ class DecodeTest(parameterized.TestCase):
           params, tokens, mask)
     for i, r in enumerate(rows):
       np.testing.assert_array_equal(np.asarray(gen.tokens)[i], _uncached_greedy(params, np.asarray([r]), cfg, 9)[0])
+
+  def test_shared_prefix_prefill_matches_plain_rows(self):
+    """Prefix computed once and broadcast == every row prefilled whole == the uncached loop."""
+    cfg = model.ModelConfig.tiny(num_kv_heads=2)
+    params = model.init(jax.random.key(5), cfg)
+    head = [int(t) for t in fixtures.random_tokens(1, 12, cfg.vocab_size, seed=6)[0]]
+    rows = [head + [3, 4, 5], head + [9], head + [7, 7, 7, 7, 7, 7]]
+    tokens, mask, shared = prompts.pack(rows, pad_id=0)
+    self.assertEqual(shared, 12)
+    base = decode.DecodeSpec(max_new_tokens=9, eos_ids=(-1,), pad_id=0)
+    run = lambda spec, t, m: np.asarray(jax.jit(lambda p, t, m: decode.greedy_impl(
+        p, t, m, None, None, None, cfg=cfg, spec=spec))(params, t, m).tokens)
+    got = run(dataclasses.replace(base, shared_prefix=shared), tokens, mask)
+    np.testing.assert_array_equal(got, run(base, tokens, mask))
+    np.testing.assert_array_equal(got, run(base, *prompts.left_pad(rows, 24, 0)))
+    for i, r in enumerate(rows):
+      np.testing.assert_array_equal(got[i], _uncached_greedy(params, np.asarray([r]), cfg, 9)[0])
 
   def test_windows_cover_every_written_slot(self):
     for prompt_len, new in [(8, 1), (8, 2), (16, 9), (56, 64), (100, 512), (24, 17)]:

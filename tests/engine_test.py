@@ -1,12 +1,14 @@
 """Engine: fused x.W + c x.D equals materialized theta + c d; vmap over directions; chunking."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
 import fixtures
-from visage_jax import decode, directions, engine, model
+from visage_jax import decode, directions, engine, model, prompts
 
 
 def _setup(tied=False, seed=0, layers=2):
@@ -53,6 +55,28 @@ class FusedMatchesMaterializedTest(parameterized.TestCase):
     ref = decode.generate(theta, cfg, [list(t) for t in tokens], max_new_tokens=12, eos_ids=(-1,), pad_id=0,
                           batch_bucket=False)
     np.testing.assert_array_equal(got["materialized"][1, 3], np.array(ref))
+
+  def test_shared_prefix_gives_the_same_tokens_in_every_mode(self):
+    cfg, params, d1, _ = _setup(layers=2)
+    dirs = directions.stack([directions.stack([d1])])
+    coefs = np.linspace(-0.5, 0.5, 3)[:, None]
+    head = [int(t) for t in fixtures.random_tokens(1, 10, cfg.vocab_size, seed=7)[0]]
+    rows = [head + [5, 6], head + [8], head + [1, 2, 3, 4]]
+    packed, pmask, shared = prompts.pack(rows, pad_id=0)
+    plain, mask = prompts.left_pad(rows, 16, 0)
+    spec = engine.DecodeSpec(max_new_tokens=10, eos_ids=(-1,), pad_id=0)
+
+    def run(mode, tokens, m, spec):
+      out = np.zeros((3, 3, 10), np.int32)
+      for ch in engine.evaluate(params, cfg, dirs, coefs, tokens, m, None, spec, points=[0, 1, 2],
+                                mode=mode, max_batch=4):
+        out[ch.points, ch.prompts] = ch.tokens[0]
+      return out
+
+    shared_spec = dataclasses.replace(spec, shared_prefix=shared)
+    for mode in engine.MODES:  # materialized shares the prefill; fused and continuous only the layout
+      np.testing.assert_array_equal(run(mode, packed, pmask, shared_spec), run(mode, plain, mask, spec),
+                                    err_msg=mode)
 
   def test_materialized_batches_hold_one_points_prompts_without_padding(self):
     cfg, params, d1, _ = _setup(layers=1)

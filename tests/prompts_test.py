@@ -81,6 +81,30 @@ class DataTest(absltest.TestCase):
     np.testing.assert_array_equal(tokens, [[0, 0, 5, 6], [0, 7, 8, 9]])
     np.testing.assert_array_equal(mask, [[0, 0, 1, 1], [0, 1, 1, 1]])
 
+  def test_pack_puts_the_common_prefix_first(self):
+    head = list(range(100, 110))                      # 10 shared tokens
+    rows = [head + [1, 2], head + [3], head + [4, 5, 6]]
+    tokens, mask, shared = prompts.pack(rows, pad_id=0)
+    self.assertEqual(shared, 10)
+    self.assertEqual(tokens.shape, (3, 10 + prompts.bucket_length(3)))
+    for t, m, r in zip(tokens, mask, rows):
+      self.assertEqual(t[m].tolist(), r)               # each row is exactly its prompt
+      self.assertTrue(m[:10].all())
+    # A row that is only the prefix keeps its last token: the shared part is one shorter.
+    tokens, mask, shared = prompts.pack([head, head + [7]], pad_id=0)
+    self.assertEqual(shared, 9)
+    self.assertEqual([t[m].tolist() for t, m in zip(tokens, mask)], [head, head + [7]])
+
+  def test_pack_without_a_long_common_prefix_is_left_pad(self):
+    rows = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 9]]
+    tokens, mask, shared = prompts.pack(rows, pad_id=0)
+    self.assertEqual(shared, 0)
+    want = prompts.left_pad(rows, prompts.bucket_length(9), 0)
+    np.testing.assert_array_equal(tokens, want[0])
+    np.testing.assert_array_equal(mask, want[1])
+    with self.assertRaisesRegex(ValueError, "at least one token"):
+      prompts.pack([[1], []], pad_id=0)
+
 
 if __name__ == "__main__":
   absltest.main()

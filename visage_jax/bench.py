@@ -130,11 +130,12 @@ def run_ours(s: Setup, *, mode: str, points: list[int], max_new_tokens: int, fix
   dirs = jax.tree.map(lambda x: x.astype(s.cfg.param_dtype), dirs)
   params = sharding.shard_params(s.params, mesh)
   dirs = sharding.shard_params(dirs, mesh)
-  tokens, mask = prompts.left_pad(s.ids, prompts.bucket_length(max(map(len, s.ids))), s.pad_id)
+  tokens, mask, shared_prefix = prompts.pack(s.ids, s.pad_id)
   kw = judges.build_keyword_tables(s.tokenizer, s.cfg.vocab_size)
   tables = decode.KeywordTables(next_state=jnp.asarray(kw.next_state), matched=jnp.asarray(kw.matched))
   spec = engine.DecodeSpec(max_new_tokens=max_new_tokens, eos_ids=s.eos_ids, pad_id=s.pad_id,
-                           stop_at_refusal=stop_at_refusal, fixed_length=fixed_length)
+                           stop_at_refusal=stop_at_refusal, fixed_length=fixed_length,
+                           shared_prefix=shared_prefix)
   coefs = s.alphas[:, None]
   out = np.full((len(s.alphas), len(s.ids), max_new_tokens), s.pad_id, np.int32)
   lengths = np.zeros((len(s.alphas), len(s.ids)), np.int32)
@@ -172,7 +173,7 @@ def run(c, out_path: str, log=print) -> dict:
       model=s.model_path, points=n_points, prompts=n_prompts, max_new_tokens=n_new,
       work_generated_tokens=n_points * n_prompts * n_new, load_seconds=round(load_seconds, 2), methods={})
   tokens_by_method = {}
-  prompt_len = prompts.bucket_length(max(map(len, s.ids)))
+  prompt_len = prompts.pack(s.ids, s.pad_id)[0].shape[1]
   batch_ours = c.engine.max_batch or engine.choose_batch(
       s.cfg, n_points * n_prompts, prompt_len, engine.DecodeSpec(n_new, s.eos_ids, s.pad_id),
       n_directions=1, mode="fused", mesh=mesh)

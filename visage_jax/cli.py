@@ -29,8 +29,8 @@ flags.DEFINE_bool("progress", True, "Show progress bars.")
 flags.DEFINE_string("mesh", "", "plan: data,model mesh shape, e.g. 1,8 (default: the config's mesh.shape).")
 flags.DEFINE_string("accelerator", "", "plan: h100 | h200 | a100 | tpu_v4 | tpu_v5e | tpu_v5p, "
                     "comma-separated (default: all).")
-flags.DEFINE_integer("prompt_len", 256, "plan: padded prompt length (AdvBench goals with a system "
-                     "prompt bucket to 256 tokens).")
+flags.DEFINE_integer("prompt_len", 256, "plan: padded prompt length (a generous bound for AdvBench "
+                     "goals with a long system prompt).")
 config_flags.DEFINE_config_file("config", None, "An experiment config: configs/<name>.py[:arg].",
                                 lock_config=True)
 

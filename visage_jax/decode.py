@@ -53,6 +53,7 @@ class DecodeSpec:
   pad_id: int
   stop_at_refusal: bool = False
   fixed_length: bool = False
+  shared_prefix: int = 0  # the first columns of every row hold the same real tokens (prompts.pack)
 
 
 def _is_eos(tokens, eos_ids):
@@ -83,11 +84,26 @@ def _bad(logits):
 def prefill(params: dict, tokens: jax.Array, mask: jax.Array, tables: KeywordTables | None,
             dirs: dict | None, coef: jax.Array | None, *, cfg: model.ModelConfig,
             spec: DecodeSpec) -> DecodeState:
-  """Runs left-padded prompts [B, T] and emits each row's first token."""
+  """Runs left-padded prompts [B, T] and emits each row's first token.
+
+  When every row shares the weights (no directions) and the first spec.shared_prefix columns,
+  the prefix is computed for one row and its keys/values are broadcast to all: a chat template
+  with a system prompt is often half of each AdvBench prompt.
+  """
   B, T = tokens.shape
-  cache = model.init_cache(cfg, B, T + spec.max_new_tokens)
-  # attend=0: the cache is fresh, so attention reads only the prompt's own keys.
-  logits, cache = model.forward(params, tokens, mask, cache, cfg, dirs, coef, last_only=True, attend=0)
+  shared = spec.shared_prefix if dirs is None else 0
+  if shared:
+    one = model.init_cache(cfg, 1, T + spec.max_new_tokens)
+    _, one = model.forward(params, tokens[:1, :shared], mask[:1, :shared], one, cfg, attend=0,
+                           last_only=True)
+    # Rows sit on axis 1 of the [L, B, ...] keys/values and axis 0 of mask, pos and index.
+    cache = jax.tree.map(lambda x: jnp.repeat(x, B, axis=1 if x.ndim == 5 else 0), one)
+    tokens, mask = tokens[:, shared:], mask[:, shared:]
+  else:
+    cache = model.init_cache(cfg, B, T + spec.max_new_tokens)
+  # attend: the old slots are the shared prefix's (or none, in a fresh cache).
+  logits, cache = model.forward(params, tokens, mask, cache, cfg, dirs, coef, last_only=True,
+                                attend=shared)
   first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
   live = jnp.ones((B,), bool)
   jstate, refused = _judge(tables, jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool), first, live)

@@ -257,7 +257,7 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> d
   texts = [prompts.format_prompt(g, tok, c.prompts.template, c.prompts.system_prompt) for g in goals]
   ids = prompts.tokenize_prompts(texts, tok, c.prompts.template)
   pad_id = decode.pad_id_of(tok)
-  tokens, mask = prompts.left_pad(ids, prompts.bucket_length(max(map(len, ids))), pad_id)
+  tokens, mask, shared_prefix = prompts.pack(ids, pad_id)
 
   xs, ys = grid_coords(c.landscape.vis_type, c.landscape.steps, c.landscape.multiplier,
                        c.landscape.extra_steps)
@@ -281,7 +281,7 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> d
   tables = decode.KeywordTables(next_state=jnp.asarray(kw.next_state), matched=jnp.asarray(kw.matched))
   eos_ids = decode.eos_ids_of(tok)
   spec = engine.DecodeSpec(max_new_tokens=c.decode.max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
-                           stop_at_refusal=c.decode.stop_at_refusal)
+                           stop_at_refusal=c.decode.stop_at_refusal, shared_prefix=shared_prefix)
 
   have = {(l["direction"], l["step"]) for l in lines}
   todo = [p for p in range(len(coefs)) if any((r, p) not in have for r in range(n_dirs))]

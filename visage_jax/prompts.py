@@ -136,6 +136,33 @@ def bucket_rows(n: int) -> int:
   return 1 << (max(n, 1) - 1).bit_length()
 
 
+MIN_SHARED_PREFIX = 8  # shorter common prefixes are not worth a separate prefill
+
+
+def pack(token_lists: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, int]:
+  """-> tokens [B, P + Ts], mask, P: the prompts' common prefix (P tokens), then left-padded rest.
+
+  Prompts built from one chat template and system prompt share their first tokens. Laid out
+  [prefix | padding | rest of the prompt], every row holds that prefix in the same columns, so
+  decode.prefill computes it once for rows that share weights (DecodeSpec.shared_prefix = P).
+  Positions come from the mask, not the column, so the model sees exactly each prompt: the layout
+  gives the same tokens as left_pad. P leaves every row at least one token of its own (the last
+  one's logits start decoding); below MIN_SHARED_PREFIX it is 0 and this is left_pad.
+  """
+  if not token_lists or not all(token_lists):
+    raise ValueError("pack: every prompt needs at least one token.")
+  first, shared = token_lists[0], min(map(len, token_lists)) - 1
+  for ids in token_lists[1:]:
+    shared = next((i for i in range(shared) if ids[i] != first[i]), shared)
+  if shared < MIN_SHARED_PREFIX:
+    shared = 0
+  rest = [ids[shared:] for ids in token_lists]
+  tokens, mask = left_pad(rest, bucket_length(max(map(len, rest))), pad_id)
+  prefix = np.broadcast_to(np.asarray(first[:shared], np.int32), (len(token_lists), shared))
+  return (np.concatenate([prefix, tokens], axis=1),
+          np.concatenate([np.ones(prefix.shape, bool), mask], axis=1), shared)
+
+
 def left_pad(token_lists: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   """-> tokens [B, length] int32, mask [B, length] bool; real tokens flush right."""
   tokens = np.full((len(token_lists), length), pad_id, np.int32)
