@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 from absl.testing import absltest
 
 import fixtures
@@ -39,8 +40,16 @@ class BenchSmokeTest(absltest.TestCase):
         self.assertIn(key, e)
       # Same greedy tokens as transformers at the measured points (float32 on both sides).
       self.assertGreaterEqual(e["token_agreement_vs_reference_batched"], 0.99, name)
+      self.assertIsInstance(e["rows_that_differ_vs_reference_batched"], list)
     self.assertFalse(report["methods"]["default_real"]["equal_work"])
     self.assertIn("| reference_published |", bench.table(report))
+
+  def test_differences_name_point_prompt_and_position(self):
+    ref = np.zeros((2, 3, 5), np.int32)
+    toks = ref.copy()
+    toks[1, 2, 3:] = 7
+    got = bench._differences(toks, ref, [0, 4], np.linspace(-1, 1, 5))
+    self.assertEqual(got, [dict(point=4, alpha=1.0, prompt=2, first_differing_token=3)])
 
   def test_unknown_method(self):
     c = bench.default_config()

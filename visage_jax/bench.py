@@ -247,8 +247,21 @@ def run(c, out_path: str, log=print) -> dict:
         continue
       sel = [pts.index(p) for p in ref_pts]
       entry[f"token_agreement_vs_{ref_name}"] = round(_agreement(toks[sel], ref_toks), 4)
+      entry[f"rows_that_differ_vs_{ref_name}"] = _differences(toks[sel], ref_toks, ref_pts, s.alphas)
   _write_json(out_path, report)
   return report
+
+
+def _differences(toks: np.ndarray, ref: np.ndarray, points: list[int], alphas: np.ndarray,
+                 limit: int = 20) -> list[dict]:
+  """Where greedy tokens part from the reference: per differing row, its point, alpha, prompt and
+  the first differing position (a near-tie in the logits there; the rest of the row follows it)."""
+  rows = []
+  for i, p in enumerate(points):
+    for j in np.flatnonzero((toks[i] != ref[i]).any(axis=-1)):
+      rows.append(dict(point=int(p), alpha=round(float(alphas[p]), 4), prompt=int(j),
+                       first_differing_token=int(np.argmax(toks[i, j] != ref[i, j]))))
+  return rows[:limit]
 
 
 def _subset(n_points: int, k: int) -> list[int]:

@@ -1,0 +1,34 @@
+"""The profiling helpers BENCHMARKS.md uses: variants agree, per-op times come back."""
+
+import jax
+import numpy as np
+from absl.testing import absltest
+
+import fixtures
+from visage_jax import decode, model, profiling
+
+
+class ProfilingTest(absltest.TestCase):
+
+  def test_variants_agree_and_ops_are_timed(self):
+    cfg = model.ModelConfig.tiny()
+    params = model.init(jax.random.key(0), cfg)
+    tokens = fixtures.random_tokens(4, 8, cfg.vocab_size)
+    mask = np.ones_like(tokens, bool)
+    spec = decode.DecodeSpec(max_new_tokens=9, eos_ids=(-1,), pad_id=0, fixed_length=True)
+    got = profiling.time_variants(params, cfg, tokens, mask, spec, [1, 4], rounds=1)
+    self.assertEqual(sorted(got), [1, 4])
+    for best, median, out in got.values():
+      self.assertGreater(best, 0)
+      self.assertGreaterEqual(best, median)
+      self.assertEqual(out.shape, (4, 9))
+    np.testing.assert_array_equal(got[1][2], got[4][2])
+    fn = jax.jit(lambda p, t, m: decode.greedy_impl(p, t, m, None, None, None, cfg=cfg, spec=spec))
+    rows = profiling.op_table(fn, (params, tokens, mask), steps=8)
+    self.assertTrue(rows)
+    self.assertTrue(all(ms >= 0 and per > 0 for ms, per, _ in rows))
+    self.assertTrue(any("f32[4," in name for _, _, name in rows))  # shapes joined from the HLO
+
+
+if __name__ == "__main__":
+  absltest.main()
