@@ -71,6 +71,19 @@ class DecodeTest(parameterized.TestCase):
     for i, r in enumerate(rows):
       np.testing.assert_array_equal(got[i], _uncached_greedy(params, np.asarray([r]), cfg, 9)[0])
 
+  def test_greedy_token_is_argmax_also_for_ties_inf_and_nan(self):
+    rows = np.random.default_rng(0).standard_normal((8, 50)).astype(np.float32)
+    rows[1, [3, 7]] = 9.0                       # tie: the first wins
+    rows[2, 5], rows[2, 9] = np.inf, np.inf     # +inf, twice
+    rows[3, 4] = -np.inf                        # finite max, a -inf elsewhere
+    rows[4, [6, 2]] = np.nan                    # NaN: argmax returns the first NaN
+    rows[5] = -np.inf                           # all -inf
+    rows[6, 0], rows[6, 30] = np.nan, np.inf
+    token, bad = map(np.asarray, decode.greedy_token(jnp.asarray(rows)))
+    np.testing.assert_array_equal(token, np.asarray(jnp.argmax(jnp.asarray(rows), axis=-1)))
+    np.testing.assert_array_equal(token[[1, 2, 4, 6]], [3, 5, 2, 0])
+    np.testing.assert_array_equal(bad, ~np.isfinite(rows).all(axis=-1))
+
   def test_windows_cover_every_written_slot(self):
     for prompt_len, new in [(8, 1), (8, 2), (16, 9), (56, 64), (100, 512), (24, 17)]:
       w = decode.windows(prompt_len, new)

@@ -77,8 +77,19 @@ def _finished(spec, tok, refused, length, has_tables):
   return done
 
 
-def _bad(logits):
-  return ~jnp.all(jnp.isfinite(logits[:, -1]), axis=-1)
+def greedy_token(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(jnp.argmax, any non-finite) of each row of logits [B, V], from two plain reductions.
+
+  XLA CPU runs argmax as a scalar variadic reduction (5.2 ms for [32, 49152] on cpu-2, 3-4% of
+  a SmolLM2 decode step); max, then the first index equal to it, vectorizes (0.8 ms). Same
+  result as argmax in every case: the first maximum, or the first NaN when a row has one (max
+  propagates NaN, and no value equals NaN).
+  """
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+  first = jnp.min(jnp.where((logits == top) | jnp.isnan(logits), index, logits.shape[-1]), axis=-1)
+  bad = ~jnp.isfinite(top[:, 0]) | ~jnp.isfinite(jnp.min(logits, axis=-1))
+  return first.astype(jnp.int32), bad
 
 
 def prefill(params: dict, tokens: jax.Array, mask: jax.Array, tables: KeywordTables | None,
@@ -104,14 +115,14 @@ def prefill(params: dict, tokens: jax.Array, mask: jax.Array, tables: KeywordTab
   # attend: the old slots are the shared prefix's (or none, in a fresh cache).
   logits, cache = model.forward(params, tokens, mask, cache, cfg, dirs, coef, last_only=True,
                                 attend=shared)
-  first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+  first, bad = greedy_token(logits[:, -1])
   live = jnp.ones((B,), bool)
   jstate, refused = _judge(tables, jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool), first, live)
   length = jnp.ones((B,), jnp.int32)
   return DecodeState(
       last=first, out=jnp.full((B, spec.max_new_tokens), spec.pad_id, jnp.int32).at[:, 0].set(first),
       done=_finished(spec, first, refused, length, tables is not None), length=length, judge=jstate,
-      refused=refused, nonfinite=_bad(logits), coef=coef, cache=cache)
+      refused=refused, nonfinite=bad, coef=coef, cache=cache)
 
 
 def step(params: dict, s: DecodeState, tables: KeywordTables | None, dirs: dict | None, *,
@@ -121,14 +132,15 @@ def step(params: dict, s: DecodeState, tables: KeywordTables | None, dirs: dict 
   logits, cache = model.forward(params, s.last[:, None], jnp.ones((B, 1), bool), s.cache, cfg,
                                 dirs, s.coef, attend=attend)
   live = ~s.done
-  nxt = jnp.where(live, jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), spec.pad_id)
+  token, bad = greedy_token(logits[:, -1])
+  nxt = jnp.where(live, token, spec.pad_id)
   jstate, refused = _judge(tables, s.judge, s.refused, nxt, live)
   write = jnp.where(live, s.length, spec.max_new_tokens)  # out of range: dropped
   out = s.out.at[jnp.arange(B), write].set(nxt, mode="drop")
   length = s.length + live.astype(jnp.int32)
   return s.replace(last=nxt, cache=cache, out=out, length=length, judge=jstate, refused=refused,
                    done=s.done | _finished(spec, nxt, refused, length, tables is not None),
-                   nonfinite=s.nonfinite | (_bad(logits) & live))
+                   nonfinite=s.nonfinite | (bad & live))
 
 
 def run_steps(params: dict, s: DecodeState, tables: KeywordTables | None, dirs: dict | None,
