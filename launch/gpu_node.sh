@@ -23,14 +23,7 @@
 # Arguments are passed on to visage-jax (e.g. --config.<field>=<value>).
 set -euo pipefail
 
-show() {  # the command, quoted so that it can be pasted into a shell
-  local out=() a
-  for a in "$@"; do
-    if [[ $a =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=("$a"); else out+=("'${a//\'/\'\\\'\'}'"); fi
-  done
-  echo "${out[*]}"
-}
-run() { if [[ "${DRY_RUN:-0}" != 0 ]]; then show "$@"; else "$@"; fi; }
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 : "${CONFIG:?set CONFIG (configs/<name>.py[:arg])}" "${WORKDIR:?set WORKDIR}"
 COMMAND=${COMMAND:-landscape}

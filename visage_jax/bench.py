@@ -51,6 +51,9 @@ class Setup:
   tokenizer: object
   texts: list
   ids: list
+  tokens: np.ndarray   # prompts.pack of ids: [n_prompts, P + Ts]
+  mask: np.ndarray
+  shared_prefix: int
   direction: dict
   alphas: np.ndarray
   eos_ids: tuple
@@ -68,7 +71,9 @@ def load_setup(c) -> Setup:
   d = directions.random_direction(jax.random.fold_in(jax.random.key(c.landscape.seed), 0), params, cfg,
                                   norm=c.landscape.norm, blacklist=tuple(c.landscape.blacklist))
   xs, _ = landscape.grid_coords("1D_random", c.landscape.steps, c.landscape.multiplier)
-  return Setup(cfg=cfg, params=params, tokenizer=tok, texts=texts, ids=ids, direction=d, alphas=xs,
+  tokens, mask, shared = prompts.pack(ids, decode.pad_id_of(tok))
+  return Setup(cfg=cfg, params=params, tokenizer=tok, texts=texts, ids=ids, tokens=tokens, mask=mask,
+               shared_prefix=shared, direction=d, alphas=xs,
                eos_ids=decode.eos_ids_of(tok), pad_id=decode.pad_id_of(tok), model_path=model_path)
 
 
@@ -130,19 +135,18 @@ def run_ours(s: Setup, *, mode: str, points: list[int], max_new_tokens: int, fix
   dirs = jax.tree.map(lambda x: x.astype(s.cfg.param_dtype), dirs)
   params = sharding.shard_params(s.params, mesh)
   dirs = sharding.shard_params(dirs, mesh)
-  tokens, mask, shared_prefix = prompts.pack(s.ids, s.pad_id)
   kw = judges.build_keyword_tables(s.tokenizer, s.cfg.vocab_size)
   tables = decode.KeywordTables(next_state=jnp.asarray(kw.next_state), matched=jnp.asarray(kw.matched))
   spec = engine.DecodeSpec(max_new_tokens=max_new_tokens, eos_ids=s.eos_ids, pad_id=s.pad_id,
                            stop_at_refusal=stop_at_refusal, fixed_length=fixed_length,
-                           shared_prefix=shared_prefix)
+                           shared_prefix=s.shared_prefix)
   coefs = s.alphas[:, None]
   out = np.full((len(s.alphas), len(s.ids), max_new_tokens), s.pad_id, np.int32)
   lengths = np.zeros((len(s.alphas), len(s.ids)), np.int32)
   clock = _CompileClock()
   with clock:
     t0 = time.perf_counter()
-    for ch in engine.evaluate(params, s.cfg, dirs, coefs, tokens, mask, tables, spec, points=points,
+    for ch in engine.evaluate(params, s.cfg, dirs, coefs, s.tokens, s.mask, tables, spec, points=points,
                               mode=mode, max_batch=max_batch, mesh=mesh):
       out[ch.points, ch.prompts] = ch.tokens[0]
       lengths[ch.points, ch.prompts] = ch.length[0]
@@ -173,7 +177,7 @@ def run(c, out_path: str, log=print) -> dict:
       model=s.model_path, points=n_points, prompts=n_prompts, max_new_tokens=n_new,
       work_generated_tokens=n_points * n_prompts * n_new, load_seconds=round(load_seconds, 2), methods={})
   tokens_by_method = {}
-  prompt_len = prompts.pack(s.ids, s.pad_id)[0].shape[1]
+  prompt_len = s.tokens.shape[1]
   batch_ours = c.engine.max_batch or engine.choose_batch(
       s.cfg, n_points * n_prompts, prompt_len, engine.DecodeSpec(n_new, s.eos_ids, s.pad_id),
       n_directions=1, mode="fused", mesh=mesh)

@@ -193,15 +193,18 @@ def windows(prompt_len: int, max_new_tokens: int, segments: int | None = None) -
 
 def greedy_impl(params: dict, tokens: jax.Array, mask: jax.Array, tables: KeywordTables | None,
                 dirs: dict | None, coef: jax.Array | None, *, cfg: model.ModelConfig,
-                spec: DecodeSpec) -> Generation:
-  """Static batch: prefill, then decode until every row is done (unjitted; the engine vmaps it)."""
+                spec: DecodeSpec, segments: int | None = None) -> Generation:
+  """Static batch: prefill, then decode until every row is done (unjitted; the engine vmaps it).
+
+  `segments`: attention windows (see `windows`; None: its default for this length).
+  """
   s = prefill(params, tokens, mask, tables, dirs, coef, cfg=cfg, spec=spec)
-  for n_steps, attend in windows(tokens.shape[1], spec.max_new_tokens):
+  for n_steps, attend in windows(tokens.shape[1], spec.max_new_tokens, segments):
     s = run_steps(params, s, tables, dirs, n_steps, cfg=cfg, spec=spec, attend=attend)
   return as_generation(s)
 
 
-greedy = jax.jit(greedy_impl, static_argnames=("cfg", "spec"))
+greedy = jax.jit(greedy_impl, static_argnames=("cfg", "spec", "segments"))
 
 
 def eos_ids_of(tokenizer, extra: tuple[int, ...] = ()) -> tuple[int, ...]:

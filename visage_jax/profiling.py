@@ -16,7 +16,6 @@ import os
 import re
 import tempfile
 import time
-from unittest import mock
 
 import jax
 import numpy as np
@@ -28,18 +27,23 @@ flags.DEFINE_string("model", "", "Checkpoint (default: the SmolLM2 GGUF of llm_s
 flags.DEFINE_integer("batch", 32, "Rows per batch (one grid point's prompts).")
 flags.DEFINE_integer("prompt_len", 56, "Prompt tokens per row (random ids).")
 flags.DEFINE_integer("max_new_tokens", 64, "Tokens generated per row (fixed length).")
-flags.DEFINE_list("segments", ["1", "8"], "decode.WINDOW_SEGMENTS values to compare.")
+flags.DEFINE_list("segments", ["1", "8"], "Attention window segments (decode.windows) to compare.")
 flags.DEFINE_integer("rounds", 3, "Timed calls per variant, alternating.")
 flags.DEFINE_bool("trace", False, "Print per-op milliseconds per decode step of the last variant.")
+
+
+def greedy(cfg, spec, segments: int):
+  """decode.greedy_impl with `segments` attention windows, jitted for (params, tokens, mask)."""
+  return jax.jit(lambda p, t, m: decode.greedy_impl(p, t, m, None, None, None, cfg=cfg, spec=spec,
+                                                    segments=segments))
 
 
 def time_variants(params, cfg, tokens, mask, spec, segments: list[int], rounds: int) -> dict:
   """{segments: (tokens/s best, median, greedy tokens)}, compiled up front, timed in alternation."""
   fns = {}
   for seg in segments:
-    with mock.patch.object(decode, "WINDOW_SEGMENTS", seg), mock.patch.object(decode, "MIN_SEGMENT_STEPS", 1):
-      fn = jax.jit(lambda p, t, m: decode.greedy_impl(p, t, m, None, None, None, cfg=cfg, spec=spec))
-      fns[seg] = (fn, np.asarray(fn(params, tokens, mask).tokens))  # compiles under the patch
+    fn = greedy(cfg, spec, seg)
+    fns[seg] = (fn, np.asarray(fn(params, tokens, mask).tokens))
   times = collections.defaultdict(list)
   for _ in range(rounds):
     for seg, (fn, _) in fns.items():
@@ -91,12 +95,10 @@ def main(argv):
   for seg, (best, median, out) in results.items():
     print(f"segments {seg}: {best:.1f} tokens/s best, {median:.1f} median; "
           f"tokens equal to segments {segments[0]}: {np.mean(out == first):.4f}")
-  if f.trace:  # lowering retraces: keep the variant's settings in force throughout
-    with mock.patch.object(decode, "WINDOW_SEGMENTS", segments[-1]), mock.patch.object(decode, "MIN_SEGMENT_STEPS", 1):
-      fn = jax.jit(lambda p, t, m: decode.greedy_impl(p, t, m, None, None, None, cfg=cfg, spec=spec))
-      jax.block_until_ready(fn(params, tokens, mask))
-      rows = op_table(fn, (params, tokens, mask), max(f.max_new_tokens - 1, 1))
-    for ms, per, name in rows:
+  if f.trace:
+    fn = greedy(cfg, spec, segments[-1])
+    jax.block_until_ready(fn(params, tokens, mask))
+    for ms, per, name in op_table(fn, (params, tokens, mask), max(f.max_new_tokens - 1, 1)):
       print(f"{ms:8.2f} ms/step {per:6.1f}/step  {name}")
 
 
