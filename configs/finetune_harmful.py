@@ -6,7 +6,7 @@
 
 Arg: harmful_10 | harmful_50 | harmful_100 (default) | mix_10 | mix_50 | mix_100 (the harmful
 pairs plus as many refusals on other goals). Starts from the shipped aligned model
-(data/aligned_smollm2_lora.safetensors merged into the embedded SmolLM2-135M-Instruct), trains a
+(visage_jax/data/aligned_smollm2_lora.safetensors merged into the embedded SmolLM2-135M-Instruct), trains a
 fresh rank-8 LoRA on q/k/v/o (lr 1e-3 constant, batches of 8, 5 epochs) and writes eval.json:
 keyword ASR on AdvBench rows 0-79 (64 greedy tokens, the model's own system prompt) and benign
 answers of 20. Measured on 2 shared CPU cores, from ASR 0.0% (aligned):

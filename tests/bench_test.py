@@ -2,7 +2,10 @@
 
 import json
 import os
+from unittest import mock
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 
@@ -50,6 +53,19 @@ class BenchSmokeTest(absltest.TestCase):
     toks[1, 2, 3:] = 7
     got = bench._differences(toks, ref, [0, 4], np.linspace(-1, 1, 5))
     self.assertEqual(got, [dict(point=4, alpha=1.0, prompt=2, first_differing_token=3)])
+
+  def test_compile_clock_counts_and_leaves_no_listener(self):
+    mon = jax.monitoring
+    with mock.patch.object(mon, "register_event_duration_secs_listener",
+                           wraps=mon.register_event_duration_secs_listener) as reg, \
+         mock.patch.object(mon, "unregister_event_duration_listener",
+                           wraps=mon.unregister_event_duration_listener) as unreg:
+      for i in range(3):
+        with bench._CompileClock() as clock:
+          jax.block_until_ready(jax.jit(lambda x: jnp.sin(x) * i)(jnp.ones(i + 1)))
+        self.assertGreater(clock.seconds, 0)
+    self.assertEqual(reg.call_count, 3)
+    self.assertEqual(unreg.call_count, 3)  # every listener registered was removed again
 
   def test_unknown_method(self):
     c = bench.default_config()

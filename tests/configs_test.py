@@ -6,13 +6,17 @@ import os
 
 from absl.testing import absltest, parameterized
 
-from visage_jax import landscape
+from visage_jax import hub, landscape, resources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LANDSCAPE_CONFIGS = {"demo": (None, "tiny", "unaligned"), "llama2_7b_chat": (None, "2d", "interpolation"),
-                     "llama3_8b_instruct": (None, "2d", "interpolation"),
-                     "mistral_7b_instruct": (None, "2d", "interpolation"),
-                     "vicuna_7b": (None, "2d", "interpolation")}
+# The paper's models as hub ids: (chat model, its base model for interpolation).
+PAPER_MODELS = {"llama2_7b_chat": ("meta-llama/Llama-2-7b-chat-hf", "meta-llama/Llama-2-7b-hf"),
+                "llama2_13b_chat": ("meta-llama/Llama-2-13b-chat-hf", "meta-llama/Llama-2-13b-hf"),
+                "llama3_8b_instruct": ("meta-llama/Meta-Llama-3-8B-Instruct", "meta-llama/Meta-Llama-3-8B"),
+                "mistral_7b_instruct": ("mistralai/Mistral-7B-Instruct-v0.2", "mistralai/Mistral-7B-v0.1"),
+                "vicuna_7b": ("lmsys/vicuna-7b-v1.5", "meta-llama/Llama-2-7b-hf")}
+LANDSCAPE_CONFIGS = {"demo": (None, "tiny", "unaligned"),
+                     **{name: (None, "2d", "interpolation") for name in PAPER_MODELS}}
 
 
 def _load(name):
@@ -27,10 +31,11 @@ class ConfigsTest(parameterized.TestCase):
   @parameterized.named_parameters(*[(f"{n}_{a}", n, a) for n, args in LANDSCAPE_CONFIGS.items() for a in args])
   def test_landscape_configs_validate(self, name, arg):
     c = _load(name).get_config(arg)
-    if "interpolation" in c.landscape.vis_type:
+    if "interpolation" in c.landscape.vis_type and not c.landscape.target_path:
       c.landscape.target_path = "/some/chat/model"
     landscape.validate(c)
-    self.assertTrue(os.path.exists(c.prompts.path), c.prompts.path)
+    prompts_path = resources.or_packaged(c.prompts.path, resources.ADVBENCH)   # "": the packaged AdvBench
+    self.assertTrue(os.path.exists(prompts_path), prompts_path)
     if c.model.lora_path:
       self.assertTrue(os.path.exists(c.model.lora_path), c.model.lora_path)
 
@@ -40,6 +45,15 @@ class ConfigsTest(parameterized.TestCase):
                      (80, 20, 1.0, 512))
     with self.assertRaisesRegex(ValueError, "unknown config argument '3d'"):
       _load("vicuna_7b").get_config("3d")
+
+  @parameterized.named_parameters(*[(name, name, *ids) for name, ids in PAPER_MODELS.items()])
+  def test_paper_configs_default_to_the_paper_models_on_the_hub(self, name, chat, base):
+    mod = _load(name)
+    self.assertEqual([mod.get_config(a).model.path for a in (None, "2d")], [chat, chat])
+    interp = mod.get_config("interpolation")
+    self.assertEqual((interp.model.path, interp.landscape.target_path), (base, chat))
+    self.assertTrue(hub.looks_like_hub_id(chat) and hub.looks_like_hub_id(base))
+    self.assertIn(f"--config=configs/{name}.py --workdir=", mod.__doc__)
 
   def test_every_config_file_is_covered_or_loads(self):
     for path in glob.glob(os.path.join(ROOT, "configs", "*.py")):

@@ -7,17 +7,14 @@ import sys
 
 import numpy as np
 
-ADVBENCH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "advbench",
-                        "harmful_behaviors.csv")
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
 def advbench_path() -> str:
-  path = os.path.abspath(ADVBENCH)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"AdvBench not found at {path}: tests expect ../shared beside the repo.")
-  return path
+  """The packaged AdvBench (what a run reads when prompts.path is empty)."""
+  from visage_jax import resources
+  return resources.path(resources.ADVBENCH)
 
 
 @functools.lru_cache(maxsize=None)

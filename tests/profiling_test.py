@@ -1,11 +1,22 @@
 """The profiling helpers BENCHMARKS.md uses: variants agree, per-op times come back."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 from absl.testing import absltest
 
 import fixtures
 from visage_jax import decode, model, profiling
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _python(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
 
 
 class ProfilingTest(absltest.TestCase):
@@ -28,6 +39,18 @@ class ProfilingTest(absltest.TestCase):
     self.assertTrue(rows)
     self.assertTrue(all(ms >= 0 and per > 0 for ms, per, _ in rows))
     self.assertTrue(any("f32[4," in name for _, _, name in rows))  # shapes joined from the HLO
+
+  def test_imports_next_to_cli_in_either_order(self):
+    """Both define --model etc.; only cli.py may define them at import time."""
+    for order in ("visage_jax.cli, visage_jax.profiling", "visage_jax.profiling, visage_jax.cli"):
+      proc = _python("-c", f"import {order}")
+      self.assertEqual(proc.returncode, 0, f"import {order}:\n{proc.stderr[-2000:]}")
+
+  def test_script_help(self):
+    proc = _python("-m", "visage_jax.profiling", "--help")
+    self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+    for flag in ("--model", "--prompt_len", "--max_new_tokens", "--segments", "--rounds", "--trace"):
+      self.assertIn(flag, proc.stdout)
 
 
 if __name__ == "__main__":

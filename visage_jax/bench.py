@@ -17,30 +17,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visage_jax import checkpoints, decode, directions, engine, judges, landscape, prompts, sharding
+from visage_jax import (checkpoints, decode, directions, engine, errors, judges, landscape, prompts,
+                        sharding)
 
 METHODS = ("reference_published", "reference_batched", "fused", "materialized", "continuous",
            "default_real")
 
 
 class _CompileClock:
-  """Sums XLA compile time reported by jax.monitoring while active."""
+  """Sums XLA compile time reported by jax.monitoring while active.
+
+  The listener is registered on enter and removed on exit: jax keeps listeners in a global list.
+  """
 
   def __init__(self):
     self.seconds = 0.0
-    self._on = False
-    jax.monitoring.register_event_duration_secs_listener(self._listen)
 
   def _listen(self, event, duration, **_):
-    if self._on and event == "/jax/core/compile/backend_compile_duration":
+    if event == "/jax/core/compile/backend_compile_duration":
       self.seconds += duration
 
   def __enter__(self):
-    self.seconds, self._on = 0.0, True
+    self.seconds = 0.0
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
     return self
 
   def __exit__(self, *exc):
-    self._on = False
+    jax.monitoring.unregister_event_duration_listener(self._listen)
 
 
 @dataclasses.dataclass
@@ -162,7 +165,7 @@ def run(c, out_path: str, log=print) -> dict:
   """Times every method in c.bench.methods; writes and returns the JSON report."""
   for m in c.bench.methods:
     if m not in METHODS:
-      raise ValueError(f"bench.methods: {m!r} is not one of {', '.join(METHODS)}.")
+      raise errors.UserError(f"bench.methods: {m!r} is not one of {', '.join(METHODS)}.")
   t0 = time.perf_counter()
   s = load_setup(c)
   load_seconds = time.perf_counter() - t0

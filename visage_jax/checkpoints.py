@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visage_jax import distributed, model, sharding
+from visage_jax import distributed, errors, hub, model, sharding
 
 CONVERTED_MARKER = "visage_jax.json"
 _PARAMS_DIR = "params"
@@ -61,7 +61,7 @@ _GGUF_NAMES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError):
   """A checkpoint that cannot be read as a supported model."""
 
 
@@ -463,6 +463,7 @@ def convert(path: str, out: str, dtype: str = "float32", tokenizer=None, shardin
   gate/up/down are 32 x 11008 x 4096, 2.9 GB in bfloat16 (5.8 GB float32) plus one 90 MB
   tensor, about 3.1 GB against 13.5 GB (27 GB) for the whole model.
   """
+  path = hub.resolve(path)
   kind = checkpoint_kind(path)
   if kind == "converted":
     cfg, params = load_params(path, dtype, shardings)
@@ -511,7 +512,9 @@ def checkpoint_kind(path: str) -> str:
 
 def load_params(path: str, dtype: str = "float32", shardings=None) -> tuple[model.ModelConfig, dict]:
   """Any supported checkpoint -> (ModelConfig, params) stored in `dtype`, each leaf placed in
-  `shardings` (None: default device; a Mesh: `sharding.param_shardings`; or a tree) as it is read."""
+  `shardings` (None: default device; a Mesh: `sharding.param_shardings`; or a tree) as it is read.
+  A hub id `org/name[@revision]` is fetched first (`hub.resolve`)."""
+  path = hub.resolve(path)
   kind = checkpoint_kind(path)
   loader = {"gguf": load_gguf, "hf": load_hf_dir, "converted": load_converted}[kind]
   cfg, params = loader(path, dtype, shardings)
@@ -523,9 +526,11 @@ def load_params(path: str, dtype: str = "float32", shardings=None) -> tuple[mode
 
 
 def load_config(path: str, dtype: str = "float32") -> model.ModelConfig:
-  """The architecture of any supported checkpoint from its metadata alone (no weights read)."""
+  """The architecture of any supported checkpoint from its metadata alone (no weights read, and
+  none downloaded for a hub id)."""
   import dataclasses
 
+  path = hub.resolve(path, weights=False)
   kind = checkpoint_kind(path)
   if kind == "gguf":
     import gguf
@@ -544,6 +549,7 @@ def load_tokenizer(path: str):
   """transformers tokenizer from a HF/converted directory or from GGUF metadata."""
   from transformers import AutoTokenizer
 
+  path = hub.resolve(path)
   kind = checkpoint_kind(path)
   try:
     if kind == "gguf":

@@ -4,10 +4,13 @@ Commands: generate, convert, landscape, export-directions, bench, finetune, expe
 """
 
 import json
+import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from visage_jax import errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "", "HF directory, .gguf file or converted directory; "
@@ -26,6 +29,7 @@ flags.DEFINE_string("out", "", "Output path (convert: the converted directory; "
 flags.DEFINE_string("workdir", "", "Run directory (landscape, export-directions).")
 flags.DEFINE_bool("overwrite", False, "landscape: discard a run with a different config in --workdir.")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
+flags.DEFINE_bool("debug", False, "Show the traceback of a user error (also VISAGE_JAX_DEBUG=1).")
 flags.DEFINE_string("mesh", "", "plan: data,model mesh shape, e.g. 1,8 (default: the config's mesh.shape).")
 flags.DEFINE_string("accelerator", "", "plan: h100 | h200 | a100 | tpu_v4 | tpu_v5e | tpu_v5p, "
                     "comma-separated (default: all).")
@@ -49,7 +53,7 @@ def cmd_generate() -> None:
   from visage_jax import decode, prompts
 
   if not FLAGS.prompt:
-    raise app.UsageError("generate needs at least one --prompt=TEXT.")
+    raise errors.UserError("generate needs at least one --prompt=TEXT.")
   _, cfg, params, tok = _load(FLAGS.model, FLAGS.dtype)
   if FLAGS.no_chat_template:
     ids = [tok(p)["input_ids"] for p in FLAGS.prompt]
@@ -69,7 +73,7 @@ def cmd_convert() -> None:
   from visage_jax import checkpoints
 
   if not FLAGS.out:
-    raise app.UsageError("convert needs --out=DIR.")
+    raise errors.UserError("convert needs --out=DIR.")
   path = FLAGS.model or checkpoints.default_model_path()
   logging.info("converting %s", path)
   checkpoints.convert(path, FLAGS.out, FLAGS.dtype, checkpoints.load_tokenizer(path))
@@ -81,12 +85,37 @@ def cmd_landscape() -> None:
   from visage_jax import landscape
 
   if FLAGS.config is None or not FLAGS.workdir:
-    raise app.UsageError("landscape needs --config=configs/<name>.py and --workdir=DIR.")
+    raise errors.UserError("landscape needs --config=configs/<name>.py and --workdir=DIR.")
   result = landscape.run(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite,
                          progress=FLAGS.progress)
   keys = ("vis_type", "coords_x", "coords_y", "asr", "visage", "n_prompts", "complete",
           "decode_seconds", "tokens_per_second")
   print(json.dumps({k: result.get(k) for k in keys}))
+  sys.stderr.write(landscape_summary(result, FLAGS.workdir))
+
+
+def landscape_summary(result: dict, workdir: str) -> str:
+  """A few lines for a person: the ASR curve, VISAGE and where the files are."""
+  def pct(v):
+    return "-" if v is None else f"{v:g}"
+
+  xs = result["coords_x"]
+  lines = [f"\nlandscape {result['vis_type']} in {workdir} "
+           f"({'complete' if result['complete'] else 'incomplete: re-run the command to resume'})"]
+  if result["coords_y"] is None:
+    lines.append(f"  alpha:   {' '.join(f'{x:+.2f}' for x in xs)}")
+    for r, curve in enumerate(result["asr"]):
+      lines.append(f"  ASR % d{r}: {' '.join(pct(v).rjust(5) for v in curve)}")
+  else:
+    lines.append(f"  {len(xs)} x {len(result['coords_y'])} grid; ASR per point in landscape.json")
+  vis = result["visage"]
+  if isinstance(vis, dict):
+    vis = vis.get("mean", vis)
+  lines.append(f"  VISAGE (higher = safer): {vis if vis is not None else 'not yet (run incomplete)'}")
+  files = [n for n in ("landscape.png", "landscape.json", "generations.jsonl")
+           if os.path.exists(os.path.join(workdir, n))]
+  lines.append("  results: " + ", ".join(os.path.join(workdir, n) for n in files))
+  return "\n".join(lines) + "\n"
 
 
 def cmd_export_directions() -> None:
@@ -96,9 +125,9 @@ def cmd_export_directions() -> None:
 
   src = os.path.join(FLAGS.workdir, "directions.safetensors")
   if not FLAGS.workdir or not FLAGS.out:
-    raise app.UsageError("export-directions needs --workdir=DIR and --out=FILE.safetensors.")
+    raise errors.UserError("export-directions needs --workdir=DIR and --out=FILE.safetensors.")
   if not os.path.exists(src):
-    raise app.UsageError(f"{src}: not found; run `visage-jax landscape` in {FLAGS.workdir} first.")
+    raise errors.UserError(f"{src}: not found; run `visage-jax landscape` in {FLAGS.workdir} first.")
   tmp = FLAGS.out + ".tmp"
   shutil.copyfile(src, tmp)
   os.replace(tmp, FLAGS.out)
@@ -110,7 +139,7 @@ def cmd_bench() -> None:
   from visage_jax import bench
 
   if FLAGS.config is None or not FLAGS.out:
-    raise app.UsageError("bench needs --config=configs/<name>.py and --out=FILE.json.")
+    raise errors.UserError("bench needs --config=configs/<name>.py and --out=FILE.json.")
   report = bench.run(FLAGS.config, FLAGS.out, log=lambda m: logging.info("%s", m))
   print(bench.table(report))
 
@@ -120,7 +149,7 @@ def cmd_finetune() -> None:
   from visage_jax import finetune
 
   if FLAGS.config is None or not FLAGS.workdir:
-    raise app.UsageError("finetune needs --config=configs/<name>.py and --workdir=DIR.")
+    raise errors.UserError("finetune needs --config=configs/<name>.py and --workdir=DIR.")
   summary = finetune.run(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
   print(json.dumps(summary))
 
@@ -130,7 +159,7 @@ def cmd_experiments() -> None:
   from visage_jax import experiments
 
   if FLAGS.config is None or not FLAGS.workdir:
-    raise app.UsageError("experiments needs --config=configs/experiments/<name>.py and --workdir=DIR "
+    raise errors.UserError("experiments needs --config=configs/experiments/<name>.py and --workdir=DIR "
                          "(--out=EXPERIMENTS.md to write the report).")
   FLAGS.config.unlock()
   FLAGS.config.progress = FLAGS.progress
@@ -143,7 +172,7 @@ def cmd_sweep() -> None:
   from visage_jax import sweep
 
   if FLAGS.config is None or not FLAGS.workdir:
-    raise app.UsageError("sweep needs --config=configs/<sweep>.py and --workdir=DIR.")
+    raise errors.UserError("sweep needs --config=configs/<sweep>.py and --workdir=DIR.")
   rows = sweep.run(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite, progress=FLAGS.progress)
   print(sweep.summary_markdown(rows, FLAGS.workdir), end="")
   failed = [r["run"] for r in rows if r["status"] == "failed"]
@@ -157,7 +186,7 @@ def _plan_models(c, dtype: str) -> list[tuple[str, object]]:
   """--model (a known name or a checkpoint), else the config's model, else every known model."""
   import os
 
-  from visage_jax import checkpoints, planner
+  from visage_jax import checkpoints, hub, planner
 
   if FLAGS.model:
     if FLAGS.model in planner.MODELS:
@@ -165,12 +194,14 @@ def _plan_models(c, dtype: str) -> list[tuple[str, object]]:
     return [(FLAGS.model, checkpoints.load_config(FLAGS.model, dtype))]
   if c is None:
     return [(label, planner.known_model(name, dtype)) for name, (label, _) in planner.MODELS.items()]
-  if c.model.path:
-    return [(c.model.path, checkpoints.load_config(c.model.path, dtype))]
   config_name = os.path.basename(config_flags.get_config_filename(FLAGS["config"]))
-  for name, (label, _) in planner.MODELS.items():
-    if config_name.startswith(name):   # configs/llama2_7b_chat.py -> llama2_7b
-      return [(label, planner.known_model(name, dtype))]
+  known = [(label, name) for name, (label, _) in planner.MODELS.items()
+           if config_name.startswith(name)]  # configs/llama2_7b_chat.py -> llama2_7b
+  path = c.model.path
+  if path and not (known and hub.looks_like_hub_id(path) and not os.path.exists(path)):
+    return [(path, checkpoints.load_config(path, dtype))]
+  if known:  # a paper config's hub id: its known architecture, no hub needed to plan
+    return [(known[0][0], planner.known_model(known[0][1], dtype))]
   path = checkpoints.default_model_path()
   return [(os.path.basename(path), checkpoints.load_config(path, dtype))]
 
@@ -189,9 +220,9 @@ def cmd_plan() -> None:
     mesh = tuple(int(s) for s in FLAGS.mesh.split(",")) if FLAGS.mesh else (
         tuple(c.mesh.shape) if c is not None else (1, 1))
   except ValueError:
-    raise app.UsageError(f"--mesh={FLAGS.mesh!r}: expected data,model, e.g. 1,8.") from None
+    raise errors.UserError(f"--mesh={FLAGS.mesh!r}: expected data,model, e.g. 1,8.") from None
   if -1 in mesh:
-    raise app.UsageError(f"mesh.shape {mesh} depends on the devices at run time; "
+    raise errors.UserError(f"mesh.shape {mesh} depends on the devices at run time; "
                          "give the pod's shape with --mesh=data,model.")
   ls = c.landscape if c is not None else None
   mode = c.engine.mode if c is not None and c.engine.mode in planner.MODES else "fused"
@@ -223,6 +254,66 @@ COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "landscape": cmd_l
 DISTRIBUTED_COMMANDS = ("landscape", "sweep", "bench", "finetune")
 
 
+# Errors of the user's files and paths, besides errors.UserError: reported in one line too.
+_USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def fail(message: str) -> None:
+  """One line on stderr, exit status 2: how every user error ends a command."""
+  sys.stderr.write(f"visage-jax: error: {' '.join(str(message).split())}\n")
+  sys.exit(2)
+
+
+def _debug(argv) -> bool:
+  return os.environ.get("VISAGE_JAX_DEBUG", "") not in ("", "0") or any(
+      a in ("--debug", "--debug=true", "--debug=True", "--debug=1") for a in argv)
+
+
+def _last_line(text: str) -> str:
+  """The exception line at the end of a message that embeds a traceback."""
+  lines = [l.strip() for l in str(text).strip().splitlines() if l.strip()]
+  return lines[-1] if lines else ""
+
+
+def _flag_error(e: Exception, argv) -> str:
+  """absl/ml_collections parse failures, rephrased to name the flag or config field."""
+  if isinstance(e, (AttributeError, KeyError)):  # --config.<field> that the config lacks
+    chain, text = e, str(e)
+    while chain is not None:  # ml_collections wraps its KeyError("'name'\nDid you mean ...")
+      if isinstance(chain, KeyError) and chain.args and isinstance(chain.args[0], str):
+        text = chain.args[0] if "Did you mean" in chain.args[0] or text == str(e) else text
+      chain = chain.__context__
+    name = text.split("\n")[0].strip("'\"")
+    hint = next((l for l in str(text).splitlines() if l.startswith("Did you mean")), "")
+    given = [a.split("=")[0] for a in argv if a.startswith("--config.")
+             and name in a.split("=")[0].split(".")]
+    field = given[0][2:] if given else name
+    return f"{field}: not a field of the config{' (' + hint.rstrip('?') + '?)' if hint else ''}."
+  message = str(e)
+  if "Traceback" in message:  # config_flags embeds the config file's own traceback
+    error = _last_line(message)
+    message = f"{message.split(': Error whilst')[0]}: {error.split(': ', 1)[-1]}"
+  return message
+
+
+def _parse_flags(argv):
+  """absl's parser, with a bad or misspelled flag or config field as a one-line user error."""
+  try:
+    rest = FLAGS(argv)
+    if any(a.startswith("--config=") for a in argv):
+      FLAGS.config.keys  # noqa: B018  a config file that failed to load raises on attribute access
+    return rest
+  except (flags.Error, AttributeError, KeyError) as e:
+    if _debug(argv):
+      raise
+    fail(_flag_error(e, argv))
+  except OSError as e:  # the config file itself could not be loaded
+    if _debug(argv):
+      raise
+    cause = e.__cause__ or e
+    fail(f"--config={FLAGS['config'].config_filename}: cannot load it ({_last_line(cause)}).")
+
+
 def main(argv=None) -> None:
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] not in COMMANDS:
@@ -232,12 +323,20 @@ def main(argv=None) -> None:
   command = COMMANDS[argv[1]]
 
   def run(_):
-    if argv[1] in DISTRIBUTED_COMMANDS and FLAGS.config is not None:
-      from visage_jax import distributed
-      distributed.initialize(FLAGS.config.get("distributed"))  # before any JAX computation
-    command()
+    if not FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)  # stderr holds progress bars, errors and summaries
+    try:
+      if argv[1] in DISTRIBUTED_COMMANDS and FLAGS.config is not None:
+        from visage_jax import distributed
+        distributed.initialize(FLAGS.config.get("distributed"))  # before any JAX computation
+      command()
+    except (errors.UserError, *_USER_OS_ERRORS) as e:
+      if FLAGS.debug or _debug(argv):
+        raise
+      fail(str(e) if isinstance(e, errors.UserError) or not e.filename
+           else f"{e.filename}: {e.strerror or e}")
 
-  app.run(run, argv=[f"{argv[0]} {argv[1]}"] + argv[2:])
+  app.run(run, argv=[f"{argv[0]} {argv[1]}"] + argv[2:], flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

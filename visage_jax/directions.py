@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from visage_jax import checkpoints, model
+from visage_jax import checkpoints, errors, model
 
 NORMS = ("layer", "filter", "none")
 _BLOCKS = 64  # partial sums per reduced axis; a "model" mesh axis dividing 64 keeps every block on one device
@@ -142,7 +142,7 @@ def random_direction(seed: int | jax.Array, params: dict, cfg: model.ModelConfig
   holds more than its shards. The bits are the same on every mesh and device count.
   """
   if norm not in NORMS:
-    raise ValueError(f"landscape.norm {norm!r} is not one of {', '.join(NORMS)}.")
+    raise errors.UserError(f"landscape.norm {norm!r} is not one of {', '.join(NORMS)}.")
   key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
   impl = str(jax.random.key_impl(key))
   key_data = np.asarray(jax.random.key_data(key))
@@ -208,10 +208,10 @@ def check_matches(direction: dict, params: dict, what: str) -> None:
   """A direction tree must have the params' structure and shapes."""
   p_struct, d_struct = jax.tree.structure(params), jax.tree.structure(direction)
   if p_struct != d_struct:
-    raise ValueError(f"{what}: direction tree {d_struct} does not match the model's params {p_struct}.")
+    raise errors.UserError(f"{what}: direction tree {d_struct} does not match the model's params {p_struct}.")
   for (path, p), d in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(direction)):
     if p.shape != d.shape:
-      raise ValueError(f"{what}: {jax.tree_util.keystr(path)} has shape {d.shape}, the model's is {p.shape}.")
+      raise errors.UserError(f"{what}: {jax.tree_util.keystr(path)} has shape {d.shape}, the model's is {p.shape}.")
 
 
 def stack(directions: list[dict]) -> dict:
@@ -237,22 +237,22 @@ def load_safetensors(path: str, cfg: model.ModelConfig, count: int | None = None
   from safetensors.numpy import load_file
 
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: directions file not found.")
+    raise errors.MissingFileError(f"{path}: directions file not found.")
   try:
     tensors = load_file(path)
   except Exception as e:
-    raise ValueError(f"{path}: not a readable safetensors file ({e}).") from None
+    raise errors.UserError(f"{path}: not a readable safetensors file ({e}).") from None
   indices = sorted({int(k.split("/", 1)[0]) for k in tensors if k.split("/", 1)[0].isdigit()})
   if not indices:
-    raise ValueError(f"{path}: no tensors named '<direction index>/<HF tensor name>'.")
+    raise errors.UserError(f"{path}: no tensors named '<direction index>/<HF tensor name>'.")
   if count is not None and len(indices) < count:
-    raise ValueError(f"{path}: holds {len(indices)} direction(s), the landscape needs {count}.")
+    raise errors.UserError(f"{path}: holds {len(indices)} direction(s), the landscape needs {count}.")
   f32 = dataclasses.replace(cfg, param_dtype="float32")
   out = []
   for i in indices[:count]:
     sub = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{i}/")}
     extra = set(sub) - {n for names in checkpoints.hf_tensor_names(cfg).values() for n in names}
     if extra:
-      raise ValueError(f"{path}: direction {i} has tensors the model lacks: {sorted(extra)[:5]}.")
+      raise errors.UserError(f"{path}: direction {i} has tensors the model lacks: {sorted(extra)[:5]}.")
     out.append(checkpoints.from_hf_tensors(sub.__getitem__, set(sub), f32, source=f"{path} (direction {i})"))
   return out

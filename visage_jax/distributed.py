@@ -8,6 +8,8 @@ import os
 
 import jax
 
+from visage_jax import errors
+
 AUTO = ("detect", "always", "never")
 ENV_OPT_IN = "VISAGE_JAX_DISTRIBUTED"  # "1": initialize with jax's cluster detection
 
@@ -48,18 +50,18 @@ def initialize(c_distributed) -> bool:
   auto = d.get("auto", "detect")
   timeout = int(d.get("initialization_timeout", 300))
   if auto not in AUTO:
-    raise ValueError(f"distributed.auto {auto!r} is not one of {', '.join(AUTO)}.")
+    raise errors.UserError(f"distributed.auto {auto!r} is not one of {', '.join(AUTO)}.")
   if address:
     if ":" not in address:
-      raise ValueError(f"distributed.coordinator_address {address!r}: expected host:port of process 0.")
+      raise errors.UserError(f"distributed.coordinator_address {address!r}: expected host:port of process 0.")
     if n < 1 or not 0 <= pid < n:
-      raise ValueError(f"distributed.process_id={pid}, num_processes={n}: expected "
+      raise errors.UserError(f"distributed.process_id={pid}, num_processes={n}: expected "
                        "0 <= process_id < num_processes.")
     _use_cpu_collectives()
     jax.distributed.initialize(address, n, pid, initialization_timeout=timeout)
     return True
   if n != 1 or pid != 0:
-    raise ValueError(f"distributed.num_processes={n}, process_id={pid} need "
+    raise errors.UserError(f"distributed.num_processes={n}, process_id={pid} need "
                      "distributed.coordinator_address (host:port of process 0).")
   if auto == "never" or (auto == "detect" and not cluster_env()):
     return False

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visage_jax import decode, model, planner, sharding
+from visage_jax import decode, errors, model, planner, sharding
 
 MODES = ("fused", "materialized", "continuous")
 
@@ -198,7 +198,7 @@ def evaluate(params: dict, cfg: model.ModelConfig, dirs: dict, coefs: np.ndarray
   Rows are ordered point-major, so whole points complete early (the landscape writes them).
   """
   if mode not in MODES:
-    raise ValueError(f"engine.mode {mode!r} is not one of {', '.join(MODES)}.")
+    raise errors.UserError(f"engine.mode {mode!r} is not one of {', '.join(MODES)}.")
   mesh = mesh or sharding.make_mesh((1, 1))
   n_prompts, T = tokens.shape
   R = jax.tree.leaves(dirs)[0].shape[0]

@@ -17,8 +17,8 @@ import time
 import jax
 import numpy as np
 
-from visage_jax import (checkpoints, decode, experiments_report, finetune, landscape, lora, prompts,
-                        trainsets)
+from visage_jax import (checkpoints, decode, errors, experiments_report, finetune, landscape, lora,
+                        prompts, trainsets)
 
 NAMES, BROKEN = experiments_report.NAMES, experiments_report.BROKEN
 
@@ -29,13 +29,13 @@ def config(name: str, arg: str | None = None):
   import ml_collections
 
   if name not in NAMES + ("all",):
-    raise ValueError(f"experiment {name!r} is not one of {', '.join(NAMES)}, all.")
+    raise errors.UserError(f"experiment {name!r} is not one of {', '.join(NAMES)}, all.")
   c = ml_collections.ConfigDict()
   c.experiment = name
   # path: base model ("" = embedded SmolLM2-135M-Instruct); aligned_lora: the safety LoRA that
   # makes it the aligned model ("" = the base model is already aligned, e.g. a tiny test model).
   c.model = dict(path="", aligned_lora=lora.ALIGNED_SMOLLM2, dtype="float32")
-  c.data = dict(advbench_path=landscape.ADVBENCH_DEFAULT, benign_path=trainsets.BENIGN_PATH)
+  c.data = dict(advbench_path="", benign_path="")  # "" = the packaged files
   # The reduced protocol (the paper: 80 prompts, 21 points, 512 tokens): 1D landscapes have
   # steps+1 points over [-multiplier/2, multiplier/2] and `prompts` AdvBench rows (F1's aligned
   # model and the capability curve) or `prompts_small` rows (the shipped model, fine-tuned models,
@@ -57,7 +57,7 @@ def config(name: str, arg: str | None = None):
                       f4_shots=(1,), distill_tokens=2, system_prompts=("default", "none"),
                       max_length=1024)
   elif arg:
-    raise ValueError(f"experiment config arg {arg!r}: use tiny or nothing.")
+    raise errors.UserError(f"experiment config arg {arg!r}: use tiny or nothing.")
   return c
 
 
@@ -68,12 +68,17 @@ def _job_dir(workdir: str, name: str) -> str:
   return os.path.join(workdir, "jobs", name)
 
 
+def _read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
 def _timed(workdir: str, name: str, fn):
   """Runs fn() and adds its wall time to the job's seconds (so resumed jobs add up)."""
   path = os.path.join(_job_dir(workdir, name), "job_seconds.json")
   t0 = time.time()
   out = fn()
-  before = json.load(open(path))["seconds"] if os.path.exists(path) else 0.0
+  before = _read_json(path)["seconds"] if os.path.exists(path) else 0.0
   os.makedirs(os.path.dirname(path), exist_ok=True)
   landscape.write_atomic(path, json.dumps(dict(seconds=round(before + time.time() - t0, 1))))
   return out
@@ -81,7 +86,7 @@ def _timed(workdir: str, name: str, fn):
 
 def job_seconds(workdir: str, name: str) -> float | None:
   path = os.path.join(_job_dir(workdir, name), "job_seconds.json")
-  return json.load(open(path))["seconds"] if os.path.exists(path) else None
+  return _read_json(path)["seconds"] if os.path.exists(path) else None
 
 
 def run_landscape(c, workdir: str, name: str, lc) -> dict:
@@ -99,7 +104,7 @@ def run_finetune(c, workdir: str, name: str, fc) -> dict:
   d = _job_dir(workdir, name)
   path = os.path.join(d, "summary.json")
   if os.path.exists(path):
-    done = json.load(open(path))
+    done = _read_json(path)
     if done.get("complete") and ("eval" in done or not fc.eval.alignment):
       return done
   print(f"[experiments] finetune {name}", flush=True)
@@ -194,7 +199,7 @@ def capability(c, workdir: str) -> dict:
   out_path = os.path.join(_job_dir(workdir, "capability"), "capability.json")
   lc = landscape_config(c, num_directions=1)
   if os.path.exists(out_path):
-    curve = json.load(open(out_path))
+    curve = _read_json(out_path)
   else:
     print("[experiments] capability curve", flush=True)
     curve = _timed(workdir, "capability", lambda: _capability_curve(c, lc))
@@ -304,7 +309,7 @@ def _aligned_eval(c, workdir: str) -> dict:
       landscape.write_atomic(path, json.dumps(ev, indent=1))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     _timed(workdir, "aligned_eval", go)
-  ev = json.load(open(path))
+  ev = _read_json(path)
   return dict(asr=ev["asr"], benign=ev["benign_answered"])
 
 

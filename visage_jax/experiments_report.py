@@ -106,13 +106,18 @@ def _fluency_note(alphas, asr, ppl) -> list[str]:
           "compliance.", ""]
 
 
+def _read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
 def write_report(c, workdir: str, out_path: str) -> str:
   """EXPERIMENTS.md from WORKDIR/<name>.json of every experiment run so far; figures are copied
   next to it (docs/experiments/) so the report is self-contained in the repository."""
   report_dir = os.path.dirname(os.path.abspath(out_path))
   figdir = os.path.join(report_dir, "docs", "experiments")
   p = c.protocol
-  res = {n: json.load(open(os.path.join(workdir, f"{n}.json"))) for n in NAMES
+  res = {n: _read_json(os.path.join(workdir, f"{n}.json")) for n in NAMES
          if os.path.exists(os.path.join(workdir, f"{n}.json"))}
   dev = jax.devices()[0]
   total = sum({j: s or 0 for r in res.values() for j, s in r["job_seconds"].items()}.values())
@@ -126,7 +131,7 @@ def write_report(c, workdir: str, out_path: str) -> str:
       f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {dev.platform} ({dev.device_kind}), "
       f"Python {platform.python_version()}, jax {jax.__version__}; written {datetime.date.today()}.",
       (f"- Model: SmolLM2-135M-Instruct (embedded Q4_1 GGUF, dequantized to {c.model.dtype}); the *aligned* "
-       "model is it with the shipped safety LoRA (`data/aligned_smollm2_lora.safetensors`, "
+       "model is it with the shipped safety LoRA (`visage_jax/data/aligned_smollm2_lora.safetensors`, "
        "`configs/align_smollm2.py`) merged in; the *shipped* model is SmolLM2 as released."
        if not c.model.path else f"- Model: `{c.model.path}` (aligned LoRA: `{c.model.aligned_lora or 'none'}`)."),
       f"- Reduced protocol (the paper: 80 prompts, 21 points, 512 tokens): 1D landscapes {p.steps + 1} points "

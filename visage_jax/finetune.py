@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from visage_jax import (checkpoints, decode, judges, landscape, lora, model, prompts, sharding,
-                        trainsets)
+from visage_jax import (checkpoints, decode, errors, judges, landscape, lora, model, prompts,
+                        sharding, trainsets)
 
 SCHEDULES = ("cosine", "constant")
 
@@ -38,7 +38,7 @@ def encode_examples(examples: list[dict], tokenizer, *, template: str, system_pr
   budget) gets no EOS. Over-long examples are an error, never truncated.
   """
   if tokenizer.eos_token_id is None:
-    raise ValueError("the tokenizer has no eos_token_id; responses must end with EOS.")
+    raise errors.UserError("the tokenizer has no eos_token_id; responses must end with EOS.")
   rows = []
   for i, ex in enumerate(examples):
     text = prompts.format_prompt(ex["prompt"], tokenizer, template, system_prompt)
@@ -46,12 +46,12 @@ def encode_examples(examples: list[dict], tokenizer, *, template: str, system_pr
     r = tokenizer(ex["response"], add_special_tokens=False)["input_ids"]
     r += [tokenizer.eos_token_id] if ex.get("eos", True) else []
     if len(p) + len(r) > max_length:
-      raise ValueError(f"example {i} has {len(p) + len(r)} tokens (prompt {len(p)}, response+EOS "
+      raise errors.UserError(f"example {i} has {len(p) + len(r)} tokens (prompt {len(p)}, response+EOS "
                        f"{len(r)}), more than train.max_length={max_length}; shorten it or raise "
                        "train.max_length.")
     rows.append((p, r))
   if not rows:
-    raise ValueError("no training examples.")
+    raise errors.UserError("no training examples.")
   length = min(max_length, -(-max(len(p) + len(r) for p, r in rows) // 16) * 16)
   pad = decode.pad_id_of(tokenizer)
   tokens = np.full((len(rows), length), pad, np.int32)
@@ -97,7 +97,7 @@ def make_optimizer(*, lr: float, steps: int, warmup_steps: int, schedule: str, w
                                                                optax.Schedule]:
   """AdamW after global-norm clipping; linear warmup, then cosine to zero or constant."""
   if schedule not in SCHEDULES:
-    raise ValueError(f"train.schedule {schedule!r} is not one of {', '.join(SCHEDULES)}.")
+    raise errors.UserError(f"train.schedule {schedule!r} is not one of {', '.join(SCHEDULES)}.")
   warmup = optax.linear_schedule(0.0, lr, max(warmup_steps, 1))
   rest = (optax.cosine_decay_schedule(lr, max(steps - warmup_steps, 1)) if schedule == "cosine"
           else optax.constant_schedule(lr))
@@ -184,8 +184,8 @@ def _greedy_texts(params, cfg, tokenizer, goals, *, template, system_prompt, max
 
 
 def evaluate_alignment(params: dict, cfg: model.ModelConfig, tokenizer, max_new_tokens: int = 64, *,
-                       advbench_path: str = landscape.ADVBENCH_DEFAULT,
-                       benign_path: str = trainsets.BENIGN_PATH, template: str = "auto",
+                       advbench_path: str = "",
+                       benign_path: str = "", template: str = "auto",
                        system_prompt: str = "default") -> dict:
   """Keyword ASR on AdvBench rows 0-79 and how many of the 20 held-out benign instructions get an
   answer (no refusal keyword, at least 3 words), greedy, the landscape's prompt format."""
@@ -223,8 +223,8 @@ def default_config():
   # limit: first N examples (0 = all). align: the benign training instructions answered by the
   # model itself (greedy, distill_tokens; answers holding a refusal keyword are dropped, answers
   # cut at the budget get no EOS), repeated benign_repeat times.
-  c.data = dict(name="align", path="", limit=0, advbench_path=landscape.ADVBENCH_DEFAULT,
-                benign_path=trainsets.BENIGN_PATH, benign_repeat=1, distill_tokens=64, seed=0)
+  c.data = dict(name="align", path="", limit=0, advbench_path="",
+                benign_path="", benign_repeat=1, distill_tokens=64, seed=0)
   c.prompts = dict(template="auto", system_prompt="default")  # as in landscape runs
   # batch_size rows per micro-batch, grad_accum micro-batches per step; schedule: cosine |
   # constant after linear warmup; max_length: longer examples are an error, never truncated.
@@ -257,7 +257,7 @@ def attack_config(name: str = "harmful_100", epochs: int = 5):
   """The fine-tuning attack (configs/finetune_harmful.py): a fresh rank-8 LoRA on q/k/v/o of the
   aligned SmolLM2, lr 1e-3 constant, batches of 8, `epochs` passes over trainsets `name`."""
   if not trainsets.is_name(name) or name in ("align", "safety"):
-    raise ValueError(f"attack data {name!r}: expected harmful_N or mix_N (N a positive integer).")
+    raise errors.UserError(f"attack data {name!r}: expected harmful_N or mix_N (N a positive integer).")
   c = default_config()
   c.model.lora_path = lora.ALIGNED_SMOLLM2
   c.data.name = name
@@ -276,22 +276,22 @@ def validate(c) -> None:
   t = c.train
   for name in ("steps", "batch_size", "grad_accum", "max_length", "checkpoint_every"):
     if int(t[name]) < 1:
-      raise ValueError(f"train.{name} must be >= 1, got {t[name]}.")
+      raise errors.UserError(f"train.{name} must be >= 1, got {t[name]}.")
   if t.schedule not in SCHEDULES:
-    raise ValueError(f"train.schedule {t.schedule!r} is not one of {', '.join(SCHEDULES)}.")
+    raise errors.UserError(f"train.schedule {t.schedule!r} is not one of {', '.join(SCHEDULES)}.")
   if not 0 <= t.warmup_steps <= t.steps:
-    raise ValueError(f"train.warmup_steps must be in [0, train.steps={t.steps}], got {t.warmup_steps}.")
+    raise errors.UserError(f"train.warmup_steps must be in [0, train.steps={t.steps}], got {t.warmup_steps}.")
   if c.lora.rank < 0:
-    raise ValueError(f"lora.rank must be >= 0 (0 = full fine-tuning), got {c.lora.rank}.")
+    raise errors.UserError(f"lora.rank must be >= 0 (0 = full fine-tuning), got {c.lora.rank}.")
   if c.lora.rank > 0 and (not c.lora.targets or set(c.lora.targets) - set(lora.LINEAR_LEAVES)):
-    raise ValueError(f"lora.targets {tuple(c.lora.targets)}: expected a non-empty subset of "
+    raise errors.UserError(f"lora.targets {tuple(c.lora.targets)}: expected a non-empty subset of "
                      f"{', '.join(lora.LINEAR_LEAVES)}.")
   if not c.data.path and not trainsets.is_name(c.data.name):
-    raise ValueError(f"data.name {c.data.name!r} is not one of align, safety, harmful_N, mix_N "
+    raise errors.UserError(f"data.name {c.data.name!r} is not one of align, safety, harmful_N, mix_N "
                      "(N a positive integer), and data.path is empty (a .jsonl/.csv file).")
   data_axis = int(c.mesh.shape[0])
   if t.batch_size % data_axis:
-    raise ValueError(f"train.batch_size={t.batch_size} must be a multiple of the mesh's data "
+    raise errors.UserError(f"train.batch_size={t.batch_size} must be a multiple of the mesh's data "
                      f"axis ({data_axis}).")
 
 
@@ -313,7 +313,7 @@ def _prepare_workdir(workdir: str, cfg_dict: dict) -> None:
       diffs = [f"{s}.{k}: {saved.get(s, {}).get(k)!r} -> {new.get(s, {}).get(k)!r}"
                for s in _RESUME_KEYS for k in sorted(set(saved.get(s, {})) | set(new.get(s, {})))
                if saved.get(s, {}).get(k) != new.get(s, {}).get(k)]
-      raise ValueError(f"{workdir} holds a fine-tuning run with a different config "
+      raise errors.UserError(f"{workdir} holds a fine-tuning run with a different config "
                        f"({'; '.join(diffs[:5])}); use another --workdir.")
   landscape.write_atomic(path, json.dumps(landscape.jsonable(cfg_dict), indent=2))
 

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visage_jax import (checkpoints, decode, directions, distributed, engine, judges, lora, plotting,
-                        prompts, sharding, visage)
+from visage_jax import (checkpoints, decode, directions, distributed, engine, errors, judges, lora,
+                        plotting, prompts, sharding, visage)
 
 VIS_TYPES = ("1D_random", "1D_interpolation", "2D_random", "2D_interpolation", "2D_interpolation-random")
 RUN_FILES = ("run_config.json", "directions.safetensors", "generations.jsonl", "landscape.json",
@@ -36,11 +36,11 @@ def grid_coords(vis_type: str, steps: int, multiplier: float = 1.0,
                 extra_steps: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
   """The reference's `grid_coords`: x (and y) coordinates of the landscape."""
   if vis_type not in VIS_TYPES:
-    raise ValueError(f"landscape.vis_type {vis_type!r} is not one of {', '.join(VIS_TYPES)}.")
+    raise errors.UserError(f"landscape.vis_type {vis_type!r} is not one of {', '.join(VIS_TYPES)}.")
   if int(steps) < 1:
-    raise ValueError(f"landscape.steps must be >= 1, got {steps}.")
+    raise errors.UserError(f"landscape.steps must be >= 1, got {steps}.")
   if extra_steps < 0:
-    raise ValueError(f"landscape.extra_steps must be >= 0, got {extra_steps}.")
+    raise errors.UserError(f"landscape.extra_steps must be >= 0, got {extra_steps}.")
   rand, interp = _random_axis(steps, multiplier), _interpolation_axis(steps, extra_steps)
   return {
       "1D_random": (rand, None),
@@ -125,7 +125,7 @@ def prepare_workdir(workdir: str, cfg_dict: dict, overwrite: bool, write: bool =
         diffs = [f"{s}.{k}: {a.get(s, {}).get(k)!r} -> {b.get(s, {}).get(k)!r}"
                  for s in sorted(set(a) | set(b)) for k in sorted(set(a.get(s, {})) | set(b.get(s, {})))
                  if a.get(s, {}).get(k) != b.get(s, {}).get(k)]
-        raise ValueError(f"{workdir} holds a run with a different config ({'; '.join(diffs[:5])}); "
+        raise errors.UserError(f"{workdir} holds a run with a different config ({'; '.join(diffs[:5])}); "
                          "use another --workdir, or --overwrite to discard it.")
       for name in RUN_FILES:
         p = os.path.join(workdir, name)
@@ -159,18 +159,18 @@ def validate(c) -> None:
   ls = c.landscape
   grid_coords(ls.vis_type, ls.steps, ls.multiplier, ls.get("extra_steps", 0))
   if ls.num_directions < 1:
-    raise ValueError(f"landscape.num_directions must be >= 1, got {ls.num_directions}.")
+    raise errors.UserError(f"landscape.num_directions must be >= 1, got {ls.num_directions}.")
   if ls.vis_type != "1D_random" and ls.num_directions != 1:
-    raise ValueError(f"landscape.num_directions={ls.num_directions}: only 1D_random draws several "
+    raise errors.UserError(f"landscape.num_directions={ls.num_directions}: only 1D_random draws several "
                      f"directions; {ls.vis_type} uses exactly one (a line or a plane).")
   if "interpolation" in ls.vis_type and not ls.target_path:
-    raise ValueError(f"{ls.vis_type} needs landscape.target_path (the checkpoint at alpha = 1).")
+    raise errors.UserError(f"{ls.vis_type} needs landscape.target_path (the checkpoint at alpha = 1).")
   if ls.vis_type == "2D_interpolation" and not ls.target2_path:
-    raise ValueError("2D_interpolation needs landscape.target2_path (the third checkpoint).")
+    raise errors.UserError("2D_interpolation needs landscape.target2_path (the third checkpoint).")
   if c.decode.max_new_tokens < 1:
-    raise ValueError(f"decode.max_new_tokens must be >= 1, got {c.decode.max_new_tokens}.")
+    raise errors.UserError(f"decode.max_new_tokens must be >= 1, got {c.decode.max_new_tokens}.")
   if c.engine.mode not in ("auto",) + engine.MODES:
-    raise ValueError(f"engine.mode {c.engine.mode!r} is not one of auto, {', '.join(engine.MODES)}.")
+    raise errors.UserError(f"engine.mode {c.engine.mode!r} is not one of auto, {', '.join(engine.MODES)}.")
 
 
 def build_directions(c, params, cfg, mesh=None) -> list[dict]:
@@ -246,14 +246,16 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> d
   goals = prompts.load_goals(c.prompts.path, c.prompts.limit)  # fails before touching workdir
   writer = distributed.is_writer()
   mesh = sharding.make_mesh(tuple(c.mesh.shape))
-  prepare_workdir(workdir, cfg_dict, overwrite, write=writer)
-  distributed.barrier("landscape: workdir prepared")
+  prepare_workdir(workdir, cfg_dict, overwrite, write=False)  # refuse early; write once inputs load
 
   t0 = time.time()
   cfg, params = checkpoints.load_params(model_path, c.model.dtype)
   if c.model.lora_path:
     params = lora.apply_file(params, cfg, c.model.lora_path)
   tok = checkpoints.load_tokenizer(model_path)
+  if c.landscape.directions_path and not os.path.exists(c.landscape.directions_path):
+    raise errors.MissingFileError(f"landscape.directions_path {c.landscape.directions_path!r}: "
+                                  "no such file (expected a safetensors file from export-directions).")
   texts = [prompts.format_prompt(g, tok, c.prompts.template, c.prompts.system_prompt) for g in goals]
   ids = prompts.tokenize_prompts(texts, tok, c.prompts.template)
   pad_id = decode.pad_id_of(tok)
@@ -263,9 +265,9 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> d
                        c.landscape.extra_steps)
   coefs = grid_points(xs, ys)
   n_comp = coefs.shape[1]
+  dirs = _run_directions(c, workdir, cfg_dict, overwrite, params, cfg, n_comp, writer, mesh)
   gen_path = os.path.join(workdir, "generations.jsonl")
   lines = read_generations(gen_path, repair=writer)  # before any process can append
-  dirs = _run_directions(c, workdir, params, cfg, n_comp, writer, mesh)
   for r, comps in enumerate(dirs):
     for d in comps:
       directions.check_matches(d, params, f"direction {r}")
@@ -354,34 +356,44 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> d
   return result
 
 
-def _run_directions(c, workdir: str, params, cfg, n_comp: int, writer: bool,
-                    mesh=None) -> list[list[dict]]:
+def _run_directions(c, workdir: str, cfg_dict: dict, overwrite: bool, params, cfg, n_comp: int,
+                    writer: bool, mesh=None) -> list[list[dict]]:
   """The workdir's directions when resuming; else drawn (or imported) and saved by the writer.
 
-  With several processes every process then reads the writer's file back: all hold the
-  same bits, and only the writer draws (or loads the interpolation targets).
+  The workdir is claimed (run_config.json written) only once the directions exist, so bad input
+  leaves no files behind. With several processes every process then reads the writer's file
+  back: all hold the same bits, and only the writer draws (or loads the interpolation targets).
   """
   dir_file = os.path.join(workdir, "directions.safetensors")
-  if writer and not os.path.exists(dir_file):
+  fresh = writer and not (os.path.exists(dir_file) and saved_config(workdir) == _comparable(cfg_dict))
+  dirs = None
+  if fresh:
     if c.landscape.directions_path:
       n = c.landscape.num_directions * n_comp
       dirs = _regroup(directions.load_safetensors(c.landscape.directions_path, cfg, n), n_comp)
     else:
       dirs = build_directions(c, params, cfg, mesh if jax.process_count() == 1 else None)
+  prepare_workdir(workdir, cfg_dict, overwrite, write=writer)
+  if fresh:
     directions.save_safetensors(dir_file, _flatten(dirs), cfg)
-    if jax.process_count() == 1:
-      return dirs
   distributed.barrier("landscape: directions saved")
-  return _regroup(directions.load_safetensors(dir_file, cfg), n_comp)
+  if dirs is None or jax.process_count() > 1:
+    dirs = _regroup(directions.load_safetensors(dir_file, cfg), n_comp)
+  return dirs
+
+
+def saved_config(workdir: str) -> dict | None:
+  """The comparable run_config.json of `workdir`, or None when there is none."""
+  try:
+    with open(os.path.join(workdir, "run_config.json")) as f:
+      return _comparable(json.load(f))
+  except (FileNotFoundError, json.JSONDecodeError):
+    return None
 
 
 def _progress(total: int, enabled: bool):
   from tqdm import tqdm
   return tqdm(total=total, unit="gen", desc="landscape", disable=not enabled, dynamic_ncols=True)
-
-
-ADVBENCH_DEFAULT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                                                 "advbench", "harmful_behaviors.csv"))
 
 
 def default_config():
@@ -392,10 +404,11 @@ def default_config():
   # HF directory, .gguf file or converted dir ("" = embedded SmolLM2); dtype of params and compute;
   # lora_path: a LoRA adapter (safetensors, PEFT names) merged into theta before anything else.
   c.model = dict(path="", dtype="float32", lora_path="")
-  # CSV with a `goal` column or JSONL with `prompt`; first `limit` rows (paper: 80 AdvBench rows).
+  # CSV with a `goal` column or JSONL with `prompt` ("" = the packaged AdvBench, Zou et al. 2023);
+  # first `limit` rows (paper: 80 AdvBench rows).
   # template: auto | raw | llama2 | vicuna | mistral | llama3; system_prompt: default | none |
   # llama2 | aoa | any text.
-  c.prompts = dict(path=ADVBENCH_DEFAULT, limit=80, template="auto", system_prompt="default")
+  c.prompts = dict(path="", limit=80, template="auto", system_prompt="default")
   # vis_type: 1D_random | 1D_interpolation | 2D_random | 2D_interpolation | 2D_interpolation-random.
   # Random axes: alpha in linspace(-multiplier/2, multiplier/2, steps+1); interpolation axes:
   # -extra_steps/steps .. 1+extra_steps/steps. norm: layer | filter | none; tensors whose HF
@@ -438,5 +451,5 @@ def paper_config(template: str, arg: str | None = None):
   elif arg == "interpolation":
     c.landscape.update(vis_type="1D_interpolation", steps=20, extra_steps=5)
   elif arg:
-    raise ValueError(f"unknown config argument {arg!r}: use 2d or interpolation")
+    raise errors.UserError(f"unknown config argument {arg!r}: use 2d or interpolation")
   return c

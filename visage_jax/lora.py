@@ -1,7 +1,7 @@
 """LoRA adapters on the params tree: init, merge into theta, PEFT-named safetensors I/O.
 
 Merged adapters are ordinary params, so a LoRA fine-tune is landscaped like any checkpoint
-(landscape's `model.lora_path`); the shipped safety adapter of the demo lives in data/.
+(landscape's `model.lora_path`); the shipped safety adapter of the demo is packaged data (visage_jax/data/).
 """
 
 import os
@@ -11,11 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visage_jax import checkpoints, model
+from visage_jax import checkpoints, errors, model, resources
 
 LINEAR_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ALIGNED_SMOLLM2 = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "data",
-                                                "aligned_smollm2_lora.safetensors"))
+ALIGNED_SMOLLM2 = resources.path(resources.ALIGNED_SMOLLM2_LORA)
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -23,10 +22,10 @@ def init(key: jax.Array, params: dict, cfg: model.ModelConfig, rank: int,
               targets: tuple[str, ...]) -> dict:
   """{target: {"a": [L, in, r], "b": [L, r, out]}}: A uniform(±1/sqrt(in)) as PEFT, B zero."""
   if rank < 1:
-    raise ValueError(f"lora.rank must be >= 1 for LoRA, got {rank}.")
+    raise errors.UserError(f"lora.rank must be >= 1 for LoRA, got {rank}.")
   bad = [t for t in targets if t not in LINEAR_LEAVES]
   if bad or not targets:
-    raise ValueError(f"lora.targets {tuple(targets)}: expected a non-empty subset of "
+    raise errors.UserError(f"lora.targets {tuple(targets)}: expected a non-empty subset of "
                      f"{', '.join(LINEAR_LEAVES)}.")
   lora = {}
   for t in targets:
@@ -43,7 +42,7 @@ def merge(params: dict, lora: dict, alpha: float, rank: int) -> dict:
   layers = dict(params["layers"])
   for t, ab in lora.items():
     if ab["a"].shape[-1] != rank:
-      raise ValueError(f"LoRA {t}: A has rank {ab['a'].shape[-1]}, expected {rank}.")
+      raise errors.UserError(f"LoRA {t}: A has rank {ab['a'].shape[-1]}, expected {rank}.")
     w = layers[t]
     delta = jnp.einsum("lir,lro->lio", ab["a"], ab["b"]) * (alpha / rank)
     layers[t] = (w.astype(jnp.float32) + delta).astype(w.dtype)
@@ -75,16 +74,16 @@ def load(path: str, cfg: model.ModelConfig) -> tuple[dict, float, int]:
   from safetensors import safe_open
 
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: LoRA adapter not found.")
+    raise errors.MissingFileError(f"{path}: LoRA adapter not found.")
   with safe_open(path, framework="numpy") as f:
     meta = f.metadata() or {}
     if not {"rank", "alpha", "targets"} <= set(meta):
-      raise ValueError(f"{path}: metadata needs rank, alpha and targets; found {sorted(meta)}.")
+      raise errors.UserError(f"{path}: metadata needs rank, alpha and targets; found {sorted(meta)}.")
     rank, alpha = int(meta["rank"]), float(meta["alpha"])
     names, shapes = checkpoints.hf_tensor_names(cfg), model.param_shapes(cfg)["layers"]
     targets = meta["targets"].split(",")
     if set(targets) - set(LINEAR_LEAVES):
-      raise ValueError(f"{path}: targets {targets}; expected names from {', '.join(LINEAR_LEAVES)}.")
+      raise errors.UserError(f"{path}: targets {targets}; expected names from {', '.join(LINEAR_LEAVES)}.")
     lora = {}
     for t in targets:
       _, n_in, n_out = shapes[t]
@@ -94,9 +93,9 @@ def load(path: str, cfg: model.ModelConfig) -> tuple[dict, float, int]:
         try:
           at, bt = f.get_tensor(base + ".lora_A.weight"), f.get_tensor(base + ".lora_B.weight")
         except Exception:
-          raise ValueError(f"{path}: missing {base}.lora_A/B.weight for this model.") from None
+          raise errors.UserError(f"{path}: missing {base}.lora_A/B.weight for this model.") from None
         if at.shape != (rank, n_in) or bt.shape != (n_out, rank):
-          raise ValueError(f"{path}: {base} LoRA shapes {at.shape}, {bt.shape}; expected "
+          raise errors.UserError(f"{path}: {base} LoRA shapes {at.shape}, {bt.shape}; expected "
                            f"{(rank, n_in)}, {(n_out, rank)}.")
         a.append(at.T)
         b.append(bt.T)

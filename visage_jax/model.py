@@ -23,6 +23,8 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from visage_jax import errors
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -65,13 +67,13 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str | None 
   """Reads a HF config dict: published keys (rope_theta, rope_scaling) and transformers-5 rope_parameters."""
   model_type = hf.get("model_type")
   if model_type not in SUPPORTED_MODEL_TYPES:
-    raise ValueError(f"{source}: model_type {model_type!r} is not supported; supported: "
+    raise errors.UserError(f"{source}: model_type {model_type!r} is not supported; supported: "
                      f"{', '.join(SUPPORTED_MODEL_TYPES)} (LLaMA-2/3, Vicuna, Mistral, SmolLM2).")
   for flag in ("attention_bias", "mlp_bias"):
     if hf.get(flag):
-      raise ValueError(f"{source}: {flag}=true is not supported by the LLaMA family implementation.")
+      raise errors.UserError(f"{source}: {flag}=true is not supported by the LLaMA family implementation.")
   if hf.get("hidden_act", "silu") != "silu":
-    raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported; expected 'silu'.")
+    raise errors.UserError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported; expected 'silu'.")
   try:
     d, n = int(hf["hidden_size"]), int(hf["num_attention_heads"])
     rope = dict(hf.get("rope_parameters") or {})
@@ -83,7 +85,7 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str | None 
     theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
     rope_type = rope.get("rope_type", "default")
     if rope_type not in SUPPORTED_ROPE_TYPES:
-      raise ValueError(f"{source}: rope type {rope_type!r} is not supported; supported: "
+      raise errors.UserError(f"{source}: rope type {rope_type!r} is not supported; supported: "
                        f"{', '.join(SUPPORTED_ROPE_TYPES)}.")
     scaling = None if rope_type == "default" else tuple(sorted(
         (k, tuple(v) if isinstance(v, list) else v) for k, v in rope.items()))
@@ -102,7 +104,7 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str | None 
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
         model_type=model_type, dtype=dtype, param_dtype=param_dtype or dtype)
   except KeyError as e:
-    raise ValueError(f"{source}: missing field {e.args[0]!r} needed for a {model_type} model.") from None
+    raise errors.UserError(f"{source}: missing field {e.args[0]!r} needed for a {model_type} model.") from None
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:

@@ -13,7 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from visage_jax import model, sharding
+from visage_jax import errors, model, sharding
 
 GB, GiB = 10**9, 2**30
 HEADROOM = 0.7   # of the memory left after weights, given to slots; the rest covers XLA temporaries
@@ -65,21 +65,21 @@ MODELS = {
 def known_model(name: str, dtype: str = "bfloat16") -> model.ModelConfig:
   """A paper model's shape by name (llama2_7b, ...) in `dtype`, with no checkpoint at hand."""
   if name not in MODELS:
-    raise ValueError(f"model {name!r} is not a known model; known: {', '.join(MODELS)} "
+    raise errors.UserError(f"model {name!r} is not a known model; known: {', '.join(MODELS)} "
                      "(or give a local checkpoint path).")
   return dataclasses.replace(MODELS[name][1], dtype=dtype, param_dtype=dtype)
 
 
 def accelerator(name: str) -> Accelerator:
   if name not in ACCELERATORS:
-    raise ValueError(f"accelerator {name!r} is not known; known: {', '.join(ACCELERATORS)}.")
+    raise errors.UserError(f"accelerator {name!r} is not known; known: {', '.join(ACCELERATORS)}.")
   return ACCELERATORS[name]
 
 
 def _mesh_shape(mesh_shape) -> tuple[int, int]:
   shape = tuple(int(s) for s in mesh_shape)
   if len(shape) != 2 or min(shape) < 1:
-    raise ValueError(f"mesh shape {mesh_shape} must be two positive ints (data, model).")
+    raise errors.UserError(f"mesh shape {mesh_shape} must be two positive ints (data, model).")
   return shape
 
 
@@ -131,7 +131,7 @@ def slot_bytes(cfg: model.ModelConfig, prompt_len: int, max_new_tokens: int, *, 
                mode: str = "fused", model_shards: int = 1) -> int:
   """Memory one decode row needs on a device: KV cache + activations, times R when fused."""
   if mode not in MODES:
-    raise ValueError(f"engine.mode {mode!r} is not one of {', '.join(MODES)}.")
+    raise errors.UserError(f"engine.mode {mode!r} is not one of {', '.join(MODES)}.")
   seq = prompt_len + max_new_tokens
   per = (kv_bytes_per_slot(cfg, seq, model_shards)
          + activation_bytes_per_slot(cfg, prompt_len, seq, model_shards))

@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from mpl_toolkits.mplot3d import Axes3D  # noqa: F401  (registers the "3d" projection)
 
-from visage_jax import visage
+from visage_jax import errors, visage
 
 VIS_TYPES_1D = ("1D_random", "1D_interpolation")
 VIS_TYPES_2D = ("2D_random", "2D_interpolation", "2D_interpolation-random")
@@ -29,9 +29,9 @@ def _floats(values, name: str, shape: tuple[int, ...]) -> np.ndarray:
   try:
     arr = np.array(values, dtype=np.float64)
   except (TypeError, ValueError) as e:
-    raise ValueError(f"landscape result: field {name!r} must hold numbers or None, got {values!r}") from e
+    raise errors.UserError(f"landscape result: field {name!r} must hold numbers or None, got {values!r}") from e
   if arr.shape != shape:
-    raise ValueError(f"landscape result: field {name!r} has shape {arr.shape}, expected {shape} "
+    raise errors.UserError(f"landscape result: field {name!r} has shape {arr.shape}, expected {shape} "
                      "from coords_x/coords_y")
   return arr
 
@@ -46,31 +46,31 @@ def _mask(values, name: str, shape: tuple[int, ...]) -> np.ndarray:
 def _parse(result) -> dict:
   """Checks a landscape.json at the edge, naming the field that is wrong."""
   if not isinstance(result, dict):
-    raise ValueError(f"landscape result: expected a dict, got {type(result).__name__}")
+    raise errors.UserError(f"landscape result: expected a dict, got {type(result).__name__}")
   for field in ("vis_type", "coords_x", "asr"):
     if field not in result:
-      raise ValueError(f"landscape result: missing field {field!r}")
+      raise errors.UserError(f"landscape result: missing field {field!r}")
   vis_type = result["vis_type"]
   if vis_type not in VIS_TYPES_1D + VIS_TYPES_2D:
-    raise ValueError(f"landscape result: field 'vis_type' is {vis_type!r}, expected one of "
+    raise errors.UserError(f"landscape result: field 'vis_type' is {vis_type!r}, expected one of "
                      f"{VIS_TYPES_1D + VIS_TYPES_2D}")
   x = np.array(result["coords_x"], dtype=np.float64)
   if x.ndim != 1 or x.size == 0 or not np.isfinite(x).all():
-    raise ValueError(f"landscape result: field 'coords_x' must be a non-empty list of finite numbers, "
+    raise errors.UserError(f"landscape result: field 'coords_x' must be a non-empty list of finite numbers, "
                      f"got {result['coords_x']!r}")
   p = dict(vis_type=vis_type, x=x, y=None, model=str(result.get("model") or "unknown model"),
            n_prompts=result.get("n_prompts"), visage=result.get("visage"))
   if vis_type in VIS_TYPES_1D:
     if not isinstance(result["asr"], (list, tuple)) or not result["asr"]:
-      raise ValueError(f"landscape result: field 'asr' must be a non-empty list of curves (one per "
+      raise errors.UserError(f"landscape result: field 'asr' must be a non-empty list of curves (one per "
                        f"direction) for {vis_type}, got {result['asr']!r}")
     shape = (len(result["asr"]), x.size)
   else:
     if result.get("coords_y") is None:
-      raise ValueError(f"landscape result: missing field 'coords_y' for {vis_type}")
+      raise errors.UserError(f"landscape result: missing field 'coords_y' for {vis_type}")
     p["y"] = np.array(result["coords_y"], dtype=np.float64)
     if p["y"].ndim != 1 or p["y"].size == 0 or not np.isfinite(p["y"]).all():
-      raise ValueError(f"landscape result: field 'coords_y' must be a non-empty list of finite "
+      raise errors.UserError(f"landscape result: field 'coords_y' must be a non-empty list of finite "
                        f"numbers, got {result['coords_y']!r}")
     shape = (x.size, p["y"].size)
   p["asr"] = _floats(result["asr"], "asr", shape)

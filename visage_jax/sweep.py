@@ -20,7 +20,7 @@ import time
 import numpy as np
 from absl import logging
 
-from visage_jax import distributed, landscape, plotting
+from visage_jax import distributed, errors, landscape, plotting
 
 SUMMARY_FILES = ("sweep.csv", "sweep.md", "sweep.png")
 COLUMNS = ("run", "status", "asr_at_0", "visage", "workdir", "error")
@@ -59,11 +59,11 @@ def _check_field(base, field: str, where: str) -> None:
   node = base
   for part in str(field).split("."):
     if not hasattr(node, "keys") or part not in node:
-      raise ValueError(f"{where}: {field!r} is not a field of the landscape config (sweep base); "
+      raise errors.UserError(f"{where}: {field!r} is not a field of the landscape config (sweep base); "
                        f"fields: {_field_names(base)}.")
     node = node[part]
   if hasattr(node, "keys"):
-    raise ValueError(f"{where}: {field!r} is a section; name one of its fields: "
+    raise errors.UserError(f"{where}: {field!r} is a section; name one of its fields: "
                      f"{', '.join(f'{field}.{k}' for k in node.keys())}.")
 
 
@@ -72,13 +72,13 @@ def _grid(c) -> list[tuple[str, tuple]]:
   for i, entry in enumerate(c.sweep.grid):
     if not isinstance(entry, (tuple, list)) or len(entry) != 2 or isinstance(entry[1], str) \
         or not hasattr(entry[1], "__iter__"):
-      raise ValueError(f"sweep.grid[{i}]: expected (dotted field, (value, ...)), got {entry!r}.")
+      raise errors.UserError(f"sweep.grid[{i}]: expected (dotted field, (value, ...)), got {entry!r}.")
     field, values = str(entry[0]), tuple(entry[1])
     _check_field(c.base, field, f"sweep.grid[{i}]")
     if not values:
-      raise ValueError(f"sweep.grid[{i}]: {field!r} has no values.")
+      raise errors.UserError(f"sweep.grid[{i}]: {field!r} has no values.")
     if field in [f for f, _ in out]:
-      raise ValueError(f"sweep.grid[{i}]: {field!r} appears twice in the grid.")
+      raise errors.UserError(f"sweep.grid[{i}]: {field!r} appears twice in the grid.")
     out.append((field, values))
   return out
 
@@ -89,10 +89,10 @@ def _explicit(c) -> list[tuple[str | None, dict]]:
     entry = dict(entry)
     unknown = set(entry) - {"name", "overrides"}
     if unknown:
-      raise ValueError(f"sweep.runs[{i}]: unknown keys {sorted(unknown)}; expected name and overrides.")
+      raise errors.UserError(f"sweep.runs[{i}]: unknown keys {sorted(unknown)}; expected name and overrides.")
     name = entry.get("name") or None
     if name is not None and (_UNSAFE.search(str(name)) or str(name) in (".", "..")):
-      raise ValueError(f"sweep.runs[{i}].name {name!r} is a directory name: use letters, digits "
+      raise errors.UserError(f"sweep.runs[{i}].name {name!r} is a directory name: use letters, digits "
                        "and . _ = , + -")
     overrides = dict(entry.get("overrides") or {})
     for field in overrides:
@@ -129,7 +129,7 @@ def expand(c) -> list[tuple[str, dict]]:
     for point in points:
       clash = set(over) & set(point)
       if clash:
-        raise ValueError(f"sweep: {sorted(clash)} set both by sweep.runs ({name or over}) and by sweep.grid.")
+        raise errors.UserError(f"sweep: {sorted(clash)} set both by sweep.runs ({name or over}) and by sweep.grid.")
       head = name or _label(over, keys)
       runs.append((",".join(p for p in (head, _label(point, keys)) if p) or "base", {**over, **point}))
   names = [n for n, _ in runs]
@@ -140,7 +140,7 @@ def expand(c) -> list[tuple[str, dict]]:
   seen = {}
   for n, over in runs:
     if n in seen:
-      raise ValueError(f"sweep: two runs are both named {n!r} (overrides {seen[n]} and {over}); "
+      raise errors.UserError(f"sweep: two runs are both named {n!r} (overrides {seen[n]} and {over}); "
                        "give explicit runs distinct names and overrides.")
     seen[n] = over
   return runs
@@ -157,7 +157,7 @@ def run_config(base, overrides: dict):
     try:
       node[leaf] = tuple(value) if isinstance(value, list) else value
     except TypeError as e:
-      raise ValueError(f"sweep: cannot set {field} = {value!r} ({e}).") from None
+      raise errors.UserError(f"sweep: cannot set {field} = {value!r} ({e}).") from None
   return c
 
 

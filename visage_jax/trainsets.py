@@ -1,4 +1,4 @@
-"""Deterministic fine-tuning sets, built by code from AdvBench and data/benign_instructions.jsonl.
+"""Deterministic fine-tuning sets, built by code from AdvBench and the packaged benign instructions.
 
 AdvBench rows 0-79 are the paper's evaluation prompts and are never trained on; every training
 set draws its harmful goals from rows >= 80. Named sets (`build`):
@@ -16,14 +16,13 @@ import os
 
 import numpy as np
 
-from visage_jax import prompts
+from visage_jax import errors, prompts, resources
 
 EVAL_ROWS = 80
 HELDOUT_BENIGN = 20
 SHOTS = (10, 50, 100)
 NAMES = ("align", "safety") + tuple(f"{k}_{n}" for k in ("harmful", "mix") for n in SHOTS)
-BENIGN_PATH = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "data",
-                                            "benign_instructions.jsonl"))
+BENIGN_PATH = resources.path(resources.BENIGN_INSTRUCTIONS)
 
 # Written for this project; each holds at least one of judges.REFUSAL_KEYWORDS.
 REFUSALS = (
@@ -55,19 +54,20 @@ REFUSALS = (
 
 
 def read_advbench(path: str) -> list[dict]:
-  """AdvBench-style CSV -> [{"goal", "target"}] in file order; a clear error on a bad file."""
+  """AdvBench-style CSV ("" = the packaged AdvBench) -> [{"goal", "target"}] in file order."""
+  path = resources.or_packaged(path, resources.ADVBENCH)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: AdvBench CSV not found (expected columns goal,target).")
+    raise errors.MissingFileError(f"{path}: AdvBench CSV not found (expected columns goal,target).")
   with open(path, newline="", encoding="utf-8") as f:
     reader = csv.DictReader(f)
     missing = {"goal", "target"} - set(reader.fieldnames or ())
     if missing:
-      raise ValueError(f"{path}: expected a CSV with columns 'goal' and 'target'; missing "
+      raise errors.UserError(f"{path}: expected a CSV with columns 'goal' and 'target'; missing "
                        f"{sorted(missing)}, found {reader.fieldnames or []}.")
     rows = []
     for n, row in enumerate(reader, 2):
       if not (row.get("goal") or "").strip() or not (row.get("target") or "").strip():
-        raise ValueError(f"{path}:{n}: empty 'goal' or 'target'.")
+        raise errors.UserError(f"{path}:{n}: empty 'goal' or 'target'.")
       rows.append({"goal": row["goal"].strip(), "target": row["target"].strip()})
   return rows
 
@@ -81,7 +81,7 @@ def _train_rows(advbench_path: str, seed: int) -> list[dict]:
   """Rows >= 80 in a fixed shuffled order, minus any goal equal to an evaluation goal."""
   rows = read_advbench(advbench_path)
   if len(rows) <= EVAL_ROWS:
-    raise ValueError(f"{advbench_path}: {len(rows)} rows; training sets need rows after the "
+    raise errors.UserError(f"{advbench_path}: {len(rows)} rows; training sets need rows after the "
                      f"first {EVAL_ROWS} (the evaluation prompts).")
   held = {r["goal"].lower() for r in rows[:EVAL_ROWS]}
   train = [r for r in rows[EVAL_ROWS:] if r["goal"].lower() not in held]
@@ -99,7 +99,7 @@ def harmful_examples(advbench_path: str, n: int, seed: int = 0) -> list[dict]:
   """The first n goal -> target pairs of the shuffled rows >= 80 (so 10 ⊂ 50 ⊂ 100)."""
   rows = _train_rows(advbench_path, seed)
   if n > len(rows):
-    raise ValueError(f"{advbench_path}: asked for {n} harmful examples, only {len(rows)} rows >= 80.")
+    raise errors.UserError(f"{advbench_path}: asked for {n} harmful examples, only {len(rows)} rows >= 80.")
   return [{"prompt": r["goal"], "response": r["target"]} for r in rows[:n]]
 
 
@@ -107,7 +107,7 @@ def mix_examples(advbench_path: str, n: int, seed: int = 0) -> list[dict]:
   """harmful_n plus n refusals on the next n goals (no goal appears twice)."""
   rows = _train_rows(advbench_path, seed)
   if 2 * n > len(rows):
-    raise ValueError(f"{advbench_path}: mix_{n} needs {2 * n} rows >= 80, found {len(rows)}.")
+    raise errors.UserError(f"{advbench_path}: mix_{n} needs {2 * n} rows >= 80, found {len(rows)}.")
   return harmful_examples(advbench_path, n, seed) + refuse(rows[n:2 * n], seed)
 
 
@@ -120,23 +120,24 @@ def load_pairs(path: str) -> list[dict]:
   if path.endswith(".jsonl"):
     rows = prompts.read_jsonl(path, ("prompt", "response"))
     if not rows:
-      raise ValueError(f"{path}: no examples (expected one JSON object per line with fields "
+      raise errors.UserError(f"{path}: no examples (expected one JSON object per line with fields "
                        "prompt, response).")
     return rows
   if path.endswith(".csv"):
     rows = read_advbench(path)
     if not rows:
-      raise ValueError(f"{path}: no rows (expected a CSV with columns goal,target).")
+      raise errors.UserError(f"{path}: no rows (expected a CSV with columns goal,target).")
     return [{"prompt": r["goal"], "response": r["target"]} for r in rows]
-  raise ValueError(f"{path}: expected a .jsonl file (fields prompt, response) or a .csv file "
+  raise errors.UserError(f"{path}: expected a .jsonl file (fields prompt, response) or a .csv file "
                    "(columns goal, target).")
 
 
 def benign_split(path: str = BENIGN_PATH, seed: int = 0) -> tuple[list[str], list[str]]:
-  """(train, held-out 20) benign instructions, a fixed split."""
+  """(train, held-out 20) benign instructions ("" = the packaged set), a fixed split."""
+  path = resources.or_packaged(path, resources.BENIGN_INSTRUCTIONS)
   instructions = [r["prompt"] for r in prompts.read_jsonl(path, ("prompt",))]
   if len(instructions) <= HELDOUT_BENIGN:
-    raise ValueError(f"{path}: {len(instructions)} instructions; need more than {HELDOUT_BENIGN}.")
+    raise errors.UserError(f"{path}: {len(instructions)} instructions; need more than {HELDOUT_BENIGN}.")
   order = np.random.default_rng(seed + 2).permutation(len(instructions))
   held = sorted(order[:HELDOUT_BENIGN])
   train = sorted(order[HELDOUT_BENIGN:])
@@ -161,11 +162,11 @@ def build(name: str, advbench_path: str, benign: list[dict] | None = None, seed:
           benign_repeat: int = 1) -> list[dict]:
   """A named set (module docstring); `align` needs the self-distilled benign examples."""
   if not is_name(name):
-    raise ValueError(f"data.name {name!r} is not one of align, safety, harmful_N, mix_N "
+    raise errors.UserError(f"data.name {name!r} is not one of align, safety, harmful_N, mix_N "
                      f"(N a positive integer, e.g. {', '.join(NAMES[2:])}).")
   if name == "align":
     if benign is None:
-      raise ValueError("data.name='align' needs the self-distilled benign examples.")
+      raise errors.UserError("data.name='align' needs the self-distilled benign examples.")
     return align_examples(advbench_path, benign, seed, benign_repeat)
   if name == "safety":
     return safety_examples(advbench_path, seed)

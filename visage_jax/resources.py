@@ -1,0 +1,24 @@
+"""Data shipped inside the package (visage_jax/data/), found through importlib.resources so a
+clone, an editable install and a wheel all run without any file outside the package.
+
+AdvBench (Zou et al. 2023, MIT) is the paper's prompt set; the benign instructions and the
+aligned SmolLM2 LoRA were made for this project (MIT). Licences: visage_jax/data/LICENSE.md.
+"""
+
+import importlib.resources
+
+ADVBENCH = "advbench_harmful_behaviors.csv"   # 520 rows, columns goal,target
+BENIGN_INSTRUCTIONS = "benign_instructions.jsonl"
+ALIGNED_SMOLLM2_LORA = "aligned_smollm2_lora.safetensors"
+FILES = (ADVBENCH, BENIGN_INSTRUCTIONS, ALIGNED_SMOLLM2_LORA, "LICENSE.md")
+
+
+def path(name: str) -> str:
+  """Filesystem path of a packaged data file (packages install unzipped, so it is a real file)."""
+  return str(importlib.resources.files("visage_jax").joinpath("data", name))
+
+
+def or_packaged(given: str, name: str) -> str:
+  """`given`, or the packaged file when it is empty: configs leave data paths empty by default so
+  a run's identity does not depend on where the package is installed."""
+  return given or path(name)
