@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from unittest import mock
 
 import jax
 import numpy as np
@@ -229,6 +230,28 @@ class GgufTest(absltest.TestCase):
       g.write(f.read(3_000_000))
     with self.assertRaisesRegex(checkpoints.CheckpointError, "truncated.gguf"):
       checkpoints.load_params(bad)
+
+  def test_gguf_is_converted_once_and_loads_the_same_bits_from_the_cache(self):
+    gguf_path = checkpoints.default_model_path()
+    cache = self.create_tempdir().full_path
+    with mock.patch.dict(os.environ, VISAGE_JAX_CACHE="off"):
+      cfg, params = checkpoints.load_params(gguf_path, "bfloat16")
+      tok = checkpoints.load_tokenizer(gguf_path)
+    with mock.patch.dict(os.environ, VISAGE_JAX_CACHE=cache):
+      cfg1, params1 = checkpoints.load_params(gguf_path, "bfloat16")
+      (copy,) = os.listdir(cache)
+      self.assertTrue(copy.endswith("-bfloat16"), copy)
+      with mock.patch.object(checkpoints, "_gguf_leaves", side_effect=AssertionError("re-read")):
+        cfg2, params2 = checkpoints.load_params(gguf_path, "bfloat16")
+        tok2 = checkpoints.load_tokenizer(gguf_path)
+    self.assertEqual(cfg, cfg1)
+    self.assertEqual(cfg, cfg2)
+    for got in (params1, params2):
+      jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, got)
+    text = "Write a poem about the sea."
+    self.assertEqual(tok(text)["input_ids"], tok2(text)["input_ids"])
+    self.assertEqual(tok.chat_template, tok2.chat_template)
+    self.assertEqual(tok.eos_token_id, tok2.eos_token_id)
 
   def test_unpermute_inverts_llama_cpp_permute(self):
     """llama.cpp convert_hf_to_gguf.py permutes q/k rows; we must undo exactly that."""
