@@ -238,6 +238,9 @@ class TwoProcessSweepTest(absltest.TestCase):
                                           "path=tiny,seed=0"])
     rows = read_csv(w)
     self.assertEqual([r["status"] for r in rows], ["failed", "complete"])
+    with open(os.path.join(w, "path=model,seed=0", "error.txt")) as f:
+      self.assertIn("/nonexistent/model", f.read())   # the failed run wrote nothing but why
+    self.assertFalse(os.path.exists(os.path.join(w, "path=tiny,seed=0", "error.txt")))
     result = read_result(os.path.join(w, "path=tiny,seed=0"))
     self.assertEqual(result["mesh"]["processes"], 2)
     self.assertEqual(float(rows[1]["visage"]), result["visage"]["mean"])

@@ -256,12 +256,17 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> l
     except Exception as e:  # recorded; the next runs go on
       row.update(status="failed", error=f"{type(e).__name__}: {e}")
       logging.exception("sweep: run %s failed", name)
+      if writer:  # the run wrote nothing (bad input leaves no files): say why where it would be
+        os.makedirs(row["workdir"], exist_ok=True)
+        workdir_error(row["workdir"], row["error"])
     except BaseException:    # Ctrl-C: the summary says where the sweep stopped
       row["status"] = "interrupted"
       if writer:
         _write_summary(workdir, rows, fields, results)
       raise
     else:
+      if writer:
+        workdir_error(row["workdir"], None)
       row.update(status="complete" if result["complete"] else "failed",
                  asr_at_0=asr_at_zero(result), visage=visage_score(result),
                  error=None if result["complete"] else "landscape incomplete")
@@ -271,3 +276,13 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> l
     if writer:
       _write_summary(workdir, rows, fields, results)
   return rows
+
+
+def workdir_error(run_dir: str, error: str | None) -> None:
+  """RUN/error.txt holds why a sweep's run failed; removed once the run succeeds."""
+  path = os.path.join(run_dir, "error.txt")
+  if error is None:
+    if os.path.exists(path):
+      os.remove(path)
+    return
+  landscape.write_atomic(path, error + "\n")
