@@ -11,7 +11,7 @@ instructions answered. Measured on 2 shared CPU cores (two runs, bit-identical a
 distillation 79-86 s, training 609-642 s (~6.3 s/step), evaluation 60-81 s, 13.6 min in all;
 ASR 98.75% -> 0.0% (0/80), benign answered 20/20 -> 20/20.
 This run's WORKDIR/lora.safetensors (3.7 MB) is visage_jax/data/aligned_smollm2_lora.safetensors
-(finetune.load_aligned_smollm2); landscapes run on WORKDIR/model directly.
+(lora.ALIGNED_SMOLLM2, merged by the demo and the experiments); landscapes run on WORKDIR/model directly.
 """
 from visage_jax import finetune
 

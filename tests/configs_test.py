@@ -6,7 +6,7 @@ import os
 
 from absl.testing import absltest, parameterized
 
-from visage_jax import hub, landscape, resources
+from visage_jax import experiments, hub, landscape, resources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The paper's models as hub ids: (chat model, its base model for interpolation).
@@ -59,6 +59,29 @@ class ConfigsTest(parameterized.TestCase):
     for path in glob.glob(os.path.join(ROOT, "configs", "*.py")):
       name = os.path.basename(path)[:-3]
       self.assertIsNotNone(_load(name).get_config(), name)
+
+  @parameterized.product(name=experiments.NAMES, arg=(None, "tiny"))
+  def test_experiment_configs_agree_with_all_on_what_they_share(self, name, arg):
+    # Shared jobs (WORKDIR/jobs/) resume across experiments only if their numbers agree.
+    c, full = _load(f"experiments/{name}").get_config(arg), _load("experiments/all").get_config(arg)
+    experiments.validate(c)
+    self.assertEqual(c.experiment, name)
+    for section in c.keys():
+      if section != "experiment":
+        self.assertEqual(c[section].to_dict() if hasattr(c[section], "to_dict") else c[section],
+                         full[section].to_dict() if hasattr(full[section], "to_dict") else full[section],
+                         section)
+    self.assertIn(f"--config=configs/experiments/{name}.py --workdir=", _load(f"experiments/{name}").__doc__)
+
+  def test_experiment_config_without_its_numbers_is_named(self):
+    c = _load("experiments/f2_finetune").get_config()
+    del c.f2_finetune
+    with self.assertRaisesRegex(ValueError, "no f2_finetune.shots"):
+      experiments.validate(c)
+    c = _load("experiments/f1_basin").get_config()
+    c.protocol.steps = 9
+    with self.assertRaisesRegex(ValueError, "protocol.steps = 9: expected an even number"):
+      experiments.validate(c)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The experiments runner on a tiny model: every job runs, EXPERIMENTS.md is built from the run
 files, a second run recomputes nothing, and the capability curve matches transformers."""
 
+import importlib.util
 import json
 import os
 import tempfile
@@ -14,8 +15,18 @@ import fixtures
 from visage_jax import checkpoints, experiments, finetune, landscape, prompts
 
 
+def experiment_config(name, arg=None):
+  """configs/experiments/<name>.py, the record of that experiment."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      "experiments", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
 def tiny_config(model_dir, name="all"):
-  c = experiments.config(name, "tiny")
+  c = experiment_config(name, "tiny")
   c.model.update(path=model_dir, aligned_lora="")
   c.data.advbench_path = fixtures.advbench_path()
   c.progress = False
@@ -99,8 +110,10 @@ class ExperimentsTest(absltest.TestCase):
     np.testing.assert_allclose(curve["perplexity"][i], np.exp(total / count), rtol=2e-3)
 
   def test_unknown_experiment_is_a_clear_error(self):
+    c = experiment_config("all")
+    c.experiment = "f9"
     with self.assertRaisesRegex(ValueError, "experiment 'f9' is not one of f1_basin"):
-      experiments.config("f9")
+      experiments.validate(c)
 
 
 if __name__ == "__main__":

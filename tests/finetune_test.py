@@ -342,7 +342,7 @@ class FinetuneTest(parameterized.TestCase):
                                            weight_decay=0.0, clip_norm=1.0)
           tr = sharding.shard_params(params, mesh)
           state = dict(step=jnp.zeros((), jnp.int32), trainable=tr, opt_state=opt.init(tr))
-          sh = finetune.state_shardings(state, mesh)
+          sh = sharding.param_shardings(state, mesh)
           state = jax.device_put(state, sh, may_alias=False)
           step = finetune.make_train_step(cfg, opt, shardings=sh)
           batch = {{k: jax.device_put(v.reshape(2, 4, -1), sharding.batch_sharding(mesh, 3, 1))

@@ -56,6 +56,29 @@ class ParityTest(parameterized.TestCase):
     got = np.asarray(model.logits(params, jnp.asarray(tokens), cfg, jnp.asarray(mask)))
     np.testing.assert_allclose(got[mask], ref[mask], atol=1e-4)
 
+  def test_sequence_nll_matches_transformers(self):
+    with tempfile.TemporaryDirectory() as d:
+      hf = fixtures.save_tiny_hf(d, "llama")
+      cfg, params = checkpoints.load_params(d)
+    tokens = fixtures.random_tokens(3, 16, cfg.vocab_size, seed=2)
+    mask = np.ones_like(tokens, dtype=bool)
+    mask[1, 12:] = False  # right padding after a shorter row
+    target = np.zeros_like(mask)
+    target[0, 5:] = True  # a prompt of 5 tokens, then the response
+    target[1, 9:12] = True
+    target[2, 0:] = True  # the first token has no prediction: 15 scored
+    got_sum, got_count = jax.jit(model.sequence_nll, static_argnums=4)(
+        params, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(target), cfg)
+    with torch.no_grad():
+      logits = hf(torch.tensor(tokens, dtype=torch.long),
+                  attention_mask=torch.tensor(mask.astype(np.int64))).logits.double()
+    logp = torch.log_softmax(logits[:, :-1], -1).numpy()
+    for b in range(3):
+      pos = [t for t in range(1, tokens.shape[1]) if target[b, t]]
+      want = -sum(logp[b, t - 1, tokens[b, t]] for t in pos)
+      self.assertEqual(float(got_count[b]), len(pos))
+      self.assertAlmostEqual(float(got_sum[b]), want, delta=1e-4 * len(pos))
+
 
 class ConfigTest(parameterized.TestCase):
 

@@ -14,7 +14,6 @@ import platform
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from visage_jax import (checkpoints, decode, directions, engine, errors, judges, landscape, prompts,
@@ -138,8 +137,7 @@ def run_ours(s: Setup, *, mode: str, points: list[int], max_new_tokens: int, fix
   dirs = jax.tree.map(lambda x: x.astype(s.cfg.param_dtype), dirs)
   params = sharding.shard_params(s.params, mesh)
   dirs = sharding.shard_params(dirs, mesh)
-  kw = judges.build_keyword_tables(s.tokenizer, s.cfg.vocab_size)
-  tables = decode.KeywordTables(next_state=jnp.asarray(kw.next_state), matched=jnp.asarray(kw.matched))
+  tables = judges.build_keyword_tables(s.tokenizer, s.cfg.vocab_size)
   spec = engine.DecodeSpec(max_new_tokens=max_new_tokens, eos_ids=s.eos_ids, pad_id=s.pad_id,
                            stop_at_refusal=stop_at_refusal, fixed_length=fixed_length,
                            shared_prefix=s.shared_prefix)

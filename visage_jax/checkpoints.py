@@ -102,7 +102,8 @@ def get_leaf(tree: dict, path: tuple[str, ...]):
   return tree
 
 
-def _set_leaf(tree: dict, path, value):
+def set_leaf(tree: dict, path, value):
+  """tree[path] = value in place, creating the dicts on the way (get_leaf's inverse)."""
   for k in path[:-1]:
     tree = tree.setdefault(k, {})
   tree[path[-1]] = value
@@ -187,7 +188,7 @@ def _placed(leaves, shardings) -> list:
 def _assemble(leaves, shardings) -> dict:
   params = {}
   for path, read in leaves:
-    _set_leaf(params, path, _put(read, None if shardings is None else get_leaf(shardings, path)))
+    set_leaf(params, path, _put(read, None if shardings is None else get_leaf(shardings, path)))
   return params
 
 
@@ -395,7 +396,7 @@ def save_converted(path: str, cfg: model.ModelConfig, params, tokenizer=None, so
     with _leaf_writer() as ckpt:
       for leaf_path, leaf in params:
         tree = {}
-        _set_leaf(tree, leaf_path, leaf() if callable(leaf) else leaf)
+        set_leaf(tree, leaf_path, leaf() if callable(leaf) else leaf)
         del leaf
         ckpt.save(os.path.join(tmp, _PARAMS_DIR, _leaf_dir(leaf_path)), args=ocp.args.PyTreeSave(tree))
         del tree
@@ -446,9 +447,9 @@ def load_converted(path: str, dtype: str = "float32", shardings=None) -> tuple[m
       params = {}
       for leaf_path in _leaf_paths(cfg):
         target = {}
-        _set_leaf(target, leaf_path, get_leaf(abstract, leaf_path))
+        set_leaf(target, leaf_path, get_leaf(abstract, leaf_path))
         restored = ckpt.restore(os.path.join(path, _PARAMS_DIR, _leaf_dir(leaf_path)), target)
-        _set_leaf(params, leaf_path, get_leaf(restored, leaf_path))
+        set_leaf(params, leaf_path, get_leaf(restored, leaf_path))
   except Exception as e:
     raise CheckpointError(f"{path}: cannot restore the converted params ({type(e).__name__}: {e}).") from None
   return cfg, params

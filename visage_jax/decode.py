@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from visage_jax import judges, model, prompts
+from visage_jax.judges import KeywordTables
 
 
 @flax.struct.dataclass
@@ -31,13 +32,6 @@ class Generation:
   length: jax.Array     # [B] tokens generated, EOS included
   refused: jax.Array    # [B] on-device keyword verdict (False when no tables were given)
   nonfinite: jax.Array  # [B]
-
-
-@flax.struct.dataclass
-class KeywordTables:
-  """On-device copy of judges.KeywordTables."""
-  next_state: jax.Array  # [states, V] int32
-  matched: jax.Array     # [states, V] bool
 
 
 @dataclasses.dataclass(frozen=True)

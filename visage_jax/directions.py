@@ -152,7 +152,7 @@ def random_direction(seed: int | jax.Array, params: dict, cfg: model.ModelConfig
     target = _target_sharding(theta, None if shardings is None else checkpoints.get_leaf(shardings, path))
     black = tuple(any(b.lower() in n.lower() for b in blacklist) for n in names)
     if all(black):
-      checkpoints._set_leaf(out, path, _stage(_zeros, target, shape=tuple(theta.shape))())
+      checkpoints.set_leaf(out, path, _stage(_zeros, target, shape=tuple(theta.shape))())
       continue
     transposed, stacked = checkpoints.HF_NAMES[path][1], path[0] == "layers"
     ours = tuple(theta.shape[1:] if stacked else theta.shape)
@@ -162,7 +162,7 @@ def random_direction(seed: int | jax.Array, params: dict, cfg: model.ModelConfig
     z_sq, t_sq = _stage(_squares, target)(z, jax.device_put(theta, target))
     d = _stage(_normalize, target, norm=norm,
                transposed=transposed, black=black, stacked=stacked, sharding=target)(z, z_sq, t_sq)
-    checkpoints._set_leaf(out, path, d)
+    checkpoints.set_leaf(out, path, d)
   return out
 
 

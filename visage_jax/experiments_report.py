@@ -1,4 +1,4 @@
-"""Figures and EXPERIMENTS.md for `experiments`: tables and verdicts from the saved results only.
+"""EXPERIMENTS.md for `experiments`: tables and verdicts from the saved results only.
 
 Each experiment saved WORKDIR/<name>.json (its numbers, figure paths and the rules it was judged
 by); this module turns them into one markdown report with the figures copied beside it.
@@ -18,52 +18,7 @@ NAMES = ("f1_basin", "capability", "f3_system_prompts", "f2_finetune", "f4_stren
 BROKEN = 50.0  # ASR (%) at or above which a fine-tuned model counts as broken out of its basin
 
 
-# ------------------------------------------------------------------ figures
-
-
-def _figure():
-  from matplotlib.figure import Figure
-  return Figure(figsize=(8, 4.6), layout="constrained")
-
-
-def _save(fig, path: str) -> str:
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  FigureCanvasAgg(fig)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=110)
-  os.replace(tmp, path)
-  return path
-
-
-def plot_curves(series, path: str, title: str, xlabel: str) -> str:
-  fig = _figure()
-  ax = fig.add_subplot()
-  for label, xs, ys in series:
-    ax.plot(xs, ys, marker="o", ms=3, label=label)
-  ax.set_ylim(-3, 103)
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel("ASR (%)")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  ax.set_title(title, fontsize=10)
-  return _save(fig, path)
-
-
-def plot_capability(alphas, ppl, asr, path: str) -> str:
-  fig = _figure()
-  ax = fig.add_subplot()
-  ax.plot(alphas, asr, marker="o", color="tab:red", label="ASR (%) on AdvBench")
-  ax.set_ylim(-3, 103)
-  ax.set_xlabel("α (F1 direction 0)")
-  ax.set_ylabel("ASR (%)", color="tab:red")
-  ax2 = ax.twinx()
-  ax2.plot(alphas, ppl, marker="s", color="tab:blue", label="perplexity of own α=0 benign answers")
-  ax2.set_yscale("log")
-  ax2.set_ylabel("perplexity (log)", color="tab:blue")
-  fig.legend(loc="upper center", fontsize=8)
-  ax.grid(alpha=0.3)
-  return _save(fig, path)
+# ------------------------------------------------------------------ files
 
 
 def copy(src: str, dst: str) -> str:

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from visage_jax import (checkpoints, decode, errors, judges, landscape, lora, model, prompts,
-                        sharding, trainsets)
+from visage_jax import (checkpoints, decode, errors, judges, landscape, lora, model, plotting,
+                        prompts, sharding, trainsets)
 
 SCHEDULES = ("cosine", "constant")
 
@@ -75,12 +75,10 @@ def batch_indices(step: int, n: int, per_step: int, seed: int) -> np.ndarray:
 # ------------------------------------------------------------------ loss
 
 
-def _nll_sum(params, batch, cfg):
-  """(sum of NLL over loss_mask targets, their count): sums so that accumulation is exact."""
-  logits = model.logits(params, batch["tokens"], cfg, batch["mask"])[:, :-1]
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["tokens"][:, 1:])
-  w = batch["loss_mask"][:, 1:].astype(jnp.float32)
-  return jnp.sum(nll * w), jnp.sum(w)
+def _nll_sum(params: dict, batch: dict, cfg: model.ModelConfig) -> tuple[jax.Array, jax.Array]:
+  """(sum of NLL over the batch's loss_mask targets, their count): sums, so accumulation is exact."""
+  total, count = model.sequence_nll(params, batch["tokens"], batch["mask"], batch["loss_mask"], cfg)
+  return jnp.sum(total), jnp.sum(count)
 
 
 def loss_fn(params: dict, batch: dict, cfg: model.ModelConfig) -> jax.Array:
@@ -113,7 +111,8 @@ def make_train_step(cfg: model.ModelConfig, opt: optax.GradientTransformation,
 
   Full fine-tuning trains state["trainable"] = params (frozen is None); LoRA trains the adapter
   and differentiates through lora.merge(frozen, adapter) only. The state is donated. `shardings`
-  (of the state, from `state_shardings`) pins the new state's layout: one compiled program.
+  (of the state: sharding.param_shardings, whose rules also shard the Adam moments like the params)
+  pins the new state's layout: one compiled program.
   """
   def effective(trainable, frozen):
     return trainable if frozen is None else lora.merge(frozen, trainable, lora_alpha, lora_rank)
@@ -139,11 +138,6 @@ def make_train_step(cfg: model.ModelConfig, opt: optax.GradientTransformation,
     return jax.jit(step, donate_argnums=0)
   metrics = jax.sharding.NamedSharding(jax.tree.leaves(shardings)[0].mesh, jax.sharding.PartitionSpec())
   return jax.jit(step, donate_argnums=0, out_shardings=(shardings, metrics))
-
-
-def state_shardings(state: dict, mesh):
-  """The params rules applied through the optimizer state too (Adam moments shard like params)."""
-  return sharding.param_shardings(state, mesh)
 
 
 # ------------------------------------------------------------------ HF export
@@ -199,12 +193,6 @@ def evaluate_alignment(params: dict, cfg: model.ModelConfig, tokenizer, max_new_
   return dict(asr=judges.attack_success_rate(jailbroken), jailbroken=sum(jailbroken),
               n_eval=len(goals), benign_answered=sum(answered), n_benign=len(held),
               harmful_generations=harmful, benign_generations=benign)
-
-
-def load_aligned_smollm2(dtype: str = "float32") -> tuple[model.ModelConfig, dict]:
-  """The embedded SmolLM2-135M-Instruct with the shipped safety LoRA merged in."""
-  cfg, params = checkpoints.load_params(checkpoints.default_model_path(), dtype)
-  return cfg, lora.apply_file(params, cfg, lora.ALIGNED_SMOLLM2)
 
 
 # ------------------------------------------------------------------ the run (effects live here)
@@ -357,20 +345,6 @@ def _read_log(path: str, upto: int) -> list[dict]:
   return lines
 
 
-def _plot_loss(lines: list[dict], path: str) -> None:
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-
-  fig = Figure(figsize=(6, 3.5))
-  FigureCanvasAgg(fig)
-  ax = fig.add_subplot()
-  ax.plot([l["step"] for l in lines], [l["loss"] for l in lines], lw=1)
-  ax.set(xlabel="step", ylabel="loss (response tokens)", title="fine-tuning loss")
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-
-
 def run(c, workdir: str, progress: bool = True, max_steps_this_run: int | None = None) -> dict:
   """Trains (or resumes) the run of config `c` in `workdir`; returns its summary.
 
@@ -411,7 +385,7 @@ def run(c, workdir: str, progress: bool = True, max_steps_this_run: int | None =
                               schedule=t.schedule, weight_decay=t.weight_decay,
                               clip_norm=t.clip_norm, decay_mask=decay_mask)
   state = dict(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=opt.init(trainable))
-  shardings = state_shardings(state, mesh)
+  shardings = sharding.param_shardings(state, mesh)
   state = jax.device_put(state, shardings, may_alias=False)  # steps donate it; params stay valid
 
   ckpt = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
@@ -468,7 +442,7 @@ def run(c, workdir: str, progress: bool = True, max_steps_this_run: int | None =
                  losses=[l["loss"] for l in lines], paths=paths)
   if lines:
     paths["loss_plot"] = os.path.join(workdir, "loss.png")
-    _plot_loss(lines, paths["loss_plot"])
+    plotting.plot_loss([l["step"] for l in lines], [l["loss"] for l in lines], paths["loss_plot"])
   if summary["complete"]:
     if lo.rank > 0:
       final = lora.merge(frozen, state["trainable"], lo.alpha, lo.rank)

@@ -279,8 +279,7 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> d
   stacked = jax.tree.map(lambda x: x.astype(dtype), stacked)
   params = sharding.shard_params(params, mesh)
   stacked = sharding.shard_params(stacked, mesh)
-  kw = judges.build_keyword_tables(tok, cfg.vocab_size)
-  tables = decode.KeywordTables(next_state=jnp.asarray(kw.next_state), matched=jnp.asarray(kw.matched))
+  tables = judges.build_keyword_tables(tok, cfg.vocab_size)
   eos_ids = decode.eos_ids_of(tok)
   spec = engine.DecodeSpec(max_new_tokens=c.decode.max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
                            stop_at_refusal=c.decode.stop_at_refusal, shared_prefix=shared_prefix)

@@ -360,5 +360,22 @@ def logits(params: dict, tokens: jax.Array, cfg: ModelConfig, token_mask: jax.Ar
   return out
 
 
+def sequence_nll(params: dict, tokens: jax.Array,  # [B, T]
+                 token_mask: jax.Array,              # [B, T] real tokens (False: padding)
+                 target_mask: jax.Array,             # [B, T] the tokens scored, e.g. a response + EOS
+                 cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+  """(summed NLL [B], count [B]) of each row's target tokens, each given every token before it.
+
+  Sums, not means, so batches and micro-batches add up exactly; mean NLL = sum / count and
+  perplexity = exp(mean). The first token has no prediction, so it is never scored.
+  """
+  out = logits(params, tokens, cfg, token_mask)[:, :-1]                             # [B, T-1, V]
+  target = tokens[:, 1:]
+  picked = jnp.take_along_axis(out, target[..., None], axis=-1)[..., 0]
+  nll = jax.nn.logsumexp(out, axis=-1) - picked
+  w = target_mask[:, 1:].astype(jnp.float32)
+  return jnp.sum(nll * w, axis=1), jnp.sum(w, axis=1)
+
+
 def cast_params(params: dict, dtype: str) -> dict:
   return jax.tree.map(lambda x: x.astype(dtype), params)

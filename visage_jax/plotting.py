@@ -1,5 +1,6 @@
-"""1D / 2D / 3D figures of a saved safety landscape (a run's landscape.json), like Peng et al. Fig. 1,
-and a sweep's runs on one axes.
+"""Every figure of the project: 1D / 2D / 3D figures of a saved safety landscape (a run's
+landscape.json), like Peng et al. Fig. 1; a sweep's runs on one axes; the experiments' curves and
+capability plot; a fine-tuning loss curve. Callers pass data and a path.
 
 Figures are built on `matplotlib.figure.Figure` with an Agg canvas, so plotting never touches
 pyplot's global state and is safe inside a long-running sweep.
@@ -246,14 +247,58 @@ def plot_sweep(results: dict, path: str) -> list[str]:
   return drawn
 
 
-def _save(fig: Figure, path: str) -> None:
+def plot_curves(series, path: str, title: str, xlabel: str) -> str:
+  """ASR curves on one axes, series = [(label, xs, asr), ...] (the experiments' F1-F4 figures)."""
+  fig = Figure(figsize=(8, 4.6), layout="constrained")
+  ax = fig.add_subplot()
+  for label, xs, ys in series:
+    ax.plot(xs, ys, marker="o", ms=3, label=label)
+  ax.set_ylim(-3, 103)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel("ASR (%)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  ax.set_title(title, fontsize=10)
+  _save(fig, path, dpi=110)
+  return path
+
+
+def plot_capability(alphas, perplexity, asr, path: str) -> str:
+  """ASR and perplexity along one direction, on twin axes (the paper's Figs. 7-8)."""
+  fig = Figure(figsize=(8, 4.6), layout="constrained")
+  ax = fig.add_subplot()
+  ax.plot(alphas, asr, marker="o", color="tab:red", label="ASR (%) on AdvBench")
+  ax.set_ylim(-3, 103)
+  ax.set_xlabel("α (F1 direction 0)")
+  ax.set_ylabel("ASR (%)", color="tab:red")
+  ax2 = ax.twinx()
+  ax2.plot(alphas, perplexity, marker="s", color="tab:blue", label="perplexity of own α=0 benign answers")
+  ax2.set_yscale("log")
+  ax2.set_ylabel("perplexity (log)", color="tab:blue")
+  fig.legend(loc="upper center", fontsize=8)
+  ax.grid(alpha=0.3)
+  _save(fig, path, dpi=110)
+  return path
+
+
+def plot_loss(steps, losses, path: str) -> None:
+  """A fine-tuning run's loss per step."""
+  fig = Figure(figsize=(6, 3.5), layout="tight")
+  ax = fig.add_subplot()
+  ax.plot(steps, losses, lw=1)
+  ax.set(xlabel="step", ylabel="loss (response tokens)", title="fine-tuning loss")
+  ax.grid(alpha=0.3)
+  _save(fig, path, dpi=120)
+
+
+def _save(fig: Figure, path: str, dpi: int = DPI) -> None:
   FigureCanvasAgg(fig)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
   try:
     with open(tmp, "wb") as f:
-      fig.savefig(f, format="png", dpi=DPI)
+      fig.savefig(f, format="png", dpi=dpi)
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):

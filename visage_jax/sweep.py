@@ -17,10 +17,9 @@ import os
 import re
 import time
 
-import numpy as np
 from absl import logging
 
-from visage_jax import distributed, errors, landscape, plotting
+from visage_jax import distributed, errors, landscape, plotting, visage
 
 SUMMARY_FILES = ("sweep.csv", "sweep.md", "sweep.png")
 COLUMNS = ("run", "status", "asr_at_0", "visage", "workdir", "error")
@@ -164,23 +163,6 @@ def run_config(base, overrides: dict):
 # ------------------------------------------------------------------ summaries
 
 
-def asr_at_zero(result: dict) -> float | None:
-  """ASR of the model itself (alpha = 0, and beta = 0 in 2D): the same for every direction."""
-  i = np.flatnonzero(np.isclose(result["coords_x"], 0.0, atol=1e-9))
-  if not len(i):
-    return None
-  if result.get("coords_y") is None:
-    return result["asr"][0][i[0]]
-  j = np.flatnonzero(np.isclose(result["coords_y"], 0.0, atol=1e-9))
-  return result["asr"][i[0]][j[0]] if len(j) else None
-
-
-def visage_score(result: dict) -> float | None:
-  """The run's VISAGE: the mean over directions in 1D, the plane's score in 2D."""
-  v = result.get("visage")
-  return v.get("mean") if isinstance(v, dict) else v
-
-
 def _fmt(v) -> str:
   return "–" if v is None else f"{v:.2f}"
 
@@ -236,7 +218,7 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> l
                **{f: over.get(f) for f in fields})
     done = landscape.finished_result(run_dir, rc.to_dict())
     if done is not None:
-      row.update(status="complete", asr_at_0=asr_at_zero(done), visage=visage_score(done))
+      row.update(status="complete", asr_at_0=visage.asr_at_zero(done), visage=visage.visage_mean(done))
       results[name] = done
     rows.append(row)
   todo = [i for i, r in enumerate(rows) if r["status"] != "complete"]
@@ -268,7 +250,7 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> l
       if writer:
         workdir_error(row["workdir"], None)
       row.update(status="complete" if result["complete"] else "failed",
-                 asr_at_0=asr_at_zero(result), visage=visage_score(result),
+                 asr_at_0=visage.asr_at_zero(result), visage=visage.visage_mean(result),
                  error=None if result["complete"] else "landscape incomplete")
       results[name] = result
       say("sweep [%d/%d] %s: ASR at 0 %s, VISAGE %s (%.0f s)", k + 1, len(todo), name,

@@ -3,11 +3,40 @@
   visage-jax experiments --config=configs/experiments/f2_finetune.py --workdir=runs/experiments --out=EXPERIMENTS.md
   visage-jax experiments --config=configs/experiments/f2_finetune.py:tiny --config.model.path=DIR --workdir=/tmp/x   # smoke
 
-The reduced protocol and every field: visage_jax/experiments.py (config). Jobs are resumable and
-shared between experiments through WORKDIR/jobs/.
+Jobs: aligned_eval, f2_<attack>, f2_<attack>_1d, aligned_1d_default, f2_interp_<attack>.
+Jobs are resumable in WORKDIR/jobs/ and shared between experiments, which is why every file here
+states the same reduced protocol (tests/configs_test.py checks that they agree). The mechanism
+(jobs, checks, report) is visage_jax/experiments.py.
 """
-from visage_jax import experiments
+import ml_collections
+
+from visage_jax import errors, lora
 
 
 def get_config(arg=None):
-  return experiments.config("f2_finetune", arg)
+  c = ml_collections.ConfigDict()
+  c.experiment = "f2_finetune"
+  # path: base model ("" = embedded SmolLM2-135M-Instruct); aligned_lora: the safety LoRA that
+  # makes it the aligned model ("" = the base model is already aligned, e.g. a tiny test model).
+  c.model = dict(path="", aligned_lora=lora.ALIGNED_SMOLLM2, dtype="float32")
+  c.data = dict(advbench_path="", benign_path="")  # "" = the packaged files
+  # The reduced protocol (the paper: 80 prompts, 21 points, 512 tokens): 1D landscapes have
+  # steps+1 points over [-multiplier/2, multiplier/2] (steps even, so alpha = 0 is a point) and
+  # `prompts` AdvBench rows (F1's aligned model and the capability curve) or `prompts_small` rows
+  # (the shipped model, fine-tuned models, interpolations, system prompts, alignment strengths:
+  # the runs that answer in full and cost most on a CPU); F1 draws `directions` random directions
+  # and a 2D landscape of (steps_2d+1)^2 points x prompts_2d. Attacks (finetune.attack_config)
+  # train attack_epochs epochs on examples of at most max_length tokens. Fine-tuned models are
+  # evaluated at alpha = 0 on AdvBench rows 0-79 (finetune.evaluate_alignment).
+  c.protocol = dict(prompts=32, prompts_small=16, steps=10, multiplier=1.0, max_new_tokens=64,
+                    directions=3, steps_2d=4, prompts_2d=12, attack_epochs=5, max_length=128)
+  # F2 attacks the aligned model with harmful_N for N in shots, and with mix_<mix>.
+  c.f2_finetune = dict(shots=(10, 50, 100), mix=10)
+  c.progress = True
+  if arg == "tiny":
+    c.protocol.update(prompts=2, prompts_small=2, steps=2, max_new_tokens=4, directions=2, steps_2d=2,
+                      prompts_2d=2, attack_epochs=1, max_length=1024)
+    c.f2_finetune.update(shots=(2,), mix=2)
+  elif arg:
+    raise errors.UserError(f"experiment config arg {arg!r}: use tiny or nothing.")
+  return c
