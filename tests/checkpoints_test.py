@@ -13,7 +13,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import fixtures
-from visage_jax import checkpoints, model
+from visage_jax import checkpoints, gguf_file, model, tensors
 
 
 class HfDirTest(parameterized.TestCase):
@@ -31,7 +31,7 @@ class HfDirTest(parameterized.TestCase):
     self.assertEqual(cfg, cfg2)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, params2)
     hf_state = {k: v.numpy() for k, v in self.hf.state_dict().items()}
-    exported = checkpoints.to_hf_tensors(params2, cfg2)
+    exported = tensors.to_hf_tensors(params2, cfg2)
     self.assertEqual(set(exported), set(hf_state))
     for name, t in exported.items():
       np.testing.assert_array_equal(t, hf_state[name], err_msg=name)
@@ -49,12 +49,12 @@ class HfDirTest(parameterized.TestCase):
 
   def test_hf_name_map_addresses_single_layers(self):
     cfg, params = checkpoints.load_params(self.dir)
-    path, layer, transposed = checkpoints.leaf_for_hf_name("model.layers.1.mlp.down_proj.weight", cfg)
+    path, layer, transposed = tensors.leaf_for_hf_name("model.layers.1.mlp.down_proj.weight", cfg)
     self.assertEqual((path, layer, transposed), (("layers", "down_proj"), 1, True))
-    leaf = np.asarray(checkpoints.get_leaf(params, path))[layer]
+    leaf = np.asarray(tensors.get_leaf(params, path))[layer]
     np.testing.assert_array_equal(leaf.T, self.hf.state_dict()["model.layers.1.mlp.down_proj.weight"].numpy())
     with self.assertRaisesRegex(KeyError, "model.layers.9"):
-      checkpoints.leaf_for_hf_name("model.layers.9.mlp.down_proj.weight", cfg)
+      tensors.leaf_for_hf_name("model.layers.9.mlp.down_proj.weight", cfg)
 
   def test_missing_shard_is_named(self):
     sharded = self.create_tempdir().full_path
@@ -120,7 +120,7 @@ class StreamingConvertTest(absltest.TestCase):
       checkpoints.convert(src, out, dtype)
       self.assertTrue(os.path.isdir(os.path.join(out, "params", "layers.down_proj")))
       cfg, params = checkpoints.load_params(out, dtype)
-      got = checkpoints.to_hf_tensors(params, cfg)
+      got = tensors.to_hf_tensors(params, cfg)
       self.assertEqual(set(got), set(state))
       for name, t in got.items():
         np.testing.assert_array_equal(t, state[name].astype(t.dtype), err_msg=f"{dtype} {name}")
@@ -241,7 +241,7 @@ class GgufTest(absltest.TestCase):
       cfg1, params1 = checkpoints.load_params(gguf_path, "bfloat16")
       (copy,) = os.listdir(cache)
       self.assertTrue(copy.endswith("-bfloat16"), copy)
-      with mock.patch.object(checkpoints, "_gguf_leaves", side_effect=AssertionError("re-read")):
+      with mock.patch.object(gguf_file, "gguf_leaves", side_effect=AssertionError("re-read")):
         cfg2, params2 = checkpoints.load_params(gguf_path, "bfloat16")
         tok2 = checkpoints.load_tokenizer(gguf_path)
     self.assertEqual(cfg, cfg1)
@@ -259,7 +259,7 @@ class GgufTest(absltest.TestCase):
       return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
     w = np.arange(24 * 5, dtype=np.float32).reshape(24, 5)
     for heads in (1, 3, 6):
-      np.testing.assert_array_equal(checkpoints._unpermute_rows(permute(w, heads), heads), w)
+      np.testing.assert_array_equal(gguf_file.unpermute_rows(permute(w, heads), heads), w)
 
 
 if __name__ == "__main__":

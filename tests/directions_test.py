@@ -9,11 +9,11 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import fixtures
-from visage_jax import checkpoints, directions, model
+from visage_jax import directions, model, tensors
 
 
 def _hf(tree, cfg):
-  return checkpoints.to_hf_tensors(tree, cfg)
+  return tensors.to_hf_tensors(tree, cfg)
 
 
 class RandomDirectionTest(parameterized.TestCase):

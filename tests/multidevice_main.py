@@ -15,7 +15,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
-from visage_jax import checkpoints, directions, landscape, sharding  # noqa: E402
+from visage_jax import checkpoints, directions, landscape, sharding, tensors  # noqa: E402
 
 
 def main(model_dir, prompts_path, out_dir):
@@ -28,7 +28,7 @@ def main(model_dir, prompts_path, out_dir):
     name = f"{shape[0]}x{shape[1]}-{mode}"
     mesh = sharding.make_mesh(shape)
     d = directions.random_direction(jax.random.key(11), sharding.shard_params(params, mesh), cfg)
-    d_host = checkpoints.to_hf_tensors(d, cfg)
+    d_host = tensors.to_hf_tensors(d, cfg)
     c = landscape.default_config()
     c.model.path = model_dir
     c.prompts.update(path=prompts_path, limit=6)

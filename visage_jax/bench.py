@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from visage_jax import (checkpoints, decode, directions, engine, errors, judges, landscape, prompts,
-                        sharding)
+                        sharding, tensors)
 
 METHODS = ("reference_published", "reference_batched", "fused", "materialized", "continuous",
            "default_real")
@@ -92,7 +92,7 @@ def _torch_model(s: Setup, dtype):
   config = transformers.AutoConfig.for_model(**hf_cfg)
   with torch.device("cpu"):
     net = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-  state = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in checkpoints.to_hf_tensors(s.params, s.cfg).items()}
+  state = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in tensors.to_hf_tensors(s.params, s.cfg).items()}
   if s.cfg.tie_word_embeddings:
     state["lm_head.weight"] = state["model.embed_tokens.weight"]
   net.load_state_dict(state, strict=True)
@@ -107,7 +107,7 @@ def run_reference(s: Setup, *, batch_size: int, points: list[int], max_new_token
 
   torch_dtype = getattr(torch, dtype)
   net, state = _torch_model(s, torch_dtype)
-  dirs = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in checkpoints.to_hf_tensors(s.direction, s.cfg).items()}
+  dirs = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in tensors.to_hf_tensors(s.direction, s.cfg).items()}
   if s.cfg.tie_word_embeddings:
     dirs["lm_head.weight"] = dirs["model.embed_tokens.weight"]
   tokens = np.zeros((len(points), len(s.texts), max_new_tokens), np.int32)

@@ -1,8 +1,7 @@
-"""Checkpoints -> params: HF safetensors directories, GGUF files, and our orbax cache.
+"""Checkpoints -> params: HF safetensors directories, hub ids, GGUF files, and our orbax format.
 
-The reversible map between params leaves and Hugging Face tensor names lives here
-(`hf_tensor_names`, `leaf_for_hf_name`, `to_hf_tensors`): directions are normalized
-per original HF tensor and exported in HF naming. No torch, no unpickling.
+One entry point (`load_params`, `load_config`, `load_tokenizer`) for every kind; the reversible
+HF name map is `tensors.py`, GGUF reading `gguf_file.py`. No torch, no unpickling.
 
 Loading streams: tensors are read one at a time into one params leaf, which goes to its
 device sharding (or, in `convert`, to disk) before the next leaf is read. Converted
@@ -10,7 +9,6 @@ directories hold one orbax checkpoint per leaf, written and restored shard by sh
 """
 
 import contextlib
-import functools
 import glob
 import hashlib
 import importlib.util
@@ -23,174 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visage_jax import distributed, errors, hub, model, sharding
+from visage_jax import distributed, gguf_file, hub, model, tensors
+from visage_jax.errors import CheckpointError
 
 CONVERTED_MARKER = "visage_jax.json"
 _PARAMS_DIR = "params"
 _FORMAT = 2  # params/<leaf path a.b>: one orbax checkpoint per leaf (1: one for the whole tree)
-
-# params leaf -> (HF name pattern, transposed). "{i}" is the layer index of a stacked leaf.
-HF_NAMES = {
-    ("embed_tokens",): ("model.embed_tokens.weight", False),
-    ("layers", "input_layernorm"): ("model.layers.{i}.input_layernorm.weight", False),
-    ("layers", "q_proj"): ("model.layers.{i}.self_attn.q_proj.weight", True),
-    ("layers", "k_proj"): ("model.layers.{i}.self_attn.k_proj.weight", True),
-    ("layers", "v_proj"): ("model.layers.{i}.self_attn.v_proj.weight", True),
-    ("layers", "o_proj"): ("model.layers.{i}.self_attn.o_proj.weight", True),
-    ("layers", "post_attention_layernorm"): ("model.layers.{i}.post_attention_layernorm.weight", False),
-    ("layers", "gate_proj"): ("model.layers.{i}.mlp.gate_proj.weight", True),
-    ("layers", "up_proj"): ("model.layers.{i}.mlp.up_proj.weight", True),
-    ("layers", "down_proj"): ("model.layers.{i}.mlp.down_proj.weight", True),
-    ("norm",): ("model.norm.weight", False),
-    ("lm_head",): ("lm_head.weight", True),
-}
-
-# GGUF (llama.cpp) tensor names, same keys.
-_GGUF_NAMES = {
-    ("embed_tokens",): "token_embd.weight",
-    ("layers", "input_layernorm"): "blk.{i}.attn_norm.weight",
-    ("layers", "q_proj"): "blk.{i}.attn_q.weight",
-    ("layers", "k_proj"): "blk.{i}.attn_k.weight",
-    ("layers", "v_proj"): "blk.{i}.attn_v.weight",
-    ("layers", "o_proj"): "blk.{i}.attn_output.weight",
-    ("layers", "post_attention_layernorm"): "blk.{i}.ffn_norm.weight",
-    ("layers", "gate_proj"): "blk.{i}.ffn_gate.weight",
-    ("layers", "up_proj"): "blk.{i}.ffn_up.weight",
-    ("layers", "down_proj"): "blk.{i}.ffn_down.weight",
-    ("norm",): "output_norm.weight",
-    ("lm_head",): "output.weight",
-}
-
-
-class CheckpointError(errors.UserError):
-  """A checkpoint that cannot be read as a supported model."""
-
-
-def _leaf_paths(cfg: model.ModelConfig) -> list[tuple[str, ...]]:
-  shapes = model.param_shapes(cfg)
-  paths = []
-  for key, val in shapes.items():
-    paths.extend([(key, sub) for sub in val] if isinstance(val, dict) else [(key,)])
-  return paths
-
-
-def _is_stacked(path) -> bool:
-  return path[0] == "layers"
-
-
-def hf_tensor_names(cfg: model.ModelConfig) -> dict[tuple[str, ...], list[str]]:
-  """Each params leaf path -> the HF tensor names it holds (one per layer when stacked)."""
-  out = {}
-  for path in _leaf_paths(cfg):
-    pattern, _ = HF_NAMES[path]
-    out[path] = ([pattern.format(i=i) for i in range(cfg.num_layers)] if _is_stacked(path)
-                 else [pattern])
-  return out
-
-
-def leaf_for_hf_name(name: str, cfg: model.ModelConfig) -> tuple[tuple[str, ...], int | None, bool]:
-  """HF tensor name -> (leaf path, layer index or None, transposed)."""
-  for path, names in hf_tensor_names(cfg).items():
-    if name in names:
-      return path, (names.index(name) if _is_stacked(path) else None), HF_NAMES[path][1]
-  raise KeyError(f"{name!r} is not a tensor of this {cfg.model_type} model")
-
-
-def get_leaf(tree: dict, path: tuple[str, ...]):
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
-def set_leaf(tree: dict, path, value):
-  """tree[path] = value in place, creating the dicts on the way (get_leaf's inverse)."""
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value
-
-
-def to_hf_tensors(params: dict, cfg: model.ModelConfig) -> dict[str, np.ndarray]:
-  """params -> {HF name: array in HF layout}; the inverse of `from_hf_tensors`."""
-  out = {}
-  for path, names in hf_tensor_names(cfg).items():
-    leaf = np.asarray(jax.device_get(get_leaf(params, path)))
-    transposed = HF_NAMES[path][1]
-    slices = list(leaf) if _is_stacked(path) else [leaf]
-    for name, t in zip(names, slices):
-      out[name] = np.ascontiguousarray(t.T if transposed else t)
-  return out
-
-
-def _read_leaf(get_tensor, hf_names, transposed, shape, hf_shape, dtype, source) -> np.ndarray:
-  """One params leaf from its HF tensors, read one at a time into the stacked buffer."""
-  leaf = np.empty(shape, dtype)
-  rows = leaf[None] if len(shape) == len(hf_shape) else leaf
-  for i, name in enumerate(hf_names):
-    t = get_tensor(name)
-    if tuple(t.shape) != hf_shape:
-      raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, expected "
-                            f"{hf_shape} from the model config.")
-    t = np.asarray(t.astype(np.float32) if t.dtype != dtype else t)
-    rows[i] = t.T if transposed else t
-    del t
-  return leaf
-
-
-def leaf_readers(get_tensor, names: set[str], cfg: model.ModelConfig, source: str) -> list:
-  """[(leaf path, read)] for every params leaf; read() builds the leaf from its HF tensors, one
-  tensor at a time, and its caller holds the only reference, so a leaf is freed as soon as it
-  has been handed on: host memory holds about one stacked leaf plus one tensor, never the model.
-  Every name is checked before anything is read, every shape as it is read."""
-  shapes = model.param_shapes(cfg)
-  dtype = np.dtype(jnp.dtype(cfg.param_dtype))
-  plan = []
-  for path, hf_names in hf_tensor_names(cfg).items():
-    transposed = HF_NAMES[path][1]
-    want = tuple(get_leaf(shapes, path))
-    per_layer = want[1:] if _is_stacked(path) else want
-    hf_shape = tuple(per_layer[::-1] if transposed else per_layer)
-    for name in hf_names:
-      if name not in names:
-        raise CheckpointError(f"{source}: missing tensor {name!r} (expected shape {hf_shape}).")
-    plan.append((path, functools.partial(_read_leaf, get_tensor, hf_names, transposed, want,
-                                         hf_shape, dtype, source)))
-  return plan
-
-
-def from_hf_tensors(get_tensor, names: set[str], cfg: model.ModelConfig, source: str) -> dict:
-  """Builds params from a HF-named tensor getter, checking every name and shape."""
-  return _assemble(leaf_readers(get_tensor, names, cfg, source), None)
-
-
-def resolve_shardings(shardings, cfg: model.ModelConfig):
-  """None, a Mesh (-> `sharding.param_shardings`) or a params-shaped tree of shardings."""
-  if not isinstance(shardings, jax.sharding.Mesh):
-    return shardings
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.dtype(cfg.param_dtype)),
-                          model.param_shapes(cfg), is_leaf=lambda s: isinstance(s, tuple))
-  return sharding.param_shardings(abstract, shardings)
-
-
-def _put(read, target):
-  """read() on device: the default one, or each device of `target` receiving only its shard; the
-  host leaf is freed once placed."""
-  leaf = read()
-  if target is None:
-    return jnp.asarray(leaf)
-  return jax.make_array_from_callback(leaf.shape, target, lambda index: leaf[index])
-
-
-def _placed(leaves, shardings) -> list:
-  """[(path, read)] -> [(path, read placed in its sharding)]."""
-  return [(path, functools.partial(_put, read, get_leaf(shardings, path))) for path, read in leaves]
-
-
-def _assemble(leaves, shardings) -> dict:
-  params = {}
-  for path, read in leaves:
-    set_leaf(params, path, _put(read, None if shardings is None else get_leaf(shardings, path)))
-  return params
-
 
 # ---------------------------------------------------------------- HF directories
 
@@ -238,7 +74,7 @@ def _hf_dir_leaves(path: str, dtype: str):
         owner[name] = fname
     if cfg.tie_word_embeddings:
       owner.pop("lm_head.weight", None)
-    yield cfg, leaf_readers(lambda name: handles[owner[name]].get_tensor(name), set(owner), cfg, path)
+    yield cfg, tensors.leaf_readers(lambda name: handles[owner[name]].get_tensor(name), set(owner), cfg, path)
   finally:
     handles.clear()
 
@@ -246,98 +82,7 @@ def _hf_dir_leaves(path: str, dtype: str):
 def load_hf_dir(path: str, dtype: str = "float32", shardings=None) -> tuple[model.ModelConfig, dict]:
   """A `save_pretrained` directory, each leaf placed in its sharding as soon as it is built."""
   with _hf_dir_leaves(path, dtype) as (cfg, leaves):
-    return cfg, _assemble(leaves, resolve_shardings(shardings, cfg))
-
-
-# ---------------------------------------------------------------- GGUF
-
-
-def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-  """Undoes llama.cpp's q/k row permutation (interleaved RoPE -> HF rotate-half)."""
-  dim = w.shape[0] // n_head // 2
-  return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _gguf_config(reader, path: str, dtype: str) -> model.ModelConfig:
-  def field(key, default=None, required=True):
-    f = reader.fields.get(key)
-    if f is None:
-      if required and default is None:
-        raise CheckpointError(f"{path}: GGUF metadata field {key!r} is missing.")
-      return default
-    return f.contents()
-
-  arch = field("general.architecture")
-  if arch != "llama":
-    raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported; supported: llama "
-                          "(LLaMA-2/3, Mistral, Vicuna, SmolLM2 are all 'llama' in GGUF).")
-  tensor_names = {t.name for t in reader.tensors}
-  d = int(field("llama.embedding_length"))
-  n = int(field("llama.attention.head_count"))
-  vocab = field("llama.vocab_size", required=False)
-  if vocab is None:
-    vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
-  hf = dict(
-      model_type="llama", vocab_size=int(vocab), hidden_size=d,
-      intermediate_size=int(field("llama.feed_forward_length")),
-      num_hidden_layers=int(field("llama.block_count")), num_attention_heads=n,
-      num_key_value_heads=int(field("llama.attention.head_count_kv", n)),
-      head_dim=int(field("llama.rope.dimension_count", d // n)),
-      rms_norm_eps=float(field("llama.attention.layer_norm_rms_epsilon")),
-      rope_theta=float(field("llama.rope.freq_base", 10000.0)),
-      max_position_embeddings=int(field("llama.context_length", 4096)),
-      tie_word_embeddings="output.weight" not in tensor_names)
-  window = field("llama.attention.sliding_window", required=False)
-  if window:
-    hf.update(model_type="mistral", sliding_window=int(window))
-  scaling = field("llama.rope.scaling.type", required=False)
-  if scaling == "linear":
-    hf["rope_scaling"] = {"rope_type": "linear", "factor": float(field("llama.rope.scaling.factor"))}
-  elif scaling not in (None, "none"):
-    raise CheckpointError(f"{path}: GGUF rope scaling {scaling!r} is not supported.")
-  return model.config_from_hf(hf, dtype=dtype, source=path)
-
-
-@contextlib.contextmanager
-def _gguf_leaves(path: str, dtype: str):
-  """(cfg, leaves) of a llama.cpp GGUF file, dequantizing one tensor at a time."""
-  import gguf
-
-  if not os.path.exists(path):
-    raise CheckpointError(f"{path}: file not found.")
-  try:
-    reader = gguf.GGUFReader(path)
-  except Exception as e:  # the reader raises bare ValueError/struct errors on damaged files
-    raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}).") from None
-  cfg = _gguf_config(reader, path, dtype)
-  tensors = {t.name: t for t in reader.tensors}
-  gguf_to_hf = {}
-  for key, pattern in _GGUF_NAMES.items():
-    hf_pattern = HF_NAMES[key][0]
-    for i in range(cfg.num_layers if key[0] == "layers" else 1):
-      gguf_to_hf[hf_pattern.format(i=i)] = pattern.format(i=i)
-
-  def get(name):
-    t = tensors[gguf_to_hf[name]]
-    try:
-      w = gguf.quants.dequantize(t.data, t.tensor_type)
-    except Exception as e:
-      raise CheckpointError(f"{path}: cannot dequantize tensor {t.name!r} ({t.tensor_type.name}): {e}") from None
-    w = np.asarray(w, np.float32).reshape([int(s) for s in reversed(t.shape)])
-    if name.endswith("q_proj.weight"):
-      w = _unpermute_rows(w, cfg.num_heads)
-    elif name.endswith("k_proj.weight"):
-      w = _unpermute_rows(w, cfg.num_kv_heads)
-    return w
-
-  names = {hf for hf, g in gguf_to_hf.items() if g in tensors}
-  yield cfg, leaf_readers(get, names, cfg, source=path)
-
-
-def load_gguf(path: str, dtype: str = "float32", shardings=None) -> tuple[model.ModelConfig, dict]:
-  """Dequantizes a llama.cpp GGUF file (any type the gguf package knows) into params."""
-  with _gguf_leaves(path, dtype) as (cfg, leaves):
-    return cfg, _assemble(leaves, resolve_shardings(shardings, cfg))
+    return cfg, tensors.assemble(leaves, tensors.resolve_shardings(shardings, cfg))
 
 
 # ---------------------------------------------------------------- converted (orbax) cache
@@ -389,19 +134,19 @@ def save_converted(path: str, cfg: model.ModelConfig, params, tokenizer=None, so
   path = os.path.abspath(path)
   primary = jax.process_index() == 0
   if isinstance(params, dict):
-    params = [(p, get_leaf(params, p)) for p in _leaf_paths(cfg)]
+    params = [(p, tensors.get_leaf(params, p)) for p in tensors.leaf_paths(cfg)]
   tmp = _staging_dir(path)
   try:
     written = set()
     with _leaf_writer() as ckpt:
       for leaf_path, leaf in params:
         tree = {}
-        set_leaf(tree, leaf_path, leaf() if callable(leaf) else leaf)
+        tensors.set_leaf(tree, leaf_path, leaf() if callable(leaf) else leaf)
         del leaf
         ckpt.save(os.path.join(tmp, _PARAMS_DIR, _leaf_dir(leaf_path)), args=ocp.args.PyTreeSave(tree))
         del tree
         written.add(tuple(leaf_path))
-    assert written == set(_leaf_paths(cfg)), sorted(written ^ set(_leaf_paths(cfg)))
+    assert written == set(tensors.leaf_paths(cfg)), sorted(written ^ set(tensors.leaf_paths(cfg)))
     if primary:
       with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(model.config_to_hf(cfg), f, indent=2)
@@ -434,7 +179,7 @@ def load_converted(path: str, dtype: str = "float32", shardings=None) -> tuple[m
                              source=os.path.join(path, "config.json"))
   is_shape = lambda s: isinstance(s, tuple)
   shapes = model.param_shapes(cfg)
-  targets = resolve_shardings(shardings, cfg)
+  targets = tensors.resolve_shardings(shardings, cfg)
   if targets is None:
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     targets = jax.tree.map(lambda _: one, shapes, is_leaf=is_shape)
@@ -445,11 +190,11 @@ def load_converted(path: str, dtype: str = "float32", shardings=None) -> tuple[m
       if fmt == 1:
         return cfg, ckpt.restore(os.path.join(path, _PARAMS_DIR), abstract)
       params = {}
-      for leaf_path in _leaf_paths(cfg):
+      for leaf_path in tensors.leaf_paths(cfg):
         target = {}
-        set_leaf(target, leaf_path, get_leaf(abstract, leaf_path))
+        tensors.set_leaf(target, leaf_path, tensors.get_leaf(abstract, leaf_path))
         restored = ckpt.restore(os.path.join(path, _PARAMS_DIR, _leaf_dir(leaf_path)), target)
-        set_leaf(params, leaf_path, get_leaf(restored, leaf_path))
+        tensors.set_leaf(params, leaf_path, tensors.get_leaf(restored, leaf_path))
   except Exception as e:
     raise CheckpointError(f"{path}: cannot restore the converted params ({type(e).__name__}: {e}).") from None
   return cfg, params
@@ -471,10 +216,10 @@ def convert(path: str, out: str, dtype: str = "float32", tokenizer=None, shardin
     cfg, params = load_params(path, dtype, shardings)
     save_converted(out, cfg, params, tokenizer, source=path)
     return cfg
-  opener = _hf_dir_leaves if kind == "hf" else _gguf_leaves
+  opener = _hf_dir_leaves if kind == "hf" else gguf_file.gguf_leaves
   with opener(path, dtype) as (cfg, leaves):
-    targets = resolve_shardings(shardings, cfg)
-    save_converted(out, cfg, leaves if targets is None else _placed(leaves, targets), tokenizer,
+    targets = tensors.resolve_shardings(shardings, cfg)
+    save_converted(out, cfg, leaves if targets is None else tensors.placed(leaves, targets), tokenizer,
                    source=path)
   return cfg
 
@@ -518,7 +263,7 @@ def load_params(path: str, dtype: str = "float32", shardings=None) -> tuple[mode
   A hub id `org/name[@revision]` is fetched first (`hub.resolve`)."""
   path = cached(hub.resolve(path), dtype)
   kind = checkpoint_kind(path)
-  loader = {"gguf": load_gguf, "hf": load_hf_dir, "converted": load_converted}[kind]
+  loader = {"gguf": gguf_file.load_gguf, "hf": load_hf_dir, "converted": load_converted}[kind]
   cfg, params = loader(path, dtype, shardings)
   if cfg.param_dtype != dtype:
     import dataclasses
@@ -538,9 +283,9 @@ def load_config(path: str, dtype: str = "float32") -> model.ModelConfig:
     import gguf
     try:
       reader = gguf.GGUFReader(path)
-    except Exception as e:  # as in load_gguf
+    except Exception as e:  # as in gguf_file.load_gguf
       raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}).") from None
-    cfg = _gguf_config(reader, path, dtype)
+    cfg = gguf_file.gguf_config(reader, path, dtype)
   else:
     source = os.path.join(path, "config.json")
     cfg = model.config_from_hf(_read_json(source), dtype=dtype, source=source)

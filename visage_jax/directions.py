@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from visage_jax import checkpoints, errors, model
+from visage_jax import errors, model, tensors
 
 NORMS = ("layer", "filter", "none")
 _BLOCKS = 64  # partial sums per reduced axis; a "model" mesh axis dividing 64 keeps every block on one device
@@ -147,14 +147,14 @@ def random_direction(seed: int | jax.Array, params: dict, cfg: model.ModelConfig
   impl = str(jax.random.key_impl(key))
   key_data = np.asarray(jax.random.key_data(key))
   out = {}
-  for path, names in checkpoints.hf_tensor_names(cfg).items():
-    theta = checkpoints.get_leaf(params, path)
-    target = _target_sharding(theta, None if shardings is None else checkpoints.get_leaf(shardings, path))
+  for path, names in tensors.hf_tensor_names(cfg).items():
+    theta = tensors.get_leaf(params, path)
+    target = _target_sharding(theta, None if shardings is None else tensors.get_leaf(shardings, path))
     black = tuple(any(b.lower() in n.lower() for b in blacklist) for n in names)
     if all(black):
-      checkpoints.set_leaf(out, path, _stage(_zeros, target, shape=tuple(theta.shape))())
+      tensors.set_leaf(out, path, _stage(_zeros, target, shape=tuple(theta.shape))())
       continue
-    transposed, stacked = checkpoints.HF_NAMES[path][1], path[0] == "layers"
+    transposed, stacked = tensors.HF_NAMES[path][1], path[0] == "layers"
     ours = tuple(theta.shape[1:] if stacked else theta.shape)
     crcs = np.array([zlib.crc32(n.encode()) for n in names], np.uint32)
     z = _stage(_draw, target, impl=impl, hf_shape=ours[::-1] if transposed else ours,
@@ -162,7 +162,7 @@ def random_direction(seed: int | jax.Array, params: dict, cfg: model.ModelConfig
     z_sq, t_sq = _stage(_squares, target)(z, jax.device_put(theta, target))
     d = _stage(_normalize, target, norm=norm,
                transposed=transposed, black=black, stacked=stacked, sharding=target)(z, z_sq, t_sq)
-    checkpoints.set_leaf(out, path, d)
+    tensors.set_leaf(out, path, d)
   return out
 
 
@@ -223,12 +223,12 @@ def save_safetensors(path: str, directions: list[dict], cfg: model.ModelConfig) 
   """float32, keys '<direction index>/<HF tensor name>', HF shapes; written atomically."""
   from safetensors.numpy import save_file
 
-  tensors = {}
+  named = {}
   for i, d in enumerate(directions):
-    for name, t in checkpoints.to_hf_tensors(d, cfg).items():
-      tensors[f"{i}/{name}"] = np.ascontiguousarray(t, np.float32)
+    for name, t in tensors.to_hf_tensors(d, cfg).items():
+      named[f"{i}/{name}"] = np.ascontiguousarray(t, np.float32)
   tmp = path + ".tmp"
-  save_file(tensors, tmp, metadata={"format": "visage_jax.directions", "count": str(len(directions))})
+  save_file(named, tmp, metadata={"format": "visage_jax.directions", "count": str(len(directions))})
   os.replace(tmp, path)
 
 
@@ -239,10 +239,10 @@ def load_safetensors(path: str, cfg: model.ModelConfig, count: int | None = None
   if not os.path.exists(path):
     raise errors.MissingFileError(f"{path}: directions file not found.")
   try:
-    tensors = load_file(path)
+    named = load_file(path)
   except Exception as e:
     raise errors.UserError(f"{path}: not a readable safetensors file ({e}).") from None
-  indices = sorted({int(k.split("/", 1)[0]) for k in tensors if k.split("/", 1)[0].isdigit()})
+  indices = sorted({int(k.split("/", 1)[0]) for k in named if k.split("/", 1)[0].isdigit()})
   if not indices:
     raise errors.UserError(f"{path}: no tensors named '<direction index>/<HF tensor name>'.")
   if count is not None and len(indices) < count:
@@ -250,9 +250,9 @@ def load_safetensors(path: str, cfg: model.ModelConfig, count: int | None = None
   f32 = dataclasses.replace(cfg, param_dtype="float32")
   out = []
   for i in indices[:count]:
-    sub = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{i}/")}
-    extra = set(sub) - {n for names in checkpoints.hf_tensor_names(cfg).values() for n in names}
+    sub = {k.split("/", 1)[1]: v for k, v in named.items() if k.startswith(f"{i}/")}
+    extra = set(sub) - {n for names in tensors.hf_tensor_names(cfg).values() for n in names}
     if extra:
       raise errors.UserError(f"{path}: direction {i} has tensors the model lacks: {sorted(extra)[:5]}.")
-    out.append(checkpoints.from_hf_tensors(sub.__getitem__, set(sub), f32, source=f"{path} (direction {i})"))
+    out.append(tensors.from_hf_tensors(sub.__getitem__, set(sub), f32, source=f"{path} (direction {i})"))
   return out

@@ -9,3 +9,7 @@ class UserError(ValueError):
 
 class MissingFileError(UserError, FileNotFoundError):
   """A path the user gave that does not exist."""
+
+
+class CheckpointError(UserError):
+  """A checkpoint that cannot be read as a supported model."""

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from visage_jax import (checkpoints, decode, errors, judges, landscape, lora, model, plotting,
-                        prompts, sharding, trainsets)
+from visage_jax import (checkpoints, decode, errors, judges, landscape, lora, model, plotting, prompts,
+                        sharding, tensors, trainsets)
 
 SCHEDULES = ("cosine", "constant")
 
@@ -152,7 +152,7 @@ def export_hf(path: str, params: dict, cfg: model.ModelConfig, tokenizer) -> Non
   for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
     if getattr(tokenizer, key, None) is not None:
       hf[key] = int(getattr(tokenizer, key))
-  save_file(checkpoints.to_hf_tensors(params, cfg), os.path.join(path, "model.safetensors"),
+  save_file(tensors.to_hf_tensors(params, cfg), os.path.join(path, "model.safetensors"),
             metadata={"format": "pt"})
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(hf, f, indent=2)

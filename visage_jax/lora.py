@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visage_jax import checkpoints, errors, model, resources
+from visage_jax import errors, model, resources, tensors
 
 LINEAR_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALIGNED_SMOLLM2 = resources.path(resources.ALIGNED_SMOLLM2_LORA)
@@ -54,17 +54,17 @@ def save(path: str, lora: dict, cfg: model.ModelConfig, alpha: float) -> None:
   in the metadata."""
   from safetensors.numpy import save_file
 
-  names = checkpoints.hf_tensor_names(cfg)
-  tensors = {}
+  names = tensors.hf_tensor_names(cfg)
+  out = {}
   for t, ab in lora.items():
     a, b = np.asarray(jax.device_get(ab["a"])), np.asarray(jax.device_get(ab["b"]))
     for i, name in enumerate(names[("layers", t)]):
       base = _PEFT_PREFIX + name[:-len(".weight")]
-      tensors[base + ".lora_A.weight"] = np.ascontiguousarray(a[i].T)
-      tensors[base + ".lora_B.weight"] = np.ascontiguousarray(b[i].T)
+      out[base + ".lora_A.weight"] = np.ascontiguousarray(a[i].T)
+      out[base + ".lora_B.weight"] = np.ascontiguousarray(b[i].T)
   rank = next(iter(lora.values()))["a"].shape[-1]
   tmp = path + ".tmp"
-  save_file(tensors, tmp, metadata=dict(rank=str(rank), alpha=repr(float(alpha)),
+  save_file(out, tmp, metadata=dict(rank=str(rank), alpha=repr(float(alpha)),
                                         targets=",".join(lora), format="pt"))
   os.replace(tmp, path)
 
@@ -80,7 +80,7 @@ def load(path: str, cfg: model.ModelConfig) -> tuple[dict, float, int]:
     if not {"rank", "alpha", "targets"} <= set(meta):
       raise errors.UserError(f"{path}: metadata needs rank, alpha and targets; found {sorted(meta)}.")
     rank, alpha = int(meta["rank"]), float(meta["alpha"])
-    names, shapes = checkpoints.hf_tensor_names(cfg), model.param_shapes(cfg)["layers"]
+    names, shapes = tensors.hf_tensor_names(cfg), model.param_shapes(cfg)["layers"]
     targets = meta["targets"].split(",")
     if set(targets) - set(LINEAR_LEAVES):
       raise errors.UserError(f"{path}: targets {targets}; expected names from {', '.join(LINEAR_LEAVES)}.")

@@ -1,0 +1,157 @@
+"""Params leaves <-> Hugging Face tensors: the reversible name map, and leaves built one at a
+time from a HF-named tensor getter (checked by name and shape) and placed in their shardings.
+
+Directions are normalized per original HF tensor and exported in HF naming through this map;
+every checkpoint format (HF safetensors, GGUF, directions files) is read through `leaf_readers`.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from visage_jax import model, sharding
+from visage_jax.errors import CheckpointError
+
+# params leaf -> (HF name pattern, transposed). "{i}" is the layer index of a stacked leaf.
+HF_NAMES = {
+    ("embed_tokens",): ("model.embed_tokens.weight", False),
+    ("layers", "input_layernorm"): ("model.layers.{i}.input_layernorm.weight", False),
+    ("layers", "q_proj"): ("model.layers.{i}.self_attn.q_proj.weight", True),
+    ("layers", "k_proj"): ("model.layers.{i}.self_attn.k_proj.weight", True),
+    ("layers", "v_proj"): ("model.layers.{i}.self_attn.v_proj.weight", True),
+    ("layers", "o_proj"): ("model.layers.{i}.self_attn.o_proj.weight", True),
+    ("layers", "post_attention_layernorm"): ("model.layers.{i}.post_attention_layernorm.weight", False),
+    ("layers", "gate_proj"): ("model.layers.{i}.mlp.gate_proj.weight", True),
+    ("layers", "up_proj"): ("model.layers.{i}.mlp.up_proj.weight", True),
+    ("layers", "down_proj"): ("model.layers.{i}.mlp.down_proj.weight", True),
+    ("norm",): ("model.norm.weight", False),
+    ("lm_head",): ("lm_head.weight", True),
+}
+
+
+def leaf_paths(cfg: model.ModelConfig) -> list[tuple[str, ...]]:
+  shapes = model.param_shapes(cfg)
+  paths = []
+  for key, val in shapes.items():
+    paths.extend([(key, sub) for sub in val] if isinstance(val, dict) else [(key,)])
+  return paths
+
+
+def is_stacked(path) -> bool:
+  return path[0] == "layers"
+
+
+def hf_tensor_names(cfg: model.ModelConfig) -> dict[tuple[str, ...], list[str]]:
+  """Each params leaf path -> the HF tensor names it holds (one per layer when stacked)."""
+  out = {}
+  for path in leaf_paths(cfg):
+    pattern, _ = HF_NAMES[path]
+    out[path] = ([pattern.format(i=i) for i in range(cfg.num_layers)] if is_stacked(path)
+                 else [pattern])
+  return out
+
+
+def leaf_for_hf_name(name: str, cfg: model.ModelConfig) -> tuple[tuple[str, ...], int | None, bool]:
+  """HF tensor name -> (leaf path, layer index or None, transposed)."""
+  for path, names in hf_tensor_names(cfg).items():
+    if name in names:
+      return path, (names.index(name) if is_stacked(path) else None), HF_NAMES[path][1]
+  raise KeyError(f"{name!r} is not a tensor of this {cfg.model_type} model")
+
+
+def get_leaf(tree: dict, path: tuple[str, ...]):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def set_leaf(tree: dict, path, value):
+  """tree[path] = value in place, creating the dicts on the way (get_leaf's inverse)."""
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
+
+
+def to_hf_tensors(params: dict, cfg: model.ModelConfig) -> dict[str, np.ndarray]:
+  """params -> {HF name: array in HF layout}; the inverse of `from_hf_tensors`."""
+  out = {}
+  for path, names in hf_tensor_names(cfg).items():
+    leaf = np.asarray(jax.device_get(get_leaf(params, path)))
+    transposed = HF_NAMES[path][1]
+    slices = list(leaf) if is_stacked(path) else [leaf]
+    for name, t in zip(names, slices):
+      out[name] = np.ascontiguousarray(t.T if transposed else t)
+  return out
+
+
+def _read_leaf(get_tensor, hf_names, transposed, shape, hf_shape, dtype, source) -> np.ndarray:
+  """One params leaf from its HF tensors, read one at a time into the stacked buffer."""
+  leaf = np.empty(shape, dtype)
+  rows = leaf[None] if len(shape) == len(hf_shape) else leaf
+  for i, name in enumerate(hf_names):
+    t = get_tensor(name)
+    if tuple(t.shape) != hf_shape:
+      raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, expected "
+                            f"{hf_shape} from the model config.")
+    t = np.asarray(t.astype(np.float32) if t.dtype != dtype else t)
+    rows[i] = t.T if transposed else t
+    del t
+  return leaf
+
+
+def leaf_readers(get_tensor, names: set[str], cfg: model.ModelConfig, source: str) -> list:
+  """[(leaf path, read)] for every params leaf; read() builds the leaf from its HF tensors, one
+  tensor at a time, and its caller holds the only reference, so a leaf is freed as soon as it
+  has been handed on: host memory holds about one stacked leaf plus one tensor, never the model.
+  Every name is checked before anything is read, every shape as it is read."""
+  shapes = model.param_shapes(cfg)
+  dtype = np.dtype(jnp.dtype(cfg.param_dtype))
+  plan = []
+  for path, hf_names in hf_tensor_names(cfg).items():
+    transposed = HF_NAMES[path][1]
+    want = tuple(get_leaf(shapes, path))
+    per_layer = want[1:] if is_stacked(path) else want
+    hf_shape = tuple(per_layer[::-1] if transposed else per_layer)
+    for name in hf_names:
+      if name not in names:
+        raise CheckpointError(f"{source}: missing tensor {name!r} (expected shape {hf_shape}).")
+    plan.append((path, functools.partial(_read_leaf, get_tensor, hf_names, transposed, want,
+                                         hf_shape, dtype, source)))
+  return plan
+
+
+def from_hf_tensors(get_tensor, names: set[str], cfg: model.ModelConfig, source: str) -> dict:
+  """Builds params from a HF-named tensor getter, checking every name and shape."""
+  return assemble(leaf_readers(get_tensor, names, cfg, source), None)
+
+
+def resolve_shardings(shardings, cfg: model.ModelConfig):
+  """None, a Mesh (-> `sharding.param_shardings`) or a params-shaped tree of shardings."""
+  if not isinstance(shardings, jax.sharding.Mesh):
+    return shardings
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.dtype(cfg.param_dtype)),
+                          model.param_shapes(cfg), is_leaf=lambda s: isinstance(s, tuple))
+  return sharding.param_shardings(abstract, shardings)
+
+
+def put(read, target):
+  """read() on device: the default one, or each device of `target` receiving only its shard; the
+  host leaf is freed once placed."""
+  leaf = read()
+  if target is None:
+    return jnp.asarray(leaf)
+  return jax.make_array_from_callback(leaf.shape, target, lambda index: leaf[index])
+
+
+def placed(leaves, shardings) -> list:
+  """[(path, read)] -> [(path, read placed in its sharding)]."""
+  return [(path, functools.partial(put, read, get_leaf(shardings, path))) for path, read in leaves]
+
+
+def assemble(leaves, shardings) -> dict:
+  params = {}
+  for path, read in leaves:
+    set_leaf(params, path, put(read, None if shardings is None else get_leaf(shardings, path)))
+  return params
