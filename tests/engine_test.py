@@ -8,7 +8,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import fixtures
-from visage_jax import decode, directions, engine, model, prompts
+from visage_jax import decode, directions, engine, model, planner, prompts
 
 
 def _setup(tied=False, seed=0, layers=2):
@@ -41,7 +41,7 @@ class FusedMatchesMaterializedTest(parameterized.TestCase):
     mask = np.ones_like(tokens, bool)
     spec = engine.DecodeSpec(max_new_tokens=12, eos_ids=(-1,), pad_id=0, stop_at_refusal=False)
     got = {}
-    for mode in engine.MODES:
+    for mode in planner.MODES:
       out = np.zeros((2, 5, 3, 12), np.int32)
       for ch in engine.evaluate(params, cfg, dirs, coefs, tokens, mask, None, spec, points=list(range(5)),
                                 mode=mode, max_batch=4):
@@ -74,7 +74,7 @@ class FusedMatchesMaterializedTest(parameterized.TestCase):
       return out
 
     shared_spec = dataclasses.replace(spec, shared_prefix=shared)
-    for mode in engine.MODES:  # materialized shares the prefill; fused and continuous only the layout
+    for mode in planner.MODES:  # materialized shares the prefill; fused and continuous only the layout
       np.testing.assert_array_equal(run(mode, packed, pmask, shared_spec), run(mode, plain, mask, spec),
                                     err_msg=mode)
 

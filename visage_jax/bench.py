@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visage_jax import (checkpoints, decode, directions, engine, errors, judges, landscape, prompts,
-                        sharding)
+from visage_jax import (checkpoints, decode, directions, engine, errors, judges, landscape, planner,
+                        prompts, sharding)
 
 METHODS = ("reference_published", "reference_batched", "fused", "materialized", "continuous",
            "default_real")
@@ -187,18 +187,20 @@ def run(c, out_path: str, log=print) -> dict:
   report["batch"] = batch_ours
 
   def roofline(mode, batch, n_pts, decode_wall, dtype):
-    """Per-step floor (engine.step_roofline) at the mean cache length, and the fraction achieved."""
+    """Per-step floor (planner.step_roofline) at the mean cache length, and the fraction achieved."""
     cfg = dataclasses.replace(s.cfg, param_dtype=str(dtype), dtype=str(dtype))
     if mode == "materialized":
       batch = min(batch, n_prompts)
       steps = n_pts * -(-n_prompts // batch) * n_new
     else:
       steps = -(-(n_pts * n_prompts) // batch) * n_new
-    r = engine.step_roofline(cfg, mode=mode, batch=batch, cache_len=prompt_len + n_new // 2)
+    r = planner.step_roofline(cfg, mode=mode, batch=batch, cache_len=prompt_len + n_new // 2)
+    if r["floor_seconds_per_step"] is None:
+      return dict(r, batch=batch, decode_steps=steps, peaks=f"none for {planner.device_kind()!r}")
     floor = r["floor_seconds_per_step"] * steps
     return dict(r, batch=batch, decode_steps=steps, floor_seconds=round(floor, 3),
                 fraction_of_floor=round(floor / max(decode_wall, 1e-9), 4),
-                peaks="nominal, engine.DEVICE_PEAKS" )
+                peaks="nominal, planner.DEVICE_PEAKS" )
 
   def record(name, wall, compile_s, tokens_done, extrapolated_from=None, **extra):
     scale = n_points / len(extrapolated_from) if extrapolated_from else 1.0
@@ -226,9 +228,9 @@ def run(c, out_path: str, log=print) -> dict:
              roofline=roofline("materialized", batch, len(ref_points), t_gen, dtype))
     else:
       real = name == "default_real"
-      mode = name if name in engine.MODES else c.engine.mode
+      mode = name if name in planner.MODES else c.engine.mode
       if mode == "auto":
-        mode, why = engine.choose_mode(s.cfg, n_prompts=n_prompts, n_directions=1, batch=batch_ours)
+        mode, why = planner.choose_mode(s.cfg, n_prompts=n_prompts, n_directions=1, batch=batch_ours)
         report["auto_mode"] = dict(mode=mode, reason=why)
       pts = all_points if real else our_points  # real work varies per point: never extrapolated
       toks, lens, wall, comp = run_ours(s, mode=mode, points=pts, max_new_tokens=n_new,

@@ -14,7 +14,6 @@ Three modes, same results up to float rounding:
 
 import dataclasses
 import functools
-import math
 from typing import Iterator
 
 import jax
@@ -22,80 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from visage_jax import decode, errors, model, planner, sharding
-
-MODES = ("fused", "materialized", "continuous")
-
-# Nominal peak FLOP/s and memory bandwidth (bytes/s) by device kind, for the mode cost model.
-# Unknown accelerators fall back to the H100 figures (memory-bound decode, like every GPU/TPU).
-DEVICE_PEAKS = {
-    "cpu": (1.0e11, 2.0e10),
-    "H100": (9.89e14, 3.35e12),
-    "H200": (9.89e14, 4.8e12),
-    "A100": (3.12e14, 2.0e12),
-    "TPU v4": (2.75e14, 1.2e12),
-    "TPU v5 lite": (1.97e14, 8.2e11),
-    "TPU v5p": (4.59e14, 2.76e12),
-}
-
-
-def device_peaks(device=None) -> tuple[float, float]:
-  device = device or jax.devices()[0]
-  if device.platform == "cpu":
-    return DEVICE_PEAKS["cpu"]
-  kind = str(getattr(device, "device_kind", ""))
-  for name, peaks in DEVICE_PEAKS.items():
-    if name.lower() in kind.lower():
-      return peaks
-  return DEVICE_PEAKS["H100"]
-
-
-def choose_mode(cfg: model.ModelConfig, *, n_prompts: int, n_directions: int, batch: int,
-                device=None) -> tuple[str, str]:
-  """Roofline cost model of one decode step: materialized points vs rows fused across points.
-
-  Per generated token a row costs 2*N FLOPs (4*N fused: x.W and x.D); a step reads the
-  weights once (fused: weights + R directions). Materialized batches one point's prompts;
-  fused batches `batch` rows of any points. The cheaper per-token time wins; fused runs
-  as continuous batching (refilled slots), which only ever removes idle work.
-  """
-  flops, bandwidth = device_peaks(device)
-  n = sum(math.prod(s) for s in jax.tree.leaves(model.param_shapes(cfg),
-                                                 is_leaf=lambda x: isinstance(x, tuple)))
-  wbytes = n * jnp.dtype(cfg.param_dtype).itemsize
-  b_mat = max(1, min(n_prompts, batch))
-  t_mat = max(wbytes / bandwidth, 2 * n * b_mat / flops) / b_mat
-  b_fus = max(1, batch)
-  t_fus = max(wbytes * (1 + n_directions) / bandwidth, 4 * n * b_fus * n_directions / flops) / (b_fus * n_directions)
-  if t_mat <= t_fus:
-    return "materialized", (f"compute-bound: {t_mat * 1e3:.3f} ms/token materialized (batch {b_mat}) "
-                            f"<= {t_fus * 1e3:.3f} ms/token fused (batch {b_fus})")
-  return "continuous", (f"memory-bound: {t_fus * 1e3:.3f} ms/token fused (batch {b_fus}) < "
-                        f"{t_mat * 1e3:.3f} ms/token materialized (batch {b_mat})")
-
-
-def step_roofline(cfg: model.ModelConfig, *, mode: str, batch: int, cache_len: int,
-                  n_directions: int = 1, device=None) -> dict:
-  """The floor of one decode step: bytes it must move and FLOPs it must do, over the device peaks.
-
-  Weights are read once per step (fused/continuous also read the R directions); every row reads
-  its KV cache (`cache_len` positions) and does 2*N FLOPs per linear pass (fused: x.W and x.D,
-  4*N) plus attention. Prefill is not counted, so a run's achieved fraction is a lower bound.
-  """
-  flops_peak, bandwidth = device_peaks(device)
-  n = sum(math.prod(s) for s in jax.tree.leaves(model.param_shapes(cfg),
-                                                 is_leaf=lambda x: isinstance(x, tuple)))
-  item = jnp.dtype(cfg.param_dtype).itemsize
-  fused = mode != "materialized"
-  rows = batch * (n_directions if fused else 1)
-  weight_bytes = n * item * (1 + (n_directions if fused else 0))
-  kv_bytes = rows * 2 * cfg.num_layers * cache_len * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
-  flops = rows * ((4 if fused else 2) * n + 4 * cfg.num_layers * cache_len * cfg.num_heads * cfg.head_dim)
-  t_mem, t_flop = (weight_bytes + kv_bytes) / bandwidth, flops / flops_peak
-  return dict(bytes_per_step=int(weight_bytes + kv_bytes), weight_bytes=int(weight_bytes),
-              kv_cache_bytes=int(kv_bytes), flops_per_step=int(flops), peak_flops=flops_peak,
-              peak_bandwidth=bandwidth, floor_seconds_per_step=max(t_mem, t_flop),
-              bound="memory" if t_mem >= t_flop else "compute")
-
 
 DecodeSpec = decode.DecodeSpec
 
@@ -197,8 +122,8 @@ def evaluate(params: dict, cfg: model.ModelConfig, dirs: dict, coefs: np.ndarray
   dirs: leaves [R, C, ...]; coefs: [n_points, C] grid coefficients; tokens/mask: [n_prompts, T].
   Rows are ordered point-major, so whole points complete early (the landscape writes them).
   """
-  if mode not in MODES:
-    raise errors.UserError(f"engine.mode {mode!r} is not one of {', '.join(MODES)}.")
+  if mode not in planner.MODES:
+    raise errors.UserError(f"engine.mode {mode!r} is not one of {', '.join(planner.MODES)}.")
   mesh = mesh or sharding.make_mesh((1, 1))
   n_prompts, T = tokens.shape
   R = jax.tree.leaves(dirs)[0].shape[0]

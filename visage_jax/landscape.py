@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from visage_jax import (checkpoints, decode, directions, distributed, engine, errors, judges, lora,
-                        plotting, prompts, sharding, visage)
+                        planner, plotting, prompts, sharding, visage)
 
 VIS_TYPES = ("1D_random", "1D_interpolation", "2D_random", "2D_interpolation", "2D_interpolation-random")
 RUN_FILES = ("run_config.json", "directions.safetensors", "generations.jsonl", "landscape.json",
@@ -169,8 +169,8 @@ def validate(c) -> None:
     raise errors.UserError("2D_interpolation needs landscape.target2_path (the third checkpoint).")
   if c.decode.max_new_tokens < 1:
     raise errors.UserError(f"decode.max_new_tokens must be >= 1, got {c.decode.max_new_tokens}.")
-  if c.engine.mode not in ("auto",) + engine.MODES:
-    raise errors.UserError(f"engine.mode {c.engine.mode!r} is not one of auto, {', '.join(engine.MODES)}.")
+  if c.engine.mode not in ("auto",) + planner.MODES:
+    raise errors.UserError(f"engine.mode {c.engine.mode!r} is not one of auto, {', '.join(planner.MODES)}.")
 
 
 def build_directions(c, params, cfg, mesh=None) -> list[dict]:
@@ -291,7 +291,7 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> d
       cfg, len(coefs) * len(goals), tokens.shape[1], spec, n_directions=n_dirs, mode="fused", mesh=mesh)
   mode, why = c.engine.mode, "set in the config"
   if mode == "auto":
-    mode, why = engine.choose_mode(cfg, n_prompts=len(goals), n_directions=n_dirs, batch=batch)
+    mode, why = planner.choose_mode(cfg, n_prompts=len(goals), n_directions=n_dirs, batch=batch)
   extra = dict(mode=mode, mode_reason=why, batch=batch, load_seconds=round(load_seconds, 2),
                mesh=dict(shape=list(mesh.devices.shape), platform=mesh.devices.flat[0].platform,
                          processes=jax.process_count()))
