@@ -140,17 +140,17 @@ def run_ours(s: Setup, *, mode: str, points: list[int], max_new_tokens: int, fix
   dirs = sharding.shard_params(dirs, mesh)
   kw = judges.build_keyword_tables(s.tokenizer, s.cfg.vocab_size)
   tables = decode.KeywordTables(next_state=jnp.asarray(kw.next_state), matched=jnp.asarray(kw.matched))
-  spec = engine.DecodeSpec(max_new_tokens=max_new_tokens, eos_ids=s.eos_ids, pad_id=s.pad_id,
+  spec = decode.DecodeSpec(max_new_tokens=max_new_tokens, eos_ids=s.eos_ids, pad_id=s.pad_id,
                            stop_at_refusal=stop_at_refusal, fixed_length=fixed_length,
                            shared_prefix=s.shared_prefix)
   coefs = s.alphas[:, None]
+  work = engine.Workload(params, s.cfg, dirs, coefs, s.tokens, s.mask, tables, spec, points=points, mesh=mesh)
   out = np.full((len(s.alphas), len(s.ids), max_new_tokens), s.pad_id, np.int32)
   lengths = np.zeros((len(s.alphas), len(s.ids)), np.int32)
   clock = _CompileClock()
   with clock:
     t0 = time.perf_counter()
-    for ch in engine.evaluate(params, s.cfg, dirs, coefs, s.tokens, s.mask, tables, spec, points=points,
-                              mode=mode, max_batch=max_batch, mesh=mesh):
+    for ch in engine.evaluate(work, mode=mode, max_batch=max_batch):
       out[ch.points, ch.prompts] = ch.tokens[0]
       lengths[ch.points, ch.prompts] = ch.length[0]
     wall = time.perf_counter() - t0
@@ -182,7 +182,7 @@ def run(c, out_path: str, log=print) -> dict:
   tokens_by_method = {}
   prompt_len = s.tokens.shape[1]
   batch_ours = c.engine.max_batch or engine.choose_batch(
-      s.cfg, n_points * n_prompts, prompt_len, engine.DecodeSpec(n_new, s.eos_ids, s.pad_id),
+      s.cfg, n_points * n_prompts, prompt_len, decode.DecodeSpec(n_new, s.eos_ids, s.pad_id),
       n_directions=1, mode="fused", mesh=mesh)
   report["batch"] = batch_ours
 

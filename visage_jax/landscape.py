@@ -282,7 +282,7 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> d
   kw = judges.build_keyword_tables(tok, cfg.vocab_size)
   tables = decode.KeywordTables(next_state=jnp.asarray(kw.next_state), matched=jnp.asarray(kw.matched))
   eos_ids = decode.eos_ids_of(tok)
-  spec = engine.DecodeSpec(max_new_tokens=c.decode.max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+  spec = decode.DecodeSpec(max_new_tokens=c.decode.max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
                            stop_at_refusal=c.decode.stop_at_refusal, shared_prefix=shared_prefix)
 
   have = {(l["direction"], l["step"]) for l in lines}
@@ -306,10 +306,9 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> d
   pending: dict[tuple[int, int], dict[int, dict]] = {}
   bar = _progress(len(todo) * len(goals) * n_dirs, enabled=progress and writer)
   t_decode, n_tokens = time.time(), 0
+  work = engine.Workload(params, cfg, stacked, coefs, tokens, mask, tables, spec, points=todo, mesh=mesh)
   with open(gen_path if writer else os.devnull, "a") as out_file:
-    for chunk in engine.evaluate(params, cfg, stacked, coefs, tokens, mask, tables, spec, points=todo,
-                                 mode=mode, max_batch=batch, mesh=mesh,
-                                 refill_every=c.engine.refill_every):
+    for chunk in engine.evaluate(work, mode=mode, max_batch=batch, refill_every=c.engine.refill_every):
       for ri, r in enumerate(chunk.directions):
         for b in range(len(chunk.points)):
           p, q = int(chunk.points[b]), int(chunk.prompts[b])
