@@ -8,7 +8,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import fixtures
-from visage_jax import decode, directions, engine, model, prompts
+from visage_jax import decode, directions, engine, model, planner, prompts
 
 
 def _setup(tied=False, seed=0, layers=2):
@@ -39,12 +39,12 @@ class FusedMatchesMaterializedTest(parameterized.TestCase):
     coefs = np.linspace(-0.5, 0.5, 5)[:, None]
     tokens = fixtures.random_tokens(3, 6, cfg.vocab_size, seed=4)
     mask = np.ones_like(tokens, bool)
-    spec = engine.DecodeSpec(max_new_tokens=12, eos_ids=(-1,), pad_id=0, stop_at_refusal=False)
+    spec = decode.DecodeSpec(max_new_tokens=12, eos_ids=(-1,), pad_id=0, stop_at_refusal=False)
     got = {}
-    for mode in engine.MODES:
+    for mode in planner.MODES:
       out = np.zeros((2, 5, 3, 12), np.int32)
-      for ch in engine.evaluate(params, cfg, dirs, coefs, tokens, mask, None, spec, points=list(range(5)),
-                                mode=mode, max_batch=4):
+      work = engine.Workload(params, cfg, dirs, coefs, tokens, mask, None, spec, points=list(range(5)))
+      for ch in engine.evaluate(work, mode=mode, max_batch=4):
         for ri, r in enumerate(ch.directions):
           out[r, ch.points, ch.prompts] = ch.tokens[ri]
       got[mode] = out
@@ -64,17 +64,17 @@ class FusedMatchesMaterializedTest(parameterized.TestCase):
     rows = [head + [5, 6], head + [8], head + [1, 2, 3, 4]]
     packed, pmask, shared = prompts.pack(rows, pad_id=0)
     plain, mask = prompts.left_pad(rows, 16, 0)
-    spec = engine.DecodeSpec(max_new_tokens=10, eos_ids=(-1,), pad_id=0)
+    spec = decode.DecodeSpec(max_new_tokens=10, eos_ids=(-1,), pad_id=0)
 
     def run(mode, tokens, m, spec):
       out = np.zeros((3, 3, 10), np.int32)
-      for ch in engine.evaluate(params, cfg, dirs, coefs, tokens, m, None, spec, points=[0, 1, 2],
-                                mode=mode, max_batch=4):
+      work = engine.Workload(params, cfg, dirs, coefs, tokens, m, None, spec, points=[0, 1, 2])
+      for ch in engine.evaluate(work, mode=mode, max_batch=4):
         out[ch.points, ch.prompts] = ch.tokens[0]
       return out
 
     shared_spec = dataclasses.replace(spec, shared_prefix=shared)
-    for mode in engine.MODES:  # materialized shares the prefill; fused and continuous only the layout
+    for mode in planner.MODES:  # materialized shares the prefill; fused and continuous only the layout
       np.testing.assert_array_equal(run(mode, packed, pmask, shared_spec), run(mode, plain, mask, spec),
                                     err_msg=mode)
 
@@ -82,15 +82,16 @@ class FusedMatchesMaterializedTest(parameterized.TestCase):
     cfg, params, d1, _ = _setup(layers=1)
     dirs = directions.stack([directions.stack([d1])])
     tokens = fixtures.random_tokens(3, 5, cfg.vocab_size, seed=2)
-    spec = engine.DecodeSpec(max_new_tokens=3, eos_ids=(-1,), pad_id=0)
+    spec = decode.DecodeSpec(max_new_tokens=3, eos_ids=(-1,), pad_id=0)
     rows = []
     real = decode.greedy
     def spy(buffer, tok, *a, **k):
       rows.append(tok.shape[0])
       return real(buffer, tok, *a, **k)
     with absltest.mock.patch.object(decode, "greedy", spy):
-      chunks = list(engine.evaluate(params, cfg, dirs, np.zeros((2, 1)), tokens, np.ones_like(tokens, bool),
-                                    None, spec, points=[0, 1], mode="materialized", max_batch=64))
+      work = engine.Workload(params, cfg, dirs, np.zeros((2, 1)), tokens, np.ones_like(tokens, bool), None,
+                             spec, points=[0, 1])
+      chunks = list(engine.evaluate(work, mode="materialized", max_batch=64))
     self.assertEqual(rows, [3, 3])  # max_batch 64, but a batch never exceeds one point's 3 prompts
     self.assertEqual([len(c.prompts) for c in chunks], [3, 3])
 
@@ -101,15 +102,16 @@ class FusedMatchesMaterializedTest(parameterized.TestCase):
     coefs = np.linspace(-0.5, 0.5, 4)[:, None]
     tokens = fixtures.random_tokens(5, 6, cfg.vocab_size, seed=8)
     mask = np.ones_like(tokens, bool)
-    probe = engine.DecodeSpec(max_new_tokens=10, eos_ids=(-1,), pad_id=0)
-    [free] = list(engine.evaluate(params, cfg, dirs, coefs, tokens, mask, None, probe, points=[0], max_batch=8))
+    probe = decode.DecodeSpec(max_new_tokens=10, eos_ids=(-1,), pad_id=0)
+    probe_work = engine.Workload(params, cfg, dirs, coefs, tokens, mask, None, probe, points=[0])
+    [free] = list(engine.evaluate(probe_work, max_batch=8))
     eos = int(free.tokens[0, 0, 2])  # ends some rows early, others run to the budget
-    spec = engine.DecodeSpec(max_new_tokens=10, eos_ids=(eos,), pad_id=0)
+    spec = decode.DecodeSpec(max_new_tokens=10, eos_ids=(eos,), pad_id=0)
     got = {}
     for mode in ("fused", "continuous"):
       out = {}
-      for ch in engine.evaluate(params, cfg, dirs, coefs, tokens, mask, None, spec, points=[0, 1, 2, 3],
-                                mode=mode, max_batch=4, refill_every=3):
+      work = engine.Workload(params, cfg, dirs, coefs, tokens, mask, None, spec, points=[0, 1, 2, 3])
+      for ch in engine.evaluate(work, mode=mode, max_batch=4, refill_every=3):
         for b in range(len(ch.points)):
           key = (int(ch.points[b]), int(ch.prompts[b]))
           self.assertNotIn(key, out)
@@ -123,28 +125,30 @@ class FusedMatchesMaterializedTest(parameterized.TestCase):
     cfg, params, d1, _ = _setup(layers=1)
     dirs = directions.stack([directions.stack([d1])])
     tokens = fixtures.random_tokens(5, 4, cfg.vocab_size)
-    spec = engine.DecodeSpec(max_new_tokens=2, eos_ids=(-1,), pad_id=0)
+    spec = decode.DecodeSpec(max_new_tokens=2, eos_ids=(-1,), pad_id=0)
     seen = []
-    for ch in engine.evaluate(params, cfg, dirs, np.zeros((4, 1)), tokens, np.ones_like(tokens, bool), None,
-                              spec, points=[1, 3], max_batch=3):
+    work = engine.Workload(params, cfg, dirs, np.zeros((4, 1)), tokens, np.ones_like(tokens, bool), None,
+                           spec, points=[1, 3])
+    for ch in engine.evaluate(work, max_batch=3):
       seen += list(zip(ch.points.tolist(), ch.prompts.tolist()))
     self.assertCountEqual(seen, [(p, q) for p in (1, 3) for q in range(5)])
 
   def test_unknown_mode(self):
     cfg, params, d1, _ = _setup(layers=1)
     with self.assertRaisesRegex(ValueError, "engine.mode 'lazy'"):
-      next(engine.evaluate(params, cfg, directions.stack([directions.stack([d1])]), np.zeros((1, 1)),
-                           np.ones((1, 2), np.int32), np.ones((1, 2), bool), None,
-                           engine.DecodeSpec(2, (-1,), 0), points=[0], mode="lazy"))
+      next(engine.evaluate(engine.Workload(params, cfg, directions.stack([directions.stack([d1])]),
+                                           np.zeros((1, 1)), np.ones((1, 2), np.int32), np.ones((1, 2), bool),
+                                           None, decode.DecodeSpec(2, (-1,), 0), points=[0]), mode="lazy"))
 
   def test_nonfinite_logits_are_flagged_not_fatal(self):
     cfg, params, d1, _ = _setup(layers=1)
     dirs = directions.stack([directions.stack([d1])])
     coefs = np.array([[0.0], [1e39]])  # overflows float32: inf weights
     tokens = fixtures.random_tokens(2, 4, cfg.vocab_size)
-    spec = engine.DecodeSpec(max_new_tokens=3, eos_ids=(-1,), pad_id=0)
-    [ch] = list(engine.evaluate(params, cfg, dirs, coefs, tokens, np.ones_like(tokens, bool), None, spec,
-                                points=[0, 1], max_batch=4))
+    spec = decode.DecodeSpec(max_new_tokens=3, eos_ids=(-1,), pad_id=0)
+    work = engine.Workload(params, cfg, dirs, coefs, tokens, np.ones_like(tokens, bool), None, spec,
+                           points=[0, 1])
+    [ch] = list(engine.evaluate(work, max_batch=4))
     np.testing.assert_array_equal(ch.nonfinite[0], ch.points == 1)
 
 

@@ -1,14 +1,16 @@
-"""Planner: LLaMA-2-7B on an H100 against a hand computation; choose_batch uses the same model; the CLI."""
+"""Planner: LLaMA-2-7B on an H100 against a hand computation; choose_batch uses the same model; the
+cost model (choose_mode, step_roofline) against the roofline by hand; the CLI."""
 
 import os
 import subprocess
 import sys
+import types
 
 import jax
 from absl.testing import absltest, parameterized
 
 import fixtures
-from visage_jax import checkpoints, engine, model, planner
+from visage_jax import checkpoints, decode, engine, model, planner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 P, NEW = 256, 512   # padded prompt, max_new_tokens (the paper's 512)
@@ -17,6 +19,9 @@ P, NEW = 256, 512   # padded prompt, max_new_tokens (the paper's 512)
 V, D, F, L, N, H = 32000, 4096, 11008, 32, 32, 128
 N_PARAMS = 2 * V * D + L * (4 * D * D + 3 * D * F + 2 * D) + D
 NORMS = 2 * L * D + D   # the only leaves PARAM_RULES leave whole
+CPU = types.SimpleNamespace(platform="cpu", device_kind="cpu")
+H100 = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
+H100_FLOPS, H100_BW = 9.89e14, 3.35e12
 
 
 def llama2_7b_by_hand(model_shards: int) -> dict:
@@ -92,7 +97,7 @@ class PlannerTest(parameterized.TestCase):
       def memory_stats(self):
         return dict(bytes_limit=80 * 10**9, bytes_in_use=2 * want["params_bytes"])
 
-    spec = engine.DecodeSpec(max_new_tokens=NEW, eos_ids=(2,), pad_id=0)
+    spec = decode.DecodeSpec(max_new_tokens=NEW, eos_ids=(2,), pad_id=0)
     mesh = jax.sharding.AbstractMesh((2, 1), ("data", "model"))
     got = engine.choose_batch(cfg, 10_000, P, spec, n_directions=1, mode="fused", mesh=mesh, device=Device())
     self.assertEqual(got, 2 * want["slots_per_device"])
@@ -110,6 +115,62 @@ class PlannerTest(parameterized.TestCase):
     smol = checkpoints.load_config(checkpoints.default_model_path())   # GGUF metadata: SmolLM2-135M
     self.assertEqual((smol.num_layers, smol.hidden_size, smol.num_heads, smol.num_kv_heads, smol.vocab_size,
                       smol.tie_word_embeddings), (30, 576, 9, 3, 49152, True))
+
+
+class CostModelTest(parameterized.TestCase):
+  """choose_mode by hand: a decode step takes max(bytes / bandwidth, FLOPs / peak) over its rows."""
+
+  def test_compute_bound_on_cpu_chooses_materialized(self):
+    cfg = planner.known_model("llama2_7b", "float32")   # CPU: 100 GFLOP/s, 20 GB/s
+    mode, why = planner.choose_mode(cfg, n_prompts=32, n_directions=1, batch=64, device=CPU)
+    # 32 rows do 2N*32 FLOPs (4.3 s a step), longer than one read of the 4N weight bytes (1.3 s):
+    # compute-bound, so a token costs its FLOPs, 2N materialized and 4N fused.
+    self.assertEqual(mode, "materialized")
+    self.assertEqual(why, f"compute-bound: {2 * N_PARAMS / 1e11 * 1e3:.3f} ms/token materialized (batch 32) "
+                          f"<= {4 * N_PARAMS / 1e11 * 1e3:.3f} ms/token fused (batch 64)")
+
+  def test_memory_bound_on_h100_chooses_continuous(self):
+    cfg = planner.known_model("llama2_7b", "bfloat16")
+    mode, why = planner.choose_mode(cfg, n_prompts=80, n_directions=1, batch=256, device=H100)
+    t_mat = 2 * N_PARAMS / H100_BW / 80          # one weight read shared by one point's 80 prompts
+    t_fus = 2 * 2 * N_PARAMS / H100_BW / 256     # weights + direction shared by 256 rows
+    self.assertEqual(mode, "continuous")
+    self.assertEqual(why, f"memory-bound: {t_fus * 1e3:.3f} ms/token fused (batch 256) < "
+                          f"{t_mat * 1e3:.3f} ms/token materialized (batch 80)")
+
+  @parameterized.named_parameters(("one_direction", 1, 32), ("three_directions", 3, 48))
+  def test_crossover_when_memory_bound(self, n_directions, crossover):
+    """Weights (1 + R copies fused) over the rows sharing them: materialized wins from
+    n_prompts = batch * R / (1 + R) on; at the crossover both cost the same and it wins the tie."""
+    self.assertEqual(crossover, 64 * n_directions // (1 + n_directions))
+    cfg = planner.known_model("llama2_7b", "bfloat16")
+    choose = lambda p: planner.choose_mode(cfg, n_prompts=p, n_directions=n_directions, batch=64,
+                                           device=H100)[0]
+    self.assertEqual(choose(crossover - 1), "continuous")
+    self.assertEqual(choose(crossover), "materialized")
+    self.assertEqual(choose(crossover + 1), "materialized")
+
+  def test_unknown_accelerator_is_named_not_guessed(self):
+    cfg = planner.known_model("llama2_7b", "bfloat16")
+    xyz = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA XYZ")
+    self.assertIsNone(planner.device_peaks(xyz))
+    mode, why = planner.choose_mode(cfg, n_prompts=80, n_directions=1, batch=256, device=xyz)
+    self.assertEqual(mode, "continuous")   # what the model picks on every listed accelerator
+    self.assertIn("unknown accelerator 'NVIDIA XYZ': no peak figures", why)
+    self.assertIn("chose continuous by default", why)
+    roof = planner.step_roofline(cfg, mode="materialized", batch=1, cache_len=0, device=xyz)
+    self.assertEqual((roof["weight_bytes"], roof["floor_seconds_per_step"], roof["bound"]),
+                     (2 * N_PARAMS, None, "unknown"))
+
+  def test_step_roofline_by_hand(self):
+    cfg = planner.known_model("llama2_7b", "bfloat16")
+    roof = planner.step_roofline(cfg, mode="fused", batch=4, cache_len=100, device=H100)
+    kv = 4 * 2 * L * 100 * N * H * 2
+    flops = 4 * (4 * N_PARAMS + 4 * L * 100 * N * H)
+    self.assertEqual((roof["weight_bytes"], roof["kv_cache_bytes"], roof["flops_per_step"]),
+                     (2 * 2 * N_PARAMS, kv, flops))
+    self.assertEqual(roof["bound"], "memory")
+    self.assertAlmostEqual(roof["floor_seconds_per_step"], (4 * N_PARAMS + kv) / H100_BW)
 
 
 class PlanCommandTest(absltest.TestCase):

@@ -16,8 +16,8 @@ import time
 import jax
 import numpy as np
 
-from visage_jax import (checkpoints, decode, directions, engine, errors, judges, landscape, prompts,
-                        sharding, tensors)
+from visage_jax import (checkpoints, decode, directions, engine, errors, judges, landscape, planner,
+                        prompts, sharding, tensors)
 
 METHODS = ("reference_published", "reference_batched", "fused", "materialized", "continuous",
            "default_real")
@@ -138,17 +138,17 @@ def run_ours(s: Setup, *, mode: str, points: list[int], max_new_tokens: int, fix
   params = sharding.shard_params(s.params, mesh)
   dirs = sharding.shard_params(dirs, mesh)
   tables = judges.build_keyword_tables(s.tokenizer, s.cfg.vocab_size)
-  spec = engine.DecodeSpec(max_new_tokens=max_new_tokens, eos_ids=s.eos_ids, pad_id=s.pad_id,
+  spec = decode.DecodeSpec(max_new_tokens=max_new_tokens, eos_ids=s.eos_ids, pad_id=s.pad_id,
                            stop_at_refusal=stop_at_refusal, fixed_length=fixed_length,
                            shared_prefix=s.shared_prefix)
   coefs = s.alphas[:, None]
+  work = engine.Workload(params, s.cfg, dirs, coefs, s.tokens, s.mask, tables, spec, points=points, mesh=mesh)
   out = np.full((len(s.alphas), len(s.ids), max_new_tokens), s.pad_id, np.int32)
   lengths = np.zeros((len(s.alphas), len(s.ids)), np.int32)
   clock = _CompileClock()
   with clock:
     t0 = time.perf_counter()
-    for ch in engine.evaluate(params, s.cfg, dirs, coefs, s.tokens, s.mask, tables, spec, points=points,
-                              mode=mode, max_batch=max_batch, mesh=mesh):
+    for ch in engine.evaluate(work, mode=mode, max_batch=max_batch):
       out[ch.points, ch.prompts] = ch.tokens[0]
       lengths[ch.points, ch.prompts] = ch.length[0]
     wall = time.perf_counter() - t0
@@ -180,23 +180,25 @@ def run(c, out_path: str, log=print) -> dict:
   tokens_by_method = {}
   prompt_len = s.tokens.shape[1]
   batch_ours = c.engine.max_batch or engine.choose_batch(
-      s.cfg, n_points * n_prompts, prompt_len, engine.DecodeSpec(n_new, s.eos_ids, s.pad_id),
+      s.cfg, n_points * n_prompts, prompt_len, decode.DecodeSpec(n_new, s.eos_ids, s.pad_id),
       n_directions=1, mode="fused", mesh=mesh)
   report["batch"] = batch_ours
 
   def roofline(mode, batch, n_pts, decode_wall, dtype):
-    """Per-step floor (engine.step_roofline) at the mean cache length, and the fraction achieved."""
+    """Per-step floor (planner.step_roofline) at the mean cache length, and the fraction achieved."""
     cfg = dataclasses.replace(s.cfg, param_dtype=str(dtype), dtype=str(dtype))
     if mode == "materialized":
       batch = min(batch, n_prompts)
       steps = n_pts * -(-n_prompts // batch) * n_new
     else:
       steps = -(-(n_pts * n_prompts) // batch) * n_new
-    r = engine.step_roofline(cfg, mode=mode, batch=batch, cache_len=prompt_len + n_new // 2)
+    r = planner.step_roofline(cfg, mode=mode, batch=batch, cache_len=prompt_len + n_new // 2)
+    if r["floor_seconds_per_step"] is None:
+      return dict(r, batch=batch, decode_steps=steps, peaks=f"none for {planner.device_kind()!r}")
     floor = r["floor_seconds_per_step"] * steps
     return dict(r, batch=batch, decode_steps=steps, floor_seconds=round(floor, 3),
                 fraction_of_floor=round(floor / max(decode_wall, 1e-9), 4),
-                peaks="nominal, engine.DEVICE_PEAKS" )
+                peaks="nominal, planner.DEVICE_PEAKS" )
 
   def record(name, wall, compile_s, tokens_done, extrapolated_from=None, **extra):
     scale = n_points / len(extrapolated_from) if extrapolated_from else 1.0
@@ -224,9 +226,9 @@ def run(c, out_path: str, log=print) -> dict:
              roofline=roofline("materialized", batch, len(ref_points), t_gen, dtype))
     else:
       real = name == "default_real"
-      mode = name if name in engine.MODES else c.engine.mode
+      mode = name if name in planner.MODES else c.engine.mode
       if mode == "auto":
-        mode, why = engine.choose_mode(s.cfg, n_prompts=n_prompts, n_directions=1, batch=batch_ours)
+        mode, why = planner.choose_mode(s.cfg, n_prompts=n_prompts, n_directions=1, batch=batch_ours)
         report["auto_mode"] = dict(mode=mode, reason=why)
       pts = all_points if real else our_points  # real work varies per point: never extrapolated
       toks, lens, wall, comp = run_ours(s, mode=mode, points=pts, max_new_tokens=n_new,

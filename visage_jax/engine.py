@@ -10,12 +10,13 @@ Three modes, same results up to float rounding:
   continuous    fused rows in a fixed number of slots; a slot whose row ends (EOS, budget,
                 refusal) is refilled with the next (point, prompt) every `refill_every`
                 steps, so short refusals do not leave slots idle until the longest row ends.
+`evaluate` takes the rows as one `Workload` and hands them to the mode's generator; which mode
+and how many rows fit are the planner's predictions (planner.choose_mode, choose_batch here).
 """
 
 import dataclasses
 import functools
-import math
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,86 +24,10 @@ import numpy as np
 
 from visage_jax import decode, errors, model, planner, sharding
 
-MODES = ("fused", "materialized", "continuous")
-
-# Nominal peak FLOP/s and memory bandwidth (bytes/s) by device kind, for the mode cost model.
-# Unknown accelerators fall back to the H100 figures (memory-bound decode, like every GPU/TPU).
-DEVICE_PEAKS = {
-    "cpu": (1.0e11, 2.0e10),
-    "H100": (9.89e14, 3.35e12),
-    "H200": (9.89e14, 4.8e12),
-    "A100": (3.12e14, 2.0e12),
-    "TPU v4": (2.75e14, 1.2e12),
-    "TPU v5 lite": (1.97e14, 8.2e11),
-    "TPU v5p": (4.59e14, 2.76e12),
-}
-
-
-def device_peaks(device=None) -> tuple[float, float]:
-  device = device or jax.devices()[0]
-  if device.platform == "cpu":
-    return DEVICE_PEAKS["cpu"]
-  kind = str(getattr(device, "device_kind", ""))
-  for name, peaks in DEVICE_PEAKS.items():
-    if name.lower() in kind.lower():
-      return peaks
-  return DEVICE_PEAKS["H100"]
-
-
-def choose_mode(cfg: model.ModelConfig, *, n_prompts: int, n_directions: int, batch: int,
-                device=None) -> tuple[str, str]:
-  """Roofline cost model of one decode step: materialized points vs rows fused across points.
-
-  Per generated token a row costs 2*N FLOPs (4*N fused: x.W and x.D); a step reads the
-  weights once (fused: weights + R directions). Materialized batches one point's prompts;
-  fused batches `batch` rows of any points. The cheaper per-token time wins; fused runs
-  as continuous batching (refilled slots), which only ever removes idle work.
-  """
-  flops, bandwidth = device_peaks(device)
-  n = sum(math.prod(s) for s in jax.tree.leaves(model.param_shapes(cfg),
-                                                 is_leaf=lambda x: isinstance(x, tuple)))
-  wbytes = n * jnp.dtype(cfg.param_dtype).itemsize
-  b_mat = max(1, min(n_prompts, batch))
-  t_mat = max(wbytes / bandwidth, 2 * n * b_mat / flops) / b_mat
-  b_fus = max(1, batch)
-  t_fus = max(wbytes * (1 + n_directions) / bandwidth, 4 * n * b_fus * n_directions / flops) / (b_fus * n_directions)
-  if t_mat <= t_fus:
-    return "materialized", (f"compute-bound: {t_mat * 1e3:.3f} ms/token materialized (batch {b_mat}) "
-                            f"<= {t_fus * 1e3:.3f} ms/token fused (batch {b_fus})")
-  return "continuous", (f"memory-bound: {t_fus * 1e3:.3f} ms/token fused (batch {b_fus}) < "
-                        f"{t_mat * 1e3:.3f} ms/token materialized (batch {b_mat})")
-
-
-def step_roofline(cfg: model.ModelConfig, *, mode: str, batch: int, cache_len: int,
-                  n_directions: int = 1, device=None) -> dict:
-  """The floor of one decode step: bytes it must move and FLOPs it must do, over the device peaks.
-
-  Weights are read once per step (fused/continuous also read the R directions); every row reads
-  its KV cache (`cache_len` positions) and does 2*N FLOPs per linear pass (fused: x.W and x.D,
-  4*N) plus attention. Prefill is not counted, so a run's achieved fraction is a lower bound.
-  """
-  flops_peak, bandwidth = device_peaks(device)
-  n = sum(math.prod(s) for s in jax.tree.leaves(model.param_shapes(cfg),
-                                                 is_leaf=lambda x: isinstance(x, tuple)))
-  item = jnp.dtype(cfg.param_dtype).itemsize
-  fused = mode != "materialized"
-  rows = batch * (n_directions if fused else 1)
-  weight_bytes = n * item * (1 + (n_directions if fused else 0))
-  kv_bytes = rows * 2 * cfg.num_layers * cache_len * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
-  flops = rows * ((4 if fused else 2) * n + 4 * cfg.num_layers * cache_len * cfg.num_heads * cfg.head_dim)
-  t_mem, t_flop = (weight_bytes + kv_bytes) / bandwidth, flops / flops_peak
-  return dict(bytes_per_step=int(weight_bytes + kv_bytes), weight_bytes=int(weight_bytes),
-              kv_cache_bytes=int(kv_bytes), flops_per_step=int(flops), peak_flops=flops_peak,
-              peak_bandwidth=bandwidth, floor_seconds_per_step=max(t_mem, t_flop),
-              bound="memory" if t_mem >= t_flop else "compute")
-
-
-DecodeSpec = decode.DecodeSpec
-
 
 @functools.partial(jax.jit, static_argnames=("cfg", "spec"))
 def decode_fused(params, dirs, coef, tokens, mask, tables, *, cfg: model.ModelConfig,
-                 spec: DecodeSpec) -> decode.Generation:
+                 spec: decode.DecodeSpec) -> decode.Generation:
   """dirs leaves [R, C, ...], coef [B, C], tokens/mask [B, T] -> Generation with leaves [R, B, ...]."""
   one = lambda d: decode.greedy_impl(params, tokens, mask, tables, d, coef, cfg=cfg, spec=spec)
   return jax.vmap(one)(dirs)
@@ -123,7 +48,7 @@ def materialize(buffer, params, dirs, r, coef):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "spec"), donate_argnums=0)
 def refill(state: decode.DecodeState, slots, params, dirs, tokens, mask, coef, tables, *,
-           cfg: model.ModelConfig, spec: DecodeSpec) -> decode.DecodeState:
+           cfg: model.ModelConfig, spec: decode.DecodeSpec) -> decode.DecodeState:
   """Prefills k new rows and writes them into the given slots (slot index >= B: dropped)."""
   new = decode.prefill(params, tokens, mask, tables, dirs, coef, cfg=cfg, spec=spec)
 
@@ -138,7 +63,7 @@ def refill(state: decode.DecodeState, slots, params, dirs, tokens, mask, coef, t
 
 @functools.partial(jax.jit, static_argnames=("cfg", "spec", "n_steps"), donate_argnums=0)
 def advance(state: decode.DecodeState, params, dirs, tables, *, cfg: model.ModelConfig,
-            spec: DecodeSpec, n_steps: int) -> decode.DecodeState:
+            spec: decode.DecodeSpec, n_steps: int) -> decode.DecodeState:
   return decode.run_steps(params, state, tables, dirs, n_steps, cfg=cfg, spec=spec)
 
 
@@ -154,7 +79,7 @@ class Chunk:
   nonfinite: np.ndarray  # [R, B]
 
 
-def choose_batch(cfg: model.ModelConfig, n_rows: int, prompt_len: int, spec: DecodeSpec, *,
+def choose_batch(cfg: model.ModelConfig, n_rows: int, prompt_len: int, spec: decode.DecodeSpec, *,
                  n_directions: int, mode: str, mesh, device=None) -> int:
   """Rows per chunk from planner's memory model: slots per device on the free memory, times data.
 
@@ -188,70 +113,107 @@ def _pad_rows(idx: np.ndarray, size: int) -> np.ndarray:
   return np.concatenate([idx, np.full(size - len(idx), idx[-1])]) if len(idx) < size else idx
 
 
-def evaluate(params: dict, cfg: model.ModelConfig, dirs: dict, coefs: np.ndarray,
-             tokens: np.ndarray, mask: np.ndarray, tables: decode.KeywordTables | None,
-             spec: DecodeSpec, *, points: list[int], mode: str = "fused", max_batch: int = 0,
-             mesh=None, refill_every: int = 8) -> Iterator[Chunk]:
-  """Decodes every prompt at the given grid points for all R directions, one chunk at a time.
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """The rows to decode: every prompt at each of `points`, for each of the R directions.
 
-  dirs: leaves [R, C, ...]; coefs: [n_points, C] grid coefficients; tokens/mask: [n_prompts, T].
-  Rows are ordered point-major, so whole points complete early (the landscape writes them).
+  Host-side, never traced: cfg and spec are the static arguments of every program; params and
+  dirs are used as the caller placed them (on `mesh`); the rest are host values, placed per chunk.
   """
-  if mode not in MODES:
-    raise errors.UserError(f"engine.mode {mode!r} is not one of {', '.join(MODES)}.")
-  mesh = mesh or sharding.make_mesh((1, 1))
-  n_prompts, T = tokens.shape
-  R = jax.tree.leaves(dirs)[0].shape[0]
-  rows_point = np.repeat(np.asarray(points, np.int64), n_prompts)
-  rows_prompt = np.tile(np.arange(n_prompts), len(points))
-  batch = max_batch or choose_batch(cfg, len(rows_point), T, spec, n_directions=R, mode=mode, mesh=mesh)
+  params: dict
+  cfg: model.ModelConfig
+  dirs: dict                    # leaves [R, C, ...]
+  coefs: np.ndarray             # [n_points, C] grid coefficients
+  tokens: np.ndarray            # [n_prompts, T]
+  mask: np.ndarray              # [n_prompts, T]
+  tables: decode.KeywordTables | None
+  spec: decode.DecodeSpec
+  points: Sequence[int]         # grid points to decode, in this order
+  mesh: jax.sharding.Mesh | None = None   # None: one device
+
+  @property
+  def n_directions(self) -> int:
+    return jax.tree.leaves(self.dirs)[0].shape[0]
+
+  def rows(self) -> tuple[np.ndarray, np.ndarray]:
+    """(point, prompt) of every row, point-major, so whole points complete early."""
+    n_prompts = self.tokens.shape[0]
+    return (np.repeat(np.asarray(self.points, np.int64), n_prompts),
+            np.tile(np.arange(n_prompts), len(self.points)))
+
+  def put_rows(self, prompts: np.ndarray, points: np.ndarray | None = None) -> tuple:
+    """Tokens and mask of the given rows (and their coefficients, given points), over "data"."""
+    rows = sharding.batch_sharding(self.mesh, 2)
+    placed = (sharding.put(self.tokens[prompts], rows), sharding.put(self.mask[prompts], rows))
+    return placed if points is None else placed + (sharding.put(_f32(self.coefs[points]), rows),)
+
+
+def evaluate(work: Workload, *, mode: str = "fused", max_batch: int = 0,
+             refill_every: int = 8) -> Iterator[Chunk]:
+  """Decodes every row of `work` for all R directions, one chunk at a time, in one of planner.MODES.
+
+  max_batch: rows per chunk (0: choose_batch's); continuous refills ended slots every
+  `refill_every` steps.
+  """
+  if mode not in planner.MODES:
+    raise errors.UserError(f"engine.mode {mode!r} is not one of {', '.join(planner.MODES)}.")
+  mesh = work.mesh or sharding.make_mesh((1, 1))
+  n_rows, prompt_len = len(work.points) * work.tokens.shape[0], work.tokens.shape[1]
+  batch = max_batch or choose_batch(work.cfg, n_rows, prompt_len, work.spec,
+                                    n_directions=work.n_directions, mode=mode, mesh=mesh)
   data = mesh.shape["data"]
   batch = -(-batch // data) * data
-  bsh = lambda nd, axis=0: sharding.batch_sharding(mesh, nd, axis)
-  tokens_all, mask_all = np.asarray(tokens, np.int32), np.asarray(mask, bool)
-  rep = sharding.replicated(mesh)
-  tables = sharding.put(tables, rep)  # host values -> global arrays, also across processes
-
-  def fetch(gen, directions, sel_point, sel_prompt, n):
-    gen = sharding.to_host(gen)
-    return Chunk(directions=directions, points=sel_point[:n], prompts=sel_prompt[:n],
-                 tokens=np.asarray(gen.tokens)[:, :n], length=np.asarray(gen.length)[:, :n],
-                 refused=np.asarray(gen.refused)[:, :n], nonfinite=np.asarray(gen.nonfinite)[:, :n])
-
+  work = dataclasses.replace(   # tables: host values -> global arrays, also across processes
+      work, mesh=mesh, tokens=np.asarray(work.tokens, np.int32), mask=np.asarray(work.mask, bool),
+      tables=sharding.put(work.tables, sharding.replicated(mesh)))
   if mode == "continuous":
-    for r in range(R):
-      d = jax.tree.map(lambda x: x[r], dirs)
-      yield from _continuous(params, cfg, d, r, coefs, tokens_all, mask_all, tables, spec, rows_point,
-                             rows_prompt, batch, refill_every, bsh, mesh)
-    return
+    yield from _continuous(work, batch, refill_every)
+  elif mode == "fused":
+    yield from _fused(work, batch)
+  else:
+    yield from _materialized(work, batch)
 
-  if mode == "fused":
-    for start in range(0, len(rows_point), batch):
-      sel_point = _pad_rows(rows_point[start:start + batch], batch)
-      sel_prompt = _pad_rows(rows_prompt[start:start + batch], batch)
-      n = min(batch, len(rows_point) - start)
-      tok = sharding.put(tokens_all[sel_prompt], bsh(2))
-      msk = sharding.put(mask_all[sel_prompt], bsh(2))
-      coef = sharding.put(_f32(coefs[sel_point]), bsh(2))
-      gen = decode_fused(params, dirs, coef, tok, msk, tables, cfg=cfg, spec=spec)
-      yield fetch(gen, list(range(R)), sel_point, sel_prompt, n)
-    return
 
-  # One point's prompts per batch: more rows would only be padding (wasted compute).
+def _chunk(gen: decode.Generation, directions: list[int], points: np.ndarray, prompts: np.ndarray,
+           index) -> Chunk:
+  """Fetches `gen` and keeps `index` of each field: the chunk's [len(directions), B] rows."""
+  gen = sharding.to_host(gen)
+  pick = lambda x: np.asarray(x)[index]
+  return Chunk(directions=directions, points=points, prompts=prompts, tokens=pick(gen.tokens),
+               length=pick(gen.length), refused=pick(gen.refused), nonfinite=pick(gen.nonfinite))
+
+
+def _fused(w: Workload, batch: int) -> Iterator[Chunk]:
+  """`batch` rows of any grid points per program, all R directions vmapped over one theta."""
+  point, prompt = w.rows()
+  for start in range(0, len(point), batch):
+    sel_point = _pad_rows(point[start:start + batch], batch)
+    sel_prompt = _pad_rows(prompt[start:start + batch], batch)
+    n = min(batch, len(point) - start)
+    tok, msk, coef = w.put_rows(sel_prompt, sel_point)
+    gen = decode_fused(w.params, w.dirs, coef, tok, msk, w.tables, cfg=w.cfg, spec=w.spec)
+    yield _chunk(gen, list(range(w.n_directions)), sel_point[:n], sel_prompt[:n], np.s_[:, :n])
+
+
+def _materialized(w: Workload, batch: int) -> Iterator[Chunk]:
+  """theta + coef.d per (point, direction) in one donated buffer, then plain decodes of its prompts.
+
+  One point's prompts per batch: more rows would only be padding (wasted compute).
+  """
+  n_prompts, data = w.tokens.shape[0], w.mesh.shape["data"]
   batch = min(batch, -(-n_prompts // data) * data)
-  buffer = jax.tree.map(jnp.copy, params)
-  for p in points:
-    for r in range(R):
-      buffer = materialize(buffer, params, dirs, sharding.put(np.int32(r), rep),
-                           sharding.put(_f32(coefs[p]), rep))
+  rep = sharding.replicated(w.mesh)
+  buffer = jax.tree.map(jnp.copy, w.params)
+  for p in w.points:
+    for r in range(w.n_directions):
+      buffer = materialize(buffer, w.params, w.dirs, sharding.put(np.int32(r), rep),
+                           sharding.put(_f32(w.coefs[p]), rep))
       for start in range(0, n_prompts, batch):
         sel_prompt = _pad_rows(np.arange(start, min(start + batch, n_prompts)), batch)
         n = min(batch, n_prompts - start)
-        tok = sharding.put(tokens_all[sel_prompt], bsh(2))
-        msk = sharding.put(mask_all[sel_prompt], bsh(2))
-        gen = decode.greedy(buffer, tok, msk, tables, None, None, cfg=cfg, spec=spec)
-        gen = jax.tree.map(lambda x: x[None], gen)
-        yield fetch(gen, [r], np.full(batch, p), sel_prompt, n)
+        tok, msk = w.put_rows(sel_prompt)
+        gen = decode.greedy(buffer, tok, msk, w.tables, None, None, cfg=w.cfg, spec=w.spec)
+        yield _chunk(gen, [r], np.full(n, p), sel_prompt[:n], np.s_[None, :n])
 
 
 def _slot_shardings(state, mesh):
@@ -267,50 +229,56 @@ def _slot_shardings(state, mesh):
   return jax.tree.map(one, state)
 
 
-def _continuous(params, cfg, dirs_r, r, coefs, tokens_all, mask_all, tables, spec, rows_point,
-                rows_prompt, slots, refill_every, bsh, mesh) -> Iterator[Chunk]:
-  """Slots decode rows of any grid point (per-row coefficients); ended rows are refilled.
-
-  The `done` flags come back whole to every process, so all processes refill alike.
-  """
-  data, rep = mesh.shape["data"], sharding.replicated(mesh)
-  width = max(data, slots // 4 // data * data)  # rows prefilled per refill call: one compiled shape
-  n_rows = len(rows_point)
+def _empty_slots(w: Workload, dirs_r: dict, slots: int) -> decode.DecodeState:
+  """A state of `slots` ended rows, created where refill and advance keep it."""
   rows_like = lambda a: jax.ShapeDtypeStruct((slots,) + a.shape[1:], a.dtype)
   shapes = jax.eval_shape(
-      functools.partial(decode.prefill, cfg=cfg, spec=spec), params, rows_like(tokens_all),
-      rows_like(mask_all), tables, dirs_r, jax.ShapeDtypeStruct((slots, coefs.shape[1]), jnp.float32))
+      functools.partial(decode.prefill, cfg=w.cfg, spec=w.spec), w.params, rows_like(w.tokens),
+      rows_like(w.mask), w.tables, dirs_r, jax.ShapeDtypeStruct((slots, w.coefs.shape[1]), jnp.float32))
   empty = lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes).replace(
       done=jnp.ones((slots,), bool))
-  state = jax.jit(empty, out_shardings=_slot_shardings(shapes, mesh))()
-  owner = np.full(slots, -1)     # row index held by each slot, -1 = free
-  queue = 0
-  while queue < n_rows or (owner >= 0).any():
+  return jax.jit(empty, out_shardings=_slot_shardings(shapes, w.mesh))()
+
+
+def _continuous(w: Workload, slots: int, refill_every: int) -> Iterator[Chunk]:
+  """Per direction, slots decode rows of any grid point (per-row coefficients); ended rows are
+  refilled. The `done` flags come back whole to every process, so all processes refill alike."""
+  rows = w.rows()
+  for r in range(w.n_directions):
+    dirs_r = jax.tree.map(lambda x: x[r], w.dirs)
+    state = _empty_slots(w, dirs_r, slots)
+    owner = np.full(slots, -1)     # row index held by each slot, -1 = free
+    queue = 0
+    while queue < len(rows[0]) or (owner >= 0).any():
+      state, queue = _refill_free(w, state, dirs_r, owner, queue, rows)
+      state = advance(state, w.params, dirs_r, w.tables, cfg=w.cfg, spec=w.spec, n_steps=refill_every)
+      finished = np.flatnonzero(np.asarray(sharding.to_host(state.done)) & (owner >= 0))
+      if len(finished):
+        held = owner[finished]
+        yield _chunk(decode.as_generation(state), [r], rows[0][held], rows[1][held],
+                     np.s_[None, finished])
+        owner[finished] = -1
+
+
+def _refill_free(w: Workload, state: decode.DecodeState, dirs_r: dict, owner: np.ndarray, queue: int,
+                 rows: tuple[np.ndarray, np.ndarray]) -> tuple[decode.DecodeState, int]:
+  """Prefills the next queued rows into free slots (`owner` < 0, updated in place); returns the
+  state and the new queue position. Each refill call prefills `width` rows: one compiled shape."""
+  (point, prompt), slots, data = rows, len(owner), w.mesh.shape["data"]
+  width = max(data, slots // 4 // data * data)
+  rep = sharding.replicated(w.mesh)
+  free = np.flatnonzero(owner < 0)
+  while queue < len(point) and len(free):
+    take = free[:width]
+    new = np.arange(queue, min(queue + len(take), len(point)))
+    take = take[:len(new)]
+    slot_ids = np.full(width, slots, np.int64)            # out of range: dropped
+    slot_ids[:len(take)] = take
+    sel = _pad_rows(new, width)
+    slot_ids = sharding.put(slot_ids, rep)
+    state = refill(state, slot_ids, w.params, dirs_r, *w.put_rows(prompt[sel], point[sel]), w.tables,
+                   cfg=w.cfg, spec=w.spec)
+    owner[take] = new
+    queue += len(new)
     free = np.flatnonzero(owner < 0)
-    while queue < n_rows and len(free):
-      take = free[:width]
-      rows = np.arange(queue, min(queue + len(take), n_rows))
-      take = take[:len(rows)]
-      slot_ids = np.full(width, slots, np.int64)            # out of range: dropped
-      slot_ids[:len(take)] = take
-      sel = _pad_rows(rows, width)
-      state = refill(state, sharding.put(slot_ids, rep), params, dirs_r,
-                     sharding.put(tokens_all[rows_prompt[sel]], bsh(2)),
-                     sharding.put(mask_all[rows_prompt[sel]], bsh(2)),
-                     sharding.put(_f32(coefs[rows_point[sel]]), bsh(2)),
-                     tables, cfg=cfg, spec=spec)
-      owner[take] = rows
-      queue += len(rows)
-      free = np.flatnonzero(owner < 0)
-    state = advance(state, params, dirs_r, tables, cfg=cfg, spec=spec, n_steps=refill_every)
-    done = np.asarray(sharding.to_host(state.done))
-    finished = np.flatnonzero(done & (owner >= 0))
-    if not len(finished):
-      continue
-    gen = sharding.to_host(decode.as_generation(state))
-    rows = owner[finished]
-    yield Chunk(directions=[r], points=rows_point[rows], prompts=rows_prompt[rows],
-                tokens=np.asarray(gen.tokens)[None, finished], length=np.asarray(gen.length)[None, finished],
-                refused=np.asarray(gen.refused)[None, finished],
-                nonfinite=np.asarray(gen.nonfinite)[None, finished])
-    owner[finished] = -1
+  return state, queue

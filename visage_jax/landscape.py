@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from visage_jax import (checkpoints, decode, directions, distributed, engine, errors, judges, lora,
-                        plotting, prompts, sharding, visage)
+                        planner, plotting, prompts, sharding, visage)
 
 VIS_TYPES = ("1D_random", "1D_interpolation", "2D_random", "2D_interpolation", "2D_interpolation-random")
 RUN_FILES = ("run_config.json", "directions.safetensors", "generations.jsonl", "landscape.json",
@@ -169,8 +169,8 @@ def validate(c) -> None:
     raise errors.UserError("2D_interpolation needs landscape.target2_path (the third checkpoint).")
   if c.decode.max_new_tokens < 1:
     raise errors.UserError(f"decode.max_new_tokens must be >= 1, got {c.decode.max_new_tokens}.")
-  if c.engine.mode not in ("auto",) + engine.MODES:
-    raise errors.UserError(f"engine.mode {c.engine.mode!r} is not one of auto, {', '.join(engine.MODES)}.")
+  if c.engine.mode not in ("auto",) + planner.MODES:
+    raise errors.UserError(f"engine.mode {c.engine.mode!r} is not one of auto, {', '.join(planner.MODES)}.")
 
 
 def build_directions(c, params, cfg, mesh=None) -> list[dict]:
@@ -281,7 +281,7 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> d
   stacked = sharding.shard_params(stacked, mesh)
   tables = judges.build_keyword_tables(tok, cfg.vocab_size)
   eos_ids = decode.eos_ids_of(tok)
-  spec = engine.DecodeSpec(max_new_tokens=c.decode.max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+  spec = decode.DecodeSpec(max_new_tokens=c.decode.max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
                            stop_at_refusal=c.decode.stop_at_refusal, shared_prefix=shared_prefix)
 
   have = {(l["direction"], l["step"]) for l in lines}
@@ -290,7 +290,7 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> d
       cfg, len(coefs) * len(goals), tokens.shape[1], spec, n_directions=n_dirs, mode="fused", mesh=mesh)
   mode, why = c.engine.mode, "set in the config"
   if mode == "auto":
-    mode, why = engine.choose_mode(cfg, n_prompts=len(goals), n_directions=n_dirs, batch=batch)
+    mode, why = planner.choose_mode(cfg, n_prompts=len(goals), n_directions=n_dirs, batch=batch)
   extra = dict(mode=mode, mode_reason=why, batch=batch, load_seconds=round(load_seconds, 2),
                mesh=dict(shape=list(mesh.devices.shape), platform=mesh.devices.flat[0].platform,
                          processes=jax.process_count()))
@@ -305,10 +305,9 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> d
   pending: dict[tuple[int, int], dict[int, dict]] = {}
   bar = _progress(len(todo) * len(goals) * n_dirs, enabled=progress and writer)
   t_decode, n_tokens = time.time(), 0
+  work = engine.Workload(params, cfg, stacked, coefs, tokens, mask, tables, spec, points=todo, mesh=mesh)
   with open(gen_path if writer else os.devnull, "a") as out_file:
-    for chunk in engine.evaluate(params, cfg, stacked, coefs, tokens, mask, tables, spec, points=todo,
-                                 mode=mode, max_batch=batch, mesh=mesh,
-                                 refill_every=c.engine.refill_every):
+    for chunk in engine.evaluate(work, mode=mode, max_batch=batch, refill_every=c.engine.refill_every):
       for ri, r in enumerate(chunk.directions):
         for b in range(len(chunk.points)):
           p, q = int(chunk.points[b]), int(chunk.prompts[b])

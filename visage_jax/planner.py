@@ -1,9 +1,10 @@
-"""Memory per device before paying for a pod: parameters, directions, KV cache per slot, batch.
+"""Memory per device before paying for a pod, and the time a decode step takes on it.
 
 The package's one memory model: engine.choose_batch sizes chunks with it on the live device,
-and `visage-jax plan` prints it for the paper's models on common accelerators. A slot is one
-decode row (a grid point and a prompt); fused decoding vmaps the R directions over each row,
-so a fused slot holds R KV caches. Parameters follow sharding.PARAM_RULES on a (data, model)
+and `visage-jax plan` prints it for the paper's models on common accelerators. Its cost model
+(choose_mode, step_roofline) predicts a decode step from nominal device peaks; the engine only
+schedules. A slot is one decode row (a grid point and a prompt); fused decoding vmaps the R
+directions over each row, so a fused slot holds R KV caches. Parameters follow sharding.PARAM_RULES on a (data, model)
 mesh (a dimension that does not divide stays whole), the batch splits over data.
 """
 
@@ -20,6 +21,18 @@ HEADROOM = 0.7   # of the memory left after weights, given to slots; the rest co
 CPU_BUDGET = 2 << 30   # CPU: compute-bound, bigger batches stop paying off (also capped at 64 rows)
 MAX_SLOTS = 1024       # per device on an accelerator
 MODES = ("fused", "materialized", "continuous")
+UNKNOWN_DEVICE_MODE = "continuous"   # choose_mode's pick without peak figures; see there
+
+# Nominal peak FLOP/s and memory bandwidth (bytes/s), matched on the device kind, for the cost model.
+DEVICE_PEAKS = {
+    "cpu": (1.0e11, 2.0e10),
+    "H100": (9.89e14, 3.35e12),
+    "H200": (9.89e14, 4.8e12),
+    "A100": (3.12e14, 2.0e12),
+    "TPU v4": (2.75e14, 1.2e12),
+    "TPU v5 lite": (1.97e14, 8.2e11),
+    "TPU v5p": (4.59e14, 2.76e12),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,3 +211,73 @@ def table(rows: list[dict]) -> str:
   line = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
   return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
                    + [line(row) for row in cells[1:]])
+
+
+def device_kind(device=None) -> str:
+  device = device or jax.devices()[0]
+  return "cpu" if device.platform == "cpu" else str(getattr(device, "device_kind", ""))
+
+
+def device_peaks(device=None) -> tuple[float, float] | None:
+  """(peak FLOP/s, bytes/s) of `device` (default: the first) from DEVICE_PEAKS; None if not listed."""
+  kind = device_kind(device)
+  if kind == "cpu":
+    return DEVICE_PEAKS["cpu"]
+  return next((peaks for name, peaks in DEVICE_PEAKS.items() if name.lower() in kind.lower()), None)
+
+
+def choose_mode(cfg: model.ModelConfig, *, n_prompts: int, n_directions: int, batch: int,
+                device=None) -> tuple[str, str]:
+  """Roofline cost model of one decode step: materialized points vs rows fused across points.
+
+  Per generated token a row costs 2*N FLOPs (4*N fused: x.W and x.D); a step reads the
+  weights once (fused: weights + R directions). Materialized batches one point's prompts;
+  fused batches `batch` rows of any points. The cheaper per-token time wins; fused runs
+  as continuous batching (refilled slots), which only ever removes idle work. A device
+  without peak figures gets UNKNOWN_DEVICE_MODE, continuous: decode is memory-bound on
+  every accelerator listed, where the model picks it (named in the reason, not guessed).
+  """
+  peaks = device_peaks(device)
+  if peaks is None:
+    return UNKNOWN_DEVICE_MODE, (f"unknown accelerator {device_kind(device)!r}: no peak figures in "
+                                 f"planner.DEVICE_PEAKS; chose {UNKNOWN_DEVICE_MODE} by default "
+                                 "(decode is memory-bound on every accelerator listed)")
+  flops, bandwidth = peaks
+  n = param_count(cfg)
+  wbytes = n * jnp.dtype(cfg.param_dtype).itemsize
+  b_mat = max(1, min(n_prompts, batch))
+  t_mat = max(wbytes / bandwidth, 2 * n * b_mat / flops) / b_mat
+  b_fus = max(1, batch)
+  t_fus = max(wbytes * (1 + n_directions) / bandwidth, 4 * n * b_fus * n_directions / flops) / (b_fus * n_directions)
+  if t_mat <= t_fus:
+    return "materialized", (f"compute-bound: {t_mat * 1e3:.3f} ms/token materialized (batch {b_mat}) "
+                            f"<= {t_fus * 1e3:.3f} ms/token fused (batch {b_fus})")
+  return "continuous", (f"memory-bound: {t_fus * 1e3:.3f} ms/token fused (batch {b_fus}) < "
+                        f"{t_mat * 1e3:.3f} ms/token materialized (batch {b_mat})")
+
+
+def step_roofline(cfg: model.ModelConfig, *, mode: str, batch: int, cache_len: int,
+                  n_directions: int = 1, device=None) -> dict:
+  """The floor of one decode step: bytes it must move and FLOPs it must do, over the device peaks.
+
+  Weights are read once per step (fused/continuous also read the R directions); every row reads
+  its KV cache (`cache_len` positions) and does 2*N FLOPs per linear pass (fused: x.W and x.D,
+  4*N) plus attention. Prefill is not counted, so a run's achieved fraction is a lower bound.
+  Without peak figures for the device, the peaks and the floor are None and the bound "unknown".
+  """
+  n = param_count(cfg)
+  item = jnp.dtype(cfg.param_dtype).itemsize
+  fused = mode != "materialized"
+  rows = batch * (n_directions if fused else 1)
+  weight_bytes = n * item * (1 + (n_directions if fused else 0))
+  kv_bytes = rows * 2 * cfg.num_layers * cache_len * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+  flops = rows * ((4 if fused else 2) * n + 4 * cfg.num_layers * cache_len * cfg.num_heads * cfg.head_dim)
+  counts = dict(bytes_per_step=int(weight_bytes + kv_bytes), weight_bytes=int(weight_bytes),
+                kv_cache_bytes=int(kv_bytes), flops_per_step=int(flops))
+  peaks = device_peaks(device)
+  if peaks is None:
+    return dict(counts, peak_flops=None, peak_bandwidth=None, floor_seconds_per_step=None, bound="unknown")
+  flops_peak, bandwidth = peaks
+  t_mem, t_flop = (weight_bytes + kv_bytes) / bandwidth, flops / flops_peak
+  return dict(counts, peak_flops=flops_peak, peak_bandwidth=bandwidth,
+              floor_seconds_per_step=max(t_mem, t_flop), bound="memory" if t_mem >= t_flop else "compute")
