@@ -71,9 +71,24 @@ def write_report(c, workdir: str, out_path: str) -> str:
   next to it (docs/experiments/) so the report is self-contained in the repository."""
   report_dir = os.path.dirname(os.path.abspath(out_path))
   figdir = os.path.join(report_dir, "docs", "experiments")
-  p = c.protocol
+
+  def fig(path: str, alt: str) -> str:
+    return _fig(report_dir, path, figdir, alt)
+
   res = {n: _read_json(os.path.join(workdir, f"{n}.json")) for n in NAMES
          if os.path.exists(os.path.join(workdir, f"{n}.json"))}
+  md = _header(c, res)
+  for name, r in res.items():
+    md += _SECTIONS[name](r, fig)
+  md += _job_times(res)
+  text = "\n".join(md) + "\n"
+  landscape.write_atomic(out_path, text)
+  return text
+
+
+def _header(c, res: dict) -> list[str]:
+  """Title, machine, model, the reduced protocol, the compute, and one line per finding."""
+  p = c.protocol
   dev = jax.devices()[0]
   total = sum({j: s or 0 for r in res.values() for j, s in r["job_seconds"].items()}.values())
   md = [
@@ -103,81 +118,91 @@ def write_report(c, workdir: str, out_path: str) -> str:
       "Summary (each finding is judged by the rules printed under it):",
       "",
   ]
-  titles = dict(f1_basin="F1 safety basin", capability="capability vs safety along a direction",
-                f2_finetune="F2 harmful fine-tuning vs mix", f3_system_prompts="F3 system prompts",
-                f4_strength="F4 VISAGE ranks robustness to harmful fine-tuning")
   for name, r in res.items():
     ok = all(passed for _, passed in r["checks"])
-    md.append(f"- {titles[name]}: {'reproduced' if ok else 'not reproduced'} "
+    md.append(f"- {_TITLES[name]}: {'reproduced' if ok else 'not reproduced'} "
               f"({sum(p for _, p in r['checks'])} of {len(r['checks'])} rules hold)")
-  md.append("")
-  if "f1_basin" in res:
-    r = res["f1_basin"]
-    md += ["## F1 — an aligned model sits in a safety basin", "",
-           "| model | prompts | ASR at α=0 per direction (%) | ASR at the ends, mean (%) | VISAGE per direction | VISAGE (mean) |",
-           "|---|---|---|---|---|---|"]
-    for row in r["rows"]:
-      md.append(f"| {row['model']} | {row['prompts']} | {', '.join(map(_pct, row['asr_center']))} | "
-                f"{', '.join(map(_pct, row['asr_ends']))} | {', '.join(map(_pct, row['visage']))} | "
-                f"{row['visage_mean']:.1f} |")
-    md += ["", f"2D random landscape of the aligned model: ASR at the centre {_pct(r['asr_2d_center'])}%, "
-           f"2D VISAGE {r['visage_2d']:.1f}.", "",
-           _fig(report_dir, r["figures"]["curves"], figdir, "F1 curves"), "",
-           _fig(report_dir, r["figures"]["surface"], figdir, "F1 2D contour and surface"), "",
-           _verdict(r["checks"]), ""]
-  if "capability" in res:
-    r = res["capability"]
-    cv = r["curve"]
-    md += ["## Capability along the same direction (the paper's Figs. 7–8)", "",
-           f"Perplexity of the aligned model's own α = 0 greedy answers to the {cv['n_answers']} held-out "
-           "benign instructions, under θ + α·d for F1's direction 0, beside that direction's ASR.", "",
-           "| α | " + " | ".join(f"{a:+.2f}" for a in cv["alphas"]) + " |",
-           "|---|" + "---|" * len(cv["alphas"]),
-           "| ASR (%) | " + " | ".join(_pct(a) for a in r["asr"]) + " |",
-           "| perplexity | " + " | ".join(f"{v:.3g}" for v in cv["perplexity"]) + " |", "",
-           _fig(report_dir, r["figures"]["curve"], figdir, "capability"), ""]
-    md += _fluency_note(cv["alphas"], r["asr"], cv["perplexity"])
-    md += [_verdict(r["checks"]), ""]
-  if "f2_finetune" in res:
-    r = res["f2_finetune"]
-    md += ["## F2 — harmful fine-tuning leaves the basin; mixing in safety data stays inside (Table 1)", "",
-           "| model | training examples | ASR at α=0 (%, rows 0–79) | benign answered (of 20) | VISAGE |",
-           "|---|---|---|---|---|"]
-    for row in r["rows"]:
-      md.append(f"| {row['model']} | {row['examples']} | {_pct(row['asr'])} | {row['benign']} | "
-                f"{_pct(row.get('visage'))} |")
-    md += ["", "1D interpolation from the aligned model (α = 0) to the fine-tuned one (α = 1), ASR (%):", ""]
-    for name, curve in r["interpolation"].items():
-      md.append(f"- aligned → {name}: " + ", ".join(_pct(v) for v in curve))
-    md += ["", _fig(report_dir, r["figures"]["interpolation"], figdir, "F2 interpolation"), "",
-           _verdict(r["checks"]), ""]
-  if "f3_system_prompts" in res:
-    r = res["f3_system_prompts"]
-    md += ["## F3 — the system prompt lifts or lowers the basin (Table 2)", "",
-           "| system prompt | ASR at α=0 (%) | VISAGE |", "|---|---|---|"]
-    for row in r["rows"]:
-      md.append(f"| {row['system_prompt']} | {_pct(row['asr_center'])} | {row['visage']:.1f} |")
-    md += ["", _fig(report_dir, r["figures"]["curves"], figdir, "F3 curves"), "", _verdict(r["checks"]), ""]
-  if "f4_strength" in res:
-    r = res["f4_strength"]
-    shots = list(r["rows"][0]["attacked"])
-    md += ["## F4 — VISAGE ranks how easily harmful fine-tuning breaks a model", "",
-           "| alignment | ASR at α=0 (%) | VISAGE | " + " | ".join(f"ASR after {n} shots" for n in shots)
-           + f" | breaks (ASR ≥ {BROKEN:.0f}%) at |",
-           "|---|---|---|" + "---|" * len(shots) + "---|"]
-    for row in r["rows"]:
-      md.append(f"| {row['model']} | {_pct(row['asr'])} | {row['visage']:.1f} | "
-                + " | ".join(_pct(row["attacked"][n]) for n in shots)
-                + f" | {row['breaks_at'] or f'> {shots[-1]}'} shots |")
-    md += ["", _fig(report_dir, r["figures"]["curves"], figdir, "F4 curves"), "", _verdict(r["checks"]), ""]
-  md += ["## Job wall times", "", "Jobs shared between experiments are listed (and counted) once.", "",
-         "| experiment | job | seconds |", "|---|---|---|"]
+  return md + [""]
+
+
+_TITLES = dict(f1_basin="F1 safety basin", capability="capability vs safety along a direction",
+               f2_finetune="F2 harmful fine-tuning vs mix", f3_system_prompts="F3 system prompts",
+               f4_strength="F4 VISAGE ranks robustness to harmful fine-tuning")
+
+
+def _f1_section(r: dict, fig) -> list[str]:
+  md = ["## F1 — an aligned model sits in a safety basin", "",
+        "| model | prompts | ASR at α=0 per direction (%) | ASR at the ends, mean (%) | VISAGE per direction | VISAGE (mean) |",
+        "|---|---|---|---|---|---|"]
+  for row in r["rows"]:
+    md.append(f"| {row['model']} | {row['prompts']} | {', '.join(map(_pct, row['asr_center']))} | "
+              f"{', '.join(map(_pct, row['asr_ends']))} | {', '.join(map(_pct, row['visage']))} | "
+              f"{row['visage_mean']:.1f} |")
+  return md + ["", f"2D random landscape of the aligned model: ASR at the centre {_pct(r['asr_2d_center'])}%, "
+               f"2D VISAGE {r['visage_2d']:.1f}.", "",
+               fig(r["figures"]["curves"], "F1 curves"), "",
+               fig(r["figures"]["surface"], "F1 2D contour and surface"), "",
+               _verdict(r["checks"]), ""]
+
+
+def _capability_section(r: dict, fig) -> list[str]:
+  cv = r["curve"]
+  md = ["## Capability along the same direction (the paper's Figs. 7–8)", "",
+        f"Perplexity of the aligned model's own α = 0 greedy answers to the {cv['n_answers']} held-out "
+        "benign instructions, under θ + α·d for F1's direction 0, beside that direction's ASR.", "",
+        "| α | " + " | ".join(f"{a:+.2f}" for a in cv["alphas"]) + " |",
+        "|---|" + "---|" * len(cv["alphas"]),
+        "| ASR (%) | " + " | ".join(_pct(a) for a in r["asr"]) + " |",
+        "| perplexity | " + " | ".join(f"{v:.3g}" for v in cv["perplexity"]) + " |", "",
+        fig(r["figures"]["curve"], "capability"), ""]
+  return md + _fluency_note(cv["alphas"], r["asr"], cv["perplexity"]) + [_verdict(r["checks"]), ""]
+
+
+def _f2_section(r: dict, fig) -> list[str]:
+  md = ["## F2 — harmful fine-tuning leaves the basin; mixing in safety data stays inside (Table 1)", "",
+        "| model | training examples | ASR at α=0 (%, rows 0–79) | benign answered (of 20) | VISAGE |",
+        "|---|---|---|---|---|"]
+  for row in r["rows"]:
+    md.append(f"| {row['model']} | {row['examples']} | {_pct(row['asr'])} | {row['benign']} | "
+              f"{_pct(row.get('visage'))} |")
+  md += ["", "1D interpolation from the aligned model (α = 0) to the fine-tuned one (α = 1), ASR (%):", ""]
+  for name, curve in r["interpolation"].items():
+    md.append(f"- aligned → {name}: " + ", ".join(_pct(v) for v in curve))
+  return md + ["", fig(r["figures"]["interpolation"], "F2 interpolation"), "", _verdict(r["checks"]), ""]
+
+
+def _f3_section(r: dict, fig) -> list[str]:
+  md = ["## F3 — the system prompt lifts or lowers the basin (Table 2)", "",
+        "| system prompt | ASR at α=0 (%) | VISAGE |", "|---|---|---|"]
+  for row in r["rows"]:
+    md.append(f"| {row['system_prompt']} | {_pct(row['asr_center'])} | {row['visage']:.1f} |")
+  return md + ["", fig(r["figures"]["curves"], "F3 curves"), "", _verdict(r["checks"]), ""]
+
+
+def _f4_section(r: dict, fig) -> list[str]:
+  shots = list(r["rows"][0]["attacked"])
+  md = ["## F4 — VISAGE ranks how easily harmful fine-tuning breaks a model", "",
+        "| alignment | ASR at α=0 (%) | VISAGE | " + " | ".join(f"ASR after {n} shots" for n in shots)
+        + f" | breaks (ASR ≥ {BROKEN:.0f}%) at |",
+        "|---|---|---|" + "---|" * len(shots) + "---|"]
+  for row in r["rows"]:
+    md.append(f"| {row['model']} | {_pct(row['asr'])} | {row['visage']:.1f} | "
+              + " | ".join(_pct(row["attacked"][n]) for n in shots)
+              + f" | {row['breaks_at'] or f'> {shots[-1]}'} shots |")
+  return md + ["", fig(r["figures"]["curves"], "F4 curves"), "", _verdict(r["checks"]), ""]
+
+
+_SECTIONS = dict(f1_basin=_f1_section, capability=_capability_section, f2_finetune=_f2_section,
+                 f3_system_prompts=_f3_section, f4_strength=_f4_section)
+
+
+def _job_times(res: dict) -> list[str]:
+  md = ["## Job wall times", "", "Jobs shared between experiments are listed (and counted) once.", "",
+        "| experiment | job | seconds |", "|---|---|---|"]
   seen = set()
   for name, r in res.items():
     for job, s in r["job_seconds"].items():
       if job not in seen:
         seen.add(job)
         md.append(f"| {name} | {job} | {'–' if s is None else f'{s:.0f}'} |")
-  text = "\n".join(md) + "\n"
-  landscape.write_atomic(out_path, text)
-  return text
+  return md
