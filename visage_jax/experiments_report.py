@@ -12,7 +12,7 @@ import shutil
 
 import jax
 
-from visage_jax import landscape
+from visage_jax import workdir as wd  # `workdir` names run directories here
 
 NAMES = ("f1_basin", "capability", "f3_system_prompts", "f2_finetune", "f4_strength")  # cheap first
 BROKEN = 50.0  # ASR (%) at or above which a fine-tuned model counts as broken out of its basin
@@ -29,10 +29,8 @@ def _figure():
 def _save(fig, path: str) -> str:
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   FigureCanvasAgg(fig)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=110)
-  os.replace(tmp, path)
+  with wd.atomic(path) as tmp:
+    fig.savefig(tmp, format="png", dpi=110)
   return path
 
 
@@ -224,5 +222,5 @@ def write_report(c, workdir: str, out_path: str) -> str:
         seen.add(job)
         md.append(f"| {name} | {job} | {'–' if s is None else f'{s:.0f}'} |")
   text = "\n".join(md) + "\n"
-  landscape.write_atomic(out_path, text)
+  wd.write_atomic(out_path, text)
   return text

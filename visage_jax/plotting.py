@@ -6,7 +6,6 @@ pyplot's global state and is safe inside a long-running sweep.
 """
 
 import os
-import uuid
 
 import numpy as np
 from matplotlib import colors
@@ -14,7 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from mpl_toolkits.mplot3d import Axes3D  # noqa: F401  (registers the "3d" projection)
 
-from visage_jax import errors, visage
+from visage_jax import errors, visage, workdir
 
 VIS_TYPES_1D = ("1D_random", "1D_interpolation")
 VIS_TYPES_2D = ("2D_random", "2D_interpolation", "2D_interpolation-random")
@@ -248,13 +247,5 @@ def plot_sweep(results: dict, path: str) -> list[str]:
 
 def _save(fig: Figure, path: str) -> None:
   FigureCanvasAgg(fig)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
-  try:
-    with open(tmp, "wb") as f:
-      fig.savefig(f, format="png", dpi=DPI)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  with workdir.atomic(path) as tmp:
+    fig.savefig(tmp, format="png", dpi=DPI)
