@@ -11,7 +11,7 @@ import torch
 from absl.testing import absltest
 
 import fixtures
-from visage_jax import checkpoints, experiments, finetune, landscape, prompts
+from visage_jax import checkpoints, experiments, finetune, landscape, pipeline, prompts
 
 
 def tiny_config(model_dir, name="all"):
@@ -75,7 +75,7 @@ class ExperimentsTest(absltest.TestCase):
     cfg, params = checkpoints.load_params(self.model_dir)
     tok = checkpoints.load_tokenizer(self.model_dir)
     lc = experiments.landscape_config(tiny_config(self.model_dir), num_directions=1)
-    d = checkpoints.to_hf_tensors(landscape.build_directions(lc, params, cfg)[0][0], cfg)
+    d = checkpoints.to_hf_tensors(pipeline.build_directions(lc, params, cfg)[0][0], cfg)
     examples = curve["examples"]
     self.assertLen(examples, curve["n_answers"])
     net = transformers.AutoModelForCausalLM.from_pretrained(self.model_dir, torch_dtype=torch.float32)
