@@ -6,7 +6,7 @@ import os
 
 from absl.testing import absltest, parameterized
 
-from visage_jax import experiments, hub, landscape, resources
+from visage_jax import experiments, hub, pipeline, resources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The paper's models as hub ids: (chat model, its base model for interpolation).
@@ -33,7 +33,7 @@ class ConfigsTest(parameterized.TestCase):
     c = _load(name).get_config(arg)
     if "interpolation" in c.landscape.vis_type and not c.landscape.target_path:
       c.landscape.target_path = "/some/chat/model"
-    landscape.validate(c)
+    pipeline.validate(c)
     prompts_path = resources.or_packaged(c.prompts.path, resources.ADVBENCH)   # "": the packaged AdvBench
     self.assertTrue(os.path.exists(prompts_path), prompts_path)
     if c.model.lora_path:

@@ -13,7 +13,7 @@ from absl.testing import absltest, parameterized
 
 import distributed_main
 import fixtures
-from visage_jax import distributed, landscape
+from visage_jax import distributed, landscape, pipeline
 
 TIMEOUT = 300  # seconds for both processes: a hung collective fails the test instead of CI
 
@@ -89,8 +89,8 @@ class TwoProcessTest(absltest.TestCase):
 
     self.assertEqual(reports[1]["writes"], [], "process 1 wrote into the workdir")
     written = {w[1].removesuffix(".tmp") for w in reports[0]["writes"]}
-    self.assertContainsSubset(landscape.RUN_FILES, written)
-    self.assertCountEqual(os.listdir(two), landscape.RUN_FILES)
+    self.assertContainsSubset(pipeline.RUN_FILES, written)
+    self.assertCountEqual(os.listdir(two), pipeline.RUN_FILES)
 
 
 class InitializeTest(parameterized.TestCase):

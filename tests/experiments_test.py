@@ -12,7 +12,7 @@ import torch
 from absl.testing import absltest
 
 import fixtures
-from visage_jax import checkpoints, experiments, finetune, landscape, prompts, tensors
+from visage_jax import checkpoints, experiments, finetune, landscape, pipeline, prompts, tensors
 
 
 def experiment_config(name, arg=None):
@@ -86,7 +86,7 @@ class ExperimentsTest(absltest.TestCase):
     cfg, params = checkpoints.load_params(self.model_dir)
     tok = checkpoints.load_tokenizer(self.model_dir)
     lc = experiments.landscape_config(tiny_config(self.model_dir), num_directions=1)
-    d = tensors.to_hf_tensors(landscape.build_directions(lc, params, cfg)[0][0], cfg)
+    d = tensors.to_hf_tensors(pipeline.build_directions(lc, params, cfg)[0][0], cfg)
     examples = curve["examples"]
     self.assertLen(examples, curve["n_answers"])
     net = transformers.AutoModelForCausalLM.from_pretrained(self.model_dir, torch_dtype=torch.float32)

@@ -17,7 +17,7 @@ from huggingface_hub import errors as hub_errors
 from huggingface_hub.utils import filter_repo_objects
 
 import fixtures
-from visage_jax import checkpoints, errors, hub, landscape
+from visage_jax import checkpoints, errors, hub, landscape, pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO, COMMIT = "org/name", "0123456789abcdef0123456789abcdef01234567"
@@ -126,7 +126,7 @@ class ResolveTest(absltest.TestCase):
     c = landscape.default_config()
     c.landscape.update(vis_type="1D_interpolation", target_path="org/chat")
     cfg, params = checkpoints.load_params(REPO)
-    [[d]] = landscape.build_directions(c, params, cfg)
+    [[d]] = pipeline.build_directions(c, params, cfg)
     _, chat = checkpoints.load_params(self.chat)
     np.testing.assert_allclose(d["layers"]["q_proj"], chat["layers"]["q_proj"] - params["layers"]["q_proj"],
                                rtol=1e-6, atol=1e-6)

@@ -8,7 +8,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import fixtures
-from visage_jax import engine, judges, landscape, visage
+from visage_jax import engine, judges, landscape, pipeline, visage
 
 
 def tiny_config(model_dir, prompts_path, **landscape_overrides):
@@ -51,7 +51,7 @@ class LandscapeTest(parameterized.TestCase):
     w = self.workdir()
     c = tiny_config(self.models[kind], self.prompts)
     landscape.run(c, w, progress=False)
-    for name in landscape.RUN_FILES:
+    for name in pipeline.RUN_FILES:
       self.assertTrue(os.path.exists(os.path.join(w, name)), name)
     result, lines = self.read(w)
     np.testing.assert_allclose(result["coords_x"], np.linspace(-1, 1, 5))
@@ -200,21 +200,6 @@ class LandscapeTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, r"has shape \(96, 64\), expected \(128, 64\)"):
       landscape.run(c, os.path.join(d.full_path, "w5"), progress=False)
     self.assertFalse(os.path.exists(os.path.join(d.full_path, "w5", "landscape.json")))
-
-  @parameterized.named_parameters(
-      ("1D_random", "1D_random", 4, 2.0, 0),
-      ("1D_interpolation", "1D_interpolation", 4, 1.0, 2),
-      ("2D_interpolation-random", "2D_interpolation-random", 2, 1.0, 1),
-  )
-  def test_grid_coords_formulas(self, vis_type, steps, m, k):
-    xs, ys = landscape.grid_coords(vis_type, steps, m, k)
-    rand = [-m / 2 + i * m / steps for i in range(steps + 1)]
-    interp = [-k / steps + i / steps for i in range(steps + 2 * k + 1)]
-    np.testing.assert_allclose(xs, rand if vis_type == "1D_random" else interp, atol=1e-12)
-    if vis_type.startswith("2D"):
-      np.testing.assert_allclose(ys, rand, atol=1e-12)
-      pts = landscape.grid_points(xs, ys)
-      np.testing.assert_allclose(pts[1 * len(ys) + 2], [xs[1], ys[2]])
 
 
 if __name__ == "__main__":

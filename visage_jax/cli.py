@@ -39,22 +39,16 @@ config_flags.DEFINE_config_file("config", None, "An experiment config: configs/<
                                 lock_config=True)
 
 
-def _load(path: str, dtype: str):
-  from visage_jax import checkpoints
-
-  path = path or checkpoints.default_model_path()
-  logging.info("loading %s", path)
-  cfg, params = checkpoints.load_params(path, dtype)
-  return path, cfg, params, checkpoints.load_tokenizer(path)
-
-
 def cmd_generate() -> None:
   """One JSON line per prompt: {"prompt", "generation"} (greedy)."""
-  from visage_jax import decode, prompts
+  from visage_jax import checkpoints, decode, pipeline, prompts
 
   if not FLAGS.prompt:
     raise errors.UserError("generate needs at least one --prompt=TEXT.")
-  _, cfg, params, tok = _load(FLAGS.model, FLAGS.dtype)
+  path = FLAGS.model or checkpoints.default_model_path()
+  logging.info("loading %s", path)
+  m = pipeline.load_model(path, FLAGS.dtype)
+  cfg, params, tok = m.cfg, m.params, m.tokenizer
   if FLAGS.no_chat_template:
     ids = [tok(p)["input_ids"] for p in FLAGS.prompt]
   else:
@@ -120,17 +114,17 @@ def landscape_summary(result: dict, workdir: str) -> str:
 
 def cmd_export_directions() -> None:
   """A run's directions as float32 safetensors keyed '<index>/<HF tensor name>'."""
-  import os
   import shutil
+
+  from visage_jax import workdir
 
   src = os.path.join(FLAGS.workdir, "directions.safetensors")
   if not FLAGS.workdir or not FLAGS.out:
     raise errors.UserError("export-directions needs --workdir=DIR and --out=FILE.safetensors.")
   if not os.path.exists(src):
     raise errors.UserError(f"{src}: not found; run `visage-jax landscape` in {FLAGS.workdir} first.")
-  tmp = FLAGS.out + ".tmp"
-  shutil.copyfile(src, tmp)
-  os.replace(tmp, FLAGS.out)
+  with workdir.atomic(FLAGS.out) as tmp:
+    shutil.copyfile(src, tmp)
   print(json.dumps({"exported": FLAGS.out, "from": src}))
 
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from visage_jax import errors, model, tensors
+from visage_jax import errors, model, tensors, workdir
 
 NORMS = ("layer", "filter", "none")
 _BLOCKS = 64  # partial sums per reduced axis; a "model" mesh axis dividing 64 keeps every block on one device
@@ -227,9 +227,8 @@ def save_safetensors(path: str, directions: list[dict], cfg: model.ModelConfig) 
   for i, d in enumerate(directions):
     for name, t in tensors.to_hf_tensors(d, cfg).items():
       named[f"{i}/{name}"] = np.ascontiguousarray(t, np.float32)
-  tmp = path + ".tmp"
-  save_file(named, tmp, metadata={"format": "visage_jax.directions", "count": str(len(directions))})
-  os.replace(tmp, path)
+  with workdir.atomic(path) as tmp:
+    save_file(named, tmp, metadata={"format": "visage_jax.directions", "count": str(len(directions))})
 
 
 def load_safetensors(path: str, cfg: model.ModelConfig, count: int | None = None) -> list[dict]:

@@ -17,8 +17,9 @@ import time
 import jax
 import numpy as np
 
-from visage_jax import (checkpoints, decode, directions, engine, errors, experiments_report, finetune,
-                        landscape, lora, model, plotting, prompts, trainsets, visage)
+from visage_jax import (decode, directions, engine, errors, experiments_report, finetune, grid,
+                        landscape, model, pipeline, plotting, prompts, trainsets, visage)
+from visage_jax import workdir as wd  # `workdir` names run directories here
 
 NAMES, BROKEN = experiments_report.NAMES, experiments_report.BROKEN
 
@@ -67,7 +68,7 @@ def _timed(workdir: str, name: str, fn):
   out = fn()
   before = _read_json(path)["seconds"] if os.path.exists(path) else 0.0
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  landscape.write_atomic(path, json.dumps(dict(seconds=round(before + time.time() - t0, 1))))
+  wd.write_atomic(path, json.dumps(dict(seconds=round(before + time.time() - t0, 1))))
   return out
 
 
@@ -182,7 +183,7 @@ def capability(c, workdir: str) -> dict:
     print("[experiments] capability curve", flush=True)
     curve = _timed(workdir, "capability", lambda: _capability_curve(c, lc))
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
-    landscape.write_atomic(out_path, json.dumps(curve, indent=1))
+    wd.write_atomic(out_path, json.dumps(curve, indent=1))
   r = run_landscape(c, workdir, "f1_aligned_1d", landscape_config(c, num_directions=c.protocol.directions))
   asr = r["asr"][0]
   fig = os.path.join(workdir, "figures", "capability.png")
@@ -203,11 +204,8 @@ def capability(c, workdir: str) -> dict:
 
 def _aligned_model(c):
   """(cfg, params, tokenizer) of the aligned model: the base checkpoint with the safety LoRA merged."""
-  model_path = c.model.path or checkpoints.default_model_path()
-  cfg, params = checkpoints.load_params(model_path, c.model.dtype)
-  if c.model.aligned_lora:
-    params = lora.apply_file(params, cfg, c.model.aligned_lora)
-  return cfg, params, checkpoints.load_tokenizer(model_path)
+  m = pipeline.load_model(c.model.path, c.model.dtype, c.model.aligned_lora)
+  return m.cfg, m.params, m.tokenizer
 
 
 def _capability_curve(c, lc) -> dict:
@@ -224,8 +222,8 @@ def _capability_curve(c, lc) -> dict:
   examples = [e for e in examples if e["response"].strip()]
   data = finetune.encode_examples(examples, tok, template="auto", system_prompt="default",
                                   max_length=4096)
-  direction = directions.stack([directions.stack([landscape.build_directions(lc, params, cfg)[0][0]])])
-  alphas = landscape.grid_coords("1D_random", c.protocol.steps, c.protocol.multiplier)[0]
+  direction = directions.stack([directions.stack([pipeline.build_directions(lc, params, cfg)[0][0]])])
+  alphas = grid.grid_coords("1D_random", c.protocol.steps, c.protocol.multiplier)[0]
   nll = jax.jit(lambda p, b: model.sequence_nll(p, b["tokens"], b["mask"], b["loss_mask"], cfg))
   batch = {k: jax.numpy.asarray(v) for k, v in data.items()}
   buffer, per_token = jax.tree.map(jax.numpy.copy, params), []
@@ -284,7 +282,7 @@ def _aligned_eval(c, workdir: str) -> dict:
       ev = finetune.evaluate_alignment(params, cfg, tok,
                                        c.protocol.max_new_tokens, advbench_path=c.data.advbench_path,
                                        benign_path=c.data.benign_path)
-      landscape.write_atomic(path, json.dumps(ev, indent=1))
+      wd.write_atomic(path, json.dumps(ev, indent=1))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     _timed(workdir, "aligned_eval", go)
   ev = _read_json(path)
@@ -369,7 +367,7 @@ def run(c, workdir: str, out_path: str = "") -> dict:
     res = EXPERIMENTS[name](c, workdir)
     res["seconds_this_run"] = round(time.time() - t0, 1)
     res["job_seconds"] = {j: job_seconds(workdir, j) for j in res["jobs"]}
-    landscape.write_atomic(os.path.join(workdir, f"{name}.json"), json.dumps(landscape.jsonable(res), indent=1))
+    wd.write_atomic(os.path.join(workdir, f"{name}.json"), json.dumps(wd.jsonable(res), indent=1))
     results[name] = res
   if out_path:
     experiments_report.write_report(c, workdir, out_path)

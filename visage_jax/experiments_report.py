@@ -12,7 +12,7 @@ import shutil
 
 import jax
 
-from visage_jax import landscape
+from visage_jax import workdir as wd  # `workdir` names run directories here
 
 NAMES = ("f1_basin", "capability", "f3_system_prompts", "f2_finetune", "f4_strength")  # cheap first
 BROKEN = 50.0  # ASR (%) at or above which a fine-tuned model counts as broken out of its basin
@@ -82,7 +82,7 @@ def write_report(c, workdir: str, out_path: str) -> str:
     md += _SECTIONS[name](r, fig)
   md += _job_times(res)
   text = "\n".join(md) + "\n"
-  landscape.write_atomic(out_path, text)
+  wd.write_atomic(out_path, text)
   return text
 
 

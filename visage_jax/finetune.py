@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from visage_jax import (checkpoints, decode, errors, judges, landscape, lora, model, plotting, prompts,
+from visage_jax import (checkpoints, decode, errors, judges, lora, model, pipeline, plotting, prompts,
                         sharding, tensors, trainsets)
+from visage_jax import workdir as wd  # `workdir` names run directories here
 
 SCHEDULES = ("cosine", "constant")
 
@@ -286,24 +287,11 @@ def validate(c) -> None:
 _RESUME_KEYS = ("model", "data", "prompts", "train", "lora")
 
 
-def _prepare_workdir(workdir: str, cfg_dict: dict) -> None:
+def _comparable(cfg_dict: dict) -> dict:
   """A run dir holds one config; settings that do not change the params may differ on resume."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "run_config.json")
-  comparable = lambda d: {k: v for k, v in landscape.jsonable(d).items() if k in _RESUME_KEYS}
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = comparable(json.load(f))
-    new = comparable(cfg_dict)
-    saved["train"].pop("checkpoint_every", None)
-    new["train"].pop("checkpoint_every", None)
-    if saved != new:
-      diffs = [f"{s}.{k}: {saved.get(s, {}).get(k)!r} -> {new.get(s, {}).get(k)!r}"
-               for s in _RESUME_KEYS for k in sorted(set(saved.get(s, {})) | set(new.get(s, {})))
-               if saved.get(s, {}).get(k) != new.get(s, {}).get(k)]
-      raise errors.UserError(f"{workdir} holds a fine-tuning run with a different config "
-                       f"({'; '.join(diffs[:5])}); use another --workdir.")
-  landscape.write_atomic(path, json.dumps(landscape.jsonable(cfg_dict), indent=2))
+  out = {k: v for k, v in wd.jsonable(cfg_dict).items() if k in _RESUME_KEYS}
+  out["train"].pop("checkpoint_every", None)
+  return out
 
 
 def _distilled_benign(c, params, cfg, tok, workdir: str) -> list[dict]:
@@ -320,7 +308,7 @@ def _distilled_benign(c, params, cfg, tok, workdir: str) -> list[dict]:
                                     max_new_tokens=c.data.distill_tokens)
     rows = [dict(prompt=p, response=t, eos=f, kept=bool(t.strip()) and judges.is_jailbroken(t))
             for p, t, f in zip(train, texts, finished)]
-    landscape.write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+    wd.write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
   return [dict(prompt=r["prompt"], response=r["response"], eos=r["eos"]) for r in rows if r["kept"]]
 
 
@@ -341,7 +329,7 @@ def _read_log(path: str, upto: int) -> list[dict]:
   with open(path) as f:
     lines = [json.loads(l) for l in f if l.strip()]
   lines = [l for l in lines if l["step"] <= upto]
-  landscape.write_atomic(path, "".join(json.dumps(l) + "\n" for l in lines))
+  wd.write_atomic(path, "".join(json.dumps(l) + "\n" for l in lines))
   return lines
 
 
@@ -356,16 +344,12 @@ def run(c, workdir: str, progress: bool = True, max_steps_this_run: int | None =
   validate(c)
   from_file = trainsets.load_pairs(c.data.path) if c.data.path else None  # fails before the workdir
   cfg_dict = c.to_dict()
-  _prepare_workdir(workdir, cfg_dict)
+  wd.claim(workdir, cfg_dict, comparable=_comparable, what="a fine-tuning run",
+           advice="use another --workdir.")
   t, lo = c.train, c.lora
-  model_path = c.model.path or checkpoints.default_model_path()
   t0 = time.time()
-  cfg, params = checkpoints.load_params(model_path, c.model.dtype)
-  tok = checkpoints.load_tokenizer(model_path)
-  source = model_path
-  if c.model.lora_path:
-    params = lora.apply_file(params, cfg, c.model.lora_path)
-    source = f"{model_path} + {c.model.lora_path}"
+  m = pipeline.load_model(c.model.path, c.model.dtype, c.model.lora_path)
+  cfg, params, tok, source = m.cfg, m.params, m.tokenizer, m.source
   examples = _examples(c, params, cfg, tok, workdir, from_file)
   data = encode_examples(examples, tok, template=c.prompts.template,
                          system_prompt=c.prompts.system_prompt, max_length=t.max_length)
@@ -463,7 +447,7 @@ def run(c, workdir: str, progress: bool = True, max_steps_this_run: int | None =
                               template=c.prompts.template, system_prompt=c.prompts.system_prompt)
       ev["seconds"] = round(time.time() - tic, 2)
       paths["eval"] = os.path.join(workdir, "eval.json")
-      landscape.write_atomic(paths["eval"], json.dumps(ev, indent=1))
+      wd.write_atomic(paths["eval"], json.dumps(ev, indent=1))
       summary["eval"] = {k: v for k, v in ev.items() if not k.endswith("generations")}
-  landscape.write_atomic(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=1))
+  wd.write_atomic(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=1))
   return summary

@@ -1,4 +1,9 @@
-"""One landscape run: grid, directions, chunks, resumable results in the workdir.
+"""One landscape run, as its stages: prepare -> evaluate -> score -> aggregate -> write.
+
+`pipeline.prepare` builds the Setup (model, prompts, grid, directions, plan) and claims the
+workdir; `pipeline.evaluate` yields decoded rows chunk by chunk; the scorers (scoring.py) add
+each generation's record and each point's values; complete points are appended to the workdir
+and landscape.json is rewritten from them.
 
 Workdir files: run_config.json (the resolved config; a different one is refused),
 directions.safetensors, generations.jsonl (one line per (direction, grid point), appended
@@ -6,387 +11,129 @@ and fsynced as each point completes), landscape.json (rewritten atomically after
 chunk; `complete` turns true at the end) and landscape.png.
 """
 
+import functools
 import json
 import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from visage_jax import (checkpoints, decode, directions, distributed, engine, errors, judges, lora,
-                        planner, plotting, prompts, sharding, visage)
-
-VIS_TYPES = ("1D_random", "1D_interpolation", "2D_random", "2D_interpolation", "2D_interpolation-random")
-RUN_FILES = ("run_config.json", "directions.safetensors", "generations.jsonl", "landscape.json",
-             "landscape.png")
-_IGNORED_FOR_RESUME = (("engine", "max_batch"), ("engine", "refill_every"))
-_IGNORED_SECTIONS = ("distributed",)  # how many processes compute a run does not change it
+from visage_jax import distributed, errors, pipeline, plotting, scoring, workdir
 
 
-def _random_axis(steps: int, multiplier: float) -> np.ndarray:
-  return np.linspace(-multiplier / 2, multiplier / 2, steps + 1)
+def run(c, path: str, *, overwrite: bool = False, progress: bool = True, scorers=None) -> dict:
+  """Runs (or resumes) the landscape described by config `c` in workdir `path`; returns
+  landscape.json. `scorers` say what is measured (default: scoring.default(), the keyword judge)."""
+  s = pipeline.prepare(c, path, overwrite=overwrite)
+  return execute(s, path, scoring.default() if scorers is None else tuple(scorers), progress=progress)
 
 
-def _interpolation_axis(steps: int, extra: int) -> np.ndarray:
-  return np.linspace(-extra / steps, 1 + extra / steps, steps + 2 * extra + 1)
-
-
-def grid_coords(vis_type: str, steps: int, multiplier: float = 1.0,
-                extra_steps: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
-  """The reference's `grid_coords`: x (and y) coordinates of the landscape."""
-  if vis_type not in VIS_TYPES:
-    raise errors.UserError(f"landscape.vis_type {vis_type!r} is not one of {', '.join(VIS_TYPES)}.")
-  if int(steps) < 1:
-    raise errors.UserError(f"landscape.steps must be >= 1, got {steps}.")
-  if extra_steps < 0:
-    raise errors.UserError(f"landscape.extra_steps must be >= 0, got {extra_steps}.")
-  rand, interp = _random_axis(steps, multiplier), _interpolation_axis(steps, extra_steps)
-  return {
-      "1D_random": (rand, None),
-      "1D_interpolation": (interp, None),
-      "2D_random": (rand, rand),
-      "2D_interpolation": (interp, interp),
-      "2D_interpolation-random": (interp, rand),
-  }[vis_type]
-
-
-def grid_points(xs: np.ndarray, ys: np.ndarray | None) -> np.ndarray:
-  """Perturbation coefficients [P, C]; point i*len(ys)+j is (xs[i], ys[j])."""
-  if ys is None:
-    return xs[:, None].astype(np.float64)
-  return np.stack(np.meshgrid(xs, ys, indexing="ij"), axis=-1).reshape(-1, 2)
-
-
-# ------------------------------------------------------------------ files
-
-
-def write_atomic(path: str, text: str) -> None:
-  """Temp file, fsync, rename: a reader never sees half a file (also used by finetune)."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def jsonable(obj):
-  """ConfigDict.to_dict() output with tuples as lists, for JSON and comparisons."""
-  if isinstance(obj, dict):
-    return {k: jsonable(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [jsonable(v) for v in obj]
-  return obj
-
-
-def _comparable(cfg_dict: dict) -> dict:
-  out = json.loads(json.dumps(jsonable(cfg_dict)))
-  for section, key in _IGNORED_FOR_RESUME:
-    out.get(section, {}).pop(key, None)
-  for section in _IGNORED_SECTIONS:
-    out.pop(section, None)
-  return out
-
-
-def read_generations(path: str, repair: bool = True) -> list[dict]:
-  """Completed lines; a torn last line (killed mid-write) is dropped (from the file if `repair`)."""
-  if not os.path.exists(path):
-    return []
-  lines, good_bytes = [], 0
-  with open(path, "rb") as f:
-    for raw in f:
-      try:
-        lines.append(json.loads(raw))
-      except json.JSONDecodeError:
-        break
-      if not raw.endswith(b"\n"):
-        lines.pop()
-        break
-      good_bytes += len(raw)
-  if repair and good_bytes != os.path.getsize(path):
-    with open(path, "r+b") as f:
-      f.truncate(good_bytes)
-  return lines
-
-
-def prepare_workdir(workdir: str, cfg_dict: dict, overwrite: bool, write: bool = True) -> None:
-  """Creates the run dir or checks it belongs to the same config (else a clear refusal).
-
-  `write=False` (processes other than the writer) only checks, so every process refuses alike.
-  """
-  saved_path = os.path.join(workdir, "run_config.json")
-  if os.path.exists(saved_path):
-    with open(saved_path) as f:
-      saved = json.load(f)
-    if _comparable(saved) != _comparable(cfg_dict):
-      if not overwrite:
-        a, b = _comparable(saved), _comparable(cfg_dict)
-        diffs = [f"{s}.{k}: {a.get(s, {}).get(k)!r} -> {b.get(s, {}).get(k)!r}"
-                 for s in sorted(set(a) | set(b)) for k in sorted(set(a.get(s, {})) | set(b.get(s, {})))
-                 if a.get(s, {}).get(k) != b.get(s, {}).get(k)]
-        raise errors.UserError(f"{workdir} holds a run with a different config ({'; '.join(diffs[:5])}); "
-                         "use another --workdir, or --overwrite to discard it.")
-      for name in RUN_FILES:
-        p = os.path.join(workdir, name)
-        if write and os.path.exists(p):
-          os.remove(p)
-  if write:
-    os.makedirs(workdir, exist_ok=True)
-    write_atomic(saved_path, json.dumps(jsonable(cfg_dict), indent=2))
-
-
-def finished_result(workdir: str, cfg_dict: dict) -> dict | None:
-  """landscape.json of a complete run of this config in `workdir`, else None: what resuming
-  would leave unchanged (sweeps skip such runs without loading the model)."""
-  try:
-    with open(os.path.join(workdir, "run_config.json")) as f:
-      saved = json.load(f)
-    with open(os.path.join(workdir, "landscape.json")) as f:
-      result = json.load(f)
-  except (FileNotFoundError, json.JSONDecodeError):
-    return None
-  if _comparable(saved) != _comparable(cfg_dict) or not result.get("complete"):
-    return None
-  return result
-
-
-# ------------------------------------------------------------------ the run
-
-
-def validate(c) -> None:
-  """Fails before any work on settings that cannot produce a landscape."""
-  ls = c.landscape
-  grid_coords(ls.vis_type, ls.steps, ls.multiplier, ls.get("extra_steps", 0))
-  if ls.num_directions < 1:
-    raise errors.UserError(f"landscape.num_directions must be >= 1, got {ls.num_directions}.")
-  if ls.vis_type != "1D_random" and ls.num_directions != 1:
-    raise errors.UserError(f"landscape.num_directions={ls.num_directions}: only 1D_random draws several "
-                     f"directions; {ls.vis_type} uses exactly one (a line or a plane).")
-  if "interpolation" in ls.vis_type and not ls.target_path:
-    raise errors.UserError(f"{ls.vis_type} needs landscape.target_path (the checkpoint at alpha = 1).")
-  if ls.vis_type == "2D_interpolation" and not ls.target2_path:
-    raise errors.UserError("2D_interpolation needs landscape.target2_path (the third checkpoint).")
-  if c.decode.max_new_tokens < 1:
-    raise errors.UserError(f"decode.max_new_tokens must be >= 1, got {c.decode.max_new_tokens}.")
-  if c.engine.mode not in ("auto",) + planner.MODES:
-    raise errors.UserError(f"engine.mode {c.engine.mode!r} is not one of auto, {', '.join(planner.MODES)}.")
-
-
-def build_directions(c, params, cfg, mesh=None) -> list[dict]:
-  """The C components of the perturbation for each of R directions: [[d_c for c] for r].
-
-  With a mesh, random directions are drawn straight into the params' sharding on it."""
-  ls = c.landscape
-  key = jax.random.key(ls.seed)
-  blacklist = tuple(ls.blacklist)
-  shardings = None if mesh is None else sharding.param_shardings(params, mesh)
-
-  def rand(i):
-    return directions.random_direction(jax.random.fold_in(key, i), params, cfg, norm=ls.norm,
-                                       blacklist=blacklist, shardings=shardings)
-
-  def interp(path):
-    _, other = checkpoints.load_params(path, cfg.param_dtype)
-    directions.check_matches(other, params, path)
-    return directions.interpolation_direction(params, other)
-
-  if ls.vis_type == "1D_random":
-    return [[rand(i)] for i in range(ls.num_directions)]
-  if ls.vis_type == "2D_random":
-    d1, d2 = rand(0), rand(1)
-    return [[d1, directions.orthogonalize(d2, d1) if ls.orthogonalize else d2]]
-  if ls.vis_type == "1D_interpolation":
-    return [[interp(ls.target_path)]]
-  if ls.vis_type == "2D_interpolation":
-    return [[interp(ls.target_path), interp(ls.target2_path)]]
-  d1, d2 = interp(ls.target_path), rand(1)
-  return [[d1, directions.orthogonalize(d2, d1) if ls.orthogonalize else d2]]
-
-
-def _flatten(dirs: list[list[dict]]) -> list[dict]:
-  return [d for comps in dirs for d in comps]
-
-
-def _regroup(flat: list[dict], n_comp: int) -> list[list[dict]]:
-  return [flat[i:i + n_comp] for i in range(0, len(flat), n_comp)]
-
-
-def summarize(c, cfg_dict, xs, ys, lines: list[dict], n_prompts: int, n_dirs: int,
-              model_path: str, extra: dict) -> dict:
-  """landscape.json from the generation lines written so far."""
-  n_points = len(xs) * (1 if ys is None else len(ys))
-  asr = [[None] * n_points for _ in range(n_dirs)]
-  bad = [[False] * n_points for _ in range(n_dirs)]
-  for line in lines:
-    asr[line["direction"]][line["step"]] = line["asr"]
-    bad[line["direction"]][line["step"]] = line["nonfinite"]
-  complete = all(v is not None for row in asr for v in row)
-  disagreements = [dict(direction=l["direction"], step=l["step"], prompt=q)
-                   for l in lines for q in l.get("judge_disagreements", [])]
-  if ys is None:
-    vis = visage.visage_directions(asr) if complete else None
-  else:
-    asr = np.asarray(asr[0], dtype=object).reshape(len(xs), len(ys)).tolist()
-    bad = np.asarray(bad[0]).reshape(len(xs), len(ys)).tolist()
-    vis = visage.visage_2d(asr) if complete else None
-  out = dict(vis_type=c.landscape.vis_type, coords_x=list(map(float, xs)),
-             coords_y=None if ys is None else list(map(float, ys)), asr=asr, visage=vis,
-             nonfinite=bad, n_prompts=n_prompts, model=model_path, seed=c.landscape.seed,
-             complete=complete, judge_disagreements=disagreements, config=jsonable(cfg_dict))
-  out.update(extra)
-  return out
-
-
-def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> dict:
-  """Runs (or resumes) the landscape described by config `c` in `workdir`; returns landscape.json."""
-  validate(c)
-  cfg_dict = c.to_dict()
-  model_path = c.model.path or checkpoints.default_model_path()
-  goals = prompts.load_goals(c.prompts.path, c.prompts.limit)  # fails before touching workdir
-  writer = distributed.is_writer()
-  mesh = sharding.make_mesh(tuple(c.mesh.shape))
-  prepare_workdir(workdir, cfg_dict, overwrite, write=False)  # refuse early; write once inputs load
-
-  t0 = time.time()
-  cfg, params = checkpoints.load_params(model_path, c.model.dtype)
-  if c.model.lora_path:
-    params = lora.apply_file(params, cfg, c.model.lora_path)
-  tok = checkpoints.load_tokenizer(model_path)
-  if c.landscape.directions_path and not os.path.exists(c.landscape.directions_path):
-    raise errors.MissingFileError(f"landscape.directions_path {c.landscape.directions_path!r}: "
-                                  "no such file (expected a safetensors file from export-directions).")
-  texts = [prompts.format_prompt(g, tok, c.prompts.template, c.prompts.system_prompt) for g in goals]
-  ids = prompts.tokenize_prompts(texts, tok, c.prompts.template)
-  pad_id = decode.pad_id_of(tok)
-  tokens, mask, shared_prefix = prompts.pack(ids, pad_id)
-
-  xs, ys = grid_coords(c.landscape.vis_type, c.landscape.steps, c.landscape.multiplier,
-                       c.landscape.extra_steps)
-  coefs = grid_points(xs, ys)
-  n_comp = coefs.shape[1]
-  dirs = _run_directions(c, workdir, cfg_dict, overwrite, params, cfg, n_comp, writer, mesh)
-  gen_path = os.path.join(workdir, "generations.jsonl")
-  lines = read_generations(gen_path, repair=writer)  # before any process can append
-  for r, comps in enumerate(dirs):
-    for d in comps:
-      directions.check_matches(d, params, f"direction {r}")
-  n_dirs = len(dirs)
-  load_seconds = time.time() - t0
-
-  dtype = jnp.dtype(cfg.param_dtype)
-  stacked = directions.stack([directions.stack(comps) for comps in dirs])
-  stacked = jax.tree.map(lambda x: x.astype(dtype), stacked)
-  params = sharding.shard_params(params, mesh)
-  stacked = sharding.shard_params(stacked, mesh)
-  tables = judges.build_keyword_tables(tok, cfg.vocab_size)
-  eos_ids = decode.eos_ids_of(tok)
-  spec = decode.DecodeSpec(max_new_tokens=c.decode.max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
-                           stop_at_refusal=c.decode.stop_at_refusal, shared_prefix=shared_prefix)
-
-  have = {(l["direction"], l["step"]) for l in lines}
-  todo = [p for p in range(len(coefs)) if any((r, p) not in have for r in range(n_dirs))]
-  batch = c.engine.max_batch or engine.choose_batch(
-      cfg, len(coefs) * len(goals), tokens.shape[1], spec, n_directions=n_dirs, mode="fused", mesh=mesh)
-  mode, why = c.engine.mode, "set in the config"
-  if mode == "auto":
-    mode, why = planner.choose_mode(cfg, n_prompts=len(goals), n_directions=n_dirs, batch=batch)
-  extra = dict(mode=mode, mode_reason=why, batch=batch, load_seconds=round(load_seconds, 2),
-               mesh=dict(shape=list(mesh.devices.shape), platform=mesh.devices.flat[0].platform,
-                         processes=jax.process_count()))
-  json_path = os.path.join(workdir, "landscape.json")
-
-  def write_summary():
-    result = summarize(c, cfg_dict, xs, ys, lines, len(goals), n_dirs, model_path, extra)
-    if writer:
-      write_atomic(json_path, json.dumps(result, indent=1))
-    return result
-
-  pending: dict[tuple[int, int], dict[int, dict]] = {}
-  bar = _progress(len(todo) * len(goals) * n_dirs, enabled=progress and writer)
+def execute(s: pipeline.Setup, path: str, scorers: tuple, *, progress: bool = True) -> dict:
+  """The stages after prepare, resuming what `path` holds: evaluate -> score -> aggregate -> write."""
+  scoring.check(scorers)
+  out = workdir.JsonlAppender(os.path.join(path, "generations.jsonl"), write=s.writer)
+  lines = workdir.read_jsonl(out.path, repair=s.writer)  # before any process can append
+  done = {(l["direction"], l["step"]) for l in lines}
+  todo = [p for p in range(s.n_points) if any((r, p) not in done for r in range(s.n_dirs))]
+  points = _Points(s, scorers, done)
+  info = run_info(s)
+  bar = _progress(len(todo) * len(s.prompts.goals) * s.n_dirs, enabled=progress and s.writer)
   t_decode, n_tokens = time.time(), 0
-  work = engine.Workload(params, cfg, stacked, coefs, tokens, mask, tables, spec, points=todo, mesh=mesh)
-  with open(gen_path if writer else os.devnull, "a") as out_file:
-    for chunk in engine.evaluate(work, mode=mode, max_batch=batch, refill_every=c.engine.refill_every):
-      for ri, r in enumerate(chunk.directions):
-        for b in range(len(chunk.points)):
-          p, q = int(chunk.points[b]), int(chunk.prompts[b])
-          n = int(chunk.length[ri, b])
-          ids_b = chunk.tokens[ri, b, :n].tolist()
-          text = tok.decode(ids_b, skip_special_tokens=True)
-          jailbroken = judges.is_jailbroken(text)
-          refused_dev = bool(chunk.refused[ri, b])
-          stopped = n < spec.max_new_tokens and (not ids_b or ids_b[-1] not in eos_ids)
-          pending.setdefault((r, p), {})[q] = dict(
-              prompt=goals[q], generation=text, jailbroken=jailbroken, tokens=n,
-              truncated=bool(refused_dev and stopped), nonfinite=bool(chunk.nonfinite[ri, b]),
-              agrees=refused_dev != jailbroken)
-          n_tokens += n
-        bar.update(len(chunk.points))
-      for (r, p), outs in list(pending.items()):
-        if len(outs) < len(goals):
-          continue
-        del pending[(r, p)]
-        if (r, p) in have:
-          continue
-        ordered = [outs[q] for q in range(len(goals))]
-        line = dict(direction=r, step=p, coords=list(map(float, coefs[p])),
-                    asr=judges.attack_success_rate([o["jailbroken"] for o in ordered]),
-                    nonfinite=any([o.pop("nonfinite") for o in ordered]),
-                    judge_disagreements=[q for q, o in enumerate(ordered) if not o.pop("agrees")],
-                    outputs=ordered)
-        out_file.write(json.dumps(line) + "\n")
-        lines.append(line)
-        have.add((r, p))
-      if writer:
-        out_file.flush()
-        os.fsync(out_file.fileno())
+  with out:
+    for rows in pipeline.evaluate(s, todo):                    # evaluate: decoded rows
+      new = points.add(rows, scoring.records(rows, scorers))  # score, aggregate complete points
+      out.append(new)                                          # write
+      lines.extend(new)
+      n_tokens += sum(r.n_tokens for r in rows)
       elapsed = time.time() - t_decode
-      extra.update(decode_seconds=round(elapsed, 2), generated_tokens=n_tokens,
-                   tokens_per_second=round(n_tokens / max(elapsed, 1e-9), 1))
+      info.update(decode_seconds=round(elapsed, 2), generated_tokens=n_tokens,
+                  tokens_per_second=round(n_tokens / max(elapsed, 1e-9), 1))
+      bar.update(len(rows))
       bar.set_postfix(tok_s=f"{n_tokens / max(elapsed, 1e-9):.0f}")
-      write_summary()
+      _write_summary(s, path, summarize(s, lines, scorers, info))
   bar.close()
-  result = write_summary()
-  if result["complete"] and writer:
-    plotting.plot_landscape(result, os.path.join(workdir, "landscape.png"))
+  result = _write_summary(s, path, summarize(s, lines, scorers, info))
+  if result["complete"] and s.writer:
+    plotting.plot_landscape(result, os.path.join(path, "landscape.png"))
   distributed.barrier("landscape: results written")
   return result
 
 
-def _run_directions(c, workdir: str, cfg_dict: dict, overwrite: bool, params, cfg, n_comp: int,
-                    writer: bool, mesh=None) -> list[list[dict]]:
-  """The workdir's directions when resuming; else drawn (or imported) and saved by the writer.
+class _Points:
+  """Collects scored rows by (direction, grid point); a point is aggregated into its line once
+  every prompt is in (and only if the workdir does not hold it yet)."""
 
-  The workdir is claimed (run_config.json written) only once the directions exist, so bad input
-  leaves no files behind. With several processes every process then reads the writer's file
-  back: all hold the same bits, and only the writer draws (or loads the interpolation targets).
-  """
-  dir_file = os.path.join(workdir, "directions.safetensors")
-  fresh = writer and not (os.path.exists(dir_file) and saved_config(workdir) == _comparable(cfg_dict))
-  dirs = None
-  if fresh:
-    if c.landscape.directions_path:
-      n = c.landscape.num_directions * n_comp
-      dirs = _regroup(directions.load_safetensors(c.landscape.directions_path, cfg, n), n_comp)
-    else:
-      dirs = build_directions(c, params, cfg, mesh if jax.process_count() == 1 else None)
-  prepare_workdir(workdir, cfg_dict, overwrite, write=writer)
-  if fresh:
-    directions.save_safetensors(dir_file, _flatten(dirs), cfg)
-  distributed.barrier("landscape: directions saved")
-  if dirs is None or jax.process_count() > 1:
-    dirs = _regroup(directions.load_safetensors(dir_file, cfg), n_comp)
-  return dirs
+  def __init__(self, s: pipeline.Setup, scorers: tuple, done: set):
+    self.s, self.scorers, self.done, self.pending = s, scorers, done, {}
+    self.needs_params = any("params" in sc.needs for sc in scorers)
+
+  def add(self, rows: list, records: list[dict]) -> list[dict]:
+    """-> the lines of the points these rows complete."""
+    for row, rec in zip(rows, records):
+      self.pending.setdefault((row.direction, row.point), {})[row.prompt] = (row, rec)
+    lines, n_prompts = [], len(self.s.prompts.goals)
+    for (r, p), got in list(self.pending.items()):
+      if len(got) < n_prompts:
+        continue
+      del self.pending[(r, p)]
+      if (r, p) in self.done:
+        continue
+      ordered = [got[q] for q in range(n_prompts)]
+      at = functools.partial(pipeline.params_at, self.s, r, p) if self.needs_params else None
+      point = scoring.Point(direction=r, step=p, coords=list(map(float, self.s.coefs[p])),
+                            rows=[o[0] for o in ordered], records=[o[1] for o in ordered], params=at)
+      lines.append(scoring.point_line(point, self.scorers))
+      self.done.add((r, p))
+    return lines
 
 
-def saved_config(workdir: str) -> dict | None:
-  """The comparable run_config.json of `workdir`, or None when there is none."""
-  try:
-    with open(os.path.join(workdir, "run_config.json")) as f:
-      return _comparable(json.load(f))
-  except (FileNotFoundError, json.JSONDecodeError):
+def run_info(s: pipeline.Setup) -> dict:
+  """How the run was computed (landscape.json's last fields; timings are added as it goes)."""
+  mesh = s.mesh
+  return dict(mode=s.mode, mode_reason=s.mode_reason, batch=s.batch, load_seconds=round(s.load_seconds, 2),
+              mesh=dict(shape=list(mesh.devices.shape), platform=mesh.devices.flat[0].platform,
+                        processes=jax.process_count()))
+
+
+def summarize(s: pipeline.Setup, lines: list[dict], scorers: tuple, info: dict) -> dict:
+  """landscape.json from the generation lines written so far."""
+  xs, ys = s.xs, s.ys
+  grids = scoring.curves(lines, scorers, s.n_dirs, s.n_points)
+  complete = len({(l["direction"], l["step"]) for l in lines}) == s.n_dirs * s.n_points
+  if ys is not None:
+    grids = {k: np.asarray(v[0], dtype=object).reshape(len(xs), len(ys)).tolist() for k, v in grids.items()}
+  out = dict(vis_type=s.c.landscape.vis_type, coords_x=list(map(float, xs)),
+             coords_y=None if ys is None else list(map(float, ys)))
+  for sc in scorers:
+    out.update({n: grids[n] for n in sc.curves})
+  for sc in scorers:
+    out.update(sc.summarize({n: grids[n] for n in sc.curves}, two_d=ys is not None, complete=complete))
+  out.update(nonfinite=grids["nonfinite"], n_prompts=len(s.prompts.goals), model=s.model.path,
+             seed=s.c.landscape.seed, complete=complete)
+  for sc in scorers:
+    out.update(sc.notes(lines))
+  out["config"] = workdir.jsonable(s.cfg_dict)
+  out.update(info)
+  return out
+
+
+def _write_summary(s: pipeline.Setup, path: str, result: dict) -> dict:
+  if s.writer:
+    workdir.write_atomic(os.path.join(path, "landscape.json"), json.dumps(result, indent=1))
+  return result
+
+
+def finished_result(path: str, cfg_dict: dict) -> dict | None:
+  """landscape.json of a complete run of this config in `path`, else None: what resuming
+  would leave unchanged (sweeps skip such runs without loading the model)."""
+  saved = workdir.read_json(os.path.join(path, "run_config.json"))
+  result = workdir.read_json(os.path.join(path, "landscape.json"))
+  if saved is None or result is None:
     return None
+  if pipeline.comparable(saved) != pipeline.comparable(cfg_dict) or not result.get("complete"):
+    return None
+  return result
 
 
 def _progress(total: int, enabled: bool):

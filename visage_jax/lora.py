@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visage_jax import errors, model, resources, tensors
+from visage_jax import errors, model, resources, tensors, workdir
 
 LINEAR_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALIGNED_SMOLLM2 = resources.path(resources.ALIGNED_SMOLLM2_LORA)
@@ -63,10 +63,9 @@ def save(path: str, lora: dict, cfg: model.ModelConfig, alpha: float) -> None:
       out[base + ".lora_A.weight"] = np.ascontiguousarray(a[i].T)
       out[base + ".lora_B.weight"] = np.ascontiguousarray(b[i].T)
   rank = next(iter(lora.values()))["a"].shape[-1]
-  tmp = path + ".tmp"
-  save_file(out, tmp, metadata=dict(rank=str(rank), alpha=repr(float(alpha)),
-                                        targets=",".join(lora), format="pt"))
-  os.replace(tmp, path)
+  with workdir.atomic(path) as tmp:
+    save_file(out, tmp, metadata=dict(rank=str(rank), alpha=repr(float(alpha)),
+                                      targets=",".join(lora), format="pt"))
 
 
 def load(path: str, cfg: model.ModelConfig) -> tuple[dict, float, int]:

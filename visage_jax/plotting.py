@@ -7,7 +7,6 @@ pyplot's global state and is safe inside a long-running sweep.
 """
 
 import os
-import uuid
 
 import numpy as np
 from matplotlib import colors
@@ -15,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from mpl_toolkits.mplot3d import Axes3D  # noqa: F401  (registers the "3d" projection)
 
-from visage_jax import errors, visage
+from visage_jax import errors, visage, workdir
 
 VIS_TYPES_1D = ("1D_random", "1D_interpolation")
 VIS_TYPES_2D = ("2D_random", "2D_interpolation", "2D_interpolation-random")
@@ -293,13 +292,5 @@ def plot_loss(steps, losses, path: str) -> None:
 
 def _save(fig: Figure, path: str, dpi: int = DPI) -> None:
   FigureCanvasAgg(fig)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
-  try:
-    with open(tmp, "wb") as f:
-      fig.savefig(f, format="png", dpi=dpi)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  with workdir.atomic(path) as tmp:
+    fig.savefig(tmp, format="png", dpi=dpi)

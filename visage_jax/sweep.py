@@ -20,6 +20,7 @@ import time
 from absl import logging
 
 from visage_jax import distributed, errors, landscape, plotting, visage
+from visage_jax import workdir as wd  # `workdir` names run directories here
 
 SUMMARY_FILES = ("sweep.csv", "sweep.md", "sweep.png")
 COLUMNS = ("run", "status", "asr_at_0", "visage", "workdir", "error")
@@ -134,7 +135,7 @@ def expand(c) -> list[tuple[str, dict]]:
   names = [n for n, _ in runs]
   for i, (n, over) in enumerate(runs):
     if names.count(n) > 1:   # distinct values that read the same: tell them apart by a hash
-      digest = hashlib.sha1(json.dumps(landscape.jsonable(over), sort_keys=True, default=str).encode())
+      digest = hashlib.sha1(json.dumps(wd.jsonable(over), sort_keys=True, default=str).encode())
       runs[i] = (f"{n}-{digest.hexdigest()[:8]}", over)
   seen = {}
   for n, over in runs:
@@ -171,7 +172,7 @@ def _csv_value(v):
   if v is None:
     return ""
   if isinstance(v, (tuple, list, dict)):
-    return json.dumps(landscape.jsonable(v))
+    return json.dumps(wd.jsonable(v))
   return v
 
 
@@ -196,8 +197,8 @@ def summary_markdown(rows: list[dict], workdir: str) -> str:
 
 
 def _write_summary(workdir: str, rows: list[dict], fields: list[str], results: dict) -> None:
-  landscape.write_atomic(os.path.join(workdir, "sweep.csv"), summary_csv(rows, fields))
-  landscape.write_atomic(os.path.join(workdir, "sweep.md"), summary_markdown(rows, workdir))
+  wd.write_atomic(os.path.join(workdir, "sweep.csv"), summary_csv(rows, fields))
+  wd.write_atomic(os.path.join(workdir, "sweep.md"), summary_markdown(rows, workdir))
   if results:
     plotting.plot_sweep(results, os.path.join(workdir, "sweep.png"))
 
@@ -267,4 +268,4 @@ def workdir_error(run_dir: str, error: str | None) -> None:
     if os.path.exists(path):
       os.remove(path)
     return
-  landscape.write_atomic(path, error + "\n")
+  wd.write_atomic(path, error + "\n")
