@@ -3,7 +3,6 @@ sharded save/restore (8 devices, 2 processes), streaming conversion and its peak
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from unittest import mock
@@ -183,20 +182,14 @@ class ShardedCheckpointTest(absltest.TestCase):
     """2 processes x 4 CPU devices (gloo): save from a (2,4) mesh, restore into (4,2), and a
     direction drawn over both processes; every shard each process holds is checked."""
     root = self.create_tempdir().full_path
-    with socket.socket() as s:
-      s.bind(("localhost", 0))
-      port = str(s.getsockname()[1])
+    port = str(fixtures.free_port())
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     script = os.path.join(os.path.dirname(__file__), "scaleout_main.py")
     outs = [os.path.join(root, f"process{i}.json") for i in range(2)]
     procs = [subprocess.Popen([sys.executable, script, "process", port, "2", str(i), root, outs[i]],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
              for i in range(2)]
-    try:
-      logs = [p.communicate(timeout=240)[1] for p in procs]
-    finally:
-      for p in procs:
-        p.kill()
+    logs = fixtures.wait_all(procs, 240)
     for p, log in zip(procs, logs):
       self.assertEqual(p.returncode, 0, log[-4000:])
     reports = []

@@ -3,10 +3,8 @@ one-process landscape, resume alike, and only process 0 writes; config checks, c
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from unittest import mock
 
 from absl.testing import absltest, parameterized
@@ -16,26 +14,6 @@ import fixtures
 from visage_jax import distributed, landscape, pipeline
 
 TIMEOUT = 300  # seconds for both processes: a hung collective fails the test instead of CI
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-def _wait(procs, timeout):
-  """Outputs of all processes; kills them all when one is not done by the deadline."""
-  deadline, outs = time.time() + timeout, []
-  try:
-    for p in procs:
-      outs.append(p.communicate(timeout=max(1, deadline - time.time()))[0])
-  except subprocess.TimeoutExpired:
-    for p in procs:
-      p.kill()
-    raise AssertionError(f"processes still running after {timeout} s (hung collective?): "
-                         + "\n".join((p.communicate()[0] or "")[-2000:] for p in procs)) from None
-  return outs
 
 
 def _generations(workdir):
@@ -49,11 +27,10 @@ class TwoProcessTest(absltest.TestCase):
   def test_two_processes_match_one_process_with_one_writer(self):
     root = self.create_tempdir().full_path
     model_dir, prompts = os.path.join(root, "model"), fixtures.advbench_path()
-    fixtures.save_tiny_hf(model_dir, "llama", tokenizer=fixtures.toy_tokenizer("bpe", refusals=True), seed=5,
-                          boost_refusals=True)
+    fixtures.save_refusal_model(model_dir)
     script = os.path.join(os.path.dirname(__file__), "distributed_main.py")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    port, two, one = _free_port(), os.path.join(root, "two"), os.path.join(root, "one")
+    port, two, one = fixtures.free_port(), os.path.join(root, "two"), os.path.join(root, "one")
     procs = [subprocess.Popen([sys.executable, script, model_dir, prompts, two,
                                os.path.join(root, f"report_{i}.json"), str(i), str(port)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -61,7 +38,7 @@ class TwoProcessTest(absltest.TestCase):
     try:  # the one-process reference (this process, one device) runs meanwhile
       ref = landscape.run(distributed_main.tiny_config(model_dir, prompts, mesh=(-1, 1)), one, progress=False)
     finally:
-      outs = _wait(procs, TIMEOUT)
+      outs = fixtures.wait_all(procs, TIMEOUT)
     for p, out in zip(procs, outs):
       self.assertEqual(p.returncode, 0, out[-4000:])
     reports = []

@@ -2,8 +2,10 @@
 
 import functools
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -111,3 +113,30 @@ def run_script(name: str, *args: str, timeout: int = 300) -> subprocess.Complete
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   return subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), name), *args],
                         capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def save_refusal_model(path: str, boost_refusals: bool = True):
+  """The tiny model whose greedy text often spells refusal keywords (both verdicts occur)."""
+  return save_tiny_hf(path, "llama", tokenizer=toy_tokenizer("bpe", refusals=True), seed=5,
+                      boost_refusals=boost_refusals)
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def wait_all(procs, timeout: float) -> list[str]:
+  """stdout of every process (stderr too where merged into it); kills them all when one is not
+  done by the deadline, so a hung collective fails the test instead of CI."""
+  deadline, outs = time.time() + timeout, []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=max(1, deadline - time.time()))[0])
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    raise AssertionError(f"processes still running after {timeout} s (hung collective?): "
+                         + "\n".join((p.communicate()[0] or "")[-2000:] for p in procs)) from None
+  return outs

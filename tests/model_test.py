@@ -15,6 +15,14 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 
 
+
+def _tiny_llama():
+  """(transformers model, our cfg, our params) of one tiny random LLaMA checkpoint."""
+  with tempfile.TemporaryDirectory() as d:
+    hf = fixtures.save_tiny_hf(d, "llama")
+    cfg, params = checkpoints.load_params(d)
+  return hf, cfg, params
+
 class ParityTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
@@ -42,9 +50,7 @@ class ParityTest(parameterized.TestCase):
       self.assertEqual(cfg.rope_type, overrides["rope_parameters"]["rope_type"])
 
   def test_left_padded_batch_matches_transformers_with_attention_mask(self):
-    with tempfile.TemporaryDirectory() as d:
-      hf = fixtures.save_tiny_hf(d, "llama")
-      cfg, params = checkpoints.load_params(d)
+    hf, cfg, params = _tiny_llama()
     tokens = fixtures.random_tokens(3, 12, cfg.vocab_size, seed=1)
     mask = np.ones_like(tokens, dtype=bool)
     mask[0, :5] = False
@@ -57,9 +63,7 @@ class ParityTest(parameterized.TestCase):
     np.testing.assert_allclose(got[mask], ref[mask], atol=1e-4)
 
   def test_sequence_nll_matches_transformers(self):
-    with tempfile.TemporaryDirectory() as d:
-      hf = fixtures.save_tiny_hf(d, "llama")
-      cfg, params = checkpoints.load_params(d)
+    hf, cfg, params = _tiny_llama()
     tokens = fixtures.random_tokens(3, 16, cfg.vocab_size, seed=2)
     mask = np.ones_like(tokens, dtype=bool)
     mask[1, 12:] = False  # right padding after a shorter row

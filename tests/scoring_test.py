@@ -61,8 +61,7 @@ class ExtraScorersTest(absltest.TestCase):
   def test_extra_scorers_reach_both_files_without_changing_the_keyword_results(self):
     root = self.create_tempdir().full_path
     model_dir = os.path.join(root, "model")
-    fixtures.save_tiny_hf(model_dir, "llama", tokenizer=fixtures.toy_tokenizer("bpe", refusals=True), seed=5,
-                          boost_refusals=True)
+    fixtures.save_refusal_model(model_dir)
     c = landscape.default_config()
     c.model.path = model_dir
     c.prompts.update(path=fixtures.advbench_path(), limit=3)

@@ -17,8 +17,7 @@ class MultiDeviceTest(absltest.TestCase):
   def test_meshes_match_one_device(self):
     root = self.create_tempdir().full_path
     model_dir = os.path.join(root, "model")
-    fixtures.save_tiny_hf(model_dir, "llama", tokenizer=fixtures.toy_tokenizer("bpe", refusals=True), seed=5,
-                          boost_refusals=True)
+    fixtures.save_refusal_model(model_dir)
     script = os.path.join(os.path.dirname(__file__), "multidevice_main.py")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run([sys.executable, script, model_dir, fixtures.advbench_path(), root],

@@ -4,7 +4,6 @@ import csv
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from unittest import mock
@@ -211,12 +210,9 @@ class TwoProcessSweepTest(absltest.TestCase):
     """Two processes (2 CPU devices each, one mesh of 4) via the CLI; one run fails on both."""
     d = self.create_tempdir().full_path
     model_dir = os.path.join(d, "tiny")
-    fixtures.save_tiny_hf(model_dir, "llama", tokenizer=fixtures.toy_tokenizer("bpe", refusals=True), seed=5,
-                          boost_refusals=True)
+    fixtures.save_refusal_model(model_dir)
     w = os.path.join(d, "sweep")
-    with socket.socket() as s:
-      s.bind(("localhost", 0))
-      port = s.getsockname()[1]
+    port = fixtures.free_port()
     grid = repr((("model.path", ("/nonexistent/model", model_dir)), ("landscape.seed", (0,))))
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
     procs = [subprocess.Popen(
@@ -226,11 +222,7 @@ class TwoProcessSweepTest(absltest.TestCase):
          f"--config.distributed.coordinator_address=localhost:{port}", "--config.distributed.num_processes=2",
          f"--config.distributed.process_id={i}", f"--workdir={w}", "--noprogress"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
-    try:
-      outs = [p.communicate(timeout=420)[0] for p in procs]
-    finally:
-      for p in procs:
-        p.kill()
+    outs = fixtures.wait_all(procs, 420)
     for p, out in zip(procs, outs):
       self.assertEqual(p.returncode, 1, out[-3000:])   # exit 1: one run failed, on both
       self.assertIn("| path=tiny,seed=0 | complete |", out)

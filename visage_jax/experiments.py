@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from visage_jax import (decode, directions, engine, errors, experiments_report, finetune, grid,
-                        landscape, model, pipeline, plotting, prompts, trainsets, visage)
+                        landscape, model, pipeline, plotting, prompts, training, trainsets, visage)
 from visage_jax import workdir as wd  # `workdir` names run directories here
 
 NAMES, BROKEN = experiments_report.NAMES, experiments_report.BROKEN
@@ -220,7 +220,7 @@ def _capability_curve(c, lc) -> dict:
   examples = [dict(prompt=g, response=tok.decode([t for t in o if t not in eos], skip_special_tokens=True),
                    eos=bool(o) and o[-1] in eos) for g, o in zip(held, outs)]
   examples = [e for e in examples if e["response"].strip()]
-  data = finetune.encode_examples(examples, tok, template="auto", system_prompt="default",
+  data = training.encode_examples(examples, tok, template="auto", system_prompt="default",
                                   max_length=4096)
   direction = directions.stack([directions.stack([pipeline.build_directions(lc, params, cfg)[0][0]])])
   alphas = grid.grid_coords("1D_random", c.protocol.steps, c.protocol.multiplier)[0]

@@ -130,14 +130,19 @@ _TITLES = dict(f1_basin="F1 safety basin", capability="capability vs safety alon
                f4_strength="F4 VISAGE ranks robustness to harmful fine-tuning")
 
 
+def _table(header: list[str], rows: list[list]) -> list[str]:
+  """A markdown table, one line per row."""
+  return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+      "| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+
+
 def _f1_section(r: dict, fig) -> list[str]:
-  md = ["## F1 — an aligned model sits in a safety basin", "",
-        "| model | prompts | ASR at α=0 per direction (%) | ASR at the ends, mean (%) | VISAGE per direction | VISAGE (mean) |",
-        "|---|---|---|---|---|---|"]
-  for row in r["rows"]:
-    md.append(f"| {row['model']} | {row['prompts']} | {', '.join(map(_pct, row['asr_center']))} | "
-              f"{', '.join(map(_pct, row['asr_ends']))} | {', '.join(map(_pct, row['visage']))} | "
-              f"{row['visage_mean']:.1f} |")
+  md = ["## F1 — an aligned model sits in a safety basin", ""] + _table(
+      ["model", "prompts", "ASR at α=0 per direction (%)", "ASR at the ends, mean (%)",
+       "VISAGE per direction", "VISAGE (mean)"],
+      [[row["model"], row["prompts"], ", ".join(map(_pct, row["asr_center"])),
+        ", ".join(map(_pct, row["asr_ends"])), ", ".join(map(_pct, row["visage"])),
+        f"{row['visage_mean']:.1f}"] for row in r["rows"]])
   return md + ["", f"2D random landscape of the aligned model: ASR at the centre {_pct(r['asr_2d_center'])}%, "
                f"2D VISAGE {r['visage_2d']:.1f}.", "",
                fig(r["figures"]["curves"], "F1 curves"), "",
@@ -159,12 +164,10 @@ def _capability_section(r: dict, fig) -> list[str]:
 
 
 def _f2_section(r: dict, fig) -> list[str]:
-  md = ["## F2 — harmful fine-tuning leaves the basin; mixing in safety data stays inside (Table 1)", "",
-        "| model | training examples | ASR at α=0 (%, rows 0–79) | benign answered (of 20) | VISAGE |",
-        "|---|---|---|---|---|"]
-  for row in r["rows"]:
-    md.append(f"| {row['model']} | {row['examples']} | {_pct(row['asr'])} | {row['benign']} | "
-              f"{_pct(row.get('visage'))} |")
+  md = ["## F2 — harmful fine-tuning leaves the basin; mixing in safety data stays inside (Table 1)", ""]
+  md += _table(["model", "training examples", "ASR at α=0 (%, rows 0–79)", "benign answered (of 20)", "VISAGE"],
+               [[row["model"], row["examples"], _pct(row["asr"]), row["benign"], _pct(row.get("visage"))]
+                for row in r["rows"]])
   md += ["", "1D interpolation from the aligned model (α = 0) to the fine-tuned one (α = 1), ASR (%):", ""]
   for name, curve in r["interpolation"].items():
     md.append(f"- aligned → {name}: " + ", ".join(_pct(v) for v in curve))
@@ -172,23 +175,19 @@ def _f2_section(r: dict, fig) -> list[str]:
 
 
 def _f3_section(r: dict, fig) -> list[str]:
-  md = ["## F3 — the system prompt lifts or lowers the basin (Table 2)", "",
-        "| system prompt | ASR at α=0 (%) | VISAGE |", "|---|---|---|"]
-  for row in r["rows"]:
-    md.append(f"| {row['system_prompt']} | {_pct(row['asr_center'])} | {row['visage']:.1f} |")
+  md = ["## F3 — the system prompt lifts or lowers the basin (Table 2)", ""] + _table(
+      ["system prompt", "ASR at α=0 (%)", "VISAGE"],
+      [[row["system_prompt"], _pct(row["asr_center"]), f"{row['visage']:.1f}"] for row in r["rows"]])
   return md + ["", fig(r["figures"]["curves"], "F3 curves"), "", _verdict(r["checks"]), ""]
 
 
 def _f4_section(r: dict, fig) -> list[str]:
   shots = list(r["rows"][0]["attacked"])
-  md = ["## F4 — VISAGE ranks how easily harmful fine-tuning breaks a model", "",
-        "| alignment | ASR at α=0 (%) | VISAGE | " + " | ".join(f"ASR after {n} shots" for n in shots)
-        + f" | breaks (ASR ≥ {BROKEN:.0f}%) at |",
-        "|---|---|---|" + "---|" * len(shots) + "---|"]
-  for row in r["rows"]:
-    md.append(f"| {row['model']} | {_pct(row['asr'])} | {row['visage']:.1f} | "
-              + " | ".join(_pct(row["attacked"][n]) for n in shots)
-              + f" | {row['breaks_at'] or f'> {shots[-1]}'} shots |")
+  md = ["## F4 — VISAGE ranks how easily harmful fine-tuning breaks a model", ""] + _table(
+      ["alignment", "ASR at α=0 (%)", "VISAGE"] + [f"ASR after {n} shots" for n in shots]
+      + [f"breaks (ASR ≥ {BROKEN:.0f}%) at"],
+      [[row["model"], _pct(row["asr"]), f"{row['visage']:.1f}"] + [_pct(row["attacked"][n]) for n in shots]
+       + [f"{row['breaks_at'] or f'> {shots[-1]}'} shots"] for row in r["rows"]])
   return md + ["", fig(r["figures"]["curves"], "F4 curves"), "", _verdict(r["checks"]), ""]
 
 
@@ -197,12 +196,11 @@ _SECTIONS = dict(f1_basin=_f1_section, capability=_capability_section, f2_finetu
 
 
 def _job_times(res: dict) -> list[str]:
-  md = ["## Job wall times", "", "Jobs shared between experiments are listed (and counted) once.", "",
-        "| experiment | job | seconds |", "|---|---|---|"]
-  seen = set()
+  rows, seen = [], set()
   for name, r in res.items():
     for job, s in r["job_seconds"].items():
       if job not in seen:
         seen.add(job)
-        md.append(f"| {name} | {job} | {'–' if s is None else f'{s:.0f}'} |")
-  return md
+        rows.append([name, job, "–" if s is None else f"{s:.0f}"])
+  return (["## Job wall times", "", "Jobs shared between experiments are listed (and counted) once.", ""]
+          + _table(["experiment", "job", "seconds"], rows))

@@ -11,135 +11,17 @@ benign_responses.jsonl (self-distillation cache), lora.safetensors, model/ (conv
 (optional transformers export), eval.json (optional), summary.json.
 """
 
+import dataclasses
 import json
 import os
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 
 from visage_jax import (checkpoints, decode, errors, judges, lora, model, pipeline, plotting, prompts,
-                        sharding, tensors, trainsets)
+                        sharding, tensors, training, trainsets)
 from visage_jax import workdir as wd  # `workdir` names run directories here
-
-SCHEDULES = ("cosine", "constant")
-
-
-# ------------------------------------------------------------------ data
-
-
-def encode_examples(examples: list[dict], tokenizer, *, template: str, system_prompt: str,
-                    max_length: int) -> dict:
-  """Prompt (chat-formatted) + response + EOS, right-padded to one length (a multiple of 16).
-
-  Returns tokens [N, T] int32, mask [N, T] (real tokens) and loss_mask [N, T] (response and EOS:
-  the positions whose token is predicted). An example with "eos": False (an answer cut at a
-  budget) gets no EOS. Over-long examples are an error, never truncated.
-  """
-  if tokenizer.eos_token_id is None:
-    raise errors.UserError("the tokenizer has no eos_token_id; responses must end with EOS.")
-  rows = []
-  for i, ex in enumerate(examples):
-    text = prompts.format_prompt(ex["prompt"], tokenizer, template, system_prompt)
-    p = prompts.tokenize_prompts([text], tokenizer, template)[0]
-    r = tokenizer(ex["response"], add_special_tokens=False)["input_ids"]
-    r += [tokenizer.eos_token_id] if ex.get("eos", True) else []
-    if len(p) + len(r) > max_length:
-      raise errors.UserError(f"example {i} has {len(p) + len(r)} tokens (prompt {len(p)}, response+EOS "
-                       f"{len(r)}), more than train.max_length={max_length}; shorten it or raise "
-                       "train.max_length.")
-    rows.append((p, r))
-  if not rows:
-    raise errors.UserError("no training examples.")
-  length = min(max_length, -(-max(len(p) + len(r) for p, r in rows) // 16) * 16)
-  pad = decode.pad_id_of(tokenizer)
-  tokens = np.full((len(rows), length), pad, np.int32)
-  mask = np.zeros((len(rows), length), bool)
-  loss_mask = np.zeros((len(rows), length), bool)
-  for i, (p, r) in enumerate(rows):
-    tokens[i, :len(p) + len(r)] = p + r
-    mask[i, :len(p) + len(r)] = True
-    loss_mask[i, len(p):len(p) + len(r)] = True
-  return dict(tokens=tokens, mask=mask, loss_mask=loss_mask)
-
-
-def batch_indices(step: int, n: int, per_step: int, seed: int) -> np.ndarray:
-  """Example indices of one optimizer step: epochs of fixed permutations, a function of step only."""
-  pos = np.arange(step * per_step, (step + 1) * per_step)
-  epochs = pos // n
-  perms = {e: np.random.default_rng([seed, int(e)]).permutation(n) for e in np.unique(epochs)}
-  return np.array([perms[e][o] for e, o in zip(epochs, pos % n)], np.int64)
-
-
-# ------------------------------------------------------------------ loss
-
-
-def _nll_sum(params: dict, batch: dict, cfg: model.ModelConfig) -> tuple[jax.Array, jax.Array]:
-  """(sum of NLL over the batch's loss_mask targets, their count): sums, so accumulation is exact."""
-  total, count = model.sequence_nll(params, batch["tokens"], batch["mask"], batch["loss_mask"], cfg)
-  return jnp.sum(total), jnp.sum(count)
-
-
-def loss_fn(params: dict, batch: dict, cfg: model.ModelConfig) -> jax.Array:
-  """Mean token cross-entropy over the response+EOS positions of the batch."""
-  total, count = _nll_sum(params, batch, cfg)
-  return total / jnp.maximum(count, 1.0)
-
-
-# ------------------------------------------------------------------ optimizer and step
-
-
-def make_optimizer(*, lr: float, steps: int, warmup_steps: int, schedule: str, weight_decay: float,
-                   clip_norm: float, decay_mask=None) -> tuple[optax.GradientTransformation,
-                                                               optax.Schedule]:
-  """AdamW after global-norm clipping; linear warmup, then cosine to zero or constant."""
-  if schedule not in SCHEDULES:
-    raise errors.UserError(f"train.schedule {schedule!r} is not one of {', '.join(SCHEDULES)}.")
-  warmup = optax.linear_schedule(0.0, lr, max(warmup_steps, 1))
-  rest = (optax.cosine_decay_schedule(lr, max(steps - warmup_steps, 1)) if schedule == "cosine"
-          else optax.constant_schedule(lr))
-  sched = optax.join_schedules([warmup, rest], [warmup_steps]) if warmup_steps > 0 else rest
-  chain = [optax.clip_by_global_norm(clip_norm)] if clip_norm > 0 else []
-  chain.append(optax.adamw(sched, weight_decay=weight_decay, mask=decay_mask))
-  return optax.chain(*chain), sched
-
-
-def make_train_step(cfg: model.ModelConfig, opt: optax.GradientTransformation,
-                    lora_alpha: float = 0.0, lora_rank: int = 0, shardings=None):
-  """jit(state, frozen, batch [A, B, T]) -> (state, metrics): A micro-batches, one update.
-
-  Full fine-tuning trains state["trainable"] = params (frozen is None); LoRA trains the adapter
-  and differentiates through lora.merge(frozen, adapter) only. The state is donated. `shardings`
-  (of the state: sharding.param_shardings, whose rules also shard the Adam moments like the params)
-  pins the new state's layout: one compiled program.
-  """
-  def effective(trainable, frozen):
-    return trainable if frozen is None else lora.merge(frozen, trainable, lora_alpha, lora_rank)
-
-  def step(state, frozen, batch):
-    grad_fn = jax.value_and_grad(lambda tr, mb: _nll_sum(effective(tr, frozen), mb, cfg),
-                                 has_aux=True)
-
-    def micro(carry, mb):
-      g_acc, s_acc, n_acc = carry
-      (s, n), g = grad_fn(state["trainable"], mb)
-      return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, n_acc + n), None
-
-    zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
-    (g, s, n), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
-    g = jax.tree.map(lambda x: x / jnp.maximum(n, 1.0), g)
-    updates, opt_state = opt.update(g, state["opt_state"], state["trainable"])
-    new = dict(step=state["step"] + 1, trainable=optax.apply_updates(state["trainable"], updates),
-               opt_state=opt_state)
-    return new, dict(loss=s / jnp.maximum(n, 1.0), tokens=n, grad_norm=optax.tree.norm(g))
-
-  if shardings is None:
-    return jax.jit(step, donate_argnums=0)
-  metrics = jax.sharding.NamedSharding(jax.tree.leaves(shardings)[0].mesh, jax.sharding.PartitionSpec())
-  return jax.jit(step, donate_argnums=0, out_shardings=(shardings, metrics))
-
 
 # ------------------------------------------------------------------ HF export
 
@@ -266,8 +148,8 @@ def validate(c) -> None:
   for name in ("steps", "batch_size", "grad_accum", "max_length", "checkpoint_every"):
     if int(t[name]) < 1:
       raise errors.UserError(f"train.{name} must be >= 1, got {t[name]}.")
-  if t.schedule not in SCHEDULES:
-    raise errors.UserError(f"train.schedule {t.schedule!r} is not one of {', '.join(SCHEDULES)}.")
+  if t.schedule not in training.SCHEDULES:
+    raise errors.UserError(f"train.schedule {t.schedule!r} is not one of {', '.join(training.SCHEDULES)}.")
   if not 0 <= t.warmup_steps <= t.steps:
     raise errors.UserError(f"train.warmup_steps must be in [0, train.steps={t.steps}], got {t.warmup_steps}.")
   if c.lora.rank < 0:
@@ -338,23 +220,53 @@ def run(c, workdir: str, progress: bool = True, max_steps_this_run: int | None =
 
   `max_steps_this_run` stops after that many steps with a checkpoint (re-run to continue).
   """
-  import orbax.checkpoint as ocp
-  from tqdm import tqdm
-
   validate(c)
   from_file = trainsets.load_pairs(c.data.path) if c.data.path else None  # fails before the workdir
-  cfg_dict = c.to_dict()
-  wd.claim(workdir, cfg_dict, comparable=_comparable, what="a fine-tuning run",
+  wd.claim(workdir, c.to_dict(), comparable=_comparable, what="a fine-tuning run",
            advice="use another --workdir.")
-  t, lo = c.train, c.lora
   t0 = time.time()
   m = pipeline.load_model(c.model.path, c.model.dtype, c.model.lora_path)
-  cfg, params, tok, source = m.cfg, m.params, m.tokenizer, m.source
-  examples = _examples(c, params, cfg, tok, workdir, from_file)
-  data = encode_examples(examples, tok, template=c.prompts.template,
-                         system_prompt=c.prompts.system_prompt, max_length=t.max_length)
+  examples = _examples(c, m.params, m.cfg, m.tokenizer, workdir, from_file)
+  data = training.encode_examples(examples, m.tokenizer, template=c.prompts.template,
+                                  system_prompt=c.prompts.system_prompt, max_length=c.train.max_length)
   prepare_seconds = time.time() - t0
+  run_state = _init_state(c, m.params, m.cfg)
+  lines, timed = _train(c, workdir, run_state, data, len(examples), progress, max_steps_this_run)
+  step = int(run_state.state["step"])
+  summary = dict(complete=step >= c.train.steps, step=step, steps=c.train.steps, n_examples=len(examples),
+                 seq_length=int(data["tokens"].shape[1]), model=m.source,
+                 prepare_seconds=round(prepare_seconds, 2),
+                 train_seconds=round(sum(l["seconds"] for l in lines), 2),
+                 tokens_per_second=round(timed[0] / timed[1], 1) if timed[1] else None,
+                 final_loss=lines[-1]["loss"] if lines else None,
+                 losses=[l["loss"] for l in lines],
+                 paths=dict(workdir=workdir, log=os.path.join(workdir, "train_log.jsonl"),
+                            checkpoints=os.path.join(workdir, "checkpoints")))
+  if lines:
+    summary["paths"]["loss_plot"] = os.path.join(workdir, "loss.png")
+    plotting.plot_loss([l["step"] for l in lines], [l["loss"] for l in lines], summary["paths"]["loss_plot"])
+  if summary["complete"]:
+    _export(c, workdir, run_state, m, summary)
+  wd.write_atomic(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=1))
+  return summary
 
+
+@dataclasses.dataclass
+class _RunState:
+  """What the training loop updates and what it needs beside the params: the optimizer state
+  (step, trainable params or LoRA adapter, Adam moments), the frozen base under LoRA, layouts."""
+  state: dict
+  frozen: dict | None
+  shardings: dict
+  mesh: jax.sharding.Mesh
+  opt: object
+  sched: object
+  cfg: model.ModelConfig
+
+
+def _init_state(c, params: dict, cfg: model.ModelConfig) -> _RunState:
+  """Full fine-tuning trains the params (norms without weight decay); LoRA a fresh adapter."""
+  t, lo = c.train, c.lora
   mesh = sharding.make_mesh(tuple(c.mesh.shape))
   if lo.rank > 0:
     frozen = sharding.shard_params(params, mesh)
@@ -365,42 +277,51 @@ def run(c, workdir: str, progress: bool = True, max_steps_this_run: int | None =
     frozen, trainable = None, sharding.shard_params(params, mesh)
     decay_mask = jax.tree_util.tree_map_with_path(
         lambda p, _: "norm" not in jax.tree_util.keystr(p), params)
-  opt, sched = make_optimizer(lr=t.lr, steps=t.steps, warmup_steps=t.warmup_steps,
-                              schedule=t.schedule, weight_decay=t.weight_decay,
-                              clip_norm=t.clip_norm, decay_mask=decay_mask)
+  opt, sched = training.make_optimizer(lr=t.lr, steps=t.steps, warmup_steps=t.warmup_steps,
+                                       schedule=t.schedule, weight_decay=t.weight_decay,
+                                       clip_norm=t.clip_norm, decay_mask=decay_mask)
   state = dict(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=opt.init(trainable))
   shardings = sharding.param_shardings(state, mesh)
   state = jax.device_put(state, shardings, may_alias=False)  # steps donate it; params stay valid
+  return _RunState(state, frozen, shardings, mesh, opt, sched, cfg)
 
+
+def _train(c, workdir: str, rs: _RunState, data: dict, n_examples: int, progress: bool,
+           max_steps_this_run: int | None) -> tuple[list[dict], tuple[int, float]]:
+  """Resumes from the last checkpoint and steps to the end (or max_steps_this_run), logging each
+  step and checkpointing every train.checkpoint_every; returns the log lines and the
+  (tokens, seconds) of the steps timed (the first step of a run compiles)."""
+  import orbax.checkpoint as ocp
+  from tqdm import tqdm
+
+  t, lo = c.train, c.lora
   ckpt = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
   if ckpt.latest_step() is not None:
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    state = ckpt.restore(ckpt.latest_step(), args=ocp.args.StandardRestore(abstract))
-  start = int(state["step"])
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, rs.state)
+    rs.state = ckpt.restore(ckpt.latest_step(), args=ocp.args.StandardRestore(abstract))
+  start = int(rs.state["step"])
   log_path = os.path.join(workdir, "train_log.jsonl")
   lines = _read_log(log_path, start)
-
-  step_fn = make_train_step(cfg, opt, lo.alpha, lo.rank, shardings)
-  in_batch = sharding.batch_sharding(mesh, 3, axis=1)
-  per_step = t.batch_size * t.grad_accum
+  step_fn = training.make_train_step(rs.cfg, rs.opt, lo.alpha, lo.rank, rs.shardings)
+  in_batch = sharding.batch_sharding(rs.mesh, 3, axis=1)
   end = t.steps if max_steps_this_run is None else min(t.steps, start + max_steps_this_run)
   bar = tqdm(total=t.steps, initial=start, desc="finetune", unit="step", disable=not progress,
              dynamic_ncols=True)
-  timed_tokens, timed_seconds = 0, 0.0
+  timed = [0, 0.0]
   try:
     with open(log_path, "a") as log:
       for k in range(start, end):
-        idx = batch_indices(k, len(examples), per_step, t.seed).reshape(t.grad_accum, t.batch_size)
+        idx = training.batch_indices(k, n_examples, t.batch_size * t.grad_accum, t.seed)
+        idx = idx.reshape(t.grad_accum, t.batch_size)
         batch = {name: jax.device_put(v[idx], in_batch) for name, v in data.items()}
         tic = time.time()
-        state, m = step_fn(state, frozen, batch)
+        rs.state, m = step_fn(rs.state, rs.frozen, batch)
         m = jax.device_get(m)
-        seconds = time.time() - tic
-        tokens = int(data["mask"][idx].sum())
+        seconds, tokens = time.time() - tic, int(data["mask"][idx].sum())
         if k > start:  # the first step of a run includes compilation
-          timed_tokens, timed_seconds = timed_tokens + tokens, timed_seconds + seconds
-        line = dict(step=k + 1, loss=float(m["loss"]), lr=float(sched(k)),
+          timed = [timed[0] + tokens, timed[1] + seconds]
+        line = dict(step=k + 1, loss=float(m["loss"]), lr=float(rs.sched(k)),
                     grad_norm=float(m["grad_norm"]), tokens=tokens, loss_tokens=int(m["tokens"]),
                     seconds=round(seconds, 4))
         log.write(json.dumps(line) + "\n")
@@ -409,45 +330,36 @@ def run(c, workdir: str, progress: bool = True, max_steps_this_run: int | None =
         bar.update(1)
         bar.set_postfix(loss=f"{line['loss']:.3f}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
         if (k + 1) % t.checkpoint_every == 0 or k + 1 == end:
-          ckpt.save(k + 1, args=ocp.args.StandardSave(state))
+          ckpt.save(k + 1, args=ocp.args.StandardSave(rs.state))
           ckpt.wait_until_finished()
   finally:
     bar.close()
     ckpt.close()
+  return lines, tuple(timed)
 
-  step = int(state["step"])
-  paths = dict(workdir=workdir, log=log_path, checkpoints=os.path.join(workdir, "checkpoints"))
-  summary = dict(complete=step >= t.steps, step=step, steps=t.steps, n_examples=len(examples),
-                 seq_length=int(data["tokens"].shape[1]), model=source,
-                 prepare_seconds=round(prepare_seconds, 2),
-                 train_seconds=round(sum(l["seconds"] for l in lines), 2),
-                 tokens_per_second=round(timed_tokens / timed_seconds, 1) if timed_seconds else None,
-                 final_loss=lines[-1]["loss"] if lines else None,
-                 losses=[l["loss"] for l in lines], paths=paths)
-  if lines:
-    paths["loss_plot"] = os.path.join(workdir, "loss.png")
-    plotting.plot_loss([l["step"] for l in lines], [l["loss"] for l in lines], paths["loss_plot"])
-  if summary["complete"]:
-    if lo.rank > 0:
-      final = lora.merge(frozen, state["trainable"], lo.alpha, lo.rank)
-      paths["lora"] = os.path.join(workdir, "lora.safetensors")
-      lora.save(paths["lora"], state["trainable"], cfg, lo.alpha)
-    else:
-      final = state["trainable"]
-    final = jax.device_get(final)
-    paths["model"] = os.path.join(workdir, "model")
-    checkpoints.save_converted(paths["model"], cfg, final, tok, source=source)
-    if c.export.hf:
-      paths["hf"] = os.path.join(workdir, "hf")
-      export_hf(paths["hf"], final, cfg, tok)
-    if c.eval.alignment:
-      tic = time.time()
-      ev = evaluate_alignment(final, cfg, tok, c.eval.max_new_tokens,
-                              advbench_path=c.data.advbench_path, benign_path=c.data.benign_path,
-                              template=c.prompts.template, system_prompt=c.prompts.system_prompt)
-      ev["seconds"] = round(time.time() - tic, 2)
-      paths["eval"] = os.path.join(workdir, "eval.json")
-      wd.write_atomic(paths["eval"], json.dumps(ev, indent=1))
-      summary["eval"] = {k: v for k, v in ev.items() if not k.endswith("generations")}
-  wd.write_atomic(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=1))
-  return summary
+
+def _export(c, workdir: str, rs: _RunState, m, summary: dict) -> None:
+  """The trained model as a LoRA file, a converted model dir, optionally a HF dir and the
+  alignment evaluation; paths and the evaluation go into `summary`."""
+  lo, paths, cfg, tok = c.lora, summary["paths"], rs.cfg, m.tokenizer
+  if lo.rank > 0:
+    final = lora.merge(rs.frozen, rs.state["trainable"], lo.alpha, lo.rank)
+    paths["lora"] = os.path.join(workdir, "lora.safetensors")
+    lora.save(paths["lora"], rs.state["trainable"], cfg, lo.alpha)
+  else:
+    final = rs.state["trainable"]
+  final = jax.device_get(final)
+  paths["model"] = os.path.join(workdir, "model")
+  checkpoints.save_converted(paths["model"], cfg, final, tok, source=m.source)
+  if c.export.hf:
+    paths["hf"] = os.path.join(workdir, "hf")
+    export_hf(paths["hf"], final, cfg, tok)
+  if c.eval.alignment:
+    tic = time.time()
+    ev = evaluate_alignment(final, cfg, tok, c.eval.max_new_tokens,
+                            advbench_path=c.data.advbench_path, benign_path=c.data.benign_path,
+                            template=c.prompts.template, system_prompt=c.prompts.system_prompt)
+    ev["seconds"] = round(time.time() - tic, 2)
+    paths["eval"] = os.path.join(workdir, "eval.json")
+    wd.write_atomic(paths["eval"], json.dumps(ev, indent=1))
+    summary["eval"] = {k: v for k, v in ev.items() if not k.endswith("generations")}
