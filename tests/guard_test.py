@@ -115,7 +115,7 @@ class GuardTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    root = tempfile.mkdtemp(prefix="guard_test_")  # fresh: a left-over run would be resumed
+    cls.root = root = tempfile.mkdtemp(prefix="guard_test_")  # fresh: a left-over run would resume
     cls.tok = fixtures.toy_tokenizer()
     target = os.path.join(root, "target")
     fixtures.save_tiny_hf(target, "llama", tokenizer=cls.tok)
@@ -135,6 +135,11 @@ class GuardTest(absltest.TestCase):
     shutil.copytree(cls.run_dir, cls.bare)
     guard_run.run(cls.run_dir, cls.judge_dir, max_new_tokens=16, progress=False)
     cls.lines = landscape.read_generations(os.path.join(cls.run_dir, "generations.jsonl"))
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.root, ignore_errors=True)
+    super().tearDownClass()
 
   def test_verdicts_equal_transformers_on_every_generation(self):
     records = _records(self.run_dir, "llamaguard")

@@ -1,7 +1,7 @@
 """Every figure of the project: 1D / 2D / 3D figures of a saved safety landscape (a run's
 landscape.json), like Peng et al. Fig. 1, with each model judge's 1D ASR dashed beside the keyword
-curve (Figs. 5-6; 2D figures show the keyword ASR only); a sweep's runs on one axes; the experiments' curves and
-capability plot; a fine-tuning loss curve. Callers pass data and a path.
+curve (Figs. 5-6; 2D figures show the keyword ASR only); a sweep's runs on one axes; the
+experiments' curves and capability plot; a fine-tuning loss curve. Callers pass data and a path.
 
 Figures are built on `matplotlib.figure.Figure` with an Agg canvas, so plotting never touches
 pyplot's global state and is safe inside a long-running sweep.
