@@ -56,6 +56,22 @@ class PlotLandscapeTest(parameterized.TestCase):
     self.assertEqual(plt.get_fignums(), [])   # nothing leaked into pyplot
     return img
 
+  def test_1d_judge_curve_dashed_beside_the_keyword_curve_in_its_colour(self):
+    from matplotlib.figure import Figure
+    result = _result_1d(num_directions=1)
+    judged = [[v / 2 for v in result["asr"][0]]]
+    result["judges"] = {"llamaguard": {"asr": judged, "visage": None}}
+    self._render(result)
+    fig = Figure()
+    plotting._plot_1d(fig, plotting._parse(result))
+    lines = {l.get_label(): l for l in fig.axes[0].get_lines()}
+    judge, keywords = lines["llamaguard ASR"], lines["direction 0"]
+    self.assertEqual(judge.get_linestyle(), "--")
+    self.assertEqual(judge.get_color(), keywords.get_color())
+    np.testing.assert_array_equal(judge.get_ydata(), judged[0])
+    with self.assertRaisesRegex(ValueError, "judges.llamaguard.asr"):
+      plotting._parse(dict(result, judges={"llamaguard": {"asr": [[1.0, 2.0]]}}))
+
   def test_1d_three_directions_with_nonfinite(self):
     img = self._render(_result_1d())
     self.assertBetween(img.shape[1], 900, 2000)

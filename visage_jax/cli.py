@@ -1,6 +1,7 @@
 """`visage-jax <command> --flags`: absl flags -> plain arguments -> one library call.
 
-Commands: generate, convert, landscape, export-directions, bench, finetune, experiments, sweep, plan.
+Commands: generate, convert, landscape, judge, export-directions, bench, finetune, experiments, sweep,
+plan.
 """
 
 import json
@@ -27,6 +28,8 @@ flags.DEFINE_string("dtype", "float32", "Param and compute dtype: float32 | bflo
 flags.DEFINE_string("out", "", "Output path (convert: the converted directory; "
                     "export-directions: the .safetensors file).")
 flags.DEFINE_string("workdir", "", "Run directory (landscape, export-directions).")
+flags.DEFINE_string("name", "llamaguard", "judge: the judge's name (RUN/judges/NAME.jsonl, "
+                    "landscape.json judges.NAME).")
 flags.DEFINE_bool("overwrite", False, "landscape: discard a run with a different config in --workdir.")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
 flags.DEFINE_bool("debug", False, "Show the traceback of a user error (also VISAGE_JAX_DEBUG=1).")
@@ -86,6 +89,18 @@ def cmd_landscape() -> None:
           "decode_seconds", "tokens_per_second")
   print(json.dumps({k: result.get(k) for k in keys}))
   sys.stderr.write(landscape_summary(result, FLAGS.workdir))
+
+
+def cmd_judge() -> None:
+  """Judges every generation of a run with a Llama Guard-format model; prints judges[NAME]."""
+  from visage_jax import guard_run
+
+  if not FLAGS.workdir or not FLAGS.model:
+    raise errors.UserError("judge needs --workdir=RUN and --model=JUDGE (a Llama Guard checkpoint).")
+  new = FLAGS.max_new_tokens if FLAGS["max_new_tokens"].present else 10
+  summary = guard_run.run(FLAGS.workdir, FLAGS.model, name=FLAGS.name, max_new_tokens=new,
+                          dtype=FLAGS.dtype, progress=FLAGS.progress)
+  print(json.dumps(dict(name=FLAGS.name, **summary)))
 
 
 def landscape_summary(result: dict, workdir: str) -> str:
@@ -240,6 +255,7 @@ def cmd_plan() -> None:
 
 
 COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "landscape": cmd_landscape,
+            "judge": cmd_judge,
             "export-directions": cmd_export_directions, "bench": cmd_bench, "finetune": cmd_finetune,
             "experiments": cmd_experiments, "sweep": cmd_sweep, "plan": cmd_plan}
 

@@ -1,6 +1,7 @@
 """Every figure of the project: 1D / 2D / 3D figures of a saved safety landscape (a run's
-landscape.json), like Peng et al. Fig. 1; a sweep's runs on one axes; the experiments' curves and
-capability plot; a fine-tuning loss curve. Callers pass data and a path.
+landscape.json), like Peng et al. Fig. 1, with each model judge's 1D ASR dashed beside the keyword
+curve (Figs. 5-6; 2D figures show the keyword ASR only); a sweep's runs on one axes; the
+experiments' curves and capability plot; a fine-tuning loss curve. Callers pass data and a path.
 
 Figures are built on `matplotlib.figure.Figure` with an Agg canvas, so plotting never touches
 pyplot's global state and is safe inside a long-running sweep.
@@ -22,6 +23,7 @@ DPI = 150
 CMAP = "viridis_r"   # dark = jailbroken, bright = safe
 NONFINITE_STYLE = dict(marker="x", color="red", s=60, linewidths=2, zorder=5, clip_on=False,
                        label="inf/NaN logits")
+JUDGE_STYLES = ("--", "-.", ":")  # model judges (guard_run): dashed beside the keyword curve
 
 
 def _floats(values, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -76,6 +78,11 @@ def _parse(result) -> dict:
   p["asr"] = _floats(result["asr"], "asr", shape)
   p["nonfinite"] = _mask(result.get("nonfinite"), "nonfinite", shape)
   p["partial"] = result.get("complete") is False or bool(np.isnan(p["asr"]).any())
+  p["judges"] = {}
+  if vis_type in VIS_TYPES_1D:
+    for name, judge in (result.get("judges") or {}).items():
+      if isinstance(judge, dict) and judge.get("asr") is not None:
+        p["judges"][name] = _floats(judge["asr"], f"judges.{name}.asr", shape)
   return p
 
 
@@ -118,7 +125,12 @@ def _plot_1d(fig: Figure, p: dict) -> None:
   ax = fig.add_subplot()
   many = len(asr) > 1
   for k, curve in enumerate(asr):
-    ax.plot(x, curve, marker="o", ms=4, lw=1.4, alpha=0.85 if many else 1.0, label=f"direction {k}")
+    line, = ax.plot(x, curve, marker="o", ms=4, lw=1.4, alpha=0.85 if many else 1.0,
+                    label=f"direction {k}")
+    for j, (name, judged) in enumerate(p["judges"].items()):
+      ax.plot(x, judged[k], color=line.get_color(), ls=JUDGE_STYLES[j % len(JUDGE_STYLES)],
+              marker="s", ms=3, lw=1.2, alpha=0.75,
+              label=f"{name} ASR" + (f" (direction {k})" if many else ""))
   if many:
     mean = asr.mean(axis=0)   # NaN wherever a direction is missing: a partial mean would not compare
     ax.plot(x, mean, color="black", lw=3, ls="--", label="mean", zorder=4)
