@@ -67,6 +67,9 @@ class NllRefTest(absltest.TestCase):
     self.assertEqual(rows.cont[0, :1].tolist(), [9])
     self.assertEqual(rows.cont_mask.sum(1).tolist(), [1, 0])
 
+  def test_even_batches(self):
+    self.assertEqual([continuation.even_batch(n, 16) for n in (1, 16, 17, 20, 33)], [1, 16, 9, 10, 11])
+
 
 class AsrCoherentTest(absltest.TestCase):
 

@@ -178,9 +178,9 @@ def _choice_logits(params, tokens, mask, choice_ids, dirs=None, r=None, coef=Non
 
 def choice_logits(params: dict, cfg: model.ModelConfig, mc: ChoiceSet, *, batch_size: int = 16,
                   dirs: dict | None = None, r: int = 0, coef: np.ndarray | None = None) -> np.ndarray:
-  """[N, 4] logits of ' A'..' D' for every question, in fixed batches (one compiled shape)."""
+  """[N, 4] logits of ' A'..' D' for every question, in batches of one size (one compiled shape)."""
   n_rows = mc.tokens.shape[0]
-  batch_size = max(1, min(batch_size, prompts.bucket_rows(n_rows)))
+  batch_size = continuation.even_batch(n_rows, batch_size)
   extra = () if dirs is None else (dirs, np.int32(r), np.asarray(coef, np.float32))
   out = np.zeros((n_rows, len(LETTERS)), np.float32)
   for start in range(0, n_rows, batch_size):

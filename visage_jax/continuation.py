@@ -79,21 +79,24 @@ def nll_sums(params: dict, prompt: jax.Array, prompt_mask: jax.Array,   # [B, T]
   return jnp.sum(jnp.where(cont_mask, nll, 0.0), axis=1), jnp.sum(w, axis=1)
 
 
-def _pad_rows(idx: np.ndarray, size: int) -> np.ndarray:
-  return np.concatenate([idx, np.full(size - len(idx), idx[-1])]) if len(idx) < size else idx
+def even_batch(n_rows: int, batch_size: int) -> int:
+  """Rows per batch: as few batches of at most batch_size as before, split evenly, so 20 rows
+  run as 2 x 10 and not 16 + 16 with 12 padding rows (a prefill pass is compute-bound)."""
+  n_batches = -(-n_rows // max(1, batch_size))
+  return -(-n_rows // n_batches)
 
 
 def score(params: dict, cfg: model.ModelConfig, rows: Layout, *, batch_size: int = 16,
           dirs: dict | None = None, r: int = 0, coef: np.ndarray | None = None
           ) -> tuple[np.ndarray, np.ndarray]:
-  """(summed NLL [N] float64, counts [N]) of every row, in fixed batches of batch_size rows (the
+  """(summed NLL [N] float64, counts [N]) of every row, in batches of one size (`even_batch`; the
   last one padded by repeating a row), so a whole sweep compiles once."""
-  batch_size = max(1, min(batch_size, prompts.bucket_rows(rows.rows)))
+  batch_size = even_batch(rows.rows, batch_size)
   sums, counts = np.zeros(rows.rows), np.zeros(rows.rows)
   extra = () if dirs is None else (dirs, np.int32(r), np.asarray(coef, np.float32))
   for start in range(0, rows.rows, batch_size):
     n = min(batch_size, rows.rows - start)
-    sel = _pad_rows(np.arange(start, start + n), batch_size)
+    sel = np.arange(start, start + batch_size).clip(max=rows.rows - 1)
     s, k = nll_sums(params, rows.prompt[sel], rows.prompt_mask[sel], rows.cont[sel],
                     rows.cont_mask[sel], *extra, cfg=cfg)
     s, k = jax.device_get((s, k))
