@@ -14,7 +14,8 @@ import re
 import numpy as np
 from absl import logging
 
-from visage_jax import errors, guard, landscape, plotting, sharding, visage
+from visage_jax import errors, guard, plotting, sharding, visage
+from visage_jax import workdir as wd  # `workdir` names run directories here
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -25,7 +26,7 @@ def _generations(workdir: str) -> list[dict]:
   if not os.path.isfile(path):
     raise errors.MissingFileError(f"{path}: no such file; run `visage-jax landscape` in {workdir} "
                                   "first (the judge reads its generations).")
-  lines = landscape.read_generations(path, repair=False)  # the landscape may still be appending
+  lines = wd.read_jsonl(path, repair=False)  # the landscape may still be appending
   for n, line in enumerate(lines, 1):
     outs = line.get("outputs") if isinstance(line, dict) else None
     ok = (isinstance(outs, list) and isinstance(line.get("direction"), int)
@@ -102,7 +103,7 @@ def _publish(workdir: str, name: str, summary: dict) -> dict:
   if (result.get("judges") or {}).get(name) == summary:
     return result
   result.setdefault("judges", {})[name] = summary
-  landscape.write_atomic(path, json.dumps(result, indent=1))
+  wd.write_atomic(path, json.dumps(result, indent=1))
   if not any(v is None for v in np.ravel(np.asarray(result["asr"], object))):
     plotting.plot_landscape(result, os.path.join(workdir, "landscape.png"))
   return result
@@ -122,7 +123,7 @@ def run(workdir: str, model_path: str, *, name: str = "llamaguard", max_new_toke
   lines = _generations(workdir)
   result = _landscape_json(workdir)
   out_path = os.path.join(workdir, "judges", f"{name}.jsonl")
-  records = landscape.read_generations(out_path, repair=False)
+  records = wd.read_jsonl(out_path, repair=False)
   settings = dict(model=model_path, max_new_tokens=max_new_tokens, dtype=dtype)
   _check_settings(result, name, settings, records)
   done = {(r["direction"], r["step"], r["prompt_index"]) for r in records}
@@ -153,7 +154,7 @@ def _judge_blocks(todo, done, out_path, model_path, dtype, max_new_tokens, batch
 
   judge = guard.load(model_path, dtype, _mesh(mesh_shape))
   os.makedirs(os.path.dirname(out_path), exist_ok=True)
-  landscape.read_generations(out_path, repair=True)  # drop a torn last line before appending
+  wd.read_jsonl(out_path, repair=True)  # drop a torn last line before appending
   new = []
   bar = tqdm(total=sum(len(qs) for _, qs in todo), unit="gen", desc="judge", disable=not progress,
              dynamic_ncols=True)
