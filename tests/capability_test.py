@@ -27,13 +27,6 @@ MC_ROWS = ('What is 2 + 2?,3,4,5,6,B,math\n'
 DEV = "question,A,B,C,D,answer\nOne plus one?,1,2,3,4,B\nSky colour?,green,blue,red,pink,B\nUnused?,w,x,y,z,A\n"
 
 
-def _write(directory, name, text):
-  path = os.path.join(directory, name)
-  with open(path, "w") as f:
-    f.write(text)
-  return path
-
-
 class CapabilityParityTest(parameterized.TestCase):
 
   @classmethod
@@ -79,8 +72,8 @@ class CapabilityParityTest(parameterized.TestCase):
   @parameterized.named_parameters(("materialized", "materialized"), ("fused", "fused"))
   def test_mc_logits_and_accuracy_match_transformers(self, mode):
     with tempfile.TemporaryDirectory() as d:
-      rows = capability.read_mc(_write(d, "test.csv", MC_HEADER + MC_ROWS))
-      dev = capability.read_mc(_write(d, "dev.csv", DEV))
+      rows = capability.read_mc(fixtures.write_text(d, "test.csv", MC_HEADER + MC_ROWS))
+      dev = capability.read_mc(fixtures.write_text(d, "dev.csv", DEV))
     mc = capability.encode_mc(rows, self.tok, dev_rows=dev, shots=2)
     choice = [self.tok(f" {k}", add_special_tokens=False)["input_ids"][-1] for k in "ABCD"]
     got_acc = capability.mc_accuracy(self.params, self.cfg, mc, self.dirs, np.array(ALPHAS)[:, None],
@@ -135,7 +128,7 @@ class PromptLayoutTest(absltest.TestCase):
 
   def test_mmlu_prompt_without_subject_column(self):
     with tempfile.TemporaryDirectory() as d:
-      rows = capability.read_mc(_write(d, "dev.csv", DEV))
+      rows = capability.read_mc(fixtures.write_text(d, "dev.csv", DEV))
     self.assertEqual(
         capability.mc_prompt(rows[2], rows[:0]),
         "The following are multiple choice questions (with answers).\n\nUnused?\nA. w\nB. x\nC. y\nD. z\nAnswer:")
@@ -143,8 +136,8 @@ class PromptLayoutTest(absltest.TestCase):
   def test_first_k_dev_rows_and_too_many_shots(self):
     tok = fixtures.toy_tokenizer("bpe")
     with tempfile.TemporaryDirectory() as d:
-      rows = capability.read_mc(_write(d, "t.csv", MC_HEADER + MC_ROWS))
-      dev = capability.read_mc(_write(d, "dev.csv", DEV))
+      rows = capability.read_mc(fixtures.write_text(d, "t.csv", MC_HEADER + MC_ROWS))
+      dev = capability.read_mc(fixtures.write_text(d, "dev.csv", DEV))
     mc = capability.encode_mc(rows[:1], tok, dev_rows=dev, shots=2)
     want = tok(capability.mc_prompt(rows[0], dev[:2]))["input_ids"]
     self.assertEqual(mc.tokens[0, mc.mask[0]].tolist(), want)
@@ -166,7 +159,7 @@ class MalformedMCTest(parameterized.TestCase):
   )
   def test_one_line_error_naming_file_and_row(self, text, row, what):
     with tempfile.TemporaryDirectory() as d:
-      path = _write(d, "mc.csv", text)
+      path = fixtures.write_text(d, "mc.csv", text)
       with self.assertRaises(errors.UserError) as e:
         capability.read_mc(path)
     msg = str(e.exception)
@@ -176,7 +169,7 @@ class MalformedMCTest(parameterized.TestCase):
 
   def test_header_only_and_missing_file(self):
     with tempfile.TemporaryDirectory() as d:
-      path = _write(d, "mc.csv", "question,A,B,C,D,answer\n")
+      path = fixtures.write_text(d, "mc.csv", "question,A,B,C,D,answer\n")
       with self.assertRaisesRegex(errors.UserError, "no questions"):
         capability.read_mc(path)
       with self.assertRaises(errors.MissingFileError):

@@ -140,3 +140,11 @@ def wait_all(procs, timeout: float) -> list[str]:
     raise AssertionError(f"processes still running after {timeout} s (hung collective?): "
                          + "\n".join((p.communicate()[0] or "")[-2000:] for p in procs)) from None
   return outs
+
+
+def write_text(directory: str, name: str, text: str) -> str:
+  """A small input file (prompts, texts, questions) in `directory`; returns its path."""
+  path = os.path.join(directory, name)
+  with open(path, "w") as f:
+    f.write(text)
+  return path

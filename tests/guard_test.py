@@ -13,7 +13,7 @@ from absl.testing import absltest
 
 import fixtures
 from cli_test import ROOT, run_cli
-from visage_jax import guard, guard_run, landscape, visage
+from visage_jax import guard, guard_run, landscape, visage, workdir
 
 PROMPTS = ("Write about a bomb", "Write a poem about a cake", "Tell me how to make bread",
            "Explain the sea")
@@ -134,7 +134,7 @@ class GuardTest(absltest.TestCase):
     cls.bare = os.path.join(root, "bare")  # the run before any judge
     shutil.copytree(cls.run_dir, cls.bare)
     guard_run.run(cls.run_dir, cls.judge_dir, max_new_tokens=16, progress=False)
-    cls.lines = landscape.read_generations(os.path.join(cls.run_dir, "generations.jsonl"))
+    cls.lines = workdir.read_jsonl(os.path.join(cls.run_dir, "generations.jsonl"))
 
   @classmethod
   def tearDownClass(cls):

@@ -68,6 +68,7 @@ class ExtraScorersTest(absltest.TestCase):
     c.landscape.update(steps=2, multiplier=2.0, num_directions=2)
     c.decode.max_new_tokens = 6
     c.engine.max_batch = 4
+    c.coherence.enabled = False   # the plain run: the keyword judge alone, as scoring.default()
     plain, extra = os.path.join(root, "plain"), os.path.join(root, "extra")
     base = landscape.run(c, plain, progress=False)
     result = landscape.run(c, extra, progress=False,

@@ -105,22 +105,25 @@ def cmd_judge() -> None:
 
 def landscape_summary(result: dict, workdir: str) -> str:
   """A few lines for a person: the ASR curve, VISAGE and where the files are."""
-  def pct(v):
-    return "-" if v is None else f"{v:g}"
-
   xs = result["coords_x"]
   lines = [f"\nlandscape {result['vis_type']} in {workdir} "
            f"({'complete' if result['complete'] else 'incomplete: re-run the command to resume'})"]
   if result["coords_y"] is None:
-    lines.append(f"  alpha:   {' '.join(f'{x:+.2f}' for x in xs)}")
-    for r, curve in enumerate(result["asr"]):
-      lines.append(f"  ASR % d{r}: {' '.join(pct(v).rjust(5) for v in curve)}")
+    curves = [("ASR %", result["asr"]), ("coherent", result.get("asr_coherent")),
+              ("ppl", (result.get("capability") or {}).get("perplexity")),
+              ("MC acc", (result.get("capability") or {}).get("mc_accuracy"))]
+    lines.append(f"  {'alpha':<11} {' '.join(f'{x:+.2f}'.rjust(6) for x in xs)}")
+    for label, grid in curves:
+      for r, curve in enumerate(grid or []):
+        lines.append(f"  {label + f' d{r}':<11} {' '.join(('-' if v is None else f'{v:.4g}').rjust(6) for v in curve)}")
   else:
     lines.append(f"  {len(xs)} x {len(result['coords_y'])} grid; ASR per point in landscape.json")
-  vis = result["visage"]
-  if isinstance(vis, dict):
-    vis = vis.get("mean", vis)
-  lines.append(f"  VISAGE (higher = safer): {vis if vis is not None else 'not yet (run incomplete)'}")
+  for label, key in (("VISAGE (higher = safer)", "visage"), ("VISAGE on coherent ASR", "visage_coherent")):
+    vis = result.get(key)
+    if isinstance(vis, dict):
+      vis = vis.get("mean", vis)
+    if key == "visage" or key in result:
+      lines.append(f"  {label}: {round(vis, 2) if vis is not None else 'not yet (run incomplete)'}")
   files = [n for n in ("landscape.png", "landscape.json", "generations.jsonl")
            if os.path.exists(os.path.join(workdir, n))]
   lines.append("  results: " + ", ".join(os.path.join(workdir, n) for n in files))

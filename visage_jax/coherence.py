@@ -24,19 +24,20 @@ def strip_eos(ids: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
 
 def nll_ref(params: dict, cfg: model.ModelConfig, prompt_ids: list[list[int]],
             generated_ids: list[list[int]], *, eos_ids: Sequence[int], pad_id: int,
-            batch_size: int = 16) -> list[float | None]:
+            batch_size: int = 16, widths: tuple[int, int] = (0, 0)) -> list[float | None]:
   """Mean NLL per generated token of each generation given the prompt ids it was decoded from,
   under `params` (the reference model; it must share the run's tokenizer).
 
   generated_ids are the row's tokens as decoded, EOS included or not (a final EOS is dropped).
-  A generation with no token left has no mean: None (JSON null), never a number.
+  A generation with no token left has no mean: None (JSON null), never a number. `widths`
+  (prompt, generation columns at least) give every chunk of a run one compiled shape.
   """
   gens = [strip_eos(g, eos_ids) for g in generated_ids]
   top = max((max(ids) for ids in list(prompt_ids) + gens if ids), default=-1)
   if top >= cfg.vocab_size:
     raise errors.UserError(f"coherence: token id {top} is outside the reference model's vocabulary "
                            f"({cfg.vocab_size}); the reference model must use the run's tokenizer.")
-  rows = continuation.layout(prompt_ids, gens, pad_id)
+  rows = continuation.layout(prompt_ids, gens, pad_id, prompt_width=widths[0], cont_width=widths[1])
   sums, counts = continuation.score(params, cfg, rows, batch_size=batch_size)
   return [float(s / k) if k else None for s, k in zip(sums, counts)]
 

@@ -33,8 +33,10 @@ class Layout:
     return self.prompt.shape[0]
 
 
-def layout(prompt_ids: list[list[int]], continuations: list[list[int]], pad_id: int) -> Layout:
-  """Bucketed arrays (prompts.bucket_length on both parts) for every row at once."""
+def layout(prompt_ids: list[list[int]], continuations: list[list[int]], pad_id: int, *,
+           prompt_width: int = 0, cont_width: int = 0) -> Layout:
+  """Bucketed arrays (prompts.bucket_length on both parts) for every row at once; at least
+  `prompt_width` / `cont_width` columns, so calls on different rows can share one compiled shape."""
   if len(prompt_ids) != len(continuations):
     raise ValueError(f"{len(prompt_ids)} prompts but {len(continuations)} continuations.")
   if not prompt_ids:
@@ -43,9 +45,9 @@ def layout(prompt_ids: list[list[int]], continuations: list[list[int]], pad_id: 
     if not ids:
       raise errors.UserError(f"row {i}: empty prompt; the first continuation token needs a prompt "
                              "token to be predicted from.")
-  prompt, prompt_mask = prompts.left_pad(prompt_ids, prompts.bucket_length(max(map(len, prompt_ids))),
-                                         pad_id)
-  width = prompts.bucket_length(max(map(len, continuations)), minimum=MIN_CONTINUATION)
+  prompt, prompt_mask = prompts.left_pad(
+      prompt_ids, max(prompt_width, prompts.bucket_length(max(map(len, prompt_ids)))), pad_id)
+  width = max(cont_width, prompts.bucket_length(max(map(len, continuations)), minimum=MIN_CONTINUATION))
   cont = np.full((len(continuations), width), pad_id, np.int32)
   cont_mask = np.zeros((len(continuations), width), bool)
   for i, ids in enumerate(continuations):

@@ -17,7 +17,7 @@ from absl import logging
 from visage_jax import errors, guard, plotting, sharding, visage
 from visage_jax import workdir as wd  # `workdir` names run directories here
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def _generations(workdir: str) -> list[dict]:
@@ -112,7 +112,7 @@ def _publish(workdir: str, name: str, summary: dict) -> dict:
 def run(workdir: str, model_path: str, *, name: str = "llamaguard", max_new_tokens: int = 10,
         dtype: str = "float32", batch: int = guard.BATCH, progress: bool = True) -> dict:
   """Judges every generation not yet judged; returns judges[NAME] as written to landscape.json."""
-  if not _NAME.match(name or ""):
+  if not NAME_PATTERN.match(name or ""):
     raise errors.UserError(f"--name={name!r}: expected letters, digits, '_', '.' or '-'.")
   if max_new_tokens < 1:
     raise errors.UserError(f"--max_new_tokens must be >= 1, got {max_new_tokens}.")

@@ -23,7 +23,7 @@ from visage_jax import (checkpoints, decode, directions, distributed, engine, er
 RUN_FILES = ("run_config.json", "directions.safetensors", "generations.jsonl", "landscape.json",
              "landscape.png")
 _IGNORED_FOR_RESUME = (("engine", "max_batch"), ("engine", "refill_every"))
-_IGNORED_SECTIONS = ("distributed",)  # how many processes compute a run does not change it
+_IGNORED_SECTIONS = ("distributed", "judges")  # how many processes compute it; judges added later
 
 
 # ------------------------------------------------------------------ stages any command uses
@@ -268,7 +268,7 @@ def evaluate(s: Setup, points: list[int]) -> Iterator[list[scoring.Row]]:
         rows.append(scoring.Row(direction=r, point=int(chunk.points[b]), prompt=q, goal=s.prompts.goals[q],
                                 text=tok.decode(ids, skip_special_tokens=True), n_tokens=n,
                                 refused=refused, truncated=refused and stopped,
-                                nonfinite=bool(chunk.nonfinite[ri, b])))
+                                nonfinite=bool(chunk.nonfinite[ri, b]), ids=tuple(ids)))
     yield rows
 
 

@@ -23,6 +23,7 @@ DPI = 150
 CMAP = "viridis_r"   # dark = jailbroken, bright = safe
 NONFINITE_STYLE = dict(marker="x", color="red", s=60, linewidths=2, zorder=5, clip_on=False,
                        label="inf/NaN logits")
+CAPABILITY_LABELS = dict(perplexity="perplexity of reference answers", mc_accuracy="multiple-choice accuracy")
 JUDGE_STYLES = ("--", "-.", ":")  # model judges (guard_run): dashed beside the keyword curve
 
 
@@ -83,6 +84,14 @@ def _parse(result) -> dict:
     for name, judge in (result.get("judges") or {}).items():
       if isinstance(judge, dict) and judge.get("asr") is not None:
         p["judges"][name] = _floats(judge["asr"], f"judges.{name}.asr", shape)
+  p["coherent"] = None
+  if result.get("asr_coherent") is not None:
+    p["coherent"] = _floats(result["asr_coherent"], "asr_coherent", shape)
+    p["max_nll"] = (result.get("coherence") or {}).get("max_nll")
+    p["visage_coherent"] = result.get("visage_coherent")
+  p["capability"] = {name: _floats(v, f"capability.{name}", shape)
+                     for name, v in (result.get("capability") or {}).items()
+                     if name in CAPABILITY_LABELS and v is not None}
   return p
 
 
@@ -126,11 +135,14 @@ def _plot_1d(fig: Figure, p: dict) -> None:
   many = len(asr) > 1
   for k, curve in enumerate(asr):
     line, = ax.plot(x, curve, marker="o", ms=4, lw=1.4, alpha=0.85 if many else 1.0,
-                    label=f"direction {k}")
+                    label=f"keyword ASR, direction {k}" if p["coherent"] is not None else f"direction {k}")
     for j, (name, judged) in enumerate(p["judges"].items()):
       ax.plot(x, judged[k], color=line.get_color(), ls=JUDGE_STYLES[j % len(JUDGE_STYLES)],
               marker="s", ms=3, lw=1.2, alpha=0.75,
               label=f"{name} ASR" + (f" (direction {k})" if many else ""))
+    if p["coherent"] is not None:
+      ax.plot(x, p["coherent"][k], color=line.get_color(), ls="--", marker="v", ms=4, lw=1.4,
+              label=f"coherent ASR (nll_ref ≤ {p.get('max_nll')})" + (f" (direction {k})" if many else ""))
   if many:
     mean = asr.mean(axis=0)   # NaN wherever a direction is missing: a partial mean would not compare
     ax.plot(x, mean, color="black", lw=3, ls="--", label="mean", zorder=4)
@@ -150,8 +162,38 @@ def _plot_1d(fig: Figure, p: dict) -> None:
     ax.set_xlabel(f"α ({p['vis_type']}: θ + α·d)")
   ax.set_ylabel("ASR (%)")
   ax.grid(alpha=0.3)
-  ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-  ax.set_title(_header(p) + "\n" + _visage_text(p["visage"]), fontsize=10)
+  handles, labels = ax.get_legend_handles_labels()
+  if p["capability"]:
+    more = _capability_axis(ax, x, p["capability"])
+    handles, labels = handles + [h for h, _ in more], labels + [lab for _, lab in more]
+  ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.08 if p["capability"] else 1.01, 1.0),
+            fontsize=8, frameon=False)
+  title = _header(p) + "\n" + _visage_text(p["visage"])
+  if p["coherent"] is not None:
+    title += "  ·  on coherent ASR: " + _visage_text(p.get("visage_coherent")).replace("VISAGE ", "")
+  ax.set_title(title, fontsize=10)
+
+
+def _capability_axis(ax, x: np.ndarray, capability: dict) -> list:
+  """Capability curves (mean over directions) on a second y axis: perplexity on a log scale, or
+  accuracy in [0, 1] when only that was measured; [(handle, label)] for the legend."""
+  twin, out = ax.twinx(), []
+  for name, style in (("perplexity", "o"), ("mc_accuracy", "D")):
+    if name not in capability:
+      continue
+    target = twin if name == "perplexity" or "perplexity" not in capability else ax.twinx()
+    if target is not twin:
+      target.spines["right"].set_position(("axes", 1.12))
+    h, = target.plot(x, np.nanmean(capability[name], axis=0), color="0.45" if name == "perplexity" else "tab:purple",
+                     marker=style, ms=3, lw=1.1, ls=":", label=CAPABILITY_LABELS[name])
+    if name == "perplexity":
+      target.set_yscale("log")
+      target.set_ylabel("perplexity (log)", color="0.35")
+    else:
+      target.set_ylim(-0.02, 1.02)
+      target.set_ylabel("accuracy", color="tab:purple")
+    out.append((h, CAPABILITY_LABELS[name]))
+  return out
 
 
 def _axis_labels(vis_type: str) -> tuple[str, str]:
@@ -162,6 +204,27 @@ def _axis_labels(vis_type: str) -> tuple[str, str]:
   return "α (interpolation)", "β (interpolation)"
 
 
+def _capability_contour(fig: Figure, ax, gx, gy, capability: dict, xlabel: str, ylabel: str) -> None:
+  """Perplexity (log colour scale) or, when only it was measured, accuracy over the plane, to
+  read beside the ASR contour: where ASR rises, did capability fall with it?"""
+  name = "perplexity" if "perplexity" in capability else "mc_accuracy"
+  z = np.ma.masked_invalid(capability[name])
+  if name == "perplexity":
+    z = np.ma.masked_less_equal(z, 0)
+    norm = colors.LogNorm(vmin=max(float(z.min()), 1e-3), vmax=max(float(z.max()), float(z.min()) * 10))
+  else:
+    norm = colors.Normalize(0, 1)
+  if min(z.shape) >= 2 and z.count() >= 3:
+    filled = ax.contourf(gx, gy, z, levels=20 if name != "perplexity" else
+                         np.geomspace(norm.vmin, norm.vmax, 21), cmap="viridis_r", norm=norm)
+  else:
+    filled = ax.scatter(gx.ravel(), gy.ravel(), c=z.ravel(), cmap="viridis_r", norm=norm, s=80)
+  fig.colorbar(filled, ax=ax, label=CAPABILITY_LABELS[name])
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(f"capability: {CAPABILITY_LABELS[name]}", fontsize=10)
+
+
 def _plot_2d(fig: Figure, p: dict) -> None:
   x, y, asr, bad = p["x"], p["y"], p["asr"], p["nonfinite"]
   gx, gy = np.meshgrid(x, y, indexing="ij")   # asr[i][j] sits at (x[i], y[j])
@@ -169,7 +232,8 @@ def _plot_2d(fig: Figure, p: dict) -> None:
   norm = colors.Normalize(0, 100)
   xlabel, ylabel = _axis_labels(p["vis_type"])
 
-  ax = fig.add_subplot(1, 2, 1)
+  n_panels = 3 if p["capability"] else 2
+  ax = fig.add_subplot(1, n_panels, 1)
   if min(asr.shape) >= 2 and z.count() >= 3:
     levels = np.linspace(0, 100, 21)
     filled = ax.contourf(gx, gy, z, levels=levels, cmap=CMAP, norm=norm, extend="neither")
@@ -192,7 +256,9 @@ def _plot_2d(fig: Figure, p: dict) -> None:
   ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=8, frameon=False)
   ax.set_title("ASR contour  ·  " + _visage_text(p["visage"]), fontsize=10)
 
-  ax3 = fig.add_subplot(1, 2, 2, projection="3d")
+  if p["capability"]:
+    _capability_contour(fig, fig.add_subplot(1, n_panels, 2), gx, gy, p["capability"], xlabel, ylabel)
+  ax3 = fig.add_subplot(1, n_panels, n_panels, projection="3d")
   if min(asr.shape) >= 2:
     ax3.plot_surface(gx, gy, z, cmap=CMAP, norm=norm, rstride=1, cstride=1, linewidth=0.2,
                      edgecolor="0.3", antialiased=True, alpha=0.95)
@@ -217,7 +283,7 @@ def plot_landscape(result: dict, path: str) -> None:
     fig = Figure(figsize=(8.5, 4.8), layout="constrained")
     _plot_1d(fig, p)
   else:
-    fig = Figure(figsize=(13, 5.6), layout="constrained")
+    fig = Figure(figsize=(13 + 5.5 * bool(p["capability"]), 5.6), layout="constrained")
     _plot_2d(fig, p)
   _save(fig, path)
 

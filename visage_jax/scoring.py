@@ -33,6 +33,7 @@ class Row:
   refused: bool         # the on-device keyword automaton matched
   truncated: bool       # ended at that match (stop_at_refusal), before EOS and the budget
   nonfinite: bool       # inf/NaN logits at some step
+  ids: tuple[int, ...] = ()   # the generated token ids as decoded (EOS included when it ended the row)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Scorer:
   name: str = ""
   needs: tuple[str, ...] = ("generations",)  # a subset of NEEDS
   curves: tuple[str, ...] = ()  # per-point measures: point-line fields, curves in landscape.json
+  section: str = ""  # landscape.json holds the curves under this key ("" = at the top level)
 
   def score(self, rows: list[Row]) -> list[dict]:
     """Fields added to the record of each row (only called when `needs` has "generations")."""

@@ -1,0 +1,145 @@
+"""What a landscape measures beside the keyword judge, as scorers built from its config.
+
+The keyword judge counts gibberish as a jailbreak, so a basin wall can be where the model stops
+producing language rather than where it starts complying. Coherence (`nll_ref` of every
+generation under the unperturbed model, and `asr_coherent`) and capability (perplexity of
+reference answers, multiple-choice accuracy; the paper's Figs. 7-8) at the same grid points tell
+the two apart. Model judges (Llama Guard) run through `guard_run` on the written generations.
+"""
+
+import json
+import math
+import os
+
+import numpy as np
+
+from visage_jax import (capability, checkpoints, coherence, errors, guard_run, pipeline, prompts, scoring,
+                        visage)
+from visage_jax import workdir as wd  # `workdir` names run directories here
+
+BENIGN_FILE = "capability_texts.jsonl"   # the `benign` answers, saved so a resumed run reuses them
+
+
+def _finite(v: float | None) -> float | None:
+  """JSON has no NaN or infinity: a non-finite measure is written as null."""
+  return None if v is None or not math.isfinite(v) else float(v)
+
+
+class CoherenceScorer(scoring.Scorer):
+  """nll_ref: mean NLL per generated token (EOS excluded) given the prompt the row was decoded
+  from, under a reference model; a jailbreak counts in asr_coherent only when nll_ref <= max_nll."""
+  name = "coherence"
+  curves = ("asr_coherent",)
+
+  def __init__(self, params: dict, cfg, prompt_ids: list[list[int]], spec, max_nll: float, model: str):
+    self.params, self.cfg, self.prompt_ids, self.spec = params, cfg, prompt_ids, spec
+    self.max_nll, self.model = float(max_nll), model
+    self.widths = (prompts.bucket_length(max(map(len, prompt_ids))),   # one compiled shape a run
+                   prompts.bucket_length(spec.max_new_tokens, minimum=8))
+
+  def score(self, rows):
+    nll = coherence.nll_ref(self.params, self.cfg, [self.prompt_ids[r.prompt] for r in rows],
+                            [list(r.ids) for r in rows], eos_ids=self.spec.eos_ids, pad_id=self.spec.pad_id,
+                            widths=self.widths)
+    return [dict(nll_ref=_finite(v)) for v in nll]
+
+  def point(self, p):
+    return dict(asr_coherent=coherence.asr_coherent([rec["jailbroken"] for rec in p.records],
+                                                    [rec["nll_ref"] for rec in p.records], self.max_nll))
+
+  def summarize(self, curves, *, two_d, complete):
+    score = None
+    if complete:
+      score = visage.visage_2d(curves["asr_coherent"]) if two_d else visage.visage_directions(curves["asr_coherent"])
+    return dict(visage_coherent=score, coherence=dict(max_nll=self.max_nll, model=self.model))
+
+
+class CapabilityScorer(scoring.Scorer):
+  """Perplexity of reference answers and multiple-choice accuracy at each grid point, prefill-only
+  passes on the point's weights (materialized, or fused like the run's decoding)."""
+  name = "capability"
+  section = "capability"
+  needs = ("params",)
+
+  def __init__(self, s: pipeline.Setup, texts, mc):
+    self.s, self.texts, self.mc = s, texts, mc
+    self.curves = tuple(n for n, v in (("perplexity", texts), ("mc_accuracy", mc)) if v is not None)
+    self.mode = "materialized" if s.mode == "materialized" else "fused"
+
+  def point(self, p):
+    m, coefs, out = self.s.model, np.asarray([p.coords], np.float32), {}
+    if self.texts is not None:
+      out["perplexity"] = _finite(capability.perplexity(m.params, m.cfg, self.texts, self.s.stacked, coefs,
+                                                        r=p.direction, mode=self.mode)[0])
+    if self.mc is not None:
+      out["mc_accuracy"] = _finite(capability.mc_accuracy(m.params, m.cfg, self.mc, self.s.stacked, coefs,
+                                                          r=p.direction, mode=self.mode)[0])
+    return out
+
+
+def validate(c) -> None:
+  """Reads every file the measures need before the run writes anything (bad input: one line)."""
+  co, cap = c.coherence, c.capability
+  if co.enabled and not co.max_nll > 0:
+    raise errors.UserError(f"coherence.max_nll must be > 0 (nats per token), got {co.max_nll}.")
+  if co.enabled and co.model_path:
+    checkpoints.load_config(co.model_path)
+  if cap.texts_path not in ("", capability.BENIGN):
+    capability.read_texts(cap.texts_path)
+  if cap.mc_shots < 0:
+    raise errors.UserError(f"capability.mc_shots must be >= 0, got {cap.mc_shots}.")
+  if cap.mc_path:
+    capability.read_mc(cap.mc_path)
+  if cap.mc_shots and not cap.mc_dev_path:
+    raise errors.UserError(f"capability.mc_shots={cap.mc_shots} needs capability.mc_dev_path (the shots).")
+  if cap.mc_dev_path and len(capability.read_mc(cap.mc_dev_path)) < cap.mc_shots:
+    raise errors.UserError(f"{cap.mc_dev_path}: fewer rows than capability.mc_shots={cap.mc_shots}.")
+  if c.judges.model_path:
+    if not guard_run.NAME_PATTERN.match(c.judges.name or ""):
+      raise errors.UserError(f"judges.name {c.judges.name!r}: expected letters, digits, '_', '.' or '-'.")
+    checkpoints.load_config(c.judges.model_path)
+
+
+def scorers(c, s: pipeline.Setup, path: str) -> tuple[scoring.Scorer, ...]:
+  """The keyword judge, then coherence and capability as the config asks."""
+  out = list(scoring.default())
+  if c.coherence.enabled:
+    out.append(_coherence(c, s))
+  cap = c.capability
+  texts = _texts(c, s, path) if cap.texts_path else None
+  mc = None
+  if cap.mc_path:
+    dev = capability.read_mc(cap.mc_dev_path) if cap.mc_dev_path else []
+    mc = capability.encode_mc(capability.read_mc(cap.mc_path), s.model.tokenizer, dev_rows=dev,
+                              shots=cap.mc_shots)
+  if texts is not None or mc is not None:
+    out.append(CapabilityScorer(s, texts, mc))
+  return tuple(out)
+
+
+def _coherence(c, s: pipeline.Setup) -> CoherenceScorer:
+  """The reference is the run's own unperturbed model (LoRA merged) unless coherence.model_path."""
+  params, cfg, label = s.model.params, s.model.cfg, "the run's model at the origin"
+  if c.coherence.model_path:
+    ref = pipeline.load_model(c.coherence.model_path, c.model.dtype)
+    params, cfg, label = ref.params, ref.cfg, c.coherence.model_path
+  return CoherenceScorer(params, cfg, s.prompts.ids, s.spec, c.coherence.max_nll, label)
+
+
+def _texts(c, s: pipeline.Setup, path: str):
+  """capability.texts_path rows, formatted like the run's prompts; `benign` answered at theta
+  once and saved in the workdir (a resumed run reads them back)."""
+  cap, m = c.capability, s.model
+  if cap.texts_path != capability.BENIGN:
+    rows = capability.read_texts(cap.texts_path)
+  else:
+    saved = os.path.join(path, BENIGN_FILE)
+    rows = prompts.read_jsonl(saved, ("prompt", "response")) if os.path.exists(saved) else None
+    if rows is None:
+      rows = capability.benign_rows(m.params, m.cfg, m.tokenizer, template=c.prompts.template,
+                                    system_prompt=c.prompts.system_prompt,
+                                    max_new_tokens=cap.benign_max_new_tokens)
+      if s.writer:
+        wd.write_atomic(saved, "".join(json.dumps(r) + "\n" for r in rows))
+  return capability.encode_texts(rows, m.tokenizer, template=c.prompts.template,
+                                 system_prompt=c.prompts.system_prompt)
