@@ -158,19 +158,14 @@ def _judge_blocks(todo, done, out_path, model_path, dtype, max_new_tokens, batch
   new = []
   bar = tqdm(total=sum(len(qs) for _, qs in todo), unit="gen", desc="judge", disable=not progress,
              dynamic_ncols=True)
-  with open(out_path, "a") as f:
+  with wd.JsonlAppender(out_path) as out:
     for line, qs in todo:
       pairs = [(line["outputs"][q]["prompt"], line["outputs"][q]["generation"]) for q in qs]
       got = guard.judge_pairs(judge, pairs, max_new_tokens=max_new_tokens, batch=batch)
-      for q, rec in zip(qs, got):
-        key = (line["direction"], line["step"], q)
-        if key in done:
-          continue
-        rec = dict(direction=key[0], step=key[1], prompt_index=q, **rec)
-        f.write(json.dumps(rec) + "\n")
-        new.append(rec)
-      f.flush()
-      os.fsync(f.fileno())
+      block = [dict(direction=line["direction"], step=line["step"], prompt_index=q, **rec)
+               for q, rec in zip(qs, got) if (line["direction"], line["step"], q) not in done]
+      out.append(block)
+      new.extend(block)
       bar.update(len(qs))
   bar.close()
   return new

@@ -27,19 +27,25 @@ def run(c, path: str, *, overwrite: bool = False, progress: bool = True, scorers
   landscape.json. `scorers` say what is measured (default: scoring.default(), the keyword judge)."""
   measures.validate(c)
   s = pipeline.prepare(c, path, overwrite=overwrite)
-  result = execute(s, path, measures.scorers(c, s, path) if scorers is None else tuple(scorers),
-                   progress=progress)
-  if c.judges.model_path and result["complete"]:
-    result = _judge(c, s, path)
+  placement = measures.judge_placement(c, s) if c.judges.model_path else None
+  chosen = (measures.scorers(c, s, path, judge_inline=bool(placement and placement[0]))
+            if scorers is None else tuple(scorers))
+  result = execute(s, path, chosen, progress=progress)
+  if placement and result["complete"]:
+    result = _judge(c, s, path, placement[1])
   return result
 
 
-def _judge(c, s: pipeline.Setup, path: str) -> dict:
-  """The config's model judge over the finished run (guard_run: resumable, skips what is done),
-  after decoding so its weights never sit beside the target model's and the directions."""
+def _judge(c, s: pipeline.Setup, path: str, placement: str) -> dict:
+  """The config's model judge: what inline judging left out, or everything after decoding
+  (guard_run skips what is done), then landscape.json["judges"][name] with where it ran."""
   if s.writer:
     guard_run.run(path, c.judges.model_path, name=c.judges.name, max_new_tokens=c.judges.max_new_tokens,
                   dtype=c.model.dtype, progress=False)
+    with open(os.path.join(path, "landscape.json")) as f:
+      result = json.load(f)
+    result["judges"][c.judges.name]["placement"] = placement
+    workdir.write_atomic(os.path.join(path, "landscape.json"), json.dumps(result, indent=1))
   distributed.barrier("landscape: judged")
   with open(os.path.join(path, "landscape.json")) as f:
     return json.load(f)

@@ -13,8 +13,11 @@ import os
 
 import numpy as np
 
-from visage_jax import (capability, checkpoints, coherence, errors, guard_run, pipeline, prompts, scoring,
-                        visage)
+import jax
+import jax.numpy as jnp
+
+from visage_jax import (capability, checkpoints, coherence, errors, guard, guard_run, pipeline, planner,
+                        prompts, scoring, visage)
 from visage_jax import workdir as wd  # `workdir` names run directories here
 
 BENIGN_FILE = "capability_texts.jsonl"   # the `benign` answers, saved so a resumed run reuses them
@@ -77,6 +80,45 @@ class CapabilityScorer(scoring.Scorer):
     return out
 
 
+class JudgeScorer(scoring.Scorer):
+  """A Llama Guard-format judge of each chunk's generations as they are decoded: its records go to
+  judges/NAME.jsonl (what `visage-jax judge` writes); guard_run fills what a crash left out and
+  writes landscape.json["judges"] at the end of the run."""
+  needs = ("generations",)
+
+  def __init__(self, judge: guard.Judge, path: str, name: str, max_new_tokens: int, writer: bool):
+    self.judge, self.name, self.max_new_tokens, self.writer = judge, name, max_new_tokens, writer
+    self.out = os.path.join(path, "judges", f"{name}.jsonl")
+    if writer:
+      os.makedirs(os.path.dirname(self.out), exist_ok=True)
+    self.done = {(r["direction"], r["step"], r["prompt_index"])
+                 for r in wd.read_jsonl(self.out, repair=writer)}
+
+  def score(self, rows):
+    todo = [r for r in rows if (r.direction, r.point, r.prompt) not in self.done]
+    if todo:
+      got = guard.judge_pairs(self.judge, [(r.goal, r.text) for r in todo], max_new_tokens=self.max_new_tokens)
+      with wd.JsonlAppender(self.out, write=self.writer) as out:
+        out.append([dict(direction=r.direction, step=r.point, prompt_index=r.prompt, **g)
+                    for r, g in zip(todo, got)])
+      self.done.update((r.direction, r.point, r.prompt) for r in todo)
+    return [{} for _ in rows]
+
+
+def judge_placement(c, s: pipeline.Setup, stats: dict | None = None) -> tuple[bool, str]:
+  """(inline?, why): the judge decodes beside the target model when its weights take at most half
+  of a device's free memory (what decoding allocates per chunk comes on top), else after decoding.
+  `stats`: the device's memory_stats() (default: the first local device's)."""
+  stats = (jax.local_devices()[0].memory_stats() or {}) if stats is None else stats
+  if not stats.get("bytes_limit"):
+    return True, f"inline: {jax.local_devices()[0].platform} reports no device memory limit"
+  cfg = checkpoints.load_config(c.judges.model_path, c.model.dtype)
+  need = planner.param_count(cfg) * jnp.dtype(c.model.dtype).itemsize / s.mesh.shape["model"]
+  free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+  gib = f"judge weights {need / 2**30:.2f} GiB per device, {free / 2**30:.2f} GiB free"
+  return (True, f"inline: {gib}") if need <= free / 2 else (False, f"after decoding: {gib}")
+
+
 def validate(c) -> None:
   """Reads every file the measures need before the run writes anything (bad input: one line)."""
   co, cap = c.coherence, c.capability
@@ -100,8 +142,8 @@ def validate(c) -> None:
     checkpoints.load_config(c.judges.model_path)
 
 
-def scorers(c, s: pipeline.Setup, path: str) -> tuple[scoring.Scorer, ...]:
-  """The keyword judge, then coherence and capability as the config asks."""
+def scorers(c, s: pipeline.Setup, path: str, judge_inline: bool = False) -> tuple[scoring.Scorer, ...]:
+  """The keyword judge, then coherence, capability and an inline model judge as the config asks."""
   out = list(scoring.default())
   if c.coherence.enabled:
     out.append(_coherence(c, s))
@@ -114,6 +156,9 @@ def scorers(c, s: pipeline.Setup, path: str) -> tuple[scoring.Scorer, ...]:
                               shots=cap.mc_shots)
   if texts is not None or mc is not None:
     out.append(CapabilityScorer(s, texts, mc))
+  if c.judges.model_path and judge_inline:
+    out.append(JudgeScorer(guard.load(c.judges.model_path, c.model.dtype, s.mesh), path, c.judges.name,
+                           c.judges.max_new_tokens, s.writer))
   return tuple(out)
 
 
