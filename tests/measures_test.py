@@ -31,6 +31,7 @@ def _config(model_dir, goals_path, **capability_fields):
   c.prompts.update(path=goals_path, limit=len(GOALS))
   c.landscape.update(steps=2, multiplier=1.6)
   c.decode.update(max_new_tokens=6, stop_at_refusal=False)   # transformers' generate has no refusal stop
+  c.coherence.enabled = True
   c.capability.update(**capability_fields)
   return c
 
