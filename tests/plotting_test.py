@@ -72,6 +72,27 @@ class PlotLandscapeTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "judges.llamaguard.asr"):
       plotting._parse(dict(result, judges={"llamaguard": {"asr": [[1.0, 2.0]]}}))
 
+  def test_coherent_asr_and_capability_beside_the_keyword_curve(self):
+    from matplotlib.figure import Figure
+    result = _result_1d(num_directions=1)
+    coherent = [[v / 3 for v in result["asr"][0]]]
+    ppl = [[float(np.exp(4 * abs(x))) for x in result["coords_x"]]]
+    result.update(asr_coherent=coherent, visage_coherent=visage.visage_directions(coherent),
+                  coherence={"max_nll": 3.0}, capability={"perplexity": ppl, "mc_accuracy": [[0.5] * 9]})
+    self._render(result)
+    fig = Figure()
+    plotting._plot_1d(fig, plotting._parse(result))
+    lines = {l.get_label(): l for ax in fig.axes for l in ax.get_lines()}
+    np.testing.assert_array_equal(lines["coherent ASR (nll_ref ≤ 3.0)"].get_ydata(), coherent[0])
+    np.testing.assert_allclose(lines["perplexity of reference answers"].get_ydata(), ppl[0])
+    np.testing.assert_allclose(lines["multiple-choice accuracy"].get_ydata(), [0.5] * 9)
+    self.assertIn("on coherent ASR", fig.axes[0].get_title())
+    two_d = _result_2d()
+    two_d["capability"] = {"perplexity": (np.array(two_d["asr"]) + 1.0).tolist()}
+    self._render(two_d)
+    with self.assertRaisesRegex(ValueError, "capability.perplexity"):
+      plotting._parse(dict(result, capability={"perplexity": [[1.0, 2.0]]}))
+
   def test_1d_three_directions_with_nonfinite(self):
     img = self._render(_result_1d())
     self.assertBetween(img.shape[1], 900, 2000)

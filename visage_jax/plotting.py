@@ -166,7 +166,8 @@ def _plot_1d(fig: Figure, p: dict) -> None:
   if p["capability"]:
     more = _capability_axis(ax, x, p["capability"])
     handles, labels = handles + [h for h, _ in more], labels + [lab for _, lab in more]
-  ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.08 if p["capability"] else 1.01, 1.0),
+  ax.legend(handles, labels, loc="upper left",
+            bbox_to_anchor=(1.01 + 0.08 * len(p["capability"]) + 0.04 * (len(p["capability"]) > 1), 1.0),
             fontsize=8, frameon=False)
   title = _header(p) + "\n" + _visage_text(p["visage"])
   if p["coherent"] is not None:
@@ -208,18 +209,17 @@ def _capability_contour(fig: Figure, ax, gx, gy, capability: dict, xlabel: str, 
   """Perplexity (log colour scale) or, when only it was measured, accuracy over the plane, to
   read beside the ASR contour: where ASR rises, did capability fall with it?"""
   name = "perplexity" if "perplexity" in capability else "mc_accuracy"
-  z = np.ma.masked_invalid(capability[name])
-  if name == "perplexity":
-    z = np.ma.masked_less_equal(z, 0)
-    norm = colors.LogNorm(vmin=max(float(z.min()), 1e-3), vmax=max(float(z.max()), float(z.min()) * 10))
-  else:
-    norm = colors.Normalize(0, 1)
+  values = capability[name]
+  if name == "perplexity":   # orders of magnitude: its log10 on a linear colour scale
+    values = np.log10(np.where(values > 0, values, np.nan))
+  z = np.ma.masked_invalid(values)
+  norm = colors.Normalize(0, 1) if name == "mc_accuracy" else None
   if min(z.shape) >= 2 and z.count() >= 3:
-    filled = ax.contourf(gx, gy, z, levels=20 if name != "perplexity" else
-                         np.geomspace(norm.vmin, norm.vmax, 21), cmap="viridis_r", norm=norm)
+    filled = ax.contourf(gx, gy, z, levels=20, cmap="viridis_r", norm=norm)
   else:
     filled = ax.scatter(gx.ravel(), gy.ravel(), c=z.ravel(), cmap="viridis_r", norm=norm, s=80)
-  fig.colorbar(filled, ax=ax, label=CAPABILITY_LABELS[name])
+  label = CAPABILITY_LABELS[name]
+  fig.colorbar(filled, ax=ax, label=f"log₁₀ {label}" if name == "perplexity" else label)
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   ax.set_title(f"capability: {CAPABILITY_LABELS[name]}", fontsize=10)
