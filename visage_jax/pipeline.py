@@ -22,8 +22,11 @@ from visage_jax import (checkpoints, decode, directions, distributed, engine, er
 
 RUN_FILES = ("run_config.json", "directions.safetensors", "generations.jsonl", "landscape.json",
              "landscape.png")
-_IGNORED_FOR_RESUME = (("engine", "max_batch"), ("engine", "refill_every"))
-_IGNORED_SECTIONS = ("distributed", "judges")  # how many processes compute it; judges added later
+# Settings that never change a grid point's generations: engine sizes, the refinement points
+# added after the grid (landscape.refine), how many processes compute it, judges and bootstrap
+# intervals (ci95) added to a finished run.
+_IGNORED_FOR_RESUME = (("engine", "max_batch"), ("engine", "refill_every"), ("landscape", "refine"))
+_IGNORED_SECTIONS = ("distributed", "judges", "ci95")
 
 
 # ------------------------------------------------------------------ stages any command uses
