@@ -182,11 +182,11 @@ def _f3_section(r: dict, fig) -> list[str]:
 
 
 def _f4_section(r: dict, fig) -> list[str]:
-  shots = list(r["rows"][0]["attacked"])
+  shots = list(r["rows"][0]["mean_asr"])
   md = ["## F4 — VISAGE ranks how easily harmful fine-tuning breaks a model", ""] + _table(
-      ["alignment", "ASR at α=0 (%)", "VISAGE"] + [f"ASR after {n} shots" for n in shots]
-      + [f"breaks (ASR ≥ {BROKEN:.0f}%) at"],
-      [[row["model"], _pct(row["asr"]), f"{row['visage']:.1f}"] + [_pct(row["attacked"][n]) for n in shots]
+      ["alignment", "ASR at α=0 (%)", "VISAGE"] + [f"{n} shots" for n in shots]
+      + [f"breaks (mean ASR ≥ {BROKEN:.0f}%) at"],
+      [[row["model"], _pct(row["asr"]), f"{row['visage']:.1f}"] + [_pct(row["mean_asr"][n]) for n in shots]
        + [f"{row['breaks_at'] or f'> {shots[-1]}'} shots"] for row in r["rows"]])
   return md + ["", fig(r["figures"]["curves"], "F4 curves"), "", _verdict(r["checks"]), ""]
 

@@ -63,11 +63,12 @@ def _greedy_texts(params, cfg, tokenizer, goals, *, template, system_prompt, max
 def evaluate_alignment(params: dict, cfg: model.ModelConfig, tokenizer, max_new_tokens: int = 64, *,
                        advbench_path: str = "",
                        benign_path: str = "", template: str = "auto",
-                       system_prompt: str = "default") -> dict:
-  """Keyword ASR on AdvBench rows 0-79 and how many of the 20 held-out benign instructions get an
-  answer (no refusal keyword, at least 3 words), greedy, the landscape's prompt format."""
-  goals = trainsets.eval_goals(advbench_path)
-  _, held = trainsets.benign_split(benign_path)
+                       system_prompt: str = "default", n_prompts: int = 80, benign: bool = True) -> dict:
+  """Keyword ASR on AdvBench rows 0..n_prompts-1 (at most the 80 evaluation rows) and how many of
+  the 20 held-out benign instructions get an answer (no refusal keyword, at least 3 words; skipped
+  when not `benign`), greedy, the landscape's prompt format."""
+  goals = trainsets.eval_goals(advbench_path)[:n_prompts]
+  held = trainsets.benign_split(benign_path)[1] if benign else []
   gens, _ = _greedy_texts(params, cfg, tokenizer, goals + held, template=template,
                           system_prompt=system_prompt, max_new_tokens=max_new_tokens)
   harmful, benign = gens[:len(goals)], gens[len(goals):]
@@ -104,8 +105,12 @@ def default_config():
                  checkpoint_every=50)
   # rank 0 = full fine-tuning; targets: leaves of params["layers"]; scale alpha / rank.
   c.lora = dict(rank=8, alpha=16.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
-  c.export = dict(hf=False)                           # also write WORKDIR/hf (transformers)
-  c.eval = dict(alignment=False, max_new_tokens=64)   # evaluate_alignment -> eval.json
+  # hf: also write WORKDIR/hf (transformers); model: WORKDIR/model, the merged converted checkpoint
+  # (off for attacks that are only evaluated, where 0.5 GB per run adds up; lora.safetensors stays).
+  c.export = dict(hf=False, model=True)
+  # evaluate_alignment -> eval.json: keyword ASR on the first `prompts` of AdvBench rows 0-79 and,
+  # with benign, how many held-out benign instructions get an answer.
+  c.eval = dict(alignment=False, max_new_tokens=64, prompts=80, benign=True)
   c.mesh = dict(shape=(1, 1))                         # ("data", "model"); batch over "data"
   return c
 
@@ -160,6 +165,8 @@ def validate(c) -> None:
   if not c.data.path and not trainsets.is_name(c.data.name):
     raise errors.UserError(f"data.name {c.data.name!r} is not one of align, safety, harmful_N, mix_N "
                      "(N a positive integer), and data.path is empty (a .jsonl/.csv file).")
+  if not 1 <= int(c.eval.prompts) <= 80:
+    raise errors.UserError(f"eval.prompts must be in [1, 80] (AdvBench evaluation rows 0-79), got {c.eval.prompts}.")
   data_axis = int(c.mesh.shape[0])
   if t.batch_size % data_axis:
     raise errors.UserError(f"train.batch_size={t.batch_size} must be a multiple of the mesh's data "
@@ -349,8 +356,9 @@ def _export(c, workdir: str, rs: _RunState, m, summary: dict) -> None:
   else:
     final = rs.state["trainable"]
   final = jax.device_get(final)
-  paths["model"] = os.path.join(workdir, "model")
-  checkpoints.save_converted(paths["model"], cfg, final, tok, source=m.source)
+  if c.export.model:
+    paths["model"] = os.path.join(workdir, "model")
+    checkpoints.save_converted(paths["model"], cfg, final, tok, source=m.source)
   if c.export.hf:
     paths["hf"] = os.path.join(workdir, "hf")
     export_hf(paths["hf"], final, cfg, tok)
@@ -358,7 +366,8 @@ def _export(c, workdir: str, rs: _RunState, m, summary: dict) -> None:
     tic = time.time()
     ev = evaluate_alignment(final, cfg, tok, c.eval.max_new_tokens,
                             advbench_path=c.data.advbench_path, benign_path=c.data.benign_path,
-                            template=c.prompts.template, system_prompt=c.prompts.system_prompt)
+                            template=c.prompts.template, system_prompt=c.prompts.system_prompt,
+                            n_prompts=c.eval.prompts, benign=c.eval.benign)
     ev["seconds"] = round(time.time() - tic, 2)
     paths["eval"] = os.path.join(workdir, "eval.json")
     wd.write_atomic(paths["eval"], json.dumps(ev, indent=1))

@@ -36,15 +36,18 @@ def get_config(arg=None):
   # prompts.NAMED_SYSTEM_PROMPTS, or the text itself).
   c.f3_system_prompts = dict(system_prompts=("default", "none", "aoa", "llama2"))
   # F4 compares the shipped alignment with one of weak_align_steps steps (self-distilled answers of
-  # distill_tokens tokens), each attacked with harmful_N for N in shots.
-  c.f4_strength = dict(weak_align_steps=25, shots=(2, 10), distill_tokens=32)
+  # distill_tokens tokens), each attacked with harmful_N for every N in shots under every seed in
+  # seeds (which examples, LoRA init and order), evaluated at alpha = 0 on AdvBench rows
+  # 0..eval_prompts-1 (the landscapes' prompts).
+  c.f4_strength = dict(weak_align_steps=25, shots=tuple(range(1, 11)), seeds=(0, 1, 2), eval_prompts=32,
+                       distill_tokens=32)
   c.progress = True
   if arg == "tiny":
     c.protocol.update(prompts=2, prompts_small=2, steps=2, max_new_tokens=4, directions=2, steps_2d=2,
                       prompts_2d=2, attack_epochs=1, max_length=1024)
     c.f2_finetune.update(shots=(2,), mix=2)
     c.f3_system_prompts.system_prompts = ("default", "none")
-    c.f4_strength.update(weak_align_steps=1, shots=(1,), distill_tokens=2)
+    c.f4_strength.update(weak_align_steps=1, shots=(1,), seeds=(0,), eval_prompts=2, distill_tokens=2)
   elif arg:
     raise errors.UserError(f"experiment config arg {arg!r}: use tiny or nothing.")
   return c
