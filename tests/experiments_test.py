@@ -1,5 +1,6 @@
 """The experiments runner on a tiny model: every job runs, EXPERIMENTS.md is built from the run
-files, a second run recomputes nothing, and the capability curve matches transformers."""
+files, a second run recomputes nothing, the capability curve is F1's measured one, and F4 attacks
+every shot count under every seed."""
 
 import importlib.util
 import json
@@ -7,12 +8,10 @@ import os
 import tempfile
 from unittest import mock
 
-import numpy as np
-import torch
 from absl.testing import absltest
 
 import fixtures
-from visage_jax import checkpoints, experiments, finetune, landscape, pipeline, prompts, tensors
+from visage_jax import experiments, finetune, landscape
 
 
 def experiment_config(name, arg=None):
@@ -70,51 +69,37 @@ class ExperimentsTest(absltest.TestCase):
       self.assertTrue(all(isinstance(ok, bool) for _, ok in r["checks"]))
 
   def test_jobs_are_shared_and_a_rerun_computes_nothing(self):
-    # F3's default-prompt landscape is F4's strong variant: one job.
-    self.assertIn("aligned_1d_default", self.results["f4_strength"]["jobs"])
-    self.assertIn("aligned_1d_default", self.results["f3_system_prompts"]["jobs"])
+    # F1's aligned landscape is the capability curve, F3's default-prompt one F4's strong variant.
+    for name in ("f1_basin", "capability"):
+      self.assertIn("f1_aligned_1d", self.results[name]["jobs"])
+    for name in ("f3_system_prompts", "f4_strength"):
+      self.assertIn("aligned_1d_default", self.results[name]["jobs"])
     boom = mock.Mock(side_effect=AssertionError("recomputed"))
-    with mock.patch.object(landscape, "run", boom), mock.patch.object(finetune, "run", boom), \
-         mock.patch.object(experiments, "_capability_curve", boom):
+    with mock.patch.object(landscape, "run", boom), mock.patch.object(finetune, "run", boom):
       again = experiments.run(tiny_config(self.model_dir), self.workdir, self.out)
     self.assertEqual(again["f2_finetune"]["rows"], self.results["f2_finetune"]["rows"])
 
-  def test_capability_perplexity_matches_transformers(self):
-    import transformers
-
+  def test_capability_curve_is_f1s_measured_perplexity(self):
+    # The perplexity itself is checked against transformers in measures_test; here: the experiment
+    # reads F1's aligned landscape (coherence and capability on) and nothing else.
     curve = self.results["capability"]["curve"]
-    cfg, params = checkpoints.load_params(self.model_dir)
-    tok = checkpoints.load_tokenizer(self.model_dir)
-    lc = experiments.landscape_config(tiny_config(self.model_dir), num_directions=1)
-    d = tensors.to_hf_tensors(pipeline.build_directions(lc, params, cfg)[0][0], cfg)
-    examples = curve["examples"]
-    self.assertLen(examples, curve["n_answers"])
-    net = transformers.AutoModelForCausalLM.from_pretrained(self.model_dir, torch_dtype=torch.float32)
-    state = {k: v.clone() for k, v in net.state_dict().items()}
-    i = len(curve["alphas"]) - 1
-    alpha = curve["alphas"][i]
-    net.load_state_dict({k: v + alpha * torch.from_numpy(np.asarray(d[k], np.float32)) if k in d else v
-                         for k, v in state.items()})
-    total, count = 0.0, 0
-    with torch.no_grad():
-      for ex in examples:
-        text = prompts.format_prompt(ex["prompt"], tok, "auto", "default")
-        p_ids = prompts.tokenize_prompts([text], tok, "auto")[0]
-        r_ids = tok(ex["response"], add_special_tokens=False)["input_ids"]
-        r_ids += [tok.eos_token_id] if ex["eos"] else []
-        ids = torch.tensor([p_ids + r_ids])
-        logp = torch.log_softmax(net(ids).logits[0, :-1].double(), -1)
-        tgt = ids[0, 1:]
-        nll = -logp[torch.arange(len(tgt)), tgt][len(p_ids) - 1:]
-        total, count = total + float(nll.sum()), count + len(nll)
-    np.testing.assert_allclose(curve["perplexity"][i], np.exp(total / count), rtol=2e-3)
+    job = os.path.join(self.workdir, "jobs", "f1_aligned_1d")
+    aligned = json.load(open(os.path.join(job, "landscape.json")))
+    self.assertEqual(curve["perplexity"], aligned["capability"]["perplexity"][0])
+    self.assertEqual(curve["alphas"], aligned["coords_x"])
+    self.assertIsNotNone(aligned["visage_coherent"])
+    with open(os.path.join(job, "capability_texts.jsonl")) as f:
+      self.assertEqual(curve["n_answers"], sum(1 for line in f if line.strip()))
 
-  def test_unknown_experiment_is_a_clear_error(self):
-    c = experiment_config("all")
-    c.experiment = "f9"
-    with self.assertRaisesRegex(ValueError, "experiment 'f9' is not one of f1_basin"):
-      experiments.validate(c)
-
-
-if __name__ == "__main__":
-  absltest.main()
+  def test_f4_attacks_every_shot_count_and_seed(self):
+    f4 = self.results["f4_strength"]
+    c = tiny_config(self.model_dir)
+    for row in f4["rows"]:
+      self.assertEqual(sorted(row["attacked"]), sorted(c.f4_strength.shots))
+      for n, by_seed in row["attacked"].items():
+        self.assertEqual(sorted(by_seed), sorted(c.f4_strength.seeds))
+        ev = json.load(open(os.path.join(self.workdir, "jobs", f"f4_{row['key']}_harmful_{n}_s0", "eval.json")))
+        self.assertLen(by_seed[0], c.f4_strength.eval_prompts)
+        self.assertEqual(ev["n_eval"], c.f4_strength.eval_prompts)
+        self.assertEqual(ev["n_benign"], 0)
+    self.assertFalse(os.path.exists(os.path.join(self.workdir, "jobs", "f4_strong_harmful_1_s0", "model")))

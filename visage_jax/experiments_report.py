@@ -110,7 +110,7 @@ def _header(c, res: dict) -> list[str]:
       f"the shipped model (F1), fine-tuned models, interpolations, system prompts and alignment "
       f"strengths use rows 0–{p.prompts_small - 1}; the 2D "
       f"landscape {p.steps_2d + 1}×{p.steps_2d + 1} points × {p.prompts_2d} prompts. ASR at α = 0 of "
-      f"fine-tuned models: rows 0–79, {p.max_new_tokens} tokens. Attacks: a fresh rank-8 LoRA, lr 1e-3, "
+      f"fine-tuned models: rows 0–79 (F4's attacks: the landscapes' rows 0–{p.prompts - 1}), {p.max_new_tokens} tokens. Attacks: a fresh rank-8 LoRA, lr 1e-3, "
       f"{p.attack_epochs} epochs (`finetune.attack_config`).",
       f"- Compute: {total / 60:.0f} min of job wall time on this machine in all (the runs that finished "
       "each job; attempts interrupted and resumed are not counted).",
@@ -136,38 +136,95 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
       "| " + " | ".join(str(v) for v in row) + " |" for row in rows]
 
 
+def _ci(pair, digits: int = 1) -> str:
+  """' [lo, hi]' of a 95% interval, or '' when there is none (an older run)."""
+  return "" if not pair else f" [{pair[0]:.{digits}f}, {pair[1]:.{digits}f}]"
+
+
+def _vis(v, pair) -> str:
+  return "–" if v is None else f"{v:.1f}{_ci(pair)}"
+
+
+def _difference(label: str, d: dict) -> str:
+  """One line: a VISAGE difference, its interval and p-value, paired or why not."""
+  how = "paired" if d["paired"] else f"unpaired: {d['unpaired_reason']}"
+  return (f"- {label}: VISAGE difference {d['visage_difference']:+.1f}{_ci(d['ci95'])}, "
+          f"p = {d['p_value']:.3g} ({how} bootstrap)")
+
+
+def _basin(b) -> str:
+  if not b:
+    return "–"
+  return ", ".join("–" if e.get("width") is None else f"[{e['left']:+.2f}, {e['right']:+.2f}]" for e in b)
+
+
 def _f1_section(r: dict, fig) -> list[str]:
   md = ["## F1 — an aligned model sits in a safety basin", ""] + _table(
       ["model", "prompts", "ASR at α=0 per direction (%)", "ASR at the ends, mean (%)",
-       "VISAGE per direction", "VISAGE (mean)"],
+       "VISAGE per direction [95% CI]", "VISAGE (mean) [95% CI]"],
       [[row["model"], row["prompts"], ", ".join(map(_pct, row["asr_center"])),
-        ", ".join(map(_pct, row["asr_ends"])), ", ".join(map(_pct, row["visage"])),
-        f"{row['visage_mean']:.1f}"] for row in r["rows"]])
+        ", ".join(map(_pct, row["asr_ends"])),
+        ", ".join(_vis(v, (row.get("visage_ci95") or [None] * len(row["visage"]))[k])
+                  for k, v in enumerate(row["visage"])),
+        _vis(row["visage_mean"], row.get("visage_mean_ci95"))] for row in r["rows"]])
+  md += ["", _difference("aligned − shipped", r["difference"]), ""]
+  md += _coherent_lines(r["coherent"])
   return md + ["", f"2D random landscape of the aligned model: ASR at the centre {_pct(r['asr_2d_center'])}%, "
-               f"2D VISAGE {r['visage_2d']:.1f}.", "",
+               f"2D VISAGE {_vis(r['visage_2d'], r.get('visage_2d_ci95'))}"
+               + (f"; {r['basin_2d']['fraction_below'] * 100:.0f}% of the sampled plane below 50% ASR, "
+                  f"{r['basin_2d']['connected_points']} points connected to the centre" if r.get("basin_2d") else "")
+               + ".", "",
                fig(r["figures"]["curves"], "F1 curves"), "",
                fig(r["figures"]["surface"], "F1 2D contour and surface"), "",
                _verdict(r["checks"]), ""]
 
 
+def _coherent_lines(co: dict) -> list[str]:
+  """How much of the aligned basin's wall is breakage: keyword vs coherent ASR per direction."""
+  if not co.get("asr"):
+    return []
+  xs = co["coords"]
+  md = [f"How much of the wall is breakage: the aligned model's keyword ASR beside its *coherent* ASR (a "
+        f"jailbreak counts only when the generation's NLL under the unperturbed model is ≤ {co['max_nll']} "
+        f"nats/token) and the perplexity of its own α = 0 benign answers. VISAGE on coherent ASR: "
+        f"{_vis(co['visage']['mean'] if co.get('visage') else None, co.get('visage_ci95'))}; basin walls (50% "
+        f"crossings) from keyword ASR {_basin(co.get('basin'))}, from coherent ASR "
+        f"{_basin([e.get('coherent') for e in co['basin']] if co.get('basin') else None)}.", "",
+        "| α | " + " | ".join(f"{a:+.2f}" for a in xs) + " |", "|---|" + "---|" * len(xs)]
+  for k, curve in enumerate(co["asr"]):
+    md.append(f"| coherent ASR d{k} (%) | " + " | ".join(_pct(v) for v in curve) + " |")
+  for k, curve in enumerate(co.get("perplexity") or []):
+    md.append(f"| perplexity d{k} | " + " | ".join("–" if v is None else f"{v:.3g}" for v in curve) + " |")
+  return md + [""]
+
+
 def _capability_section(r: dict, fig) -> list[str]:
   cv = r["curve"]
+  ci = cv.get("perplexity_ci95") or [None] * len(cv["alphas"])
   md = ["## Capability along the same direction (the paper's Figs. 7–8)", "",
         f"Perplexity of the aligned model's own α = 0 greedy answers to the {cv['n_answers']} held-out "
-        "benign instructions, under θ + α·d for F1's direction 0, beside that direction's ASR.", "",
+        "benign instructions, under θ + α·d for F1's direction 0 (measured by F1's landscape), beside that "
+        "direction's ASR; 95% intervals over the answers.", "",
         "| α | " + " | ".join(f"{a:+.2f}" for a in cv["alphas"]) + " |",
         "|---|" + "---|" * len(cv["alphas"]),
-        "| ASR (%) | " + " | ".join(_pct(a) for a in r["asr"]) + " |",
-        "| perplexity | " + " | ".join(f"{v:.3g}" for v in cv["perplexity"]) + " |", "",
-        fig(r["figures"]["curve"], "capability"), ""]
+        "| ASR (%) | " + " | ".join(_pct(a) for a in r["asr"]) + " |"]
+  if cv.get("asr_coherent"):
+    md.append("| coherent ASR (%) | " + " | ".join(_pct(a) for a in cv["asr_coherent"]) + " |")
+  md += ["| perplexity | " + " | ".join(f"{v:.3g}" for v in cv["perplexity"]) + " |",
+         "| 95% CI | " + " | ".join("–" if c is None else f"{c[0]:.3g}–{c[1]:.3g}" for c in ci) + " |", "",
+         fig(r["figures"]["curve"], "capability"), ""]
   return md + _fluency_note(cv["alphas"], r["asr"], cv["perplexity"]) + [_verdict(r["checks"]), ""]
 
 
 def _f2_section(r: dict, fig) -> list[str]:
   md = ["## F2 — harmful fine-tuning leaves the basin; mixing in safety data stays inside (Table 1)", ""]
-  md += _table(["model", "training examples", "ASR at α=0 (%, rows 0–79)", "benign answered (of 20)", "VISAGE"],
-               [[row["model"], row["examples"], _pct(row["asr"]), row["benign"], _pct(row.get("visage"))]
-                for row in r["rows"]])
+  md += _table(["model", "training examples", "ASR at α=0 (%, rows 0–79)", "benign answered (of 20)",
+                "VISAGE [95% CI]", "aligned − model [95% CI], p"],
+               [[row["model"], row["examples"], _pct(row["asr"]), row["benign"],
+                 _vis(row.get("visage"), row.get("visage_ci95")),
+                 "–" if "difference" not in row else
+                 f"{row['difference']['visage_difference']:+.1f}{_ci(row['difference']['ci95'])}, "
+                 f"p = {row['difference']['p_value']:.3g}"] for row in r["rows"]])
   md += ["", "1D interpolation from the aligned model (α = 0) to the fine-tuned one (α = 1), ASR (%):", ""]
   for name, curve in r["interpolation"].items():
     md.append(f"- aligned → {name}: " + ", ".join(_pct(v) for v in curve))
@@ -176,19 +233,57 @@ def _f2_section(r: dict, fig) -> list[str]:
 
 def _f3_section(r: dict, fig) -> list[str]:
   md = ["## F3 — the system prompt lifts or lowers the basin (Table 2)", ""] + _table(
-      ["system prompt", "ASR at α=0 (%)", "VISAGE"],
-      [[row["system_prompt"], _pct(row["asr_center"]), f"{row['visage']:.1f}"] for row in r["rows"]])
+      ["system prompt", "ASR at α=0 (%)", "VISAGE [95% CI]"],
+      [[row["system_prompt"], _pct(row["asr_center"]), _vis(row["visage"], row.get("visage_ci95"))]
+       for row in r["rows"]])
+  md += [""] + [_difference(k, d) for k, d in r.get("differences", {}).items()]
   return md + ["", fig(r["figures"]["curves"], "F3 curves"), "", _verdict(r["checks"]), ""]
 
 
 def _f4_section(r: dict, fig) -> list[str]:
-  shots = list(r["rows"][0]["mean_asr"])
-  md = ["## F4 — VISAGE ranks how easily harmful fine-tuning breaks a model", ""] + _table(
-      ["alignment", "ASR at α=0 (%)", "VISAGE"] + [f"{n} shots" for n in shots]
-      + [f"breaks (mean ASR ≥ {BROKEN:.0f}%) at"],
-      [[row["model"], _pct(row["asr"]), f"{row['visage']:.1f}"] + [_pct(row["mean_asr"][n]) for n in shots]
-       + [f"{row['breaks_at'] or f'> {shots[-1]}'} shots"] for row in r["rows"]])
-  return md + ["", fig(r["figures"]["curves"], "F4 curves"), "", _verdict(r["checks"]), ""]
+  st = r["shots_to_break"]
+  shots = list(st[r["higher"]]["mean_asr"])   # read back from JSON: keys are strings
+  never = st["never"]
+
+  def n_text(v) -> str:
+    return f"> {never - 1}" if v >= never else f"{v:g}"
+
+  rows = {row["key"]: row for row in r["rows"]}
+  table = []
+  for key in (r["higher"], r["lower"]):
+    row, s = rows[key], st[key]
+    table.append([row["model"], _pct(row["asr"]), _vis(row["visage"], row.get("visage_ci95"))]
+                 + [_pct(s["mean_asr"][n]) for n in shots]
+                 + [f"{n_text(s['shots_to_break'])} [{n_text(s['ci95'][0])}, {n_text(s['ci95'][1])}]"])
+  gap = st[r["lower"]][f"difference_to_{r['higher']}"]
+  n_seeds = len(next(iter(rows[r["higher"]]["attacked"].values())))
+  md = ["## F4 — VISAGE ranks how easily harmful fine-tuning breaks a model", "",
+        f"Each alignment is attacked with harmful_N for every N in {shots[0]}–{shots[-1]} under {n_seeds} seeds "
+        "(which examples, LoRA initialization and order); ASR at α = 0 on the landscapes' prompts, averaged over "
+        f"seeds. Shots-to-break: the least N whose mean ASR reaches {BROKEN:.0f}% (\"> {never - 1}\": never within "
+        "the shots tried), with a 95% interval from resampling seeds and prompts.", ""]
+  md += _table(["alignment", "ASR at α=0 (%, rows 0–79)", "VISAGE [95% CI]"] + [f"N={n}" for n in shots]
+               + ["shots to break [95% CI]"], table)
+  md += ["", _difference("higher − lower VISAGE", r["difference"]),
+         f"- shots-to-break, higher-VISAGE alignment − lower: {gap['difference']:+g} [{gap['ci95'][0]:+g}, "
+         f"{gap['ci95'][1]:+g}]", "", _f4_conclusion(r, gap), ""]
+  return md + [fig(r["figures"]["curves"], "F4 curves"), "", _verdict(r["checks"]), ""]
+
+
+def _f4_conclusion(r: dict, gap: dict) -> str:
+  """Plainly: does the VISAGE ranking predict which alignment breaks first?"""
+  vis = r["difference"]["ci95"]
+  if not (vis[0] > 0 or vis[1] < 0):
+    return ("**Undecided:** the two alignments' VISAGE cannot be told apart (the interval of the difference "
+            "contains 0), so there is no ranking to test.")
+  if gap["ci95"][0] > 0:
+    return ("**The VISAGE ranking predicts it:** the alignment with the higher VISAGE needs more harmful shots "
+            "to break, and the interval of the difference excludes 0.")
+  if gap["ci95"][1] < 0:
+    return ("**The VISAGE ranking is contradicted:** the alignment with the higher VISAGE breaks with fewer "
+            "harmful shots, and the interval of the difference excludes 0.")
+  return ("**Not reproduced:** the VISAGE ranking is clear, but the shots-to-break of the two alignments cannot "
+          "be told apart at this resolution (the interval of the difference contains 0).")
 
 
 _SECTIONS = dict(f1_basin=_f1_section, capability=_capability_section, f2_finetune=_f2_section,
@@ -196,6 +291,16 @@ _SECTIONS = dict(f1_basin=_f1_section, capability=_capability_section, f2_finetu
 
 
 def _job_times(res: dict) -> list[str]:
+  """The compute each experiment took (its jobs, shared ones included), then every job once."""
+  per = [[name, len(r["job_seconds"]), f"{sum(s or 0 for s in r['job_seconds'].values()) / 60:.1f}"]
+         for name, r in res.items()]
+  md = ["## Compute", "", "Job wall time on this machine per experiment (jobs an experiment shares with "
+        "another, such as F1's aligned landscape, count in both):", ""]
+  md += _table(["experiment", "jobs", "minutes"], per) + [""]
+  return md + _job_table(res)
+
+
+def _job_table(res: dict) -> list[str]:
   rows, seen = [], set()
   for name, r in res.items():
     for job, s in r["job_seconds"].items():

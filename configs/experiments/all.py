@@ -38,8 +38,8 @@ def get_config(arg=None):
   # F4 compares the shipped alignment with one of weak_align_steps steps (self-distilled answers of
   # distill_tokens tokens), each attacked with harmful_N for every N in shots under every seed in
   # seeds (which examples, LoRA init and order), evaluated at alpha = 0 on AdvBench rows
-  # 0..eval_prompts-1 (the landscapes' prompts).
-  c.f4_strength = dict(weak_align_steps=25, shots=tuple(range(1, 11)), seeds=(0, 1, 2), eval_prompts=32,
+  # 0..eval_prompts-1 (the prompts of its landscapes: prompts_small).
+  c.f4_strength = dict(weak_align_steps=25, shots=tuple(range(1, 11)), seeds=(0, 1, 2), eval_prompts=16,
                        distill_tokens=32)
   c.progress = True
   if arg == "tiny":
