@@ -18,6 +18,7 @@ import numpy as np
 from visage_jax import errors, visage
 
 METHOD = "percentile bootstrap"
+RESAMPLES = 1000   # landscape.default_config's ci95.resamples
 PERCENTILES = (2.5, 97.5)
 PROMPTS, DIRECTIONS, TEXTS, QUESTIONS = 0, 1, 2, 3   # independent random streams of one seed
 DEGENERATE_NOTE = ("points where every prompt agrees (ASR 0 or 100): every resample gives the same "
@@ -47,11 +48,39 @@ def coherent_verdicts(lines: list[dict], n_dirs: int, n_points: int, n_prompts: 
   return out
 
 
+def capability_items(lines: list[dict], n_dirs: int, n_points: int) -> dict:
+  """capability_ci95's input from the lines' capability_items (measures.CapabilityScorer): NaN
+  where a line has none (written before items were kept) or an item is null (non-finite)."""
+  items = [(l["direction"], l["step"], l["capability_items"]) for l in lines if l.get("capability_items")]
+
+  def grid(field):
+    n = max((len(it[field]) for _, _, it in items if field in it), default=0)
+    out = np.full((n_dirs, n_points, n), np.nan)
+    for r, p, it in items:
+      if field in it:
+        out[r, p] = [np.nan if x is None else float(x) for x in it[field]]
+    return out
+
+  out = {}
+  if any("nll" in it for _, _, it in items):
+    out["perplexity"] = (grid("nll"), grid("tokens"))
+  if any("correct" in it for _, _, it in items):
+    out["mc_accuracy"] = grid("correct")
+  return out
+
+
+def check(resamples, seed) -> None:
+  """The config's ci95 section, checked before a run writes anything."""
+  if isinstance(resamples, bool) or not (isinstance(resamples, int) and resamples >= 1):
+    raise errors.UserError(f"ci95.resamples must be an integer >= 1, got {resamples!r}.")
+  if isinstance(seed, bool) or not (isinstance(seed, int) and seed >= 0):
+    raise errors.UserError(f"ci95.seed must be an integer >= 0, got {seed!r}.")
+
+
 def resample_indices(n: int, resamples: int, seed: int, stream: int = PROMPTS) -> np.ndarray:
   """[B, n] indices drawn with replacement; `stream` keeps prompts, directions and capability
   items independent under one seed."""
-  if isinstance(resamples, bool) or not (isinstance(resamples, int) and resamples >= 1):
-    raise errors.UserError(f"ci95.resamples must be an integer >= 1, got {resamples!r}.")
+  check(resamples, seed)
   return np.random.default_rng([int(seed), stream]).integers(0, n, size=(resamples, n))
 
 
@@ -62,10 +91,18 @@ def _counts(idx: np.ndarray, n: int) -> np.ndarray:
   return counts
 
 
+def _sums(counts: np.ndarray, x: np.ndarray) -> np.ndarray:
+  """[B, D, P] resampled sums of items x [D, P, N]; NaN where the point has a NaN item (set
+  explicitly: a BLAS may skip zero counts)."""
+  d, p, n = x.shape
+  out = (counts @ np.nan_to_num(x).reshape(d * p, n).T).reshape(-1, d, p)
+  out[:, np.isnan(x).any(axis=2)] = np.nan
+  return out
+
+
 def asr_samples(v: np.ndarray, idx: np.ndarray) -> np.ndarray:
-  """[B, D, P] ASR in percent of each resample from verdicts [D, P, N] (NaN stays NaN)."""
-  d, p, n = v.shape
-  return (100.0 / n) * (_counts(idx, n) @ v.reshape(d * p, n).T).reshape(-1, d, p)
+  """[B, D, P] ASR in percent of each resample from verdicts [D, P, N] (NaN where not evaluated)."""
+  return (100.0 / v.shape[2]) * _sums(_counts(idx, v.shape[2]), v)
 
 
 def interval(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -131,11 +168,10 @@ def capability_ci95(capability: dict, coords_x, coords_y, *, resamples: int, see
   out = {}
   if "perplexity" in capability:
     sums, tokens = (np.asarray(a, np.float64) for a in capability["perplexity"])
-    d, p, t = sums.shape
-    c = _counts(resample_indices(t, resamples, seed, stream=TEXTS), t)
+    c = _counts(resample_indices(sums.shape[2], resamples, seed, stream=TEXTS), sums.shape[2])
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-      pooled = (c @ sums.reshape(d * p, t).T) / (c @ tokens.reshape(d * p, t).T)
-      out["perplexity"] = _grid(_pairs(*interval(np.exp(pooled).reshape(-1, d, p))), coords_x, coords_y)
+      samples = np.exp(_sums(c, sums) / _sums(c, tokens))
+      out["perplexity"] = _grid(_pairs(*interval(samples)), coords_x, coords_y)
   if "mc_accuracy" in capability:
     v = np.asarray(capability["mc_accuracy"], np.float64)
     samples = asr_samples(v, resample_indices(v.shape[2], resamples, seed, stream=QUESTIONS)) / 100.0
@@ -148,7 +184,7 @@ def degenerate_points(v: np.ndarray) -> int:
   return int(np.sum(v.min(axis=2) == v.max(axis=2)))   # NaN (not evaluated) never compares equal
 
 
-def landscape_ci95(curves: dict, coords_x, coords_y, *, resamples: int = 1000, seed: int = 0,
+def landscape_ci95(curves: dict, coords_x, coords_y, *, resamples: int = RESAMPLES, seed: int = 0,
                    capability: dict | None = None) -> dict:
   """landscape.json["ci95"]. curves: {"asr": verdicts [D, P, N], optionally "asr_coherent": ...};
   their VISAGE goes under "visage" / "visage_coherent". capability: see capability_ci95."""
