@@ -193,8 +193,10 @@ class CompareTest(absltest.TestCase):
       f.writelines(kept)
     with self.assertRaisesRegex(errors.UserError, "torn/generations.jsonl: no line for direction 1 step 4"):
       compare.compare(ra, self.dir + "/torn")
-    with self.assertRaisesRegex(errors.UserError, "resamples"):
+    with self.assertRaisesRegex(errors.UserError, "resamples: expected an integer >= 1, got 0"):
       compare.compare(ra, ra, resamples=0)
+    with self.assertRaisesRegex(errors.UserError, "seed: expected an integer >= 0, got -1"):
+      compare.compare(ra, ra, seed=-1)
 
 
 class CompareCommandTest(absltest.TestCase):
@@ -219,6 +221,7 @@ class CompareCommandTest(absltest.TestCase):
       c.prompts.update(path=fixtures.advbench_path(), limit=4)
       c.landscape.update(steps=2, multiplier=2.0)
       c.decode.max_new_tokens = 6
+      c.ci95.update(resamples=300, seed=2)
       runs.append(os.path.join(d, f"run{seed}"))
       landscape.run(c, runs[-1], progress=False)
     out = os.path.join(d, "cmp", "compare.json")
@@ -232,6 +235,8 @@ class CompareCommandTest(absltest.TestCase):
     self.assertEqual(got, compare.compare(*runs, resamples=300, seed=2))
     results = [json.load(open(os.path.join(r, "landscape.json"))) for r in runs]
     self.assertAlmostEqual(got["visage_difference"], visage.visage_mean(results[0]) - visage.visage_mean(results[1]))
+    for key, result in (("visage_a_ci95", results[0]), ("visage_b_ci95", results[1])):
+      np.testing.assert_allclose(got[key], result["ci95"]["visage"]["mean"])   # the same draws as the run's own
     self.assertTrue(got["paired"])
     self.assertIn(f"{got['visage_difference']:+8.2f}  [{got['ci95'][0]:.2f}, {got['ci95'][1]:.2f}]", proc.stdout)
     self.assertIn("paired: same prompts and directions", proc.stdout)

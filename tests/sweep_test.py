@@ -128,6 +128,8 @@ class SweepRunTest(absltest.TestCase):
       i = result["coords_x"].index(0.0)
       self.assertEqual(float(row["asr_at_0"]), result["asr"][0][i])
       self.assertAlmostEqual(float(row["visage"]), np.mean(result["visage"]["per_direction"]))
+      self.assertEqual([float(row["visage_ci95_lo"]), float(row["visage_ci95_hi"])],
+                       result["ci95"]["visage"]["mean"])
       self.assertIn(f"| {row['run']} | complete | {result['asr'][0][i]:.2f} | "
                     f"{result['visage']['mean']:.2f} |", md)
     return rows

@@ -159,8 +159,9 @@ def compare(run_a: str, run_b: str, resamples: int = 1000, seed: int = 0, paired
   """VISAGE of run A minus run B with its 95% interval and p-value, and the same per grid point for
   ASR. paired: None = when the runs allow it, True = demanded (refused if they differ), False =
   independent resamples."""
-  if not isinstance(resamples, int) or isinstance(resamples, bool) or resamples < 1:
-    raise errors.UserError(f"resamples: expected an integer >= 1, got {resamples!r}.")
+  for name, value, least in (("resamples", resamples, 1), ("seed", seed, 0)):
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+      raise errors.UserError(f"{name}: expected an integer >= {least}, got {value!r}.")
   a, b = load_run(run_a), load_run(run_b)
   check_comparable(a, b)
   reason = differences(a, b)
