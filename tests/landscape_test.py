@@ -8,7 +8,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import fixtures
-from visage_jax import engine, judges, landscape, pipeline, visage
+from visage_jax import engine, errors, judges, landscape, pipeline, uncertainty, visage
 
 
 def tiny_config(model_dir, prompts_path, **landscape_overrides):
@@ -105,6 +105,10 @@ class LandscapeTest(parameterized.TestCase):
     partial, partial_lines = self.read(broken)
     self.assertFalse(partial["complete"])
     self.assertNotEmpty(partial_lines)
+    evaluated = {(l["direction"], l["step"]) for l in partial_lines}
+    for r, curve in enumerate(partial["ci95"]["asr"]):
+      self.assertEqual([ci is not None for ci in curve], [(r, p) in evaluated for p in range(5)])
+    self.assertIsNone(partial["ci95"]["visage"])
     with open(os.path.join(broken, "generations.jsonl"), "a") as f:
       f.write('{"direction": 1, "step": 4, "asr"')  # a torn line, as if killed mid-write
     landscape.run(c, broken, progress=False)
@@ -112,8 +116,40 @@ class LandscapeTest(parameterized.TestCase):
     b, lb = self.read(broken)
     self.assertEqual(a["asr"], b["asr"])
     self.assertEqual(a["visage"], b["visage"])
+    self.assertEqual(a["ci95"], b["ci95"])
     key = lambda l: (l["direction"], l["step"])
     self.assertEqual(sorted(la, key=key), sorted(lb, key=key))
+
+  def test_ci95_recomputed_from_generations(self):
+    w = self.workdir()
+    c = tiny_config(self.models["bpe"], self.prompts)
+    c.ci95.update(resamples=300, seed=7)
+    result, lines = landscape.run(c, w, progress=False), self.read(w)[1]
+    ci = result["ci95"]
+    self.assertEqual((ci["method"], ci["resamples"], ci["seed"]), ("percentile bootstrap", 300, 7))
+    self.assertEqual(np.asarray(ci["asr"]).shape, (2, 5, 2))
+    self.assertEqual(np.asarray(ci["visage"]["per_direction"]).shape, (2, 2))
+    jb = {(l["direction"], l["step"]): [o["jailbroken"] for o in l["outputs"]] for l in lines}
+    idx = uncertainty.resample_indices(5, 300, 7)   # the same prompts at every point
+    curves = [[[100.0 * sum(jb[r, p][q] for q in row) / 5 for p in range(5)] for r in range(2)] for row in idx]
+    for r in range(2):
+      for p in range(5):
+        np.testing.assert_allclose(ci["asr"][r][p], np.percentile([s[r][p] for s in curves], [2.5, 97.5]))
+        self.assertTrue(ci["asr"][r][p][0] <= result["asr"][r][p] <= ci["asr"][r][p][1])
+      scores = [visage.visage_1d(s[r]) for s in curves]
+      np.testing.assert_allclose(ci["visage"]["per_direction"][r], np.percentile(scores, [2.5, 97.5]))
+    agree = sum(len(set(v)) == 1 for v in jb.values())
+    self.assertEqual(ci["degenerate"]["asr"], agree)
+    self.assertGreater(agree, 0, "the fixture must have points where every prompt agrees")
+    self.assertLess(agree, 10, "and points where prompts disagree")
+
+  def test_bad_ci95_settings_write_nothing(self):
+    w = os.path.join(self.workdir(), "run")
+    c = tiny_config(self.models["bpe"], self.prompts)
+    c.ci95.resamples = 0
+    with self.assertRaisesRegex(errors.UserError, "ci95.resamples must be an integer >= 1, got 0"):
+      landscape.run(c, w, progress=False)
+    self.assertFalse(os.path.exists(os.path.join(w, "landscape.json")))
 
   def test_different_config_is_refused_unless_overwrite(self):
     w = self.workdir()
@@ -131,6 +167,9 @@ class LandscapeTest(parameterized.TestCase):
     self.assertEqual(np.asarray(result["asr"]).shape, (3, 3))
     self.assertEqual(result["coords_y"], [-1.0, 0.0, 1.0])
     self.assertAlmostEqual(result["visage"], visage.visage_2d(result["asr"]))
+    self.assertEqual(np.asarray(result["ci95"]["asr"]).shape, (3, 3, 2))
+    lo, hi = result["ci95"]["visage"]
+    self.assertTrue(lo <= result["visage"] <= hi)
 
   def test_interpolation_reaches_the_target(self):
     """alpha=0 is the model itself, alpha=1 the target: their generations equal plain runs."""

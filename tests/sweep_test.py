@@ -13,6 +13,7 @@ from absl.testing import absltest
 
 import fixtures
 from visage_jax import landscape, pipeline, sweep
+from visage_jax import workdir as wd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,6 +128,8 @@ class SweepRunTest(absltest.TestCase):
       i = result["coords_x"].index(0.0)
       self.assertEqual(float(row["asr_at_0"]), result["asr"][0][i])
       self.assertAlmostEqual(float(row["visage"]), np.mean(result["visage"]["per_direction"]))
+      self.assertEqual([float(row["visage_ci95_lo"]), float(row["visage_ci95_hi"])],
+                       result["ci95"]["visage"]["mean"])
       self.assertIn(f"| {row['run']} | complete | {result['asr'][0][i]:.2f} | "
                     f"{result['visage']['mean']:.2f} |", md)
     return rows
@@ -240,3 +243,35 @@ class TwoProcessSweepTest(absltest.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+class SummaryIntervalTest(absltest.TestCase):
+
+  def test_rows_carry_the_visage_interval(self):
+    """Finished runs (files written here: no model is loaded), with landscape.json["ci95"] (1D: the
+    mean's interval, 2D: the plane's) and without (a run from before intervals): empty cells."""
+    w = self.create_tempdir().full_path
+    c = tiny_sweep("/no/model", "", (("landscape.vis_type", ("1D_random", "2D_random")),
+                                      ("landscape.seed", (0, 1))))
+    xs = [-1.0, 0.0, 1.0]
+    for name, over in sweep.expand(c):
+      two_d, with_ci = over["landscape.vis_type"] == "2D_random", over["landscape.seed"] == 0
+      result = dict(vis_type=over["landscape.vis_type"], coords_x=xs, coords_y=xs if two_d else None,
+                    asr=[[50.0, 25.0, 75.0]] * (3 if two_d else 1), n_prompts=4, complete=True,
+                    visage=50.0 if two_d else dict(per_direction=[50.0], mean=50.0))
+      if with_ci:
+        interval = [40.5, 60.25] if two_d else [41.0, 59.75]
+        result["ci95"] = dict(visage=interval if two_d else dict(per_direction=[[1.0, 2.0]], mean=interval))
+      os.makedirs(os.path.join(w, name))
+      for file, obj in (("landscape.json", result), ("run_config.json", sweep.run_config(c.base, over).to_dict())):
+        with open(os.path.join(w, name, file), "w") as f:
+          json.dump(wd.jsonable(obj), f)
+    rows = sweep.run(c, w, progress=False)
+    self.assertEqual([r["status"] for r in rows], ["complete"] * 4)
+    got = [(r["run"], r["visage_ci95_lo"], r["visage_ci95_hi"]) for r in read_csv(w)]
+    self.assertEqual(got, [("vis_type=1D_random,seed=0", "41.0", "59.75"), ("vis_type=1D_random,seed=1", "", ""),
+                           ("vis_type=2D_random,seed=0", "40.5", "60.25"), ("vis_type=2D_random,seed=1", "", "")])
+    with open(os.path.join(w, "sweep.md")) as f:
+      md = f.read()
+    self.assertIn("| vis_type=1D_random,seed=0 | complete | 25.00 | 50.00 | [41.00, 59.75] |", md)
+    self.assertIn("| vis_type=2D_random,seed=1 | complete | 25.00 | 50.00 | – |", md)

@@ -79,17 +79,28 @@ def encode_texts(rows: list[dict], tokenizer, *, template: str, system_prompt: s
   return continuation.layout(prompt_ids, responses, decode.pad_id_of(tokenizer))
 
 
+def text_nll(params: dict, cfg: model.ModelConfig, rows: continuation.Layout, dirs: dict,
+             coefs: np.ndarray, *, r: int = 0, mode: str = "materialized",
+             batch_size: int = 16) -> np.ndarray:
+  """[P, 2, T] (summed NLL, token count) of each response at θ + coefs[p]·dirs[r]: perplexity pools
+  them; kept per text, they bootstrap over texts (uncertainty.capability_ci95)."""
+  def one(weights, d, c):
+    return np.stack(continuation.score(weights, cfg, rows, batch_size=batch_size, dirs=d, r=r, coef=c))
+  return _at_points(params, dirs, r, coefs, mode, one)
+
+
+def pooled_perplexity(sums: np.ndarray, counts: np.ndarray) -> float:
+  """exp(mean NLL over every response token of every text); non-finite logits give NaN or inf."""
+  return float(np.exp(sums.sum() / counts.sum()))
+
+
 def perplexity(params: dict, cfg: model.ModelConfig, rows: continuation.Layout, dirs: dict,
                coefs: np.ndarray, *, r: int = 0, mode: str = "materialized",
                batch_size: int = 16) -> np.ndarray:
-  """[P] exp(pooled mean NLL over every response token of every row) at θ + coefs[p]·dirs[r].
-
-  dirs leaves [R, C, ...] (the engine's stack); non-finite logits give NaN or inf, not an error.
-  """
-  def one(weights, d, c):
-    sums, counts = continuation.score(weights, cfg, rows, batch_size=batch_size, dirs=d, r=r, coef=c)
-    return float(np.exp(sums.sum() / counts.sum()))
-  return _at_points(params, dirs, r, coefs, mode, one)
+  """[P] pooled perplexity of every response at θ + coefs[p]·dirs[r]. dirs leaves [R, C, ...]
+  (the engine's stack)."""
+  items = text_nll(params, cfg, rows, dirs, coefs, r=r, mode=mode, batch_size=batch_size)
+  return np.array([pooled_perplexity(sums, counts) for sums, counts in items])
 
 
 # Multiple choice (MMLU CSV layout).
@@ -192,10 +203,17 @@ def choice_logits(params: dict, cfg: model.ModelConfig, mc: ChoiceSet, *, batch_
   return out
 
 
-def mc_accuracy(params: dict, cfg: model.ModelConfig, mc: ChoiceSet, dirs: dict, coefs: np.ndarray, *,
-                r: int = 0, mode: str = "materialized", batch_size: int = 16) -> np.ndarray:
-  """[P] fraction in [0, 1] of questions whose argmax choice logit (first on ties) is the answer."""
+def mc_correct(params: dict, cfg: model.ModelConfig, mc: ChoiceSet, dirs: dict, coefs: np.ndarray, *,
+               r: int = 0, mode: str = "materialized", batch_size: int = 16) -> np.ndarray:
+  """[P, Q] whether each question's argmax choice logit (first on ties) is its answer."""
   def one(weights, d, c):
     logits = choice_logits(weights, cfg, mc, batch_size=batch_size, dirs=d, r=r, coef=c)
-    return float(np.mean(np.argmax(logits, axis=1) == mc.answers))
+    return np.argmax(logits, axis=1) == mc.answers
   return _at_points(params, dirs, r, coefs, mode, one)
+
+
+def mc_accuracy(params: dict, cfg: model.ModelConfig, mc: ChoiceSet, dirs: dict, coefs: np.ndarray, *,
+                r: int = 0, mode: str = "materialized", batch_size: int = 16) -> np.ndarray:
+  """[P] fraction in [0, 1] of questions answered correctly (mc_correct)."""
+  correct = mc_correct(params, cfg, mc, dirs, coefs, r=r, mode=mode, batch_size=batch_size)
+  return np.array([float(np.mean(c)) for c in correct])

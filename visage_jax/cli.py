@@ -1,7 +1,7 @@
 """`visage-jax <command> --flags`: absl flags -> plain arguments -> one library call.
 
 Commands: generate, convert, landscape, judge, export-directions, bench, finetune, experiments, sweep,
-plan.
+plan, compare (RUN_A RUN_B as positional arguments).
 """
 
 import json
@@ -38,6 +38,10 @@ flags.DEFINE_string("accelerator", "", "plan: h100 | h200 | a100 | tpu_v4 | tpu_
                     "comma-separated (default: all).")
 flags.DEFINE_integer("prompt_len", 256, "plan: padded prompt length (a generous bound for AdvBench "
                      "goals with a long system prompt).")
+flags.DEFINE_bool("paired", None, "compare: demand a paired comparison (--nopaired: independent "
+                  "resamples); default: paired when both runs share prompts and directions.")
+flags.DEFINE_integer("resamples", 1000, "compare: bootstrap resamples.")
+flags.DEFINE_integer("seed", 0, "compare: seed of the bootstrap resamples.")
 config_flags.DEFINE_config_file("config", None, "An experiment config: configs/<name>.py[:arg].",
                                 lock_config=True)
 
@@ -194,6 +198,18 @@ def cmd_sweep() -> None:
     sys.exit(1)
 
 
+def cmd_compare(runs: list[str]) -> None:
+  """VISAGE of run A minus run B with a bootstrap interval and p-value; --out writes the JSON."""
+  from visage_jax import compare, workdir
+
+  if len(runs) != 2:
+    raise errors.UserError(f"compare needs two run directories, RUN_A RUN_B; got {len(runs)}: {runs}.")
+  report = compare.compare(runs[0], runs[1], resamples=FLAGS.resamples, seed=FLAGS.seed, paired=FLAGS.paired)
+  if FLAGS.out:
+    workdir.write_atomic(FLAGS.out, json.dumps(report, indent=1))
+  print(compare.table(report), end="")
+
+
 def _plan_models(c, dtype: str) -> list[tuple[str, object]]:
   """--model (a known name or a checkpoint), else the config's model, else every known model."""
   import os
@@ -260,7 +276,11 @@ def cmd_plan() -> None:
 COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "landscape": cmd_landscape,
             "judge": cmd_judge,
             "export-directions": cmd_export_directions, "bench": cmd_bench, "finetune": cmd_finetune,
-            "experiments": cmd_experiments, "sweep": cmd_sweep, "plan": cmd_plan}
+            "experiments": cmd_experiments, "sweep": cmd_sweep, "plan": cmd_plan, "compare": cmd_compare}
+
+
+# Commands that take positional arguments (the rest of argv after the flags).
+POSITIONAL_COMMANDS = ("compare",)
 
 
 # Commands that join a multi-process run when their config's `distributed` section asks.
@@ -335,14 +355,14 @@ def main(argv=None) -> None:
     sys.exit(2)
   command = COMMANDS[argv[1]]
 
-  def run(_):
+  def run(rest):
     if not FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)  # stderr holds progress bars, errors and summaries
     try:
       if argv[1] in DISTRIBUTED_COMMANDS and FLAGS.config is not None:
         from visage_jax import distributed
         distributed.initialize(FLAGS.config.get("distributed"))  # before any JAX computation
-      command()
+      command(rest[1:]) if argv[1] in POSITIONAL_COMMANDS else command()
     except (errors.UserError, *_USER_OS_ERRORS) as e:
       if FLAGS.debug or _debug(argv):
         raise

@@ -14,7 +14,7 @@ import re
 import numpy as np
 from absl import logging
 
-from visage_jax import errors, guard, plotting, sharding, visage
+from visage_jax import errors, guard, plotting, sharding, uncertainty, visage
 from visage_jax import workdir as wd  # `workdir` names run directories here
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -96,13 +96,37 @@ def summarize(result: dict, lines: list[dict], records: list[dict], settings: di
               agreement_with_keywords=grid(agree), n_judged=len(records), complete=complete)
 
 
-def _publish(workdir: str, name: str, summary: dict) -> dict:
-  """Adds judges[NAME] to the latest landscape.json (atomically) and re-plots; unchanged: no write."""
+def judge_ci95(result: dict, lines: list[dict], records: list[dict]) -> dict:
+  """ci95["judges"][NAME]: {"asr", "visage"} intervals of the judge's unsafe verdicts, with the
+  run's bootstrap settings (its ci95, else its config's, else the defaults)."""
+  xs, ys = result["coords_x"], result.get("coords_y")
+  n_points = len(xs) * (1 if ys is None else len(ys))
+  n_dirs = len(result["asr"]) if ys is None else 1
+  n_prompts = result.get("n_prompts") or max((len(l["outputs"]) for l in lines), default=0)
+  by_key = {(r["direction"], r["step"], r["prompt_index"]): r["verdict"] == "unsafe" for r in records}
+  unsafe = np.full((n_dirs, n_points, n_prompts), np.nan)
+  for line in lines:
+    got = [by_key.get((line["direction"], line["step"], q)) for q in range(n_prompts)]
+    if None not in got and line["direction"] < n_dirs and line["step"] < n_points:
+      unsafe[line["direction"], line["step"]] = got
+  return uncertainty.curve_ci95(unsafe, xs, ys, **_ci_settings(result))
+
+
+def _ci_settings(result: dict) -> dict:
+  ci = result.get("ci95") or (result.get("config") or {}).get("ci95") or {}
+  return dict(resamples=ci.get("resamples", uncertainty.RESAMPLES), seed=ci.get("seed", 0))
+
+
+def _publish(workdir: str, name: str, summary: dict, ci: dict) -> dict:
+  """Adds judges[NAME] and ci95.judges[NAME] to the latest landscape.json (atomically) and
+  re-plots; unchanged: no write."""
   path = os.path.join(workdir, "landscape.json")
   result = _landscape_json(workdir)
-  if (result.get("judges") or {}).get(name) == summary:
+  old_ci = ((result.get("ci95") or {}).get("judges") or {}).get(name)
+  if (result.get("judges") or {}).get(name) == summary and old_ci == ci:
     return result
   result.setdefault("judges", {})[name] = summary
+  result.setdefault("ci95", dict(method=uncertainty.METHOD, **_ci_settings(result))).setdefault("judges", {})[name] = ci
   wd.write_atomic(path, json.dumps(result, indent=1))
   if not any(v is None for v in np.ravel(np.asarray(result["asr"], object))):
     plotting.plot_landscape(result, os.path.join(workdir, "landscape.png"))
@@ -134,7 +158,7 @@ def run(workdir: str, model_path: str, *, name: str = "llamaguard", max_new_toke
                              tuple(result.get("config", {}).get("mesh", {}).get("shape", (1, 1))),
                              progress)
   summary = summarize(result, lines, records, settings)
-  _publish(workdir, name, summary)
+  _publish(workdir, name, summary, judge_ci95(result, lines, records))
   return summary
 
 

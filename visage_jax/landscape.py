@@ -19,13 +19,15 @@ import time
 import jax
 import numpy as np
 
-from visage_jax import distributed, errors, guard_run, measures, pipeline, plotting, scoring, workdir
+from visage_jax import (distributed, errors, guard_run, measures, pipeline, plotting, scoring, uncertainty,
+                        workdir)
 
 
 def run(c, path: str, *, overwrite: bool = False, progress: bool = True, scorers=None) -> dict:
   """Runs (or resumes) the landscape described by config `c` in workdir `path`; returns
   landscape.json. `scorers` say what is measured (default: scoring.default(), the keyword judge)."""
   measures.validate(c)
+  uncertainty.check(c.ci95.resamples, c.ci95.seed)
   s = pipeline.prepare(c, path, overwrite=overwrite)
   placement = measures.judge_placement(c, s) if c.judges.model_path else None
   chosen = (measures.scorers(c, s, path, judge_inline=bool(placement and placement[0]))
@@ -135,9 +137,23 @@ def summarize(s: pipeline.Setup, lines: list[dict], scorers: tuple, info: dict) 
              seed=s.c.landscape.seed, complete=complete)
   for sc in scorers:
     out.update(sc.notes(lines))
+  out["ci95"] = ci95(s, lines, scorers)
   out["config"] = workdir.jsonable(s.cfg_dict)
   out.update(info)
   return out
+
+
+def ci95(s: pipeline.Setup, lines: list[dict], scorers: tuple) -> dict:
+  """landscape.json["ci95"]: bootstrap intervals of the curves the scorers wrote (keyword and
+  coherent ASR and their VISAGE, capability where its items are in the lines)."""
+  shape = (s.n_dirs, s.n_points, len(s.prompts.goals))
+  names = {n for sc in scorers for n in sc.curves}
+  curves = {"asr": uncertainty.verdicts(lines, *shape)} if "asr" in names else {}
+  for sc in scorers:
+    if "asr_coherent" in sc.curves:
+      curves["asr_coherent"] = uncertainty.coherent_verdicts(lines, *shape, sc.max_nll)
+  return uncertainty.landscape_ci95(curves, s.xs, s.ys, resamples=s.c.ci95.resamples, seed=s.c.ci95.seed,
+                                    capability=uncertainty.capability_items(lines, s.n_dirs, s.n_points))
 
 
 def _write_summary(s: pipeline.Setup, path: str, result: dict) -> dict:
@@ -218,6 +234,10 @@ def default_config():
   # RUN/judges/<name>.jsonl and landscape.json["judges"][name]. "" = none. Not part of a run's
   # identity: a judge can be added to a finished run.
   c.judges = dict(model_path="", name="llamaguard", max_new_tokens=10)
+  # 95% intervals in landscape.json["ci95"] (uncertainty.py): a percentile bootstrap over prompts
+  # (the same resampled prompts at every point; directions resampled too for the mean VISAGE),
+  # `resamples` draws from `seed`. Not part of a run's identity: a finished run re-bootstraps.
+  c.ci95 = dict(resamples=1000, seed=0)
   return c
 
 

@@ -70,14 +70,20 @@ class CapabilityScorer(scoring.Scorer):
     self.mode = "materialized" if s.mode == "materialized" else "fused"
 
   def point(self, p):
-    m, coefs, out = self.s.model, np.asarray([p.coords], np.float32), {}
+    """The curves, and capability_items: per-text NLL sums and token counts, per-question
+    correctness, for the bootstrap over items (uncertainty.capability_ci95)."""
+    m, coefs, out, items = self.s.model, np.asarray([p.coords], np.float32), {}, {}
     if self.texts is not None:
-      out["perplexity"] = _finite(capability.perplexity(m.params, m.cfg, self.texts, self.s.stacked, coefs,
-                                                        r=p.direction, mode=self.mode)[0])
+      sums, counts = capability.text_nll(m.params, m.cfg, self.texts, self.s.stacked, coefs, r=p.direction,
+                                         mode=self.mode)[0]
+      out["perplexity"] = _finite(capability.pooled_perplexity(sums, counts))
+      items.update(nll=[_finite(v) for v in sums], tokens=[int(k) for k in counts])
     if self.mc is not None:
-      out["mc_accuracy"] = _finite(capability.mc_accuracy(m.params, m.cfg, self.mc, self.s.stacked, coefs,
-                                                          r=p.direction, mode=self.mode)[0])
-    return out
+      correct = capability.mc_correct(m.params, m.cfg, self.mc, self.s.stacked, coefs, r=p.direction,
+                                      mode=self.mode)[0]
+      out["mc_accuracy"] = _finite(float(np.mean(correct)))
+      items["correct"] = [bool(v) for v in correct]
+    return dict(out, capability_items=items)
 
 
 class JudgeScorer(scoring.Scorer):

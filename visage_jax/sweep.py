@@ -23,7 +23,7 @@ from visage_jax import distributed, errors, landscape, plotting, visage
 from visage_jax import workdir as wd  # `workdir` names run directories here
 
 SUMMARY_FILES = ("sweep.csv", "sweep.md", "sweep.png")
-COLUMNS = ("run", "status", "asr_at_0", "visage", "workdir", "error")
+COLUMNS = ("run", "status", "asr_at_0", "visage", "visage_ci95_lo", "visage_ci95_hi", "workdir", "error")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
 _VALUE_CHARS = 40
 
@@ -168,6 +168,18 @@ def _fmt(v) -> str:
   return "–" if v is None else f"{v:.2f}"
 
 
+def _scores(result: dict) -> dict:
+  """A run's summary row values: ASR at the origin, VISAGE and its 95% interval (None if absent)."""
+  lo, hi = visage.visage_interval(result) or (None, None)
+  return dict(asr_at_0=visage.asr_at_zero(result), visage=visage.visage_mean(result),
+              visage_ci95_lo=lo, visage_ci95_hi=hi)
+
+
+def _fmt_interval(row: dict) -> str:
+  lo, hi = row.get("visage_ci95_lo"), row.get("visage_ci95_hi")
+  return "–" if lo is None else f"[{lo:.2f}, {hi:.2f}]"
+
+
 def _csv_value(v):
   if v is None:
     return ""
@@ -187,8 +199,10 @@ def summary_csv(rows: list[dict], fields: list[str]) -> str:
 
 def summary_markdown(rows: list[dict], workdir: str) -> str:
   title = os.path.basename(os.path.abspath(workdir))
-  lines = [f"# Sweep {title}", "", "| run | status | ASR at α = 0 | VISAGE |", "|---|---|---:|---:|"]
-  lines += [f"| {r['run']} | {r['status']} | {_fmt(r['asr_at_0'])} | {_fmt(r['visage'])} |" for r in rows]
+  lines = [f"# Sweep {title}", "", "| run | status | ASR at α = 0 | VISAGE | VISAGE 95% CI |",
+           "|---|---|---:|---:|---:|"]
+  lines += [f"| {r['run']} | {r['status']} | {_fmt(r['asr_at_0'])} | {_fmt(r['visage'])} | {_fmt_interval(r)} |"
+            for r in rows]
   failed = [r for r in rows if r["status"] == "failed"]
   if failed:
     lines += ["", "Failed runs:", ""]
@@ -215,11 +229,11 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> l
   rows, results = [], {}
   for name, over, rc in runs:
     run_dir = os.path.join(workdir, name)
-    row = dict(run=name, status="pending", asr_at_0=None, visage=None, workdir=run_dir, error=None,
-               **{f: over.get(f) for f in fields})
+    row = dict(run=name, status="pending", asr_at_0=None, visage=None, visage_ci95_lo=None,
+               visage_ci95_hi=None, workdir=run_dir, error=None, **{f: over.get(f) for f in fields})
     done = landscape.finished_result(run_dir, rc.to_dict())
     if done is not None:
-      row.update(status="complete", asr_at_0=visage.asr_at_zero(done), visage=visage.visage_mean(done))
+      row.update(status="complete", **_scores(done))
       results[name] = done
     rows.append(row)
   todo = [i for i, r in enumerate(rows) if r["status"] != "complete"]
@@ -250,8 +264,7 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> l
     else:
       if writer:
         workdir_error(row["workdir"], None)
-      row.update(status="complete" if result["complete"] else "failed",
-                 asr_at_0=visage.asr_at_zero(result), visage=visage.visage_mean(result),
+      row.update(status="complete" if result["complete"] else "failed", **_scores(result),
                  error=None if result["complete"] else "landscape incomplete")
       results[name] = result
       say("sweep [%d/%d] %s: ASR at 0 %s, VISAGE %s (%.0f s)", k + 1, len(todo), name,

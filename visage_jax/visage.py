@@ -101,3 +101,11 @@ def visage_mean(result: dict) -> float | None:
   v = result.get("visage")
   v = v.get("mean") if isinstance(v, dict) else v
   return None if v is None else float(v)
+
+
+def visage_interval(result: dict) -> tuple[float, float] | None:
+  """A landscape.json's 95% interval of that one VISAGE (ci95); None for a run without one
+  (incomplete, or written before runs carried intervals)."""
+  v = (result.get("ci95") or {}).get("visage")
+  v = v.get("mean") if isinstance(v, dict) else v
+  return None if v is None else (float(v[0]), float(v[1]))
