@@ -229,7 +229,7 @@ class TwoProcessSweepTest(absltest.TestCase):
     for p, out in zip(procs, outs):
       self.assertEqual(p.returncode, 1, out[-3000:])   # exit 1: one run failed, on both
       self.assertIn("| path=tiny,seed=0 | complete |", out)
-    self.assertCountEqual(os.listdir(w), ["sweep.csv", "sweep.md", "sweep.png", "path=model,seed=0",
+    self.assertCountEqual(os.listdir(w), ["sweep.csv", "sweep.md", "sweep.png", "report.md", "path=model,seed=0",
                                           "path=tiny,seed=0"])
     rows = read_csv(w)
     self.assertEqual([r["status"] for r in rows], ["failed", "complete"])

@@ -1,7 +1,7 @@
 """`visage-jax <command> --flags`: absl flags -> plain arguments -> one library call.
 
-Commands: generate, convert, landscape, judge, export-directions, bench, finetune, experiments, sweep,
-plan, compare (RUN_A RUN_B as positional arguments).
+Commands: generate, convert, landscape, judge, report, export-directions, bench, finetune, experiments,
+sweep, plan, compare (RUN_A RUN_B as positional arguments).
 """
 
 import json
@@ -27,7 +27,7 @@ flags.DEFINE_bool("no_chat_template", False, "Tokenize the prompt as raw text wi
 flags.DEFINE_string("dtype", "float32", "Param and compute dtype: float32 | bfloat16.")
 flags.DEFINE_string("out", "", "Output path (convert: the converted directory; "
                     "export-directions: the .safetensors file).")
-flags.DEFINE_string("workdir", "", "Run directory (landscape, export-directions).")
+flags.DEFINE_string("workdir", "", "Run directory (landscape, export-directions, report: a run or a sweep).")
 flags.DEFINE_string("name", "llamaguard", "judge: the judge's name (RUN/judges/NAME.jsonl, "
                     "landscape.json judges.NAME).")
 flags.DEFINE_bool("overwrite", False, "landscape: discard a run with a different config in --workdir.")
@@ -105,6 +105,13 @@ def cmd_judge() -> None:
   summary = guard_run.run(FLAGS.workdir, FLAGS.model, name=FLAGS.name, max_new_tokens=new,
                           dtype=FLAGS.dtype, progress=FLAGS.progress)
   print(json.dumps(dict(name=FLAGS.name, **summary)))
+
+
+def cmd_report() -> None:
+  """Rebuilds report.md and the figures of a run, or of a sweep and its finished runs, from their files."""
+  from visage_jax import report
+
+  print(json.dumps({"written": report.rebuild_workdir(FLAGS.workdir)}))
 
 
 def landscape_summary(result: dict, workdir: str) -> str:
@@ -274,7 +281,7 @@ def cmd_plan() -> None:
 
 
 COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "landscape": cmd_landscape,
-            "judge": cmd_judge,
+            "judge": cmd_judge, "report": cmd_report,
             "export-directions": cmd_export_directions, "bench": cmd_bench, "finetune": cmd_finetune,
             "experiments": cmd_experiments, "sweep": cmd_sweep, "plan": cmd_plan, "compare": cmd_compare}
 

@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from visage_jax import errors, uncertainty, visage, workdir
+from visage_jax import errors, uncertainty, workdir
 
 # landscape settings that fix the directions (the grid itself is compared through its coords)
 DIRECTION_FIELDS = ("vis_type", "num_directions", "seed", "norm", "blacklist", "orthogonalize",

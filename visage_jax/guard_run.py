@@ -4,7 +4,7 @@ Reads RUN/generations.jsonl; appends one record per generation to RUN/judges/NAM
 (direction, step, prompt_index, verdict, categories, p_unsafe, output), fsynced per batch, so an
 interrupted judge resumes where it stopped (a torn last line is dropped) and a finished one
 loads nothing. Then adds `judges[NAME]` to RUN/landscape.json (ASR, VISAGE, unparsed counts and
-agreement with the keyword judge, each shaped like the keyword `asr`) and re-plots.
+agreement with the keyword judge, each shaped like the keyword `asr`), re-plots and rewrites report.md.
 """
 
 import json
@@ -14,7 +14,7 @@ import re
 import numpy as np
 from absl import logging
 
-from visage_jax import errors, guard, plotting, sharding, uncertainty, visage
+from visage_jax import errors, guard, report, sharding, uncertainty, visage
 from visage_jax import workdir as wd  # `workdir` names run directories here
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -129,7 +129,7 @@ def _publish(workdir: str, name: str, summary: dict, ci: dict) -> dict:
   result.setdefault("ci95", dict(method=uncertainty.METHOD, **_ci_settings(result))).setdefault("judges", {})[name] = ci
   wd.write_atomic(path, json.dumps(result, indent=1))
   if not any(v is None for v in np.ravel(np.asarray(result["asr"], object))):
-    plotting.plot_landscape(result, os.path.join(workdir, "landscape.png"))
+    report.rebuild(workdir)   # the figure and report.md with the judge
   return result
 
 

@@ -8,7 +8,7 @@ and landscape.json is rewritten from them.
 Workdir files: run_config.json (the resolved config; a different one is refused),
 directions.safetensors, generations.jsonl (one line per (direction, grid point), appended
 and fsynced as each point completes), landscape.json (rewritten atomically after every
-chunk; `complete` turns true at the end) and landscape.png.
+chunk; `complete` turns true at the end), landscape.png and report.md (report.py).
 """
 
 import functools
@@ -19,7 +19,7 @@ import time
 import jax
 import numpy as np
 
-from visage_jax import (distributed, errors, guard_run, measures, pipeline, plotting, scoring, uncertainty,
+from visage_jax import (distributed, errors, guard_run, measures, pipeline, report, scoring, uncertainty,
                         workdir)
 
 
@@ -79,7 +79,7 @@ def execute(s: pipeline.Setup, path: str, scorers: tuple, *, progress: bool = Tr
   bar.close()
   result = _write_summary(s, path, summarize(s, lines, scorers, info))
   if result["complete"] and s.writer:
-    plotting.plot_landscape(result, os.path.join(path, "landscape.png"))
+    report.rebuild(path)   # landscape.png and report.md
   distributed.barrier("landscape: results written")
   return result
 

@@ -21,7 +21,7 @@ from visage_jax import (checkpoints, decode, directions, distributed, engine, er
                         model, planner, prompts, scoring, sharding, workdir)
 
 RUN_FILES = ("run_config.json", "directions.safetensors", "generations.jsonl", "landscape.json",
-             "landscape.png")
+             "landscape.png", "report.md")
 # Settings that never change a grid point's generations: engine sizes, the refinement points
 # added after the grid (landscape.refine), how many processes compute it, judges and bootstrap
 # intervals (ci95) added to a finished run.

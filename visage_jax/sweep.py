@@ -3,8 +3,9 @@
 `base` is a landscape config; `sweep.grid` and `sweep.runs` say which fields change. Each run is
 a plain landscape workdir, WORKDIR/<run name>/, so it resumes like one: finished runs are
 skipped (landscape.finished_result, without loading the model), unfinished ones continue, a
-failed one is recorded with its error and the sweep goes on. sweep.csv, sweep.md and sweep.png
-are rewritten after every run, so an interrupted sweep still has its summary.
+failed one is recorded with its error and the sweep goes on. sweep.csv, sweep.md, sweep.png and
+report.md (report.py, links to the runs' reports) are rewritten after every run, so an
+interrupted sweep still has its summary.
 """
 
 import copy
@@ -19,10 +20,10 @@ import time
 
 from absl import logging
 
-from visage_jax import distributed, errors, landscape, plotting, visage
+from visage_jax import distributed, errors, landscape, plotting, report, visage
 from visage_jax import workdir as wd  # `workdir` names run directories here
 
-SUMMARY_FILES = ("sweep.csv", "sweep.md", "sweep.png")
+SUMMARY_FILES = ("sweep.csv", "sweep.md", "sweep.png", "report.md")
 COLUMNS = ("run", "status", "asr_at_0", "visage", "visage_ci95_lo", "visage_ci95_hi", "workdir", "error")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
 _VALUE_CHARS = 40
@@ -215,6 +216,7 @@ def _write_summary(workdir: str, rows: list[dict], fields: list[str], results: d
   wd.write_atomic(os.path.join(workdir, "sweep.md"), summary_markdown(rows, workdir))
   if results:
     plotting.plot_sweep(results, os.path.join(workdir, "sweep.png"))
+  report.write_sweep_report(workdir)
 
 
 # ------------------------------------------------------------------ the sweep
