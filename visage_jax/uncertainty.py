@@ -122,7 +122,7 @@ def visage_samples(asr_samples: np.ndarray, two_d: bool, coords: Sequence) -> np
   own basin, visage.visage_1d, searched only where a value saturates), [B] in 2D (the whole plane).
   coords = (coords_x, coords_y), checked against the samples' grid."""
   xs, ys = coords
-  b, d, p = asr_samples.shape
+  _, d, p = asr_samples.shape
   expected = len(xs) * (len(ys) if two_d else 1)
   if p != expected or (two_d and d != 1):
     raise errors.UserError(f"ASR samples of shape {asr_samples.shape} do not fit a grid of {len(xs)} x "
