@@ -14,7 +14,7 @@ import torch
 from absl.testing import absltest
 
 import fixtures
-from visage_jax import capability, checkpoints, directions, landscape, prompts, tensors, visage
+from visage_jax import capability, checkpoints, directions, landscape, prompts, tensors, uncertainty, visage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOALS = ["Write a poem about the sea.", "How do I bake bread?", "Tell me a secret.", "Explain rain."]
@@ -115,6 +115,26 @@ class MeasuresInTheRunTest(absltest.TestCase):
           logits = net(ids).logits[0, -1, letters]
         right += int(int(torch.argmax(logits)) == "ABCD".index(row["answer"]))
       self.assertAlmostEqual(self.result["capability"]["mc_accuracy"][0][k], right / len(mc_rows))
+
+  def test_capability_items_give_the_curves_and_their_intervals(self):
+    tokens = [len(self.tok(t["response"], add_special_tokens=False)["input_ids"]) for t in TEXTS]
+    ci, n = self.result["ci95"], self.result["ci95"]["resamples"]
+    texts = uncertainty.resample_indices(len(TEXTS), n, ci["seed"], stream=uncertainty.TEXTS)
+    questions = uncertainty.resample_indices(3, n, ci["seed"], stream=uncertainty.QUESTIONS)
+    for k, line in enumerate(self.lines):
+      items = line["capability_items"]
+      self.assertEqual(items["tokens"], tokens)
+      self.assertEqual(self.result["capability"]["perplexity"][0][k],
+                       float(np.exp(np.sum(items["nll"]) / np.sum(items["tokens"]))))
+      self.assertEqual(self.result["capability"]["mc_accuracy"][0][k], float(np.mean(items["correct"])))
+      ppl = [np.exp(sum(items["nll"][i] for i in row) / sum(tokens[i] for i in row)) for row in texts]
+      np.testing.assert_allclose(ci["capability"]["perplexity"][0][k], np.percentile(ppl, [2.5, 97.5]))
+      acc = [np.mean([items["correct"][i] for i in row]) for row in questions]
+      np.testing.assert_allclose(ci["capability"]["mc_accuracy"][0][k], np.percentile(acc, [2.5, 97.5]))
+    coherent = uncertainty.coherent_verdicts(self.lines, 1, 3, len(GOALS), 3.0)
+    np.testing.assert_allclose(100.0 * coherent.mean(axis=2), self.result["asr_coherent"])
+    self.assertEqual(np.asarray(ci["asr_coherent"]).shape, (1, 3, 2))
+    self.assertEqual(np.asarray(ci["visage_coherent"]["per_direction"]).shape, (1, 2))
 
   def test_a_run_without_the_measures_is_unchanged(self):
     c = _config(self.model_dir, self.goals)

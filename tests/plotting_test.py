@@ -72,6 +72,40 @@ class PlotLandscapeTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "judges.llamaguard.asr"):
       plotting._parse(dict(result, judges={"llamaguard": {"asr": [[1.0, 2.0]]}}))
 
+  def test_asr_interval_band_in_the_curve_colour_and_visage_interval_in_the_title(self):
+    from matplotlib import colors as mcolors
+    from matplotlib.collections import PolyCollection
+    from matplotlib.figure import Figure
+    result = _result_1d(num_directions=2)
+    band = [[[max(v - 10, 0.0), min(v + 10, 100.0)] for v in curve] for curve in result["asr"]]
+    band[1][4] = None   # a point not evaluated yet: a gap in the band
+    result["ci95"] = {"asr": band, "visage": {"per_direction": [[1.0, 2.0]] * 2, "mean": [38.14, 60.21]}}
+    self._render(result)
+    fig = Figure()
+    plotting._plot_1d(fig, plotting._parse(result))
+    ax = fig.axes[0]
+    self.assertIn(f"VISAGE {result['visage']['mean']:.1f} [38.1, 60.2]", ax.get_title())
+    fills = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    self.assertLen(fills, 2)
+    lines = {l.get_label(): l for l in ax.get_lines()}
+    for k, fill in enumerate(fills):
+      np.testing.assert_allclose(fill.get_facecolor()[0][:3], mcolors.to_rgb(lines[f"direction {k}"].get_color()))
+      self.assertLess(fill.get_facecolor()[0][3], 0.3)
+      ys = np.concatenate([path.vertices[:, 1] for path in fill.get_paths()])
+      self.assertAlmostEqual(ys.max(), max(hi for pair in band[k] if pair for hi in pair[1:]))
+    self.assertLen(fills[1].get_paths(), 2)   # split at the missing point
+    old = _result_1d(num_directions=2)        # written before ci95: no band, no interval
+    fig = Figure()
+    plotting._plot_1d(fig, plotting._parse(old))
+    self.assertFalse([c for c in fig.axes[0].collections if isinstance(c, PolyCollection)])
+    self.assertNotIn("[", fig.axes[0].get_title())
+    two_d = dict(_result_2d(), ci95={"asr": [[[0.0, 1.0]] * 4] * 5, "visage": [40.0, 50.0]})
+    self._render(two_d)
+    with self.assertRaisesRegex(ValueError, "ci95.asr"):
+      plotting._parse(dict(result, ci95={"asr": [[[1.0, 2.0]]]}))
+    with self.assertRaisesRegex(ValueError, "ci95.visage"):
+      plotting._parse(dict(result, ci95={"visage": {"mean": [1.0]}}))
+
   def test_coherent_asr_and_capability_beside_the_keyword_curve(self):
     from matplotlib.figure import Figure
     result = _result_1d(num_directions=1)

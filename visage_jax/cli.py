@@ -129,12 +129,16 @@ def landscape_summary(result: dict, workdir: str) -> str:
         lines.append(f"  {label + f' d{r}':<11} {' '.join(('-' if v is None else f'{v:.4g}').rjust(6) for v in curve)}")
   else:
     lines.append(f"  {len(xs)} x {len(result['coords_y'])} grid; ASR per point in landscape.json")
+  ci = result.get("ci95") or {}
   for label, key in (("VISAGE (higher = safer)", "visage"), ("VISAGE on coherent ASR", "visage_coherent")):
-    vis = result.get(key)
+    vis, span = result.get(key), ci.get(key)
     if isinstance(vis, dict):
-      vis = vis.get("mean", vis)
+      vis, span = vis.get("mean", vis), (span or {}).get("mean")
     if key == "visage" or key in result:
-      lines.append(f"  {label}: {round(vis, 2) if vis is not None else 'not yet (run incomplete)'}")
+      text = "not yet (run incomplete)" if vis is None else f"{round(vis, 2)}"
+      if vis is not None and span:
+        text += f", 95% interval [{span[0]:.2f}, {span[1]:.2f}] (bootstrap over prompts)"
+      lines.append(f"  {label}: {text}")
   files = [n for n in ("landscape.png", "landscape.json", "generations.jsonl")
            if os.path.exists(os.path.join(workdir, n))]
   lines.append("  results: " + ", ".join(os.path.join(workdir, n) for n in files))

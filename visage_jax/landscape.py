@@ -234,9 +234,8 @@ def default_config():
   # RUN/judges/<name>.jsonl and landscape.json["judges"][name]. "" = none. Not part of a run's
   # identity: a judge can be added to a finished run.
   c.judges = dict(model_path="", name="llamaguard", max_new_tokens=10)
-  # 95% intervals in landscape.json["ci95"] (uncertainty.py): a percentile bootstrap over prompts
-  # (the same resampled prompts at every point; directions resampled too for the mean VISAGE),
-  # `resamples` draws from `seed`. Not part of a run's identity: a finished run re-bootstraps.
+  # landscape.json["ci95"] (uncertainty.py): 95% percentile bootstrap over prompts, `resamples`
+  # draws from `seed`. Not part of a run's identity: a finished run re-bootstraps with new ones.
   c.ci95 = dict(resamples=1000, seed=0)
   return c
 

@@ -46,6 +46,22 @@ def _mask(values, name: str, shape: tuple[int, ...]) -> np.ndarray:
   return np.nan_to_num(arr, nan=0.0) != 0.0
 
 
+def _parse_ci95(ci, one_d: bool, shape: tuple[int, ...]) -> dict:
+  """The intervals a figure shows: 1D keyword ASR bands [D, P, 2] (NaN: not evaluated) and each
+  VISAGE's (lo, hi); None where absent, as in runs written before landscape.json had ci95."""
+  ci = ci if isinstance(ci, dict) else {}
+  out = dict(asr_ci=None)
+  if one_d and isinstance(ci.get("asr"), list):
+    pairs = [[[None, None] if v is None else v for v in row] if isinstance(row, list) else row
+             for row in ci["asr"]]
+    out["asr_ci"] = _floats(pairs, "ci95.asr", shape + (2,))
+  for key in ("visage", "visage_coherent"):
+    v = ci.get(key)
+    v = v.get("mean") if isinstance(v, dict) else v
+    out[f"{key}_ci"] = None if v is None else tuple(_floats(v, f"ci95.{key}", (2,)))
+  return out
+
+
 def _parse(result) -> dict:
   """Checks a landscape.json at the edge, naming the field that is wrong."""
   if not isinstance(result, dict):
@@ -92,6 +108,7 @@ def _parse(result) -> dict:
   p["capability"] = {name: _floats(v, f"capability.{name}", shape)
                      for name, v in (result.get("capability") or {}).items()
                      if name in CAPABILITY_LABELS and v is not None}
+  p.update(_parse_ci95(result.get("ci95"), vis_type in VIS_TYPES_1D, shape))
   return p
 
 
@@ -102,16 +119,18 @@ def _header(p: dict) -> str:
   return f"{model}  ·  {p['vis_type']}{n}{status}"
 
 
-def _visage_text(v) -> str:
-  """The stored score, not a recomputation: a partial run's score is whatever landscape saved."""
+def _visage_text(v, ci: tuple[float, float] | None = None) -> str:
+  """The stored score, not a recomputation: a partial run's score is whatever landscape saved;
+  with its 95% interval when the run has one."""
+  score = lambda x: f"{x:.2f}" if ci is None else f"{x:.1f} [{ci[0]:.1f}, {ci[1]:.1f}]"
   if isinstance(v, dict) and v.get("mean") is not None:
     per = v.get("per_direction") or []
-    text = f"VISAGE {v['mean']:.2f}"
+    text = f"VISAGE {score(v['mean'])}"
     if len(per) > 1:
       text += "  (per direction: " + ", ".join(f"{s:.1f}" for s in per) + ")"
     return text
   if isinstance(v, (int, float)):
-    return f"VISAGE {v:.2f}"
+    return f"VISAGE {score(v)}"
   return "VISAGE n/a"
 
 
@@ -136,6 +155,10 @@ def _plot_1d(fig: Figure, p: dict) -> None:
   for k, curve in enumerate(asr):
     line, = ax.plot(x, curve, marker="o", ms=4, lw=1.4, alpha=0.85 if many else 1.0,
                     label=f"keyword ASR, direction {k}" if p["coherent"] is not None else f"direction {k}")
+    if p["asr_ci"] is not None:
+      lo, hi = p["asr_ci"][k].T
+      ax.fill_between(x, lo, hi, where=~np.isnan(lo), color=line.get_color(), alpha=0.15, lw=0,
+                      label="95% interval (bootstrap over prompts)" if k == 0 else None)
     for j, (name, judged) in enumerate(p["judges"].items()):
       ax.plot(x, judged[k], color=line.get_color(), ls=JUDGE_STYLES[j % len(JUDGE_STYLES)],
               marker="s", ms=3, lw=1.2, alpha=0.75,
@@ -169,9 +192,10 @@ def _plot_1d(fig: Figure, p: dict) -> None:
   ax.legend(handles, labels, loc="upper left",
             bbox_to_anchor=(1.01 + 0.08 * len(p["capability"]) + 0.04 * (len(p["capability"]) > 1), 1.0),
             fontsize=8, frameon=False)
-  title = _header(p) + "\n" + _visage_text(p["visage"])
+  title = _header(p) + "\n" + _visage_text(p["visage"], p["visage_ci"])
   if p["coherent"] is not None:
-    title += "  ·  on coherent ASR: " + _visage_text(p.get("visage_coherent")).replace("VISAGE ", "")
+    coherent = _visage_text(p.get("visage_coherent"), p["visage_coherent_ci"])
+    title += "  ·  on coherent ASR: " + coherent.replace("VISAGE ", "")
   ax.set_title(title, fontsize=10)
 
 
@@ -254,7 +278,7 @@ def _plot_2d(fig: Figure, p: dict) -> None:
   ax.set_ylabel(ylabel)
   ax.set_aspect("equal" if np.isclose(np.ptp(x), np.ptp(y)) else "auto")
   ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=8, frameon=False)
-  ax.set_title("ASR contour  ·  " + _visage_text(p["visage"]), fontsize=10)
+  ax.set_title("ASR contour  ·  " + _visage_text(p["visage"], p["visage_ci"]), fontsize=10)
 
   if p["capability"]:
     _capability_contour(fig, fig.add_subplot(1, n_panels, 2), gx, gy, p["capability"], xlabel, ylabel)

@@ -93,11 +93,13 @@ def _counts(idx: np.ndarray, n: int) -> np.ndarray:
 
 def _sums(counts: np.ndarray, x: np.ndarray) -> np.ndarray:
   """[B, D, P] resampled sums of items x [D, P, N]; NaN where the point has a NaN item (set
-  explicitly: a BLAS may skip zero counts)."""
+  explicitly, not left to the matmul: a BLAS may skip zero counts, and partial runs skip the work)."""
   d, p, n = x.shape
-  out = (counts @ np.nan_to_num(x).reshape(d * p, n).T).reshape(-1, d, p)
-  out[:, np.isnan(x).any(axis=2)] = np.nan
-  return out
+  flat = x.reshape(d * p, n)
+  done = ~np.isnan(flat).any(axis=1)
+  out = np.full((counts.shape[0], d * p), np.nan)
+  out[:, done] = counts @ flat[done].T
+  return out.reshape(-1, d, p)
 
 
 def asr_samples(v: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -107,8 +109,12 @@ def asr_samples(v: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 def interval(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(lo, hi): the 2.5 and 97.5 percentiles over axis 0 (NaN where any sample is NaN)."""
-  lo, hi = np.percentile(np.asarray(samples, np.float64), PERCENTILES, axis=0)
-  return lo, hi
+  samples = np.asarray(samples, np.float64)
+  flat = samples.reshape(len(samples), -1)
+  done = ~np.isnan(flat).any(axis=0)
+  lo, hi = np.full((2, flat.shape[1]), np.nan)
+  lo[done], hi[done] = np.percentile(flat[:, done], PERCENTILES, axis=0)
+  return lo.reshape(samples.shape[1:]), hi.reshape(samples.shape[1:])
 
 
 def visage_samples(asr_samples: np.ndarray, two_d: bool, coords: Sequence) -> np.ndarray:
@@ -116,7 +122,7 @@ def visage_samples(asr_samples: np.ndarray, two_d: bool, coords: Sequence) -> np
   own basin, visage.visage_1d, searched only where a value saturates), [B] in 2D (the whole plane).
   coords = (coords_x, coords_y), checked against the samples' grid."""
   xs, ys = coords
-  b, d, p = asr_samples.shape
+  _, d, p = asr_samples.shape
   expected = len(xs) * (len(ys) if two_d else 1)
   if p != expected or (two_d and d != 1):
     raise errors.UserError(f"ASR samples of shape {asr_samples.shape} do not fit a grid of {len(xs)} x "
