@@ -46,8 +46,8 @@ def shots_to_break(attacked: dict[str, dict], shots, seeds, *, resamples: int, s
   shots, seeds = list(shots), list(seeds)
   v = {name: _verdicts(a, shots, seeds) for name, a in attacked.items()}
   n_prompts = next(iter(v.values())).shape[2]
-  prompt_counts = uncertainty._counts(uncertainty.resample_indices(n_prompts, resamples, seed), n_prompts)
-  seed_counts = uncertainty._counts(
+  prompt_counts = uncertainty.resample_counts(uncertainty.resample_indices(n_prompts, resamples, seed), n_prompts)
+  seed_counts = uncertainty.resample_counts(
       uncertainty.resample_indices(len(seeds), resamples, seed, stream=uncertainty.DIRECTIONS), len(seeds))
   out, samples = {}, {}
   for name, x in v.items():

@@ -23,6 +23,10 @@ from visage_jax import (distributed, errors, guard_run, measures, pipeline, repo
                         workdir)
 
 
+# landscape.json fields every complete run has (a finished run without one is summarized again)
+SUMMARY_FIELDS = ("ci95",)
+
+
 def run(c, path: str, *, overwrite: bool = False, progress: bool = True, scorers=None) -> dict:
   """Runs (or resumes) the landscape described by config `c` in workdir `path`; returns
   landscape.json. `scorers` say what is measured (default: scoring.default(), the keyword judge)."""
@@ -171,6 +175,8 @@ def finished_result(path: str, cfg_dict: dict) -> dict | None:
     return None
   if pipeline.comparable(saved) != pipeline.comparable(cfg_dict) or not result.get("complete"):
     return None
+  if any(field not in result for field in SUMMARY_FIELDS):
+    return None   # written by an older version: resuming recomputes the summary from the run files
   return result
 
 

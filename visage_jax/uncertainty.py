@@ -84,7 +84,7 @@ def resample_indices(n: int, resamples: int, seed: int, stream: int = PROMPTS) -
   return np.random.default_rng([int(seed), stream]).integers(0, n, size=(resamples, n))
 
 
-def _counts(idx: np.ndarray, n: int) -> np.ndarray:
+def resample_counts(idx: np.ndarray, n: int) -> np.ndarray:
   """[B, n] how often each item is drawn in each resample: a resampled mean is one matmul."""
   counts = np.zeros((idx.shape[0], n))
   np.add.at(counts, (np.arange(idx.shape[0])[:, None], idx), 1.0)
@@ -104,7 +104,7 @@ def _sums(counts: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 def asr_samples(v: np.ndarray, idx: np.ndarray) -> np.ndarray:
   """[B, D, P] ASR in percent of each resample from verdicts [D, P, N] (NaN where not evaluated)."""
-  return (100.0 / v.shape[2]) * _sums(_counts(idx, v.shape[2]), v)
+  return (100.0 / v.shape[2]) * _sums(resample_counts(idx, v.shape[2]), v)
 
 
 def interval(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -174,7 +174,7 @@ def capability_ci95(capability: dict, coords_x, coords_y, *, resamples: int, see
   out = {}
   if "perplexity" in capability:
     sums, tokens = (np.asarray(a, np.float64) for a in capability["perplexity"])
-    c = _counts(resample_indices(sums.shape[2], resamples, seed, stream=TEXTS), sums.shape[2])
+    c = resample_counts(resample_indices(sums.shape[2], resamples, seed, stream=TEXTS), sums.shape[2])
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
       samples = np.exp(_sums(c, sums) / _sums(c, tokens))
       out["perplexity"] = _grid(_pairs(*interval(samples)), coords_x, coords_y)
