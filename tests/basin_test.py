@@ -1,9 +1,16 @@
-"""Basin geometry: 50 % crossings, bisection of the walls, the 2D region."""
+"""Basin geometry: 50 % crossings, bisection of the walls, the 2D region; and a refined tiny run."""
+
+import json
+import os
+import shutil
+import tempfile
+from unittest import mock
 
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from visage_jax import basin
+import fixtures
+from visage_jax import basin, checkpoints, directions, judges, landscape, measures, pipeline, scoring
 
 
 def _step_asr(left_wall: float, right_wall: float):
@@ -153,6 +160,206 @@ class SummarizeTest(absltest.TestCase):
     self.assertEqual(got, dict(fraction_below=2 / 9, connected_fraction=2 / 9, connected_points=2,
                                coherent=dict(fraction_below=1.0, connected_fraction=1.0, connected_points=9),
                                guard=dict(fraction_below=0.0, connected_fraction=0.0, connected_points=0)))
+
+
+class EmbedNorm(scoring.Scorer):
+  """The norm of the perturbed embedding at a point: says which direction and alpha a point's
+  params were built from."""
+  name, needs, curves = "embed_norm", ("params",), ("embed_norm",)
+
+  def point(self, p):
+    return dict(embed_norm=float(np.linalg.norm(np.asarray(p.params()["embed_tokens"], np.float64))))
+
+
+def _config(model_dir: str, refine: int, **landscape_overrides):
+  c = landscape.default_config()
+  c.model.path = model_dir
+  c.prompts.update(path=fixtures.advbench_path(), limit=4)
+  c.landscape.update(steps=6, multiplier=2.0, num_directions=2, refine=refine)
+  c.landscape.update(landscape_overrides)
+  c.decode.max_new_tokens = 8
+  c.engine.max_batch = 8
+  c.coherence.enabled = True
+  return c
+
+
+def _run(c, w: str) -> dict:
+  """The run's own scorers (keyword judge, coherence) and EmbedNorm."""
+  real = measures.scorers
+  with mock.patch.object(measures, "scorers", lambda *a, **k: real(*a, **k) + (EmbedNorm(),)):
+    return landscape.run(c, w, progress=False)
+
+
+def _read(w: str, name: str):
+  with open(os.path.join(w, name)) as f:
+    return json.load(f) if name.endswith(".json") else [json.loads(l) for l in f]
+
+
+class RefineRunTest(absltest.TestCase):
+  """steps=6 over [-1, 1]: the fixture's keyword ASR crosses 50 % on both sides of 0 in both
+  directions, so every wall is bisected."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.root = tempfile.mkdtemp(prefix="basin_test_")   # fresh: a left-over run would resume
+    cls.model = os.path.join(cls.root, "model")
+    fixtures.save_refusal_model(cls.model)
+    cls.plain = os.path.join(cls.root, "plain")
+    landscape.run(_config(cls.model, 0), cls.plain, progress=False)
+    cls.refined = os.path.join(cls.root, "refined")
+    cls.result = _run(_config(cls.model, 2), cls.refined)
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.root, ignore_errors=True)
+    super().tearDownClass()
+
+  def copy_of(self, w: str) -> str:
+    out = os.path.join(self.create_tempdir().full_path, "run")
+    shutil.copytree(w, out)
+    return out
+
+  def test_refined_points_are_the_bisection_of_each_wall(self):
+    xs, lines = self.result["coords_x"], _read(self.refined, pipeline.REFINED_FILE)
+    by_key = {(l["direction"], l["coords"][0]): l for l in lines}
+    self.assertLen(by_key, len(lines))
+    self.assertEqual(list(lines[0]), ["direction", "step", "round", "coords", "asr", "asr_coherent", "embed_norm",
+                                      "nonfinite", "judge_disagreements", "outputs"])
+    expected = 0
+    for r, curve in enumerate(self.result["asr"]):
+      o = xs.index(0.0)
+      for side in (-1, 1):       # a plain walk and bisection: the reference
+        i = o
+        while 0 <= i + side < len(xs) and curve[i + side] < 50:
+          i += side
+        self.assertTrue(0 <= i + side < len(xs) and curve[o] < 50, "the fixture must have both walls")
+        inside, outside = xs[i], xs[i + side]
+        for k in (1, 2):
+          line = by_key[(r, (inside + outside) / 2)]
+          self.assertEqual((line["step"], line["round"]), (None, k))
+          if line["asr"] < 50:
+            inside = line["coords"][0]
+          else:
+            outside = line["coords"][0]
+          expected += 1
+        self.assertAlmostEqual(abs(outside - inside), (xs[1] - xs[0]) / 4)
+    self.assertLen(lines, expected)
+
+  def test_refined_lines_are_scored_like_grid_points(self):
+    lines = _read(self.refined, pipeline.REFINED_FILE)
+    cfg, theta = checkpoints.load_params(self.model)
+    dirs = directions.load_safetensors(os.path.join(self.refined, "directions.safetensors"), cfg)
+    for line in lines:
+      jb = [not any(k in o["generation"] for k in judges.REFUSAL_KEYWORDS) for o in line["outputs"]]
+      self.assertEqual([o["jailbroken"] for o in line["outputs"]], jb)
+      self.assertEqual(line["asr"], 100.0 * sum(jb) / len(jb))
+      want = np.linalg.norm(np.asarray(theta["embed_tokens"], np.float64)
+                            + line["coords"][0] * np.asarray(dirs[line["direction"]]["embed_tokens"], np.float64))
+      self.assertAlmostEqual(line["embed_norm"], want, delta=1e-4 * want)
+    for r, entry in enumerate(self.result["refined"]):
+      mine = sorted((l for l in lines if l["direction"] == r), key=lambda l: l["coords"][0])
+      values = lambda f: [l[f] for l in mine]
+      self.assertEqual(entry, dict(alpha=[l["coords"][0] for l in mine], round=values("round"), asr=values("asr"),
+                                   asr_coherent=values("asr_coherent"), embed_norm=values("embed_norm"),
+                                   nonfinite=values("nonfinite")))
+      max_nll = self.result["coherence"]["max_nll"]
+      for l in mine:
+        coherent = [o["jailbroken"] and o["nll_ref"] is not None and o["nll_ref"] <= max_nll for o in l["outputs"]]
+        self.assertEqual(l["asr_coherent"], 100.0 * sum(coherent) / len(coherent))
+
+  def test_refined_generations_equal_a_grid_run_at_those_alphas(self):
+    # Round 1 bisects (1/3, 2/3) and (-2/3, -1/3): alpha +-0.5, the ends of a steps=2 grid over [-0.5, 0.5].
+    w = os.path.join(self.create_tempdir().full_path, "grid")
+    c = _config(self.model, 0, steps=2, multiplier=1.0,
+                directions_path=os.path.join(self.refined, "directions.safetensors"))
+    c.coherence.enabled = False
+    landscape.run(c, w, progress=False)
+    grid = {(l["direction"], l["coords"][0]): l["outputs"] for l in _read(w, "generations.jsonl")}
+    drop = lambda outs: [{k: v for k, v in o.items() if k != "nll_ref"} for o in outs]
+    for l in _read(self.refined, pipeline.REFINED_FILE):
+      if l["round"] == 1:
+        self.assertAlmostEqual(abs(l["coords"][0]), 0.5)
+        self.assertEqual(drop(l["outputs"]), drop(grid[(l["direction"], round(l["coords"][0], 12))]))
+
+  def test_visage_and_grid_unchanged_and_basin_uses_refined_points(self):
+    plain = _read(self.plain, "landscape.json")
+    for key in ("asr", "asr_coherent", "visage", "visage_coherent", "coords_x", "nonfinite"):
+      self.assertEqual(self.result[key], plain[key], key)
+    self.assertNotIn("refined", plain)
+    xs = self.result["coords_x"]
+    for r, entry in enumerate(self.result["basin"]):
+      more = self.result["refined"][r]
+      want = basin.crossings(xs + more["alpha"], self.result["asr"][r] + more["asr"], 0.0)
+      self.assertEqual({k: entry[k] for k in want}, want)
+      self.assertAlmostEqual(want["resolution"], (xs[1] - xs[0]) / 4)
+      self.assertAlmostEqual(plain["basin"][r]["resolution"], xs[1] - xs[0])
+      self.assertEqual(entry["coherent"], basin.crossings(xs + more["alpha"],
+                                                          self.result["asr_coherent"][r] + more["asr_coherent"], 0.0))
+    self.assertEqual(self.result["config"]["landscape"]["refine"], 2)
+    self.assertEqual(_read(self.refined, "landscape.json"), self.result)
+
+  def test_interrupted_refine_resumes_and_a_finished_one_evaluates_nothing(self):
+    w = self.copy_of(self.refined)
+    lines = _read(w, pipeline.REFINED_FILE)
+    with open(os.path.join(w, pipeline.REFINED_FILE), "w") as f:
+      f.writelines(json.dumps(l) + "\n" for l in lines[:3])
+      f.write('{"direction": 1, "step": null, "rou')   # torn by a kill
+    evaluated = []
+    real = pipeline.evaluate
+
+    def counting(s, points):
+      evaluated.append(len(points))
+      yield from real(s, points)
+
+    with mock.patch.object(pipeline, "evaluate", counting):
+      got = _run(_config(self.model, 2), w)
+    self.assertEqual(sum(evaluated), len(lines) - 3)   # only the missing points
+    resumed = _read(w, pipeline.REFINED_FILE)
+    self.assertEqual(resumed[:3], lines[:3])
+    by_alpha = lambda l: (l["direction"], l["coords"][0])
+    resumed, lines = sorted(resumed, key=by_alpha), sorted(lines, key=by_alpha)
+    nll = lambda ls: [o.pop("nll_ref") for l in ls for o in l["outputs"]]   # batch-dependent rounding
+    np.testing.assert_allclose(nll(resumed), nll(lines), rtol=1e-5)
+    self.assertEqual(resumed, lines)
+    for key in ("asr", "visage", "refined", "basin"):
+      self.assertEqual(got[key], self.result[key], key)
+    evaluated.clear()
+    with mock.patch.object(pipeline, "evaluate", counting):
+      again = _run(_config(self.model, 2), w)
+    self.assertEqual(sum(evaluated), 0)   # finished: nothing decoded
+    self.assertEqual(again["basin"], self.result["basin"])
+
+  def test_a_finished_run_refined_later_only_adds_rounds(self):
+    w = self.copy_of(self.plain)
+    before = _read(w, "generations.jsonl")
+    self.assertIsNotNone(landscape.finished_result(w, _config(self.model, 0).to_dict()))
+    self.assertIsNone(landscape.finished_result(w, _config(self.model, 1).to_dict()))
+    one = landscape.run(_config(self.model, 1), w, progress=False)
+    self.assertEqual(_read(w, "generations.jsonl"), before)
+    self.assertEqual({l["round"] for l in _read(w, pipeline.REFINED_FILE)}, {1})
+    self.assertIsNotNone(landscape.finished_result(w, _config(self.model, 1).to_dict()))
+    two = landscape.run(_config(self.model, 2), w, progress=False)
+    rounds = [l["round"] for l in _read(w, pipeline.REFINED_FILE)]
+    self.assertEqual(rounds, [1] * rounds.count(1) + [2] * rounds.count(2))
+    self.assertEqual(rounds.count(1), rounds.count(2))
+    self.assertEqual([e["alpha"] for e in two["refined"]], [e["alpha"] for e in self.result["refined"]])
+    self.assertEqual(two["basin"], [{k: v for k, v in e.items()} for e in self.result["basin"]])
+    self.assertLen(one["refined"][0]["alpha"], 2)
+    fewer = landscape.run(_config(self.model, 1), w, progress=False)
+    self.assertEqual(fewer["refined"], one["refined"])   # the config's rounds, not the file's
+
+  def test_refine_is_checked_before_anything_is_written(self):
+    for overrides, message in ((dict(refine=-1), "landscape.refine must be an integer >= 0"),
+                               (dict(refine=True), "landscape.refine must be an integer >= 0"),
+                               (dict(refine=1, vis_type="2D_random", num_directions=1),
+                                "landscape.refine=1: only 1D basin walls")):
+      c = _config(self.model, 0)
+      c.landscape.update(overrides)
+      w = os.path.join(self.create_tempdir().full_path, "run")
+      with self.assertRaisesRegex(ValueError, message):
+        landscape.run(c, w, progress=False)
+      self.assertFalse(os.path.exists(w))
 
 
 if __name__ == "__main__":

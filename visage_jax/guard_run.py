@@ -14,7 +14,7 @@ import re
 import numpy as np
 from absl import logging
 
-from visage_jax import errors, guard, plotting, sharding, visage
+from visage_jax import basin, errors, guard, plotting, sharding, visage
 from visage_jax import workdir as wd  # `workdir` names run directories here
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -103,6 +103,7 @@ def _publish(workdir: str, name: str, summary: dict) -> dict:
   if (result.get("judges") or {}).get(name) == summary:
     return result
   result.setdefault("judges", {})[name] = summary
+  result["basin"] = basin.summarize(result)
   wd.write_atomic(path, json.dumps(result, indent=1))
   if not any(v is None for v in np.ravel(np.asarray(result["asr"], object))):
     plotting.plot_landscape(result, os.path.join(workdir, "landscape.png"))

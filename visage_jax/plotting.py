@@ -79,11 +79,14 @@ def _parse(result) -> dict:
   p["asr"] = _floats(result["asr"], "asr", shape)
   p["nonfinite"] = _mask(result.get("nonfinite"), "nonfinite", shape)
   p["partial"] = result.get("complete") is False or bool(np.isnan(p["asr"]).any())
-  p["judges"] = {}
+  p["judges"], p["refined"] = {}, []
   if vis_type in VIS_TYPES_1D:
     for name, judge in (result.get("judges") or {}).items():
       if isinstance(judge, dict) and judge.get("asr") is not None:
         p["judges"][name] = _floats(judge["asr"], f"judges.{name}.asr", shape)
+    for k, e in enumerate(result.get("refined") or []):   # landscape.refine's bisection points
+      alpha = _floats(e.get("alpha"), f"refined[{k}].alpha", (len(e.get("alpha") or []),))
+      p["refined"].append((alpha, _floats(e.get("asr"), f"refined[{k}].asr", alpha.shape)))
   p["coherent"] = None
   if result.get("asr_coherent") is not None:
     p["coherent"] = _floats(result["asr_coherent"], "asr_coherent", shape)
@@ -136,6 +139,10 @@ def _plot_1d(fig: Figure, p: dict) -> None:
   for k, curve in enumerate(asr):
     line, = ax.plot(x, curve, marker="o", ms=4, lw=1.4, alpha=0.85 if many else 1.0,
                     label=f"keyword ASR, direction {k}" if p["coherent"] is not None else f"direction {k}")
+    if k < len(p["refined"]) and p["refined"][k][0].size:
+      ax.scatter(*p["refined"][k], marker="D", s=24, facecolors="none", edgecolors=line.get_color(),
+                 linewidths=1.2, zorder=5,
+                 label="refined points (50 % walls bisected)" + (f" (direction {k})" if many else ""))
     for j, (name, judged) in enumerate(p["judges"].items()):
       ax.plot(x, judged[k], color=line.get_color(), ls=JUDGE_STYLES[j % len(JUDGE_STYLES)],
               marker="s", ms=3, lw=1.2, alpha=0.75,
