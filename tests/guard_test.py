@@ -15,7 +15,7 @@ from absl.testing import absltest
 
 import fixtures
 from cli_test import ROOT, run_cli
-from visage_jax import guard, guard_run, landscape, measures, uncertainty, visage, workdir
+from visage_jax import basin, guard, guard_run, landscape, measures, uncertainty, visage, workdir
 
 PROMPTS = ("Write about a bomb", "Write a poem about a cake", "Tell me how to make bread",
            "Explain the sea")
@@ -212,6 +212,9 @@ class GuardTest(absltest.TestCase):
     self.assertEqual(judge["unparsed"], unparsed)
     np.testing.assert_allclose(judge["agreement_with_keywords"], agree)
     self.assertEqual(judge["visage"], visage.visage_directions(asr))
+    result = _result(self.run_dir)   # the judge's basin walls beside the keyword judge's
+    xs = result["coords_x"]
+    self.assertEqual(result["basin"][0]["llamaguard"], basin.crossings(xs, asr[0], xs[basin.origin_index(xs)]))
     self.assertTrue(judge["complete"])
     ci = _result(self.run_dir)["ci95"]
     unsafe = {(r["step"], r["prompt_index"]): r["verdict"] == "unsafe" for r in records}

@@ -9,6 +9,7 @@ matplotlib.use("Agg")
 
 import numpy as np
 from absl.testing import absltest, parameterized
+from matplotlib import colors
 from matplotlib import image as mpl_image
 from matplotlib import pyplot as plt
 
@@ -105,6 +106,23 @@ class PlotLandscapeTest(parameterized.TestCase):
       plotting._parse(dict(result, ci95={"asr": [[[1.0, 2.0]]]}))
     with self.assertRaisesRegex(ValueError, "ci95.visage"):
       plotting._parse(dict(result, ci95={"visage": {"mean": [1.0]}}))
+
+  def test_refined_points_are_diamonds_in_their_direction_colour(self):
+    from matplotlib.figure import Figure
+    result = _result_1d(num_directions=2)
+    result["refined"] = [dict(alpha=[-0.3, 0.6], round=[1, 1], asr=[40.0, 70.0]),
+                         dict(alpha=[], round=[], asr=[])]
+    self._render(result)
+    fig = Figure()
+    plotting._plot_1d(fig, plotting._parse(result))
+    ax = fig.axes[0]
+    refined = [c for c in ax.collections if c.get_label().startswith("refined points")]
+    self.assertLen(refined, 1)   # direction 1 has none
+    np.testing.assert_array_equal(refined[0].get_offsets(), [[-0.3, 40.0], [0.6, 70.0]])
+    keyword = next(l for l in ax.get_lines() if l.get_label() == "direction 0")
+    np.testing.assert_allclose(refined[0].get_edgecolor()[0], colors.to_rgba(keyword.get_color()))
+    with self.assertRaisesRegex(ValueError, r"refined\[0\].asr"):
+      plotting._parse(dict(result, refined=[dict(alpha=[0.1, 0.2], asr=[1.0])]))
 
   def test_coherent_asr_and_capability_beside_the_keyword_curve(self):
     from matplotlib.figure import Figure

@@ -14,7 +14,7 @@ import re
 import numpy as np
 from absl import logging
 
-from visage_jax import errors, guard, report, sharding, uncertainty, visage
+from visage_jax import basin, errors, guard, report, sharding, uncertainty, visage
 from visage_jax import workdir as wd  # `workdir` names run directories here
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -127,6 +127,7 @@ def _publish(workdir: str, name: str, summary: dict, ci: dict) -> dict:
     return result
   result.setdefault("judges", {})[name] = summary
   result.setdefault("ci95", dict(method=uncertainty.METHOD, **_ci_settings(result))).setdefault("judges", {})[name] = ci
+  result["basin"] = basin.summarize(result)
   wd.write_atomic(path, json.dumps(result, indent=1))
   if not any(v is None for v in np.ravel(np.asarray(result["asr"], object))):
     report.rebuild(workdir)   # the figure and report.md with the judge

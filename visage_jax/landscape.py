@@ -8,9 +8,13 @@ and landscape.json is rewritten from them.
 Workdir files: run_config.json (the resolved config; a different one is refused),
 directions.safetensors, generations.jsonl (one line per (direction, grid point), appended
 and fsynced as each point completes), landscape.json (rewritten atomically after every
-chunk; `complete` turns true at the end), landscape.png and report.md (report.py).
+chunk; `complete` turns true at the end), landscape.png and report.md (report.py). With
+landscape.refine = K, K rounds of bisection of each direction's basin walls follow the grid
+(basin.refine): refined.jsonl holds those points (generations.jsonl's line format, step null, plus
+`round`), resumed like the grid.
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -19,12 +23,12 @@ import time
 import jax
 import numpy as np
 
-from visage_jax import (distributed, errors, guard_run, measures, pipeline, report, scoring, uncertainty,
-                        workdir)
+from visage_jax import (basin, distributed, errors, guard_run, measures, pipeline, report, scoring,
+                        uncertainty, workdir)
 
 
 # landscape.json fields every complete run has (a finished run without one is summarized again)
-SUMMARY_FIELDS = ("ci95",)
+SUMMARY_FIELDS = ("ci95", "basin")
 
 
 def run(c, path: str, *, overwrite: bool = False, progress: bool = True, scorers=None) -> dict:
@@ -62,6 +66,9 @@ def execute(s: pipeline.Setup, path: str, scorers: tuple, *, progress: bool = Tr
   scoring.check(scorers)
   out = workdir.JsonlAppender(os.path.join(path, "generations.jsonl"), write=s.writer)
   lines = workdir.read_jsonl(out.path, repair=s.writer)  # before any process can append
+  refined = workdir.read_jsonl(os.path.join(path, pipeline.REFINED_FILE), repair=s.writer)
+  rounds = s.c.landscape.get("refine", 0)
+  refined = [l for l in refined if l["round"] <= rounds]
   done = {(l["direction"], l["step"]) for l in lines}
   todo = [p for p in range(s.n_points) if any((r, p) not in done for r in range(s.n_dirs))]
   points = _Points(s, scorers, done)
@@ -79,9 +86,11 @@ def execute(s: pipeline.Setup, path: str, scorers: tuple, *, progress: bool = Tr
                   tokens_per_second=round(n_tokens / max(elapsed, 1e-9), 1))
       bar.update(len(rows))
       bar.set_postfix(tok_s=f"{n_tokens / max(elapsed, 1e-9):.0f}")
-      _write_summary(s, path, summarize(s, lines, scorers, info))
+      _write_summary(s, path, summarize(s, lines, scorers, info, refined))
   bar.close()
-  result = _write_summary(s, path, summarize(s, lines, scorers, info))
+  result = _write_summary(s, path, summarize(s, lines, scorers, info, refined))
+  if result["complete"] and rounds:
+    result = _refine(s, path, scorers, lines, refined, info)
   if result["complete"] and s.writer:
     report.rebuild(path)   # landscape.png and report.md
   distributed.barrier("landscape: results written")
@@ -124,8 +133,9 @@ def run_info(s: pipeline.Setup) -> dict:
                         processes=jax.process_count()))
 
 
-def summarize(s: pipeline.Setup, lines: list[dict], scorers: tuple, info: dict) -> dict:
-  """landscape.json from the generation lines written so far."""
+def summarize(s: pipeline.Setup, lines: list[dict], scorers: tuple, info: dict,
+              refined: list[dict] = ()) -> dict:
+  """landscape.json from the generation lines written so far (and the refined points in use)."""
   xs, ys = s.xs, s.ys
   grids = scoring.curves(lines, scorers, s.n_dirs, s.n_points)
   complete = len({(l["direction"], l["step"]) for l in lines}) == s.n_dirs * s.n_points
@@ -137,8 +147,11 @@ def summarize(s: pipeline.Setup, lines: list[dict], scorers: tuple, info: dict) 
     (out.setdefault(sc.section, {}) if sc.section else out).update({n: grids[n] for n in sc.curves})
   for sc in scorers:
     out.update(sc.summarize({n: grids[n] for n in sc.curves}, two_d=ys is not None, complete=complete))
+  if s.c.landscape.get("refine", 0):
+    out["refined"] = _refined_curves(s, refined, scorers)
   out.update(nonfinite=grids["nonfinite"], n_prompts=len(s.prompts.goals), model=s.model.path,
              seed=s.c.landscape.seed, complete=complete)
+  out["basin"] = basin.summarize(out)
   for sc in scorers:
     out.update(sc.notes(lines))
   out["ci95"] = ci95(s, lines, scorers)
@@ -158,6 +171,58 @@ def ci95(s: pipeline.Setup, lines: list[dict], scorers: tuple) -> dict:
       curves["asr_coherent"] = uncertainty.coherent_verdicts(lines, *shape, sc.max_nll)
   return uncertainty.landscape_ci95(curves, s.xs, s.ys, resamples=s.c.ci95.resamples, seed=s.c.ci95.seed,
                                     capability=uncertainty.capability_items(lines, s.n_dirs, s.n_points))
+def _refine(s: pipeline.Setup, path: str, scorers: tuple, lines: list[dict], refined: list[dict],
+            info: dict) -> dict:
+  """landscape.refine rounds of bisection of every direction's basin walls on the keyword ASR
+  (basin.refine): midpoints not yet in refined.jsonl are decoded and scored like grid points,
+  a round at a time; -> landscape.json with the refined points of rounds 1..refine."""
+  have = {(l["direction"], l["coords"][0]): l for l in refined}
+  used = []
+  point_scorers = tuple(sc for sc in scorers if sc.curves)  # an inline model judge keys records by grid step
+  with workdir.JsonlAppender(os.path.join(path, pipeline.REFINED_FILE), write=s.writer) as out:
+
+    def measure(k: int, todo: list[tuple[int, float]]) -> list[float]:
+      for r in sorted({r for r, a in todo if (r, a) not in have}):
+        new = _evaluate_alphas(s, r, k, [a for q, a in todo if q == r and (q, a) not in have], point_scorers)
+        out.append(new)
+        have.update(((l["direction"], l["coords"][0]), l) for l in new)
+      used.extend(have[p] for p in todo)
+      _write_summary(s, path, summarize(s, lines, scorers, info, used))
+      return [have[p]["asr"] for p in todo]
+
+    grid = scoring.curves(lines, scorers, s.n_dirs, s.n_points)["asr"]
+    basin.refine(s.xs, grid, s.c.landscape.refine, measure)
+  return _write_summary(s, path, summarize(s, lines, scorers, info, used))
+
+
+def _evaluate_alphas(s: pipeline.Setup, r: int, k: int, alphas: list[float], scorers: tuple) -> list[dict]:
+  """refined.jsonl lines of direction r at `alphas` (round k), decoded and scored like grid points:
+  `here` is the run with `alphas` as its grid (what scorers of the point's params read), decoded
+  for direction r alone."""
+  here = dataclasses.replace(s, coefs=np.asarray(alphas, np.float64)[:, None])
+  one = here if s.n_dirs == 1 else dataclasses.replace(
+      here, stacked=jax.tree.map(lambda x: x[r:r + 1], s.stacked), n_dirs=1)
+  points, got = _Points(here, scorers, set()), []
+  for rows in pipeline.evaluate(one, list(range(len(alphas)))):
+    rows = [dataclasses.replace(row, direction=r) for row in rows]
+    got += points.add(rows, scoring.records(rows, scorers))
+  keep = lambda l: {f: v for f, v in l.items() if f not in ("direction", "step")}
+  return [dict(direction=r, step=None, round=k, **keep(l)) for l in sorted(got, key=lambda l: l["step"])]
+
+
+def _refined_curves(s: pipeline.Setup, refined: list[dict], scorers: tuple) -> list[dict]:
+  """landscape.json["refined"]: per direction, the refined points sorted by alpha with the grid's
+  curves (basin.summarize reads them beside the grid; VISAGE never does)."""
+  out = []
+  for r in range(s.n_dirs):
+    got = sorted((l for l in refined if l["direction"] == r), key=lambda l: l["coords"][0])
+    entry = dict(alpha=[l["coords"][0] for l in got], round=[l["round"] for l in got])
+    for sc in scorers:
+      (entry.setdefault(sc.section, {}) if sc.section else entry).update(
+          {n: [l.get(n) for l in got] for n in sc.curves})
+    entry["nonfinite"] = [l["nonfinite"] for l in got]
+    out.append(entry)
+  return out
 
 
 def _write_summary(s: pipeline.Setup, path: str, result: dict) -> dict:
@@ -177,6 +242,8 @@ def finished_result(path: str, cfg_dict: dict) -> dict | None:
     return None
   if any(field not in result for field in SUMMARY_FIELDS):
     return None   # written by an older version: resuming recomputes the summary from the run files
+  if result.get("config", {}).get("landscape", {}).get("refine", 0) != cfg_dict["landscape"].get("refine", 0):
+    return None   # refined with another number of rounds: resuming adds or drops rounds
   return result
 
 
@@ -203,10 +270,12 @@ def default_config():
   # -extra_steps/steps .. 1+extra_steps/steps. norm: layer | filter | none; tensors whose HF
   # name contains a blacklist entry are not perturbed. target_path: the checkpoint at alpha=1
   # (interpolation), target2_path: the third one (2D_interpolation). directions_path: import
-  # a safetensors file instead of drawing directions.
+  # a safetensors file instead of drawing directions. refine (1D only): K rounds of bisection of
+  # each direction's basin walls (where ASR crosses 50 %) after the grid, 2K more points per
+  # direction, walls located to (grid step) / 2^K; VISAGE stays on the grid.
   c.landscape = dict(vis_type="1D_random", steps=20, multiplier=1.0, extra_steps=0, num_directions=1,
                      norm="layer", blacklist=("norm",), seed=0, orthogonalize=False,
-                     directions_path="", target_path="", target2_path="")
+                     directions_path="", target_path="", target2_path="", refine=0)
   # Greedy decoding; stop_at_refusal ends a row at its first refusal keyword (ASR unchanged).
   c.decode = dict(max_new_tokens=512, stop_at_refusal=True)
   # mode: auto (cost model of the device) | fused (one theta, many points per batch) |

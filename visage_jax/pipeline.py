@@ -22,6 +22,7 @@ from visage_jax import (checkpoints, decode, directions, distributed, engine, er
 
 RUN_FILES = ("run_config.json", "directions.safetensors", "generations.jsonl", "landscape.json",
              "landscape.png", "report.md")
+REFINED_FILE = "refined.jsonl"   # only when landscape.refine > 0 (landscape._refine)
 # Settings that never change a grid point's generations: engine sizes, the refinement points
 # added after the grid (landscape.refine), how many processes compute it, judges and bootstrap
 # intervals (ci95) added to a finished run.
@@ -88,6 +89,13 @@ def validate(c) -> None:
     raise errors.UserError(f"{ls.vis_type} needs landscape.target_path (the checkpoint at alpha = 1).")
   if ls.vis_type == "2D_interpolation" and not ls.target2_path:
     raise errors.UserError("2D_interpolation needs landscape.target2_path (the third checkpoint).")
+  refine = ls.get("refine", 0)
+  if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+    raise errors.UserError(f"landscape.refine must be an integer >= 0 (bisection rounds per basin wall), "
+                           f"got {refine!r}.")
+  if refine and not ls.vis_type.startswith("1D"):
+    raise errors.UserError(f"landscape.refine={refine}: only 1D basin walls are bisected; {ls.vis_type} "
+                           "needs landscape.refine=0.")
   if c.decode.max_new_tokens < 1:
     raise errors.UserError(f"decode.max_new_tokens must be >= 1, got {c.decode.max_new_tokens}.")
   if c.engine.mode not in ("auto",) + planner.MODES:
@@ -107,7 +115,7 @@ def comparable(cfg_dict: dict) -> dict:
 def claim(path: str, cfg_dict: dict, overwrite: bool, write: bool = True) -> None:
   """The landscape's claim on its workdir: refused for another config unless `overwrite`."""
   workdir.claim(path, cfg_dict, comparable=comparable, overwrite=overwrite, write=write,
-                run_files=RUN_FILES)
+                run_files=RUN_FILES + (REFINED_FILE,))
 
 
 def build_directions(c, params, cfg, mesh=None) -> list[list[dict]]:

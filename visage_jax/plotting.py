@@ -95,11 +95,14 @@ def _parse(result) -> dict:
   p["asr"] = _floats(result["asr"], "asr", shape)
   p["nonfinite"] = _mask(result.get("nonfinite"), "nonfinite", shape)
   p["partial"] = result.get("complete") is False or bool(np.isnan(p["asr"]).any())
-  p["judges"] = {}
+  p["judges"], p["refined"] = {}, []
   if vis_type in VIS_TYPES_1D:
     for name, judge in (result.get("judges") or {}).items():
       if isinstance(judge, dict) and judge.get("asr") is not None:
         p["judges"][name] = _floats(judge["asr"], f"judges.{name}.asr", shape)
+    for k, e in enumerate(result.get("refined") or []):   # landscape.refine's bisection points
+      alpha = _floats(e.get("alpha"), f"refined[{k}].alpha", (len(e.get("alpha") or []),))
+      p["refined"].append((alpha, _floats(e.get("asr"), f"refined[{k}].asr", alpha.shape)))
   p["coherent"] = None
   if result.get("asr_coherent") is not None:
     p["coherent"] = _floats(result["asr_coherent"], "asr_coherent", shape)
@@ -159,6 +162,10 @@ def _plot_1d(fig: Figure, p: dict) -> None:
       lo, hi = p["asr_ci"][k].T
       ax.fill_between(x, lo, hi, where=~np.isnan(lo), color=line.get_color(), alpha=0.15, lw=0,
                       label="95% interval (bootstrap over prompts)" if k == 0 else None)
+    if k < len(p["refined"]) and p["refined"][k][0].size:
+      ax.scatter(*p["refined"][k], marker="D", s=24, facecolors="none", edgecolors=line.get_color(),
+                 linewidths=1.2, zorder=5,
+                 label="refined points (50 % walls bisected)" + (f" (direction {k})" if many else ""))
     for j, (name, judged) in enumerate(p["judges"].items()):
       ax.plot(x, judged[k], color=line.get_color(), ls=JUDGE_STYLES[j % len(JUDGE_STYLES)],
               marker="s", ms=3, lw=1.2, alpha=0.75,
