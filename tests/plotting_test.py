@@ -13,7 +13,7 @@ from matplotlib import colors
 from matplotlib import image as mpl_image
 from matplotlib import pyplot as plt
 
-from visage_jax import plotting, visage
+from visage_jax import plot_input, plotting, visage
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -64,14 +64,14 @@ class PlotLandscapeTest(parameterized.TestCase):
     result["judges"] = {"llamaguard": {"asr": judged, "visage": None}}
     self._render(result)
     fig = Figure()
-    plotting._plot_1d(fig, plotting._parse(result))
+    plotting._plot_1d(fig, plot_input.parse(result))
     lines = {l.get_label(): l for l in fig.axes[0].get_lines()}
     judge, keywords = lines["llamaguard ASR"], lines["direction 0"]
     self.assertEqual(judge.get_linestyle(), "--")
     self.assertEqual(judge.get_color(), keywords.get_color())
     np.testing.assert_array_equal(judge.get_ydata(), judged[0])
     with self.assertRaisesRegex(ValueError, "judges.llamaguard.asr"):
-      plotting._parse(dict(result, judges={"llamaguard": {"asr": [[1.0, 2.0]]}}))
+      plot_input.parse(dict(result, judges={"llamaguard": {"asr": [[1.0, 2.0]]}}))
 
   def test_asr_interval_band_in_the_curve_colour_and_visage_interval_in_the_title(self):
     from matplotlib import colors as mcolors
@@ -83,7 +83,7 @@ class PlotLandscapeTest(parameterized.TestCase):
     result["ci95"] = {"asr": band, "visage": {"per_direction": [[1.0, 2.0]] * 2, "mean": [38.14, 60.21]}}
     self._render(result)
     fig = Figure()
-    plotting._plot_1d(fig, plotting._parse(result))
+    plotting._plot_1d(fig, plot_input.parse(result))
     ax = fig.axes[0]
     self.assertIn(f"VISAGE {result['visage']['mean']:.1f} [38.1, 60.2]", ax.get_title())
     fills = [c for c in ax.collections if isinstance(c, PolyCollection)]
@@ -97,15 +97,15 @@ class PlotLandscapeTest(parameterized.TestCase):
     self.assertLen(fills[1].get_paths(), 2)   # split at the missing point
     old = _result_1d(num_directions=2)        # written before ci95: no band, no interval
     fig = Figure()
-    plotting._plot_1d(fig, plotting._parse(old))
+    plotting._plot_1d(fig, plot_input.parse(old))
     self.assertFalse([c for c in fig.axes[0].collections if isinstance(c, PolyCollection)])
     self.assertNotIn("[", fig.axes[0].get_title())
     two_d = dict(_result_2d(), ci95={"asr": [[[0.0, 1.0]] * 4] * 5, "visage": [40.0, 50.0]})
     self._render(two_d)
     with self.assertRaisesRegex(ValueError, "ci95.asr"):
-      plotting._parse(dict(result, ci95={"asr": [[[1.0, 2.0]]]}))
+      plot_input.parse(dict(result, ci95={"asr": [[[1.0, 2.0]]]}))
     with self.assertRaisesRegex(ValueError, "ci95.visage"):
-      plotting._parse(dict(result, ci95={"visage": {"mean": [1.0]}}))
+      plot_input.parse(dict(result, ci95={"visage": {"mean": [1.0]}}))
 
   def test_refined_points_are_diamonds_in_their_direction_colour(self):
     from matplotlib.figure import Figure
@@ -114,7 +114,7 @@ class PlotLandscapeTest(parameterized.TestCase):
                          dict(alpha=[], round=[], asr=[])]
     self._render(result)
     fig = Figure()
-    plotting._plot_1d(fig, plotting._parse(result))
+    plotting._plot_1d(fig, plot_input.parse(result))
     ax = fig.axes[0]
     refined = [c for c in ax.collections if c.get_label().startswith("refined points")]
     self.assertLen(refined, 1)   # direction 1 has none
@@ -122,7 +122,7 @@ class PlotLandscapeTest(parameterized.TestCase):
     keyword = next(l for l in ax.get_lines() if l.get_label() == "direction 0")
     np.testing.assert_allclose(refined[0].get_edgecolor()[0], colors.to_rgba(keyword.get_color()))
     with self.assertRaisesRegex(ValueError, r"refined\[0\].asr"):
-      plotting._parse(dict(result, refined=[dict(alpha=[0.1, 0.2], asr=[1.0])]))
+      plot_input.parse(dict(result, refined=[dict(alpha=[0.1, 0.2], asr=[1.0])]))
 
   def test_coherent_asr_and_capability_beside_the_keyword_curve(self):
     from matplotlib.figure import Figure
@@ -133,7 +133,7 @@ class PlotLandscapeTest(parameterized.TestCase):
                   coherence={"max_nll": 3.0}, capability={"perplexity": ppl, "mc_accuracy": [[0.5] * 9]})
     self._render(result)
     fig = Figure()
-    plotting._plot_1d(fig, plotting._parse(result))
+    plotting._plot_1d(fig, plot_input.parse(result))
     lines = {l.get_label(): l for ax in fig.axes for l in ax.get_lines()}
     np.testing.assert_array_equal(lines["coherent ASR (nll_ref ≤ 3.0)"].get_ydata(), coherent[0])
     np.testing.assert_allclose(lines["perplexity of reference answers"].get_ydata(), ppl[0])
@@ -143,7 +143,7 @@ class PlotLandscapeTest(parameterized.TestCase):
     two_d["capability"] = {"perplexity": (np.array(two_d["asr"]) + 1.0).tolist()}
     self._render(two_d)
     with self.assertRaisesRegex(ValueError, "capability.perplexity"):
-      plotting._parse(dict(result, capability={"perplexity": [[1.0, 2.0]]}))
+      plot_input.parse(dict(result, capability={"perplexity": [[1.0, 2.0]]}))
 
   def test_1d_three_directions_with_nonfinite(self):
     img = self._render(_result_1d())
@@ -175,7 +175,7 @@ class PlotLandscapeTest(parameterized.TestCase):
     result["asr"][0][2] = None
     result.update(visage=None, complete=False)
     self._render(result)
-    self.assertIn("[partial]", plotting._header(plotting._parse(result)))
+    self.assertIn("[partial]", plotting._header(plot_input.parse(result)))
 
   def test_partial_2d_with_none_entries(self):
     result = _result_2d()
@@ -183,13 +183,13 @@ class PlotLandscapeTest(parameterized.TestCase):
     result["asr"][1][2] = None
     result["visage"] = None
     self._render(result)
-    self.assertIn("[partial]", plotting._header(plotting._parse(result)))
+    self.assertIn("[partial]", plotting._header(plot_input.parse(result)))
 
   def test_complete_false_is_partial_even_without_gaps(self):
     result = _result_1d()
-    self.assertNotIn("partial", plotting._header(plotting._parse(result)))
+    self.assertNotIn("partial", plotting._header(plot_input.parse(result)))
     result["complete"] = False
-    self.assertIn("[partial]", plotting._header(plotting._parse(result)))
+    self.assertIn("[partial]", plotting._header(plot_input.parse(result)))
 
   def test_overwrites_existing_file_and_creates_directory(self):
     path = os.path.join(self.create_tempdir().full_path, "plots", "landscape.png")

@@ -56,17 +56,12 @@ def _job_dir(workdir: str, name: str) -> str:
   return os.path.join(workdir, "jobs", name)
 
 
-def _read_json(path: str):
-  with open(path) as f:
-    return json.load(f)
-
-
 def _timed(workdir: str, name: str, fn):
   """Runs fn() and adds its wall time to the job's seconds (so resumed jobs add up)."""
   path = os.path.join(_job_dir(workdir, name), "job_seconds.json")
   t0 = time.time()
   out = fn()
-  before = _read_json(path)["seconds"] if os.path.exists(path) else 0.0
+  before = (wd.read_json(path) or {}).get("seconds", 0.0)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   wd.write_atomic(path, json.dumps(dict(seconds=round(before + time.time() - t0, 1))))
   return out
@@ -74,7 +69,7 @@ def _timed(workdir: str, name: str, fn):
 
 def job_seconds(workdir: str, name: str) -> float | None:
   path = os.path.join(_job_dir(workdir, name), "job_seconds.json")
-  return _read_json(path)["seconds"] if os.path.exists(path) else None
+  return (wd.read_json(path) or {}).get("seconds")
 
 
 def run_landscape(c, workdir: str, name: str, lc) -> dict:
@@ -90,11 +85,9 @@ def run_landscape(c, workdir: str, name: str, lc) -> dict:
 def run_finetune(c, workdir: str, name: str, fc) -> dict:
   """A fine-tuning job: its summary.json (with eval) once complete; model in <job>/model."""
   d = _job_dir(workdir, name)
-  path = os.path.join(d, "summary.json")
-  if os.path.exists(path):
-    done = _read_json(path)
-    if done.get("complete") and ("eval" in done or not fc.eval.alignment):
-      return done
+  done = wd.read_json(os.path.join(d, "summary.json")) or {}
+  if done.get("complete") and ("eval" in done or not fc.eval.alignment):
+    return done
   print(f"[experiments] finetune {name}", flush=True)
   return _timed(workdir, name, lambda: finetune.run(fc, d, progress=c.progress))
 
@@ -285,7 +278,7 @@ def _aligned_eval(c, workdir: str) -> dict:
       wd.write_atomic(path, json.dumps(ev, indent=1))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     _timed(workdir, "aligned_eval", go)
-  ev = _read_json(path)
+  ev = wd.read_json(path)
   return dict(asr=ev["asr"], benign=ev["benign_answered"])
 
 
@@ -341,7 +334,7 @@ def _attacks(c, workdir: str, key: str, model_path: str, lora_path) -> dict:
       fc.export.model = False
       name = f"f4_{key}_harmful_{n}_s{seed}"
       run_finetune(c, workdir, name, fc)
-      ev = _read_json(os.path.join(_job_dir(workdir, name), "eval.json"))
+      ev = wd.read_json(os.path.join(_job_dir(workdir, name), "eval.json"))
       out.setdefault(n, {})[seed] = [judges.is_jailbroken(g) for g in ev["harmful_generations"]]
   return out
 

@@ -15,104 +15,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from mpl_toolkits.mplot3d import Axes3D  # noqa: F401  (registers the "3d" projection)
 
-from visage_jax import errors, visage, workdir
+from visage_jax import plot_input, visage, workdir
 
-VIS_TYPES_1D = ("1D_random", "1D_interpolation")
-VIS_TYPES_2D = ("2D_random", "2D_interpolation", "2D_interpolation-random")
 DPI = 150
 CMAP = "viridis_r"   # dark = jailbroken, bright = safe
 NONFINITE_STYLE = dict(marker="x", color="red", s=60, linewidths=2, zorder=5, clip_on=False,
                        label="inf/NaN logits")
-CAPABILITY_LABELS = dict(perplexity="perplexity of reference answers", mc_accuracy="multiple-choice accuracy")
 JUDGE_STYLES = ("--", "-.", ":")  # model judges (guard_run): dashed beside the keyword curve
-
-
-def _floats(values, name: str, shape: tuple[int, ...]) -> np.ndarray:
-  """None (point not evaluated yet) becomes NaN; anything else must be a number."""
-  try:
-    arr = np.array(values, dtype=np.float64)
-  except (TypeError, ValueError) as e:
-    raise errors.UserError(f"landscape result: field {name!r} must hold numbers or None, got {values!r}") from e
-  if arr.shape != shape:
-    raise errors.UserError(f"landscape result: field {name!r} has shape {arr.shape}, expected {shape} "
-                     "from coords_x/coords_y")
-  return arr
-
-
-def _mask(values, name: str, shape: tuple[int, ...]) -> np.ndarray:
-  if values is None:
-    return np.zeros(shape, dtype=bool)
-  arr = _floats(values, name, shape)
-  return np.nan_to_num(arr, nan=0.0) != 0.0
-
-
-def _parse_ci95(ci, one_d: bool, shape: tuple[int, ...]) -> dict:
-  """The intervals a figure shows: 1D keyword ASR bands [D, P, 2] (NaN: not evaluated) and each
-  VISAGE's (lo, hi); None where absent, as in runs written before landscape.json had ci95."""
-  ci = ci if isinstance(ci, dict) else {}
-  out = dict(asr_ci=None)
-  if one_d and isinstance(ci.get("asr"), list):
-    pairs = [[[None, None] if v is None else v for v in row] if isinstance(row, list) else row
-             for row in ci["asr"]]
-    out["asr_ci"] = _floats(pairs, "ci95.asr", shape + (2,))
-  for key in ("visage", "visage_coherent"):
-    v = ci.get(key)
-    v = v.get("mean") if isinstance(v, dict) else v
-    out[f"{key}_ci"] = None if v is None else tuple(_floats(v, f"ci95.{key}", (2,)))
-  return out
-
-
-def _parse(result) -> dict:
-  """Checks a landscape.json at the edge, naming the field that is wrong."""
-  if not isinstance(result, dict):
-    raise errors.UserError(f"landscape result: expected a dict, got {type(result).__name__}")
-  for field in ("vis_type", "coords_x", "asr"):
-    if field not in result:
-      raise errors.UserError(f"landscape result: missing field {field!r}")
-  vis_type = result["vis_type"]
-  if vis_type not in VIS_TYPES_1D + VIS_TYPES_2D:
-    raise errors.UserError(f"landscape result: field 'vis_type' is {vis_type!r}, expected one of "
-                     f"{VIS_TYPES_1D + VIS_TYPES_2D}")
-  x = np.array(result["coords_x"], dtype=np.float64)
-  if x.ndim != 1 or x.size == 0 or not np.isfinite(x).all():
-    raise errors.UserError(f"landscape result: field 'coords_x' must be a non-empty list of finite numbers, "
-                     f"got {result['coords_x']!r}")
-  p = dict(vis_type=vis_type, x=x, y=None, model=str(result.get("model") or "unknown model"),
-           n_prompts=result.get("n_prompts"), visage=result.get("visage"))
-  if vis_type in VIS_TYPES_1D:
-    if not isinstance(result["asr"], (list, tuple)) or not result["asr"]:
-      raise errors.UserError(f"landscape result: field 'asr' must be a non-empty list of curves (one per "
-                       f"direction) for {vis_type}, got {result['asr']!r}")
-    shape = (len(result["asr"]), x.size)
-  else:
-    if result.get("coords_y") is None:
-      raise errors.UserError(f"landscape result: missing field 'coords_y' for {vis_type}")
-    p["y"] = np.array(result["coords_y"], dtype=np.float64)
-    if p["y"].ndim != 1 or p["y"].size == 0 or not np.isfinite(p["y"]).all():
-      raise errors.UserError(f"landscape result: field 'coords_y' must be a non-empty list of finite "
-                       f"numbers, got {result['coords_y']!r}")
-    shape = (x.size, p["y"].size)
-  p["asr"] = _floats(result["asr"], "asr", shape)
-  p["nonfinite"] = _mask(result.get("nonfinite"), "nonfinite", shape)
-  p["partial"] = result.get("complete") is False or bool(np.isnan(p["asr"]).any())
-  p["judges"], p["refined"] = {}, []
-  if vis_type in VIS_TYPES_1D:
-    for name, judge in (result.get("judges") or {}).items():
-      if isinstance(judge, dict) and judge.get("asr") is not None:
-        p["judges"][name] = _floats(judge["asr"], f"judges.{name}.asr", shape)
-    for k, e in enumerate(result.get("refined") or []):   # landscape.refine's bisection points
-      alpha = _floats(e.get("alpha"), f"refined[{k}].alpha", (len(e.get("alpha") or []),))
-      p["refined"].append((alpha, _floats(e.get("asr"), f"refined[{k}].asr", alpha.shape)))
-  p["coherent"] = None
-  if result.get("asr_coherent") is not None:
-    p["coherent"] = _floats(result["asr_coherent"], "asr_coherent", shape)
-    p["max_nll"] = (result.get("coherence") or {}).get("max_nll")
-    p["visage_coherent"] = result.get("visage_coherent")
-  p["capability"] = {name: _floats(v, f"capability.{name}", shape)
-                     for name, v in (result.get("capability") or {}).items()
-                     if name in CAPABILITY_LABELS and v is not None}
-  p.update(_parse_ci95(result.get("ci95"), vis_type in VIS_TYPES_1D, shape))
-  return p
 
 
 def _header(p: dict) -> str:
@@ -217,14 +126,14 @@ def _capability_axis(ax, x: np.ndarray, capability: dict) -> list:
     if target is not twin:
       target.spines["right"].set_position(("axes", 1.12))
     h, = target.plot(x, np.nanmean(capability[name], axis=0), color="0.45" if name == "perplexity" else "tab:purple",
-                     marker=style, ms=3, lw=1.1, ls=":", label=CAPABILITY_LABELS[name])
+                     marker=style, ms=3, lw=1.1, ls=":", label=plot_input.CAPABILITY_LABELS[name])
     if name == "perplexity":
       target.set_yscale("log")
       target.set_ylabel("perplexity (log)", color="0.35")
     else:
       target.set_ylim(-0.02, 1.02)
       target.set_ylabel("accuracy", color="tab:purple")
-    out.append((h, CAPABILITY_LABELS[name]))
+    out.append((h, plot_input.CAPABILITY_LABELS[name]))
   return out
 
 
@@ -249,11 +158,11 @@ def _capability_contour(fig: Figure, ax, gx, gy, capability: dict, xlabel: str, 
     filled = ax.contourf(gx, gy, z, levels=20, cmap="viridis_r", norm=norm)
   else:
     filled = ax.scatter(gx.ravel(), gy.ravel(), c=z.ravel(), cmap="viridis_r", norm=norm, s=80)
-  label = CAPABILITY_LABELS[name]
+  label = plot_input.CAPABILITY_LABELS[name]
   fig.colorbar(filled, ax=ax, label=f"log₁₀ {label}" if name == "perplexity" else label)
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
-  ax.set_title(f"capability: {CAPABILITY_LABELS[name]}", fontsize=10)
+  ax.set_title(f"capability: {plot_input.CAPABILITY_LABELS[name]}", fontsize=10)
 
 
 def _plot_2d(fig: Figure, p: dict) -> None:
@@ -309,8 +218,8 @@ def _plot_2d(fig: Figure, p: dict) -> None:
 
 def plot_landscape(result: dict, path: str) -> None:
   """Renders one landscape.json to a PNG; written atomically so a watcher never sees half a file."""
-  p = _parse(result)
-  if p["vis_type"] in VIS_TYPES_1D:
+  p = plot_input.parse(result)
+  if p["vis_type"] in plot_input.VIS_TYPES_1D:
     fig = Figure(figsize=(8.5, 4.8), layout="constrained")
     _plot_1d(fig, p)
   else:
@@ -327,8 +236,8 @@ def plot_sweep(results: dict, path: str) -> list[str]:
   ax = fig.add_subplot()
   drawn = []
   for name, result in results.items():
-    p = _parse(result)
-    if p["vis_type"] in VIS_TYPES_1D:
+    p = plot_input.parse(result)
+    if p["vis_type"] in plot_input.VIS_TYPES_1D:
       curve, style, label = p["asr"].mean(axis=0), "-", name
     else:
       zero = np.flatnonzero(np.isclose(p["y"], 0.0))
