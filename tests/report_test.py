@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 from absl.testing import absltest, parameterized
 
@@ -74,7 +75,7 @@ class RealRunTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    root = absltest.get_default_test_tmpdir()
+    root = tempfile.mkdtemp(prefix="report_test_")  # fresh: a stale run of another checkout is refused
     cls.model = os.path.join(root, "tiny_refusals")
     fixtures.save_refusal_model(cls.model)
     cls.run_dir = os.path.join(root, "run")
