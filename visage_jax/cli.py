@@ -35,7 +35,7 @@ flags.DEFINE_bool("progress", True, "Show progress bars.")
 flags.DEFINE_bool("debug", False, "Show the traceback of a user error (also VISAGE_JAX_DEBUG=1).")
 flags.DEFINE_string("mesh", "", "plan: data,model mesh shape, e.g. 1,8 (default: the config's mesh.shape).")
 flags.DEFINE_string("accelerator", "", "plan: h100 | h200 | a100 | tpu_v4 | tpu_v5e | tpu_v5p, "
-                    "comma-separated (default: all).")
+                    "comma-separated (default: all, and the pods of pods.PODS when no --mesh).")
 flags.DEFINE_integer("prompt_len", 256, "plan: padded prompt length (a generous bound for AdvBench "
                      "goals with a long system prompt).")
 config_flags.DEFINE_config_file("config", None, "An experiment config: configs/<name>.py[:arg].",
@@ -255,6 +255,26 @@ def cmd_plan() -> None:
         f"memory left after params and directions (at most {planner.MAX_SLOTS}); "
         "batch = slots/device x data")
   print(planner.table(rows))
+  if not FLAGS.mesh and not FLAGS.accelerator:
+    _plan_pods(c, dtype, {k: v for k, v in kw.items() if k != "mode"})
+
+
+def _plan_pods(c, dtype: str, kw: dict) -> None:
+  """Every pod of pods.PODS on its fastest mesh, for the config's landscape or the paper's 1D one."""
+  from visage_jax import grid, planner, pods
+
+  if c is None:
+    protocol = dict(n_points=pods.PAPER_1D["n_points"], n_prompts=pods.PAPER_1D["n_prompts"])
+  else:
+    xs, ys = grid.grid_coords(c.landscape.vis_type, c.landscape.steps, c.landscape.multiplier,
+                              c.landscape.get("extra_steps", 0))
+    protocol = dict(n_points=len(grid.grid_points(xs, ys)), n_prompts=c.prompts.limit)
+  rows = [dict(pods.plan_pod(cfg, pod, **kw, **protocol), pod=f"{label} on {pod.name}")
+          for label, cfg in _plan_models(c, dtype) for pod in pods.PODS.values()]
+  print(f"\nPods (engine.mode=auto): {protocol['n_points']} points x {protocol['n_prompts']} prompts x "
+        f"{kw['max_new_tokens']} tokens, every row decoded to the end; the mesh with the lowest "
+        f"predicted floor (roofline of planner.DEVICE_PEAKS; prefill and communication not counted)")
+  print(pods.pod_table(rows))
 
 
 COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "landscape": cmd_landscape,
