@@ -70,6 +70,11 @@ class TwoProcessTest(absltest.TestCase):
       saved = json.load(f)
     self.assertEqual((saved["asr"], saved["visage"], saved["complete"]), (ref["asr"], ref["visage"], True))
 
+    for r in reports:  # 2 directions drawn once (the resumed run reads them back), each spanning both
+      self.assertEqual(r["spans"], [True, True])
+    with open(os.path.join(two, "directions.safetensors"), "rb") as f, \
+         open(os.path.join(one, "directions.safetensors"), "rb") as g:
+      self.assertEqual(f.read(), g.read(), "directions drawn over two processes differ from one device's")
     self.assertEqual(reports[1]["writes"], [], "process 1 wrote into the workdir")
     written = {w[1].removesuffix(".tmp") for w in reports[0]["writes"]}
     self.assertContainsSubset(pipeline.RUN_FILES, written)

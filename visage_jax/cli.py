@@ -140,7 +140,8 @@ def cmd_export_directions() -> None:
   if not FLAGS.workdir or not FLAGS.out:
     raise errors.UserError("export-directions needs --workdir=DIR and --out=FILE.safetensors.")
   if not os.path.exists(src):
-    raise errors.UserError(f"{src}: not found; run `visage-jax landscape` in {FLAGS.workdir} first.")
+    raise errors.UserError(f"{src}: not found; run `visage-jax landscape` in {FLAGS.workdir} first "
+                           "(with landscape.save_directions=True).")
   with workdir.atomic(FLAGS.out) as tmp:
     shutil.copyfile(src, tmp)
   print(json.dumps({"exported": FLAGS.out, "from": src}))

@@ -13,8 +13,10 @@ the bits are the same on one device and on any mesh.
 
 import dataclasses
 import functools
+import json
 import math
 import os
+import struct
 import zlib
 
 import jax
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from visage_jax import errors, model, tensors, workdir
+from visage_jax import errors, model, sharding, tensors, workdir
 
 NORMS = ("layer", "filter", "none")
 _BLOCKS = 64  # partial sums per reduced axis; a "model" mesh axis dividing 64 keeps every block on one device
@@ -219,16 +221,48 @@ def stack(directions: list[dict]) -> dict:
   return jax.tree.map(lambda *xs: jnp.stack(xs), *directions)
 
 
-def save_safetensors(path: str, directions: list[dict], cfg: model.ModelConfig) -> None:
-  """float32, keys '<direction index>/<HF tensor name>', HF shapes; written atomically."""
-  from safetensors.numpy import save_file
-
-  named = {}
+def _entries(directions: list[dict], cfg: model.ModelConfig) -> list[tuple]:
+  """(key, direction index, leaf path, layer or None, transposed, HF shape) per tensor, keys sorted."""
+  out = []
   for i, d in enumerate(directions):
-    for name, t in tensors.to_hf_tensors(d, cfg).items():
-      named[f"{i}/{name}"] = np.ascontiguousarray(t, np.float32)
-  with workdir.atomic(path) as tmp:
-    save_file(named, tmp, metadata={"format": "visage_jax.directions", "count": str(len(directions))})
+    for path, names in tensors.hf_tensor_names(cfg).items():
+      transposed, stacked = tensors.HF_NAMES[path][1], tensors.is_stacked(path)
+      shape = tuple(tensors.get_leaf(d, path).shape[1 if stacked else 0:])
+      for layer, name in enumerate(names):
+        out.append((f"{i}/{name}", i, path, layer if stacked else None, transposed,
+                    shape[::-1] if transposed else shape))
+  return sorted(out)
+
+
+def save_safetensors(path: str, directions: list[dict], cfg: model.ModelConfig, write: bool = True) -> None:
+  """float32, keys '<direction index>/<HF tensor name>', HF shapes; written atomically.
+
+  Streamed one HF tensor at a time (gathered from every process when a direction spans several),
+  so no host holds more than one tensor of it. Every process calls it; only `write` ones write.
+  """
+  entries, offset = _entries(directions, cfg), 0
+  header = {"__metadata__": {"count": str(len(directions)), "format": "visage_jax.directions"}}
+  for key, *_, hf_shape in entries:
+    size = 4 * math.prod(hf_shape)
+    header[key] = dict(dtype="F32", shape=list(hf_shape), data_offsets=[offset, offset + size])
+    offset += size
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)   # the header is padded to 8 bytes, as safetensors pads it
+
+  def tensors_in_order():
+    for _, i, leaf_path, layer, transposed, _ in entries:
+      leaf = tensors.get_leaf(directions[i], leaf_path)
+      t = np.asarray(sharding.to_host(leaf if layer is None else leaf[layer]), np.float32)
+      yield np.ascontiguousarray(t.T if transposed else t)
+
+  if not write:
+    for _ in tensors_in_order():   # the gathers are collective: every process takes part
+      pass
+    return
+  with workdir.atomic(path) as tmp, open(tmp, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)) + blob)
+    for t in tensors_in_order():
+      f.write(t.tobytes())
 
 
 def load_safetensors(path: str, cfg: model.ModelConfig, count: int | None = None) -> list[dict]:

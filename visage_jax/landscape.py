@@ -181,10 +181,11 @@ def default_config():
   # -extra_steps/steps .. 1+extra_steps/steps. norm: layer | filter | none; tensors whose HF
   # name contains a blacklist entry are not perturbed. target_path: the checkpoint at alpha=1
   # (interpolation), target2_path: the third one (2D_interpolation). directions_path: import
-  # a safetensors file instead of drawing directions.
+  # a safetensors file instead of drawing directions. save_directions: write directions.safetensors
+  # (off: a resumed run draws them again from the seed; a float32 copy of the model per direction).
   c.landscape = dict(vis_type="1D_random", steps=20, multiplier=1.0, extra_steps=0, num_directions=1,
                      norm="layer", blacklist=("norm",), seed=0, orthogonalize=False,
-                     directions_path="", target_path="", target2_path="")
+                     directions_path="", target_path="", target2_path="", save_directions=True)
   # Greedy decoding; stop_at_refusal ends a row at its first refusal keyword (ASR unchanged).
   c.decode = dict(max_new_tokens=512, stop_at_refusal=True)
   # mode: auto (cost model of the device) | fused (one theta, many points per batch) |
