@@ -265,27 +265,70 @@ def save_safetensors(path: str, directions: list[dict], cfg: model.ModelConfig, 
       f.write(t.tobytes())
 
 
-def load_safetensors(path: str, cfg: model.ModelConfig, count: int | None = None) -> list[dict]:
-  """Reads `save_safetensors` files (or any PyTorch tool writing the same keys); checks every tensor."""
-  from safetensors.numpy import load_file
+def _sliced_leaf(f, keys, key, hf_names, transposed, shape, hf_shape, target, source):
+  """One direction leaf in `target`, each process reading from `f` only the slices of its shards."""
+  for name in hf_names:
+    if key(name) not in keys:
+      raise errors.UserError(f"{source}: missing tensor {name!r} (expected shape {hf_shape}).")
+    got = tuple(f.get_slice(key(name)).get_shape())
+    if got != hf_shape:
+      raise errors.UserError(f"{source}: tensor {name!r} has shape {got}, expected {hf_shape}.")
+  stacked = len(shape) > len(hf_shape)
+
+  def shard(index):
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    own = index[1:] if stacked else index
+    rows = [f.get_slice(key(hf_names[l]))[own[::-1] if transposed else own]
+            for l in (range(len(hf_names))[index[0]] if stacked else [0])]
+    rows = [np.asarray(r, np.float32).T if transposed else np.asarray(r, np.float32) for r in rows]
+    return np.stack(rows) if stacked else rows[0]
+  return jax.make_array_from_callback(shape, target, shard)
+
+
+def _read_direction(f, i: int, cfg: model.ModelConfig, shardings, source: str) -> dict:
+  """Direction `i` of an open file: read whole (one tensor at a time), or sliced into `shardings`."""
+  key = lambda name: f"{i}/{name}"
+  if shardings is None:
+    names = {k.split("/", 1)[1] for k in f.keys() if k.startswith(f"{i}/")}
+    return tensors.from_hf_tensors(lambda n: f.get_tensor(key(n)), names, cfg, source=source)
+  shapes, keys, out = model.param_shapes(cfg), set(f.keys()), {}
+  for path, hf_names in tensors.hf_tensor_names(cfg).items():
+    shape, transposed = tuple(tensors.get_leaf(shapes, path)), tensors.HF_NAMES[path][1]
+    own = shape[1:] if tensors.is_stacked(path) else shape
+    tensors.set_leaf(out, path, _sliced_leaf(f, keys, key, hf_names, transposed, shape,
+                                             own[::-1] if transposed else own,
+                                             tensors.get_leaf(shardings, path), source))
+  return out
+
+
+def load_safetensors(path: str, cfg: model.ModelConfig, count: int | None = None,
+                     shardings=None) -> list[dict]:
+  """Reads `save_safetensors` files (or any PyTorch tool writing the same keys); checks every tensor.
+
+  With `shardings` (params-shaped), each leaf is placed there and every process reads only the
+  slices of its own shards, so no host holds a whole direction.
+  """
+  from safetensors import safe_open
 
   if not os.path.exists(path):
     raise errors.MissingFileError(f"{path}: directions file not found.")
   try:
-    named = load_file(path)
+    f = safe_open(path, framework="numpy")
   except Exception as e:
     raise errors.UserError(f"{path}: not a readable safetensors file ({e}).") from None
-  indices = sorted({int(k.split("/", 1)[0]) for k in named if k.split("/", 1)[0].isdigit()})
-  if not indices:
-    raise errors.UserError(f"{path}: no tensors named '<direction index>/<HF tensor name>'.")
-  if count is not None and len(indices) < count:
-    raise errors.UserError(f"{path}: holds {len(indices)} direction(s), the landscape needs {count}.")
-  f32 = dataclasses.replace(cfg, param_dtype="float32")
-  out = []
-  for i in indices[:count]:
-    sub = {k.split("/", 1)[1]: v for k, v in named.items() if k.startswith(f"{i}/")}
-    extra = set(sub) - {n for names in tensors.hf_tensor_names(cfg).values() for n in names}
-    if extra:
-      raise errors.UserError(f"{path}: direction {i} has tensors the model lacks: {sorted(extra)[:5]}.")
-    out.append(tensors.from_hf_tensors(sub.__getitem__, set(sub), f32, source=f"{path} (direction {i})"))
+  with f:
+    keys = set(f.keys())
+    indices = sorted({int(k.split("/", 1)[0]) for k in keys if k.split("/", 1)[0].isdigit()})
+    if not indices:
+      raise errors.UserError(f"{path}: no tensors named '<direction index>/<HF tensor name>'.")
+    if count is not None and len(indices) < count:
+      raise errors.UserError(f"{path}: holds {len(indices)} direction(s), the landscape needs {count}.")
+    f32 = dataclasses.replace(cfg, param_dtype="float32")
+    known = {n for names in tensors.hf_tensor_names(cfg).values() for n in names}
+    out = []
+    for i in indices[:count]:
+      extra = {k.split("/", 1)[1] for k in keys if k.startswith(f"{i}/")} - known
+      if extra:
+        raise errors.UserError(f"{path}: direction {i} has tensors the model lacks: {sorted(extra)[:5]}.")
+      out.append(_read_direction(f, i, f32, shardings, f"{path} (direction {i})"))
   return out

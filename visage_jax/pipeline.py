@@ -156,7 +156,7 @@ def run_directions(c, path: str, cfg_dict: dict, overwrite: bool, params, cfg, n
                    writer: bool, mesh=None) -> list[list[dict]]:
   """The workdir's directions when resuming; else drawn (or imported) and saved.
 
-  Every process builds them where they live (`build_directions` on the mesh); the workdir is
+  Every process builds (or reads) them where they live, its own shards only; the workdir is
   claimed (run_config.json written) only once they exist, so bad input leaves no files behind.
   The writer saves them streaming (directions.save_safetensors), unless
   landscape.save_directions is off: then a resumed run draws them again from the config's seed.
@@ -165,11 +165,12 @@ def run_directions(c, path: str, cfg_dict: dict, overwrite: bool, params, cfg, n
   saved = workdir.read_json(os.path.join(path, "run_config.json"))
   fresh = not (os.path.exists(dir_file) and saved is not None and comparable(saved) == comparable(cfg_dict))
   distributed.barrier("landscape: directions looked up")  # before any process writes
+  where = None if mesh is None else sharding.param_shardings(params, mesh)  # read slices of these
   if not fresh:
-    dirs = _regroup(directions.load_safetensors(dir_file, cfg), n_comp)
+    dirs = _regroup(directions.load_safetensors(dir_file, cfg, shardings=where), n_comp)
   elif c.landscape.directions_path:
     n = c.landscape.num_directions * n_comp
-    dirs = _regroup(directions.load_safetensors(c.landscape.directions_path, cfg, n), n_comp)
+    dirs = _regroup(directions.load_safetensors(c.landscape.directions_path, cfg, n, shardings=where), n_comp)
   else:
     dirs = build_directions(c, params, cfg, mesh)
   claim(path, cfg_dict, overwrite, write=writer)
