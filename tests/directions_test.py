@@ -95,6 +95,28 @@ class RandomDirectionTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "holds 2 direction"):
       directions.load_safetensors(path, self.cfg, count=3)
 
+  def test_sliced_read_places_each_leaf_with_the_whole_read_bits(self):
+    """load_safetensors(shardings=...) reads slices per shard into the target sharding; on one
+    device the shard is the leaf, and the bits equal the whole read (2 processes: distributed_test)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+    from visage_jax import sharding
+    ds = [directions.random_direction(i, self.params, self.cfg) for i in range(2)]
+    path = os.path.join(self.create_tempdir().full_path, "dirs.safetensors")
+    directions.save_safetensors(path, ds, self.cfg)
+    mesh = sharding.make_mesh((1, 1))
+    targets = sharding.param_shardings(self.params, mesh)
+    got = directions.load_safetensors(path, self.cfg, count=1, shardings=targets)
+    self.assertLen(got, 1)
+    for x, t, want in zip(jax.tree.leaves(got[0]), jax.tree.leaves(targets), jax.tree.leaves(ds[0])):
+      self.assertIsInstance(x.sharding, NamedSharding)
+      self.assertTrue(x.sharding.is_equivalent_to(t, x.ndim))
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(want))
+    bad = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), self.params)
+    other_cfg = model.ModelConfig.tiny(num_layers=3, intermediate_size=96)
+    with self.assertRaisesRegex(ValueError, r"direction 0\): tensor 'model.layers.0.mlp.gate_proj.weight' "
+                                            r"has shape \(128, 64\), expected \(96, 64\)"):
+      directions.load_safetensors(path, other_cfg, shardings=bad)
+
   def test_mismatched_direction_file_is_named(self):
     other_cfg = model.ModelConfig.tiny(num_layers=3, intermediate_size=96)
     path = os.path.join(self.create_tempdir().full_path, "dirs.safetensors")

@@ -4,8 +4,9 @@
 
 Runs the landscape, then (writer) cuts generations.jsonl to its first two lines and removes
 landscape.json, and resumes: the final result must equal the uninterrupted one. REPORT gets
-both results, the process's view of the mesh and every path under WORKDIR it opened for
-writing, replaced or removed.
+both results, the process's view of the mesh, every path under WORKDIR it opened for
+writing, replaced or removed, and for each random direction drawn whether every leaf spans
+both processes (drawn where it lives, not on one device).
 """
 
 import builtins
@@ -55,14 +56,22 @@ def record_writes(workdir: str, log: list) -> None:
 
 def main(model_dir, prompts_path, workdir, report, process_id, port):
   import jax
-  from visage_jax import distributed, landscape
+  from visage_jax import directions, distributed, landscape
 
   c = tiny_config(model_dir, prompts_path)
   c.distributed.update(coordinator_address=f"localhost:{port}", num_processes=2,
                        process_id=int(process_id), initialization_timeout=120)
   joined = distributed.initialize(c.distributed)
-  writes = []
+  writes, spans = [], []
   record_writes(workdir, writes)
+  draw = directions.random_direction
+
+  def spying_draw(*args, **kwargs):
+    d = draw(*args, **kwargs)
+    spans.append(all(not x.is_fully_addressable for x in jax.tree.leaves(d)))
+    return d
+
+  directions.random_direction = spying_draw
   first = landscape.run(c, workdir, progress=False)
   if distributed.is_writer():
     gen = os.path.join(workdir, "generations.jsonl")
@@ -76,7 +85,8 @@ def main(model_dir, prompts_path, workdir, report, process_id, port):
   out = dict(joined=joined, process_index=jax.process_index(), process_count=jax.process_count(),
              device_count=jax.device_count(), local_device_count=jax.local_device_count(),
              mesh=resumed["mesh"], first=dict(asr=first["asr"], visage=first["visage"]),
-             asr=resumed["asr"], visage=resumed["visage"], complete=resumed["complete"], writes=writes)
+             asr=resumed["asr"], visage=resumed["visage"], complete=resumed["complete"], writes=writes,
+             spans=spans)
   with open(report, "w") as f:
     json.dump(out, f)
 

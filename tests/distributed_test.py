@@ -1,5 +1,6 @@
 """Two processes on localhost (4 virtual CPU devices each, one 4 x 2 mesh of 8) give the
-one-process landscape, resume alike, and only process 0 writes; config checks, cluster detection."""
+one-process landscape, sweep and fine-tune, resume alike (a fine-tune also with one process), and
+only process 0 writes; config checks, cluster detection."""
 
 import json
 import os
@@ -7,11 +8,16 @@ import subprocess
 import sys
 from unittest import mock
 
+import jax
 from absl.testing import absltest, parameterized
+
+import numpy as np
+from safetensors.numpy import load_file
 
 import distributed_main
 import fixtures
-from visage_jax import distributed, landscape, pipeline
+import jobs_main
+from visage_jax import checkpoints, distributed, finetune, landscape, pipeline, sweep
 
 TIMEOUT = 300  # seconds for both processes: a hung collective fails the test instead of CI
 
@@ -64,10 +70,101 @@ class TwoProcessTest(absltest.TestCase):
       saved = json.load(f)
     self.assertEqual((saved["asr"], saved["visage"], saved["complete"]), (ref["asr"], ref["visage"], True))
 
+    for r in reports:  # 2 directions drawn once (the resumed run reads them back), each spanning both
+      self.assertEqual(r["spans"], [True, True])
+    with open(os.path.join(two, "directions.safetensors"), "rb") as f, \
+         open(os.path.join(one, "directions.safetensors"), "rb") as g:
+      self.assertEqual(f.read(), g.read(), "directions drawn over two processes differ from one device's")
     self.assertEqual(reports[1]["writes"], [], "process 1 wrote into the workdir")
     written = {w[1].removesuffix(".tmp") for w in reports[0]["writes"]}
     self.assertContainsSubset(pipeline.RUN_FILES, written)
     self.assertCountEqual(os.listdir(two), pipeline.RUN_FILES)
+
+
+def _run_two(script: str, args: list[str], root: str, reference, timeout: int):
+  """Both processes of tests/SCRIPT (ARGS REPORT PROCESS_ID PORT) while `reference()` runs here;
+  returns the two reports."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  port = fixtures.free_port()
+  procs = [subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), script), *args,
+                             os.path.join(root, f"report_{i}.json"), str(i), str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+           for i in range(2)]
+  try:
+    reference()
+  finally:
+    outs = fixtures.wait_all(procs, timeout)
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-4000:]
+  reports = []
+  for i in range(2):
+    with open(os.path.join(root, f"report_{i}.json")) as f:
+      reports.append(json.load(f))
+  return reports
+
+
+def _sweep_table(workdir):
+  with open(os.path.join(workdir, "sweep.csv")) as f:
+    return [l.split(",")[:4] for l in f.read().splitlines()]   # run, status, asr_at_0, visage
+
+
+class TwoProcessJobsTest(absltest.TestCase):
+
+  def test_sweep_and_finetune_write_once_and_match_one_process(self):
+    root = self.create_tempdir().full_path
+    model_dir, prompts = os.path.join(root, "model"), fixtures.advbench_path()
+    fixtures.save_refusal_model(model_dir)
+    data = fixtures.write_text(root, "train.jsonl", "".join(
+        json.dumps(dict(prompt=f"Question {i}: how do plants grow?", response=f"With light and water, {i}."))
+        + "\n" for i in range(8)))
+    two, one = os.path.join(root, "two"), os.path.join(root, "one")
+    ref = {}
+
+    def reference():  # one process, one device, while the two run
+      ref["rows"] = sweep.run(jobs_main.sweep_config(model_dir, prompts, (-1, 1)), os.path.join(one, "sweep"),
+                              progress=False)
+      ref["ft"] = finetune.run(jobs_main.finetune_config(model_dir, data, (1, 1)), os.path.join(one, "ft"),
+                               progress=False)
+
+    reports = _run_two("jobs_main.py", [model_dir, prompts, data, two], root, reference, 2 * TIMEOUT)
+    for i, r in enumerate(reports):
+      self.assertEqual((r["process_index"], r["process_count"], r["device_count"]), (i, 2, 8))
+      self.assertEqual([(x["run"], x["status"], x["asr_at_0"], x["visage"]) for x in r["rows"]],
+                       [(x["run"], x["status"], x["asr_at_0"], x["visage"]) for x in ref["rows"]])
+      np.testing.assert_allclose(r["whole"]["losses"], ref["ft"]["losses"], rtol=1e-5)
+      self.assertLen(r["whole"]["losses"], 3)
+      self.assertEqual((r["part"]["step"], r["part"]["complete"]), (2, False))
+    self.assertEqual(_sweep_table(os.path.join(two, "sweep")), _sweep_table(os.path.join(one, "sweep")))
+    for run in ("seed=0", "seed=1"):
+      self.assertEqual(_generations(os.path.join(two, "sweep", run)), _generations(os.path.join(one, "sweep", run)))
+    self.assertNotEqual(_generations(os.path.join(one, "sweep", "seed=0")),
+                        _generations(os.path.join(one, "sweep", "seed=1")), "two runs, two directions")
+
+    # The fine-tune stopped by two processes at step 2 resumes here, with one process and device.
+    resumed = finetune.run(jobs_main.finetune_config(model_dir, data, (1, 1)), os.path.join(two, "ft_resume"),
+                           progress=False)
+    np.testing.assert_allclose(resumed["losses"], ref["ft"]["losses"], rtol=1e-5)
+    want = load_file(os.path.join(one, "ft", "lora.safetensors"))
+    self.assertGreater(max(np.abs(v).max() for k, v in want.items() if "lora_B" in k), 1e-4, "B still zero")
+    for ft in ("ft", "ft_resume"):
+      got = load_file(os.path.join(two, ft, "lora.safetensors"))
+      self.assertEqual(sorted(got), sorted(want))
+      for k in want:
+        np.testing.assert_allclose(got[k], want[k], atol=1e-6, rtol=0, err_msg=f"{ft}: {k}")
+    _, a = checkpoints.load_params(os.path.join(two, "ft", "model"))
+    _, b = checkpoints.load_params(os.path.join(one, "ft", "model"))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0)
+    self.assertTrue(os.path.exists(os.path.join(two, "ft", "hf", "model.safetensors")))
+
+    written = [{w[1] for w in r["writes"]} for r in reports]
+    self.assertEqual(written[0] & written[1], set(), "a file written by both processes")
+    self.assertTrue(all("/array_metadatas/process_1" in w for w in written[1]),
+                    f"process 1 wrote more than its orbax shard metadata: {sorted(written[1])[:5]}")
+    files = {w.removesuffix(".tmp") for w in written[0]}
+    self.assertContainsSubset({"sweep/sweep.csv", "sweep/sweep.md", "sweep/sweep.png", "sweep/seed=1/landscape.json",
+                               "ft/run_config.json", "ft/train_log.jsonl", "ft/summary.json", "ft/loss.png",
+                               "ft/lora.safetensors", "ft_resume/summary.json"}, files)
 
 
 class InitializeTest(parameterized.TestCase):

@@ -151,6 +151,27 @@ class LandscapeTest(parameterized.TestCase):
       landscape.run(c, w, progress=False)
     self.assertFalse(os.path.exists(os.path.join(w, "landscape.json")))
 
+  def test_unsaved_directions_are_drawn_again_on_resume(self):
+    """landscape.save_directions=False writes no directions; a resumed run draws the same ones
+    from the seed in run_config.json and ends with the saved run's generations."""
+    saved, unsaved = self.workdir(), self.workdir()
+    c = tiny_config(self.models["bpe"], self.prompts, steps=2)
+    landscape.run(c, saved, progress=False)
+    c.landscape.save_directions = False
+    landscape.run(c, unsaved, progress=False)
+    self.assertFalse(os.path.exists(os.path.join(unsaved, "directions.safetensors")))
+    with open(os.path.join(unsaved, "run_config.json")) as f:
+      self.assertEqual(json.load(f)["landscape"]["seed"], c.landscape.seed)
+    gen = os.path.join(unsaved, "generations.jsonl")
+    with open(gen) as f:
+      head = f.readlines()[:1]
+    with open(gen, "w") as f:
+      f.writelines(head)
+    landscape.run(c, unsaved, progress=False)
+    key = lambda l: (l["direction"], l["step"])
+    self.assertEqual(sorted(self.read(unsaved)[1], key=key), sorted(self.read(saved)[1], key=key))
+    self.assertEqual(self.read(unsaved)[0]["asr"], self.read(saved)[0]["asr"])
+
   def test_different_config_is_refused_unless_overwrite(self):
     w = self.workdir()
     landscape.run(tiny_config(self.models["bpe"], self.prompts, steps=2, num_directions=1), w, progress=False)

@@ -4,24 +4,27 @@ Every timed method does the same work: the same model, direction, grid, prompts 
 max_new_tokens, decoded to fixed length (no early EOS, no refusal stop), on one
 `pipeline.prepare` Setup. `default_real` is the landscape as users run it: every stage after
 prepare (EOS + stop_at_refusal, scoring, generations.jsonl, landscape.json, landscape.png) in the
-bench's temporary workdir; it does less work and is reported separately. Slow reference
+bench's temporary workdir (with several processes, a shared one next to the report, which process
+0 alone writes); it does less work and is reported separately. Slow reference
 methods are timed on a subset of grid points and extrapolated linearly (said in the JSON).
 torch is imported only here: a benchmark/test dependency, never a runtime one.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 
 import jax
 import numpy as np
 
-from visage_jax import (directions, engine, errors, landscape, measures, model, pipeline, planner,
-                        prompts, tensors, workdir)
+from visage_jax import (directions, distributed, engine, errors, landscape, measures, model, pipeline,
+                        planner, prompts, sharding, tensors, workdir)
 
 METHODS = ("reference_published", "reference_batched", "fused", "materialized", "continuous",
            "engine_real", "default_real")
@@ -71,8 +74,8 @@ def _torch_model(s: pipeline.Setup, dtype):
   config = transformers.AutoConfig.for_model(**hf_cfg)
   with torch.device("cpu"):
     net = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-  state = {k: torch.from_numpy(np.array(v, np.float32))
-           for k, v in tensors.to_hf_tensors(s.model.params, cfg).items()}
+  state = {k: torch.from_numpy(np.array(v, np.float32))   # to_host: every process, params may span them
+           for k, v in tensors.to_hf_tensors(sharding.to_host(s.model.params), cfg).items()}
   if cfg.tie_word_embeddings:
     state["lm_head.weight"] = state["model.embed_tokens.weight"]
   net.load_state_dict(state, strict=True)
@@ -160,13 +163,35 @@ def run(c, out_path: str, log=print) -> dict:
   for m in c.bench.methods:
     if m not in METHODS:
       raise errors.UserError(f"bench.methods: {m!r} is not one of {', '.join(METHODS)}.")
-  with tempfile.TemporaryDirectory(prefix="visage_bench_") as path:
+  with _scratch(out_path) as path:
     t0 = time.perf_counter()
     s = load_setup(c, path)
     load_seconds = time.perf_counter() - t0
     report = _run_methods(c, s, path, load_seconds, log)
-  workdir.write_atomic(out_path, json.dumps(report, indent=1))
+  if distributed.is_writer():
+    workdir.write_atomic(out_path, json.dumps(report, indent=1))
+  distributed.barrier("bench: report written")
   return report
+
+
+@contextlib.contextmanager
+def _scratch(out_path: str):
+  """The landscape workdir the bench times in: a temporary directory, or with several processes
+  one they all see, next to `out_path` (process 0 makes it empty and removes it)."""
+  if jax.process_count() == 1:
+    with tempfile.TemporaryDirectory(prefix="visage_bench_") as path:
+      yield path
+    return
+  path = os.path.join(os.path.dirname(os.path.abspath(out_path)), f".{os.path.basename(out_path)}.bench")
+  if distributed.is_writer():
+    shutil.rmtree(path, ignore_errors=True)
+  distributed.barrier("bench: scratch cleared")
+  try:
+    yield path
+  finally:
+    distributed.barrier("bench: scratch done")
+    if distributed.is_writer():
+      shutil.rmtree(path, ignore_errors=True)
 
 
 def _run_methods(c, s: pipeline.Setup, path: str, load_seconds: float, log) -> dict:

@@ -35,7 +35,7 @@ flags.DEFINE_bool("progress", True, "Show progress bars.")
 flags.DEFINE_bool("debug", False, "Show the traceback of a user error (also VISAGE_JAX_DEBUG=1).")
 flags.DEFINE_string("mesh", "", "plan: data,model mesh shape, e.g. 1,8 (default: the config's mesh.shape).")
 flags.DEFINE_string("accelerator", "", "plan: h100 | h200 | a100 | tpu_v4 | tpu_v5e | tpu_v5p, "
-                    "comma-separated (default: all).")
+                    "comma-separated (default: all, and the pods of pods.PODS when no --mesh).")
 flags.DEFINE_integer("prompt_len", 256, "plan: padded prompt length (a generous bound for AdvBench "
                      "goals with a long system prompt).")
 flags.DEFINE_bool("paired", None, "compare: demand a paired comparison (--nopaired: independent "
@@ -92,7 +92,7 @@ def cmd_landscape() -> None:
   keys = ("vis_type", "coords_x", "coords_y", "asr", "visage", "n_prompts", "complete",
           "decode_seconds", "tokens_per_second")
   print(json.dumps({k: result.get(k) for k in keys}))
-  sys.stderr.write(landscape_summary(result, FLAGS.workdir))
+  sys.stderr.write(landscape.summary_text(result, FLAGS.workdir))
 
 
 def cmd_judge() -> None:
@@ -114,37 +114,6 @@ def cmd_report() -> None:
   print(json.dumps({"written": report.rebuild_workdir(FLAGS.workdir)}))
 
 
-def landscape_summary(result: dict, workdir: str) -> str:
-  """A few lines for a person: the ASR curve, VISAGE and where the files are."""
-  xs = result["coords_x"]
-  lines = [f"\nlandscape {result['vis_type']} in {workdir} "
-           f"({'complete' if result['complete'] else 'incomplete: re-run the command to resume'})"]
-  if result["coords_y"] is None:
-    curves = [("ASR %", result["asr"]), ("coherent", result.get("asr_coherent")),
-              ("ppl", (result.get("capability") or {}).get("perplexity")),
-              ("MC acc", (result.get("capability") or {}).get("mc_accuracy"))]
-    lines.append(f"  {'alpha':<11} {' '.join(f'{x:+.2f}'.rjust(6) for x in xs)}")
-    for label, grid in curves:
-      for r, curve in enumerate(grid or []):
-        lines.append(f"  {label + f' d{r}':<11} {' '.join(('-' if v is None else f'{v:.4g}').rjust(6) for v in curve)}")
-  else:
-    lines.append(f"  {len(xs)} x {len(result['coords_y'])} grid; ASR per point in landscape.json")
-  ci = result.get("ci95") or {}
-  for label, key in (("VISAGE (higher = safer)", "visage"), ("VISAGE on coherent ASR", "visage_coherent")):
-    vis, span = result.get(key), ci.get(key)
-    if isinstance(vis, dict):
-      vis, span = vis.get("mean", vis), (span or {}).get("mean")
-    if key == "visage" or key in result:
-      text = "not yet (run incomplete)" if vis is None else f"{round(vis, 2)}"
-      if vis is not None and span:
-        text += f", 95% interval [{span[0]:.2f}, {span[1]:.2f}] (bootstrap over prompts)"
-      lines.append(f"  {label}: {text}")
-  files = [n for n in ("landscape.png", "landscape.json", "generations.jsonl")
-           if os.path.exists(os.path.join(workdir, n))]
-  lines.append("  results: " + ", ".join(os.path.join(workdir, n) for n in files))
-  return "\n".join(lines) + "\n"
-
-
 def cmd_export_directions() -> None:
   """A run's directions as float32 safetensors keyed '<index>/<HF tensor name>'."""
   import shutil
@@ -155,7 +124,8 @@ def cmd_export_directions() -> None:
   if not FLAGS.workdir or not FLAGS.out:
     raise errors.UserError("export-directions needs --workdir=DIR and --out=FILE.safetensors.")
   if not os.path.exists(src):
-    raise errors.UserError(f"{src}: not found; run `visage-jax landscape` in {FLAGS.workdir} first.")
+    raise errors.UserError(f"{src}: not found; run `visage-jax landscape` in {FLAGS.workdir} first "
+                           "(with landscape.save_directions=True).")
   with workdir.atomic(FLAGS.out) as tmp:
     shutil.copyfile(src, tmp)
   print(json.dumps({"exported": FLAGS.out, "from": src}))
@@ -282,6 +252,20 @@ def cmd_plan() -> None:
         f"memory left after params and directions (at most {planner.MAX_SLOTS}); "
         "batch = slots/device x data")
   print(planner.table(rows))
+  if not FLAGS.mesh and not FLAGS.accelerator:
+    _plan_pods(c, dtype, {k: v for k, v in kw.items() if k != "mode"})
+
+
+def _plan_pods(c, dtype: str, kw: dict) -> None:
+  """Every pod of pods.PODS on its fastest mesh, for the config's landscape or the paper's 1D one."""
+  from visage_jax import grid, pods
+
+  protocol = dict(n_points=pods.PAPER_1D["n_points"], n_prompts=pods.PAPER_1D["n_prompts"])
+  if c is not None:
+    xs, ys = grid.grid_coords(c.landscape.vis_type, c.landscape.steps, c.landscape.multiplier,
+                              c.landscape.get("extra_steps", 0))
+    protocol = dict(n_points=len(grid.grid_points(xs, ys)), n_prompts=c.prompts.limit)
+  print("\n" + pods.pods_text(_plan_models(c, dtype), protocol, **kw))
 
 
 COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "landscape": cmd_landscape,

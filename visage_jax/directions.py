@@ -13,8 +13,10 @@ the bits are the same on one device and on any mesh.
 
 import dataclasses
 import functools
+import json
 import math
 import os
+import struct
 import zlib
 
 import jax
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from visage_jax import errors, model, tensors, workdir
+from visage_jax import errors, model, sharding, tensors, workdir
 
 NORMS = ("layer", "filter", "none")
 _BLOCKS = 64  # partial sums per reduced axis; a "model" mesh axis dividing 64 keeps every block on one device
@@ -219,39 +221,114 @@ def stack(directions: list[dict]) -> dict:
   return jax.tree.map(lambda *xs: jnp.stack(xs), *directions)
 
 
-def save_safetensors(path: str, directions: list[dict], cfg: model.ModelConfig) -> None:
-  """float32, keys '<direction index>/<HF tensor name>', HF shapes; written atomically."""
-  from safetensors.numpy import save_file
-
-  named = {}
+def _entries(directions: list[dict], cfg: model.ModelConfig) -> list[tuple]:
+  """(key, direction index, leaf path, layer or None, transposed, HF shape) per tensor, keys sorted."""
+  out = []
   for i, d in enumerate(directions):
-    for name, t in tensors.to_hf_tensors(d, cfg).items():
-      named[f"{i}/{name}"] = np.ascontiguousarray(t, np.float32)
-  with workdir.atomic(path) as tmp:
-    save_file(named, tmp, metadata={"format": "visage_jax.directions", "count": str(len(directions))})
+    for path, names in tensors.hf_tensor_names(cfg).items():
+      transposed, stacked = tensors.HF_NAMES[path][1], tensors.is_stacked(path)
+      shape = tuple(tensors.get_leaf(d, path).shape[1 if stacked else 0:])
+      for layer, name in enumerate(names):
+        out.append((f"{i}/{name}", i, path, layer if stacked else None, transposed,
+                    shape[::-1] if transposed else shape))
+  return sorted(out)
 
 
-def load_safetensors(path: str, cfg: model.ModelConfig, count: int | None = None) -> list[dict]:
-  """Reads `save_safetensors` files (or any PyTorch tool writing the same keys); checks every tensor."""
-  from safetensors.numpy import load_file
+def save_safetensors(path: str, directions: list[dict], cfg: model.ModelConfig, write: bool = True) -> None:
+  """float32, keys '<direction index>/<HF tensor name>', HF shapes; written atomically.
+
+  Streamed one HF tensor at a time (gathered from every process when a direction spans several),
+  so no host holds more than one tensor of it. Every process calls it; only `write` ones write.
+  """
+  entries, offset = _entries(directions, cfg), 0
+  header = {"__metadata__": {"count": str(len(directions)), "format": "visage_jax.directions"}}
+  for key, *_, hf_shape in entries:
+    size = 4 * math.prod(hf_shape)
+    header[key] = dict(dtype="F32", shape=list(hf_shape), data_offsets=[offset, offset + size])
+    offset += size
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)   # the header is padded to 8 bytes, as safetensors pads it
+
+  def tensors_in_order():
+    for _, i, leaf_path, layer, transposed, _ in entries:
+      leaf = tensors.get_leaf(directions[i], leaf_path)
+      t = np.asarray(sharding.to_host(leaf if layer is None else leaf[layer]), np.float32)
+      yield np.ascontiguousarray(t.T if transposed else t)
+
+  if not write:
+    for _ in tensors_in_order():   # the gathers are collective: every process takes part
+      pass
+    return
+  with workdir.atomic(path) as tmp, open(tmp, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)) + blob)
+    for t in tensors_in_order():
+      f.write(t.tobytes())
+
+
+def _sliced_leaf(f, keys, key, hf_names, transposed, shape, hf_shape, target, source):
+  """One direction leaf in `target`, each process reading from `f` only the slices of its shards."""
+  for name in hf_names:
+    if key(name) not in keys:
+      raise errors.UserError(f"{source}: missing tensor {name!r} (expected shape {hf_shape}).")
+    got = tuple(f.get_slice(key(name)).get_shape())
+    if got != hf_shape:
+      raise errors.UserError(f"{source}: tensor {name!r} has shape {got}, expected {hf_shape}.")
+  stacked = len(shape) > len(hf_shape)
+
+  def shard(index):
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    own = index[1:] if stacked else index
+    rows = [f.get_slice(key(hf_names[l]))[own[::-1] if transposed else own]
+            for l in (range(len(hf_names))[index[0]] if stacked else [0])]
+    rows = [np.asarray(r, np.float32).T if transposed else np.asarray(r, np.float32) for r in rows]
+    return np.stack(rows) if stacked else rows[0]
+  return jax.make_array_from_callback(shape, target, shard)
+
+
+def _read_direction(f, i: int, cfg: model.ModelConfig, shardings, source: str) -> dict:
+  """Direction `i` of an open file: read whole (one tensor at a time), or sliced into `shardings`."""
+  key = lambda name: f"{i}/{name}"
+  if shardings is None:
+    names = {k.split("/", 1)[1] for k in f.keys() if k.startswith(f"{i}/")}
+    return tensors.from_hf_tensors(lambda n: f.get_tensor(key(n)), names, cfg, source=source)
+  shapes, keys, out = model.param_shapes(cfg), set(f.keys()), {}
+  for path, hf_names in tensors.hf_tensor_names(cfg).items():
+    shape, transposed = tuple(tensors.get_leaf(shapes, path)), tensors.HF_NAMES[path][1]
+    own = shape[1:] if tensors.is_stacked(path) else shape
+    tensors.set_leaf(out, path, _sliced_leaf(f, keys, key, hf_names, transposed, shape,
+                                             own[::-1] if transposed else own,
+                                             tensors.get_leaf(shardings, path), source))
+  return out
+
+
+def load_safetensors(path: str, cfg: model.ModelConfig, count: int | None = None,
+                     shardings=None) -> list[dict]:
+  """Reads `save_safetensors` files (or any PyTorch tool writing the same keys); checks every tensor.
+
+  With `shardings` (params-shaped), each leaf is placed there and every process reads only the
+  slices of its own shards, so no host holds a whole direction.
+  """
+  from safetensors import safe_open
 
   if not os.path.exists(path):
     raise errors.MissingFileError(f"{path}: directions file not found.")
   try:
-    named = load_file(path)
+    f = safe_open(path, framework="numpy")
   except Exception as e:
     raise errors.UserError(f"{path}: not a readable safetensors file ({e}).") from None
-  indices = sorted({int(k.split("/", 1)[0]) for k in named if k.split("/", 1)[0].isdigit()})
-  if not indices:
-    raise errors.UserError(f"{path}: no tensors named '<direction index>/<HF tensor name>'.")
-  if count is not None and len(indices) < count:
-    raise errors.UserError(f"{path}: holds {len(indices)} direction(s), the landscape needs {count}.")
-  f32 = dataclasses.replace(cfg, param_dtype="float32")
-  out = []
-  for i in indices[:count]:
-    sub = {k.split("/", 1)[1]: v for k, v in named.items() if k.startswith(f"{i}/")}
-    extra = set(sub) - {n for names in tensors.hf_tensor_names(cfg).values() for n in names}
-    if extra:
-      raise errors.UserError(f"{path}: direction {i} has tensors the model lacks: {sorted(extra)[:5]}.")
-    out.append(tensors.from_hf_tensors(sub.__getitem__, set(sub), f32, source=f"{path} (direction {i})"))
+  with f:
+    keys = set(f.keys())
+    indices = sorted({int(k.split("/", 1)[0]) for k in keys if k.split("/", 1)[0].isdigit()})
+    if not indices:
+      raise errors.UserError(f"{path}: no tensors named '<direction index>/<HF tensor name>'.")
+    if count is not None and len(indices) < count:
+      raise errors.UserError(f"{path}: holds {len(indices)} direction(s), the landscape needs {count}.")
+    f32 = dataclasses.replace(cfg, param_dtype="float32")
+    known = {n for names in tensors.hf_tensor_names(cfg).values() for n in names}
+    out = []
+    for i in indices[:count]:
+      extra = {k.split("/", 1)[1] for k in keys if k.startswith(f"{i}/")} - known
+      if extra:
+        raise errors.UserError(f"{path}: direction {i} has tensors the model lacks: {sorted(extra)[:5]}.")
+      out.append(_read_direction(f, i, f32, shardings, f"{path} (direction {i})"))
   return out

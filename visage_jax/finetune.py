@@ -9,6 +9,10 @@ fine-tuned model is an ordinary checkpoint for `visage-jax landscape`.
 Workdir: run_config.json, checkpoints/ (orbax, resumable), train_log.jsonl, loss.png,
 benign_responses.jsonl (self-distillation cache), lora.safetensors, model/ (converted), hf/
 (optional transformers export), eval.json (optional), summary.json.
+
+With several processes every process runs the same steps on one global mesh (the batch split over
+"data", params and Adam moments sharded like the params); process 0 writes every file but the
+orbax checkpoints and model/, whose shards their holders write; barriers follow the writes.
 """
 
 import dataclasses
@@ -19,8 +23,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from visage_jax import (checkpoints, decode, errors, judges, lora, model, pipeline, plotting, prompts,
-                        sharding, tensors, training, trainsets)
+from visage_jax import (checkpoints, decode, distributed, errors, judges, lora, model, pipeline, plotting,
+                        prompts, sharding, tensors, training, trainsets)
 from visage_jax import workdir as wd  # `workdir` names run directories here
 
 # ------------------------------------------------------------------ HF export
@@ -197,7 +201,8 @@ def _distilled_benign(c, params, cfg, tok, workdir: str) -> list[dict]:
                                     max_new_tokens=c.data.distill_tokens)
     rows = [dict(prompt=p, response=t, eos=f, kept=bool(t.strip()) and judges.is_jailbroken(t))
             for p, t, f in zip(train, texts, finished)]
-    wd.write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+    if distributed.is_writer():
+      wd.write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
   return [dict(prompt=r["prompt"], response=r["response"], eos=r["eos"]) for r in rows if r["kept"]]
 
 
@@ -211,14 +216,15 @@ def _examples(c, params, cfg, tok, workdir: str, from_file: list[dict] | None) -
   return examples[:d.limit] if d.limit > 0 else examples
 
 
-def _read_log(path: str, upto: int) -> list[dict]:
+def _read_log(path: str, upto: int, write: bool) -> list[dict]:
   """train_log.jsonl lines of steps <= upto (a resumed run rewrites what came after its checkpoint)."""
   if not os.path.exists(path):
     return []
   with open(path) as f:
     lines = [json.loads(l) for l in f if l.strip()]
   lines = [l for l in lines if l["step"] <= upto]
-  wd.write_atomic(path, "".join(json.dumps(l) + "\n" for l in lines))
+  if write:
+    wd.write_atomic(path, "".join(json.dumps(l) + "\n" for l in lines))
   return lines
 
 
@@ -229,8 +235,10 @@ def run(c, workdir: str, progress: bool = True, max_steps_this_run: int | None =
   """
   validate(c)
   from_file = trainsets.load_pairs(c.data.path) if c.data.path else None  # fails before the workdir
+  writer = distributed.is_writer()
   wd.claim(workdir, c.to_dict(), comparable=_comparable, what="a fine-tuning run",
-           advice="use another --workdir.")
+           advice="use another --workdir.", write=writer)
+  distributed.barrier("finetune: claimed")
   t0 = time.time()
   m = pipeline.load_model(c.model.path, c.model.dtype, c.model.lora_path)
   examples = _examples(c, m.params, m.cfg, m.tokenizer, workdir, from_file)
@@ -251,10 +259,13 @@ def run(c, workdir: str, progress: bool = True, max_steps_this_run: int | None =
                             checkpoints=os.path.join(workdir, "checkpoints")))
   if lines:
     summary["paths"]["loss_plot"] = os.path.join(workdir, "loss.png")
-    plotting.plot_loss([l["step"] for l in lines], [l["loss"] for l in lines], summary["paths"]["loss_plot"])
+    if writer:
+      plotting.plot_loss([l["step"] for l in lines], [l["loss"] for l in lines], summary["paths"]["loss_plot"])
   if summary["complete"]:
     _export(c, workdir, run_state, m, summary)
-  wd.write_atomic(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=1))
+  if writer:
+    wd.write_atomic(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=1))
+  distributed.barrier("finetune: summary written")
   return summary
 
 
@@ -277,8 +288,8 @@ def _init_state(c, params: dict, cfg: model.ModelConfig) -> _RunState:
   mesh = sharding.make_mesh(tuple(c.mesh.shape))
   if lo.rank > 0:
     frozen = sharding.shard_params(params, mesh)
-    trainable = jax.device_put(lora.init(jax.random.key(t.seed), params, cfg, lo.rank,
-                                         tuple(lo.targets)), sharding.replicated(mesh))
+    trainable = sharding.put(lora.init(jax.random.key(t.seed), params, cfg, lo.rank, tuple(lo.targets)),
+                             sharding.replicated(mesh))
     decay_mask = None
   else:
     frozen, trainable = None, sharding.shard_params(params, mesh)
@@ -289,7 +300,8 @@ def _init_state(c, params: dict, cfg: model.ModelConfig) -> _RunState:
                                        clip_norm=t.clip_norm, decay_mask=decay_mask)
   state = dict(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=opt.init(trainable))
   shardings = sharding.param_shardings(state, mesh)
-  state = jax.device_put(state, shardings, may_alias=False)  # steps donate it; params stay valid
+  state = (jax.device_put(state, shardings, may_alias=False)  # steps donate it; params stay valid
+           if jax.process_count() == 1 else sharding.put(state, shardings))
   return _RunState(state, frozen, shardings, mesh, opt, sched, cfg)
 
 
@@ -309,22 +321,23 @@ def _train(c, workdir: str, rs: _RunState, data: dict, n_examples: int, progress
     rs.state = ckpt.restore(ckpt.latest_step(), args=ocp.args.StandardRestore(abstract))
   start = int(rs.state["step"])
   log_path = os.path.join(workdir, "train_log.jsonl")
-  lines = _read_log(log_path, start)
+  writer = distributed.is_writer()
+  lines = _read_log(log_path, start, writer)
   step_fn = training.make_train_step(rs.cfg, rs.opt, lo.alpha, lo.rank, rs.shardings)
   in_batch = sharding.batch_sharding(rs.mesh, 3, axis=1)
   end = t.steps if max_steps_this_run is None else min(t.steps, start + max_steps_this_run)
-  bar = tqdm(total=t.steps, initial=start, desc="finetune", unit="step", disable=not progress,
+  bar = tqdm(total=t.steps, initial=start, desc="finetune", unit="step", disable=not (progress and writer),
              dynamic_ncols=True)
   timed = [0, 0.0]
   try:
-    with open(log_path, "a") as log:
+    with open(log_path, "a") if writer else open(os.devnull, "w") as log:
       for k in range(start, end):
         idx = training.batch_indices(k, n_examples, t.batch_size * t.grad_accum, t.seed)
         idx = idx.reshape(t.grad_accum, t.batch_size)
-        batch = {name: jax.device_put(v[idx], in_batch) for name, v in data.items()}
+        batch = {name: sharding.put(v[idx], in_batch) for name, v in data.items()}
         tic = time.time()
         rs.state, m = step_fn(rs.state, rs.frozen, batch)
-        m = jax.device_get(m)
+        m = sharding.to_host(m)
         seconds, tokens = time.time() - tic, int(data["mask"][idx].sum())
         if k > start:  # the first step of a run includes compilation
           timed = [timed[0] + tokens, timed[1] + seconds]
@@ -349,19 +362,25 @@ def _export(c, workdir: str, rs: _RunState, m, summary: dict) -> None:
   """The trained model as a LoRA file, a converted model dir, optionally a HF dir and the
   alignment evaluation; paths and the evaluation go into `summary`."""
   lo, paths, cfg, tok = c.lora, summary["paths"], rs.cfg, m.tokenizer
+  writer = distributed.is_writer()
   if lo.rank > 0:
     final = lora.merge(rs.frozen, rs.state["trainable"], lo.alpha, lo.rank)
     paths["lora"] = os.path.join(workdir, "lora.safetensors")
-    lora.save(paths["lora"], rs.state["trainable"], cfg, lo.alpha)
+    adapter = sharding.to_host(rs.state["trainable"])
+    if writer:
+      lora.save(paths["lora"], adapter, cfg, lo.alpha)
   else:
     final = rs.state["trainable"]
-  final = jax.device_get(final)
-  if c.export.model:
+  if c.export.model:  # every process: each writes the shards it holds
     paths["model"] = os.path.join(workdir, "model")
     checkpoints.save_converted(paths["model"], cfg, final, tok, source=m.source)
+  if not (c.export.hf or c.eval.alignment):
+    return
+  final = sharding.to_host(final)
   if c.export.hf:
     paths["hf"] = os.path.join(workdir, "hf")
-    export_hf(paths["hf"], final, cfg, tok)
+    if writer:
+      export_hf(paths["hf"], final, cfg, tok)
   if c.eval.alignment:
     tic = time.time()
     ev = evaluate_alignment(final, cfg, tok, c.eval.max_new_tokens,
@@ -370,5 +389,6 @@ def _export(c, workdir: str, rs: _RunState, m, summary: dict) -> None:
                             n_prompts=c.eval.prompts, benign=c.eval.benign)
     ev["seconds"] = round(time.time() - tic, 2)
     paths["eval"] = os.path.join(workdir, "eval.json")
-    wd.write_atomic(paths["eval"], json.dumps(ev, indent=1))
+    if writer:
+      wd.write_atomic(paths["eval"], json.dumps(ev, indent=1))
     summary["eval"] = {k: v for k, v in ev.items() if not k.endswith("generations")}

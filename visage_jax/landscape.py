@@ -247,6 +247,37 @@ def finished_result(path: str, cfg_dict: dict) -> dict | None:
   return result
 
 
+def summary_text(result: dict, workdir: str) -> str:
+  """A few lines for a person: the ASR curve, VISAGE and where the files are."""
+  xs = result["coords_x"]
+  lines = [f"\nlandscape {result['vis_type']} in {workdir} "
+           f"({'complete' if result['complete'] else 'incomplete: re-run the command to resume'})"]
+  if result["coords_y"] is None:
+    curves = [("ASR %", result["asr"]), ("coherent", result.get("asr_coherent")),
+              ("ppl", (result.get("capability") or {}).get("perplexity")),
+              ("MC acc", (result.get("capability") or {}).get("mc_accuracy"))]
+    lines.append(f"  {'alpha':<11} {' '.join(f'{x:+.2f}'.rjust(6) for x in xs)}")
+    for label, grid in curves:
+      for r, curve in enumerate(grid or []):
+        lines.append(f"  {label + f' d{r}':<11} {' '.join(('-' if v is None else f'{v:.4g}').rjust(6) for v in curve)}")
+  else:
+    lines.append(f"  {len(xs)} x {len(result['coords_y'])} grid; ASR per point in landscape.json")
+  ci = result.get("ci95") or {}
+  for label, key in (("VISAGE (higher = safer)", "visage"), ("VISAGE on coherent ASR", "visage_coherent")):
+    vis, span = result.get(key), ci.get(key)
+    if isinstance(vis, dict):
+      vis, span = vis.get("mean", vis), (span or {}).get("mean")
+    if key == "visage" or key in result:
+      text = "not yet (run incomplete)" if vis is None else f"{round(vis, 2)}"
+      if vis is not None and span:
+        text += f", 95% interval [{span[0]:.2f}, {span[1]:.2f}] (bootstrap over prompts)"
+      lines.append(f"  {label}: {text}")
+  files = [n for n in ("landscape.png", "landscape.json", "generations.jsonl")
+           if os.path.exists(os.path.join(workdir, n))]
+  lines.append("  results: " + ", ".join(os.path.join(workdir, n) for n in files))
+  return "\n".join(lines) + "\n"
+
+
 def _progress(total: int, enabled: bool):
   from tqdm import tqdm
   return tqdm(total=total, unit="gen", desc="landscape", disable=not enabled, dynamic_ncols=True)
@@ -270,14 +301,14 @@ def default_config():
   # -extra_steps/steps .. 1+extra_steps/steps. norm: layer | filter | none; tensors whose HF
   # name contains a blacklist entry are not perturbed. target_path: the checkpoint at alpha=1
   # (interpolation), target2_path: the third one (2D_interpolation). directions_path: import
-  # a safetensors file instead of drawing directions. refine (1D only): K rounds of bisection of
-  # each direction's basin walls (where ASR crosses 50 %) after the grid, 2K more points per
+  # a safetensors file instead of drawing directions. save_directions: write directions.safetensors
+  # (off: a resumed run draws them again from the seed). refine (1D only): K rounds of bisection
+  # of each direction's basin walls (ASR crossing 50 %) after the grid, 2K more points per
   # direction, walls located to (grid step) / 2^K; VISAGE stays on the grid.
   c.landscape = dict(vis_type="1D_random", steps=20, multiplier=1.0, extra_steps=0, num_directions=1,
                      norm="layer", blacklist=("norm",), seed=0, orthogonalize=False,
-                     directions_path="", target_path="", target2_path="", refine=0)
-  # Greedy decoding; stop_at_refusal ends a row at its first refusal keyword (ASR unchanged).
-  c.decode = dict(max_new_tokens=512, stop_at_refusal=True)
+                     directions_path="", target_path="", target2_path="", save_directions=True, refine=0)
+  c.decode = dict(max_new_tokens=512, stop_at_refusal=True)  # greedy; stop at a refusal (ASR unchanged)
   # mode: auto (cost model of the device) | fused (one theta, many points per batch) |
   # materialized (theta + alpha d per point) | continuous (fused, ended rows refilled every
   # refill_every steps); max_batch: decode rows per chunk or slots (0 = from the memory model).

@@ -24,9 +24,11 @@ RUN_FILES = ("run_config.json", "directions.safetensors", "generations.jsonl", "
              "landscape.png", "report.md")
 REFINED_FILE = "refined.jsonl"   # only when landscape.refine > 0 (landscape._refine)
 # Settings that never change a grid point's generations: engine sizes, the refinement points
-# added after the grid (landscape.refine), how many processes compute it, judges and bootstrap
-# intervals (ci95) added to a finished run.
-_IGNORED_FOR_RESUME = (("engine", "max_batch"), ("engine", "refill_every"), ("landscape", "refine"))
+# added after the grid (landscape.refine), whether directions are saved (else drawn again from the
+# seed on resume), how many processes compute it, judges and bootstrap intervals (ci95) added to a
+# finished run.
+_IGNORED_FOR_RESUME = (("engine", "max_batch"), ("engine", "refill_every"), ("landscape", "refine"),
+                       ("landscape", "save_directions"))
 _IGNORED_SECTIONS = ("distributed", "judges", "ci95")
 
 
@@ -42,12 +44,16 @@ class Model:
   tokenizer: object
 
 
-def load_model(path: str, dtype: str, lora_path: str = "") -> Model:
-  """The checkpoint at `path` ("" = embedded SmolLM2) with the LoRA at `lora_path` merged in."""
+def load_model(path: str, dtype: str, lora_path: str = "", mesh=None) -> Model:
+  """The checkpoint at `path` ("" = embedded SmolLM2) with the LoRA at `lora_path` merged in;
+  with a mesh, each leaf placed in its sharding there as it is read (every process its shards)."""
   path = path or checkpoints.default_model_path()
-  cfg, params = checkpoints.load_params(path, dtype)
+  cfg, params = checkpoints.load_params(path, dtype, shardings=mesh)
   if lora_path:
-    params = lora.apply_file(params, cfg, lora_path)
+    adapter, alpha, rank = lora.load(lora_path, cfg)
+    if mesh is not None:
+      adapter = sharding.put(adapter, sharding.replicated(mesh))
+    params = lora.merge(params, adapter, alpha, rank)
   tok = checkpoints.load_tokenizer(path)
   return Model(path=path, source=f"{path} + {lora_path}" if lora_path else path, cfg=cfg,
                params=params, tokenizer=tok)
@@ -121,7 +127,8 @@ def claim(path: str, cfg_dict: dict, overwrite: bool, write: bool = True) -> Non
 def build_directions(c, params, cfg, mesh=None) -> list[list[dict]]:
   """The C components of the perturbation for each of R directions: [[d_c for c] for r].
 
-  With a mesh, random directions are drawn straight into the params' sharding on it."""
+  With a mesh, random directions are drawn straight into the params' sharding on it (every
+  process its own shards), interpolation targets are read into it."""
   ls = c.landscape
   key = jax.random.key(ls.seed)
   blacklist = tuple(ls.blacklist)
@@ -131,8 +138,8 @@ def build_directions(c, params, cfg, mesh=None) -> list[list[dict]]:
     return directions.random_direction(jax.random.fold_in(key, i), params, cfg, norm=ls.norm,
                                        blacklist=blacklist, shardings=shardings)
 
-  def interp(path):
-    _, other = checkpoints.load_params(path, cfg.param_dtype)
+  def interp(path):  # theta_B placed like theta_A: the difference is taken shard by shard
+    _, other = checkpoints.load_params(path, cfg.param_dtype, shardings=shardings)
     directions.check_matches(other, params, path)
     return directions.interpolation_direction(params, other)
 
@@ -155,29 +162,29 @@ def _regroup(flat: list[dict], n_comp: int) -> list[list[dict]]:
 
 def run_directions(c, path: str, cfg_dict: dict, overwrite: bool, params, cfg, n_comp: int,
                    writer: bool, mesh=None) -> list[list[dict]]:
-  """The workdir's directions when resuming; else drawn (or imported) and saved by the writer.
+  """The workdir's directions when resuming; else drawn (or imported) and saved.
 
-  The workdir is claimed (run_config.json written) only once the directions exist, so bad input
-  leaves no files behind. With several processes every process then reads the writer's file
-  back: all hold the same bits, and only the writer draws (or loads the interpolation targets).
+  Every process builds (or reads) them where they live, its own shards only; the workdir is
+  claimed (run_config.json written) only once they exist, so bad input leaves no files behind.
+  The writer saves them streaming (directions.save_safetensors), unless
+  landscape.save_directions is off: then a resumed run draws them again from the config's seed.
   """
   dir_file = os.path.join(path, "directions.safetensors")
   saved = workdir.read_json(os.path.join(path, "run_config.json"))
-  fresh = writer and not (os.path.exists(dir_file) and saved is not None
-                          and comparable(saved) == comparable(cfg_dict))
-  dirs = None
-  if fresh:
-    if c.landscape.directions_path:
-      n = c.landscape.num_directions * n_comp
-      dirs = _regroup(directions.load_safetensors(c.landscape.directions_path, cfg, n), n_comp)
-    else:
-      dirs = build_directions(c, params, cfg, mesh if jax.process_count() == 1 else None)
+  fresh = not (os.path.exists(dir_file) and saved is not None and comparable(saved) == comparable(cfg_dict))
+  distributed.barrier("landscape: directions looked up")  # before any process writes
+  where = None if mesh is None else sharding.param_shardings(params, mesh)  # read slices of these
+  if not fresh:
+    dirs = _regroup(directions.load_safetensors(dir_file, cfg, shardings=where), n_comp)
+  elif c.landscape.directions_path:
+    n = c.landscape.num_directions * n_comp
+    dirs = _regroup(directions.load_safetensors(c.landscape.directions_path, cfg, n, shardings=where), n_comp)
+  else:
+    dirs = build_directions(c, params, cfg, mesh)
   claim(path, cfg_dict, overwrite, write=writer)
-  if fresh:
-    directions.save_safetensors(dir_file, [d for comps in dirs for d in comps], cfg)
+  if fresh and c.landscape.get("save_directions", True):
+    directions.save_safetensors(dir_file, [d for comps in dirs for d in comps], cfg, write=writer)
   distributed.barrier("landscape: directions saved")
-  if dirs is None or jax.process_count() > 1:
-    dirs = _regroup(directions.load_safetensors(dir_file, cfg), n_comp)
   return dirs
 
 
@@ -235,7 +242,7 @@ def prepare(c, path: str, *, overwrite: bool = False) -> Setup:
   claim(path, cfg_dict, overwrite, write=False)  # refuse early; write once inputs load
 
   t0 = time.time()
-  m = load_model(c.model.path, c.model.dtype, c.model.lora_path)
+  m = load_model(c.model.path, c.model.dtype, c.model.lora_path, mesh=mesh)
   if c.landscape.directions_path and not os.path.exists(c.landscape.directions_path):
     raise errors.MissingFileError(f"landscape.directions_path {c.landscape.directions_path!r}: "
                                   "no such file (expected a safetensors file from export-directions).")

@@ -273,6 +273,7 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> l
           _fmt(row["asr_at_0"]), _fmt(row["visage"]), time.time() - t0)
     if writer:
       _write_summary(workdir, rows, fields, results)
+  distributed.barrier("sweep: summary written")  # every process returns once the files exist
   return rows
 
 

@@ -1,0 +1,67 @@
+"""One of two processes (4 virtual CPU devices each, one 4 x 2 mesh of 8) running a sweep of two
+tiny landscapes and a LoRA fine-tune (whole, and stopped after 2 steps for a one-process resume).
+
+  python tests/jobs_main.py MODEL_DIR PROMPTS DATA WORKDIR REPORT PROCESS_ID PORT
+
+REPORT gets the sweep rows, the fine-tune summaries and every path under WORKDIR this process
+opened for writing, replaced or removed (distributed_main.record_writes).
+"""
+
+import json
+import os
+import sys
+
+
+def sweep_config(model_dir, prompts_path, mesh):
+  """Two runs (seeds 0 and 1) of distributed_main's tiny landscape with one direction."""
+  import distributed_main
+  from visage_jax import sweep
+
+  c = sweep.default_config()
+  c.base = distributed_main.tiny_config(model_dir, prompts_path, mesh=mesh)
+  c.base.landscape.num_directions = 1
+  c.sweep.grid = (("landscape.seed", (0, 1)),)
+  return c
+
+
+def finetune_config(model_dir, data_path, mesh):
+  """3 steps of a rank-4 LoRA, 4 rows x 2 micro-batches per step; exports lora, model/ and hf/."""
+  from visage_jax import finetune
+
+  c = finetune.default_config()
+  c.model.path, c.data.path = model_dir, data_path
+  c.train.update(steps=3, batch_size=4, grad_accum=2, lr=3e-3, warmup_steps=1, checkpoint_every=2,
+                 max_length=64)
+  c.lora.update(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))
+  c.export.hf = True
+  c.mesh.shape = mesh
+  return c
+
+
+def main(model_dir, prompts_path, data_path, workdir, report, process_id, port):
+  import jax
+  import distributed_main
+  from visage_jax import distributed, finetune, sweep
+
+  c = sweep_config(model_dir, prompts_path, (-1, 2))
+  c.distributed.update(coordinator_address=f"localhost:{port}", num_processes=2,
+                       process_id=int(process_id), initialization_timeout=120)
+  distributed.initialize(c.distributed)
+  writes = []
+  distributed_main.record_writes(workdir, writes)
+  rows = sweep.run(c, os.path.join(workdir, "sweep"), progress=False)
+  fc = finetune_config(model_dir, data_path, (-1, 2))
+  whole = finetune.run(fc, os.path.join(workdir, "ft"), progress=False)
+  part = finetune.run(fc, os.path.join(workdir, "ft_resume"), progress=False, max_steps_this_run=2)
+  out = dict(process_index=jax.process_index(), process_count=jax.process_count(),
+             device_count=jax.device_count(), rows=rows, whole=whole, part=part, writes=writes)
+  with open(report, "w") as f:
+    json.dump(out, f)
+
+
+if __name__ == "__main__":
+  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))                   # distributed_main
+  main(*sys.argv[1:8])
