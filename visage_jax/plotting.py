@@ -106,12 +106,12 @@ def _plot_1d(fig: Figure, p: dict) -> None:
     more = _capability_axis(ax, x, p["capability"])
     handles, labels = handles + [h for h, _ in more], labels + [lab for _, lab in more]
   ax.legend(handles, labels, loc="upper left",
-            bbox_to_anchor=(1.01 + 0.08 * len(p["capability"]) + 0.04 * (len(p["capability"]) > 1), 1.0),
+            bbox_to_anchor=(1.01 + 0.11 * len(p["capability"]) + 0.04 * (len(p["capability"]) > 1), 1.0),
             fontsize=8, frameon=False)
   title = _header(p) + "\n" + _visage_text(p["visage"], p["visage_ci"])
   if p["coherent"] is not None:
     coherent = _visage_text(p.get("visage_coherent"), p["visage_coherent_ci"])
-    title += "  ·  on coherent ASR: " + coherent.replace("VISAGE ", "")
+    title += "\non coherent ASR: " + coherent.replace("VISAGE ", "")   # a line each: titles stay inside
   ax.set_title(title, fontsize=10)
 
 
