@@ -272,7 +272,7 @@ def summary_text(result: dict, workdir: str) -> str:
       if vis is not None and span:
         text += f", 95% interval [{span[0]:.2f}, {span[1]:.2f}] (bootstrap over prompts)"
       lines.append(f"  {label}: {text}")
-  files = [n for n in ("landscape.png", "landscape.json", "generations.jsonl")
+  files = [n for n in ("report.md", "landscape.png", "landscape.json", "generations.jsonl")
            if os.path.exists(os.path.join(workdir, n))]
   lines.append("  results: " + ", ".join(os.path.join(workdir, n) for n in files))
   return "\n".join(lines) + "\n"
