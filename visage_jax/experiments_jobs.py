@@ -45,8 +45,8 @@ def run_landscape(c, workdir: str, name: str, lc) -> dict:
   """A landscape job: the finished landscape.json, or the run (resumed where it stopped)."""
   d = job_dir(workdir, name)
   done = landscape.finished_result(d, lc.to_dict())
-  if done is not None:
-    return done
+  if done is not None and all(f in done for f in landscape.SUMMARY_FIELDS):
+    return done   # else: not run yet, unfinished, or summarized by an older version
   print(f"[experiments] landscape {name}", flush=True)
   return timed(workdir, name, lambda: landscape.run(lc, d, progress=c.progress))
 

@@ -27,7 +27,8 @@ from visage_jax import (basin, distributed, errors, guard_run, measures, pipelin
                         uncertainty, workdir)
 
 
-# landscape.json fields every complete run has (a finished run without one is summarized again)
+# landscape.json fields a complete run of this version has (an older run lacks some; resuming it
+# recomputes its summary from the run files)
 SUMMARY_FIELDS = ("ci95", "basin")
 
 
@@ -240,8 +241,6 @@ def finished_result(path: str, cfg_dict: dict) -> dict | None:
     return None
   if pipeline.comparable(saved) != pipeline.comparable(cfg_dict) or not result.get("complete"):
     return None
-  if any(field not in result for field in SUMMARY_FIELDS):
-    return None   # written by an older version: resuming recomputes the summary from the run files
   if result.get("config", {}).get("landscape", {}).get("refine", 0) != cfg_dict["landscape"].get("refine", 0):
     return None   # refined with another number of rounds: resuming adds or drops rounds
   return result
