@@ -94,7 +94,7 @@ class LeafReader:
   """How one params leaf is read from its HF tensors: whole (`read()`), or, where the format
   reads blocks (`get_block`), only the block at an index, so a process reads and holds only the
   layers, rows and columns its devices hold."""
-  get_tensor: Callable      # HF name -> the whole tensor
+  get_tensor: Callable        # HF name -> the whole tensor
   get_block: Callable | None  # (HF name, index in HF layout) -> that block; None: whole tensors only
   hf_names: tuple[str, ...]   # one per layer when stacked
   transposed: bool
