@@ -17,6 +17,7 @@ from safetensors.numpy import load_file
 import distributed_main
 import fixtures
 import jobs_main
+import memory_main
 from visage_jax import checkpoints, distributed, finetune, landscape, pipeline, sweep
 
 TIMEOUT = 300  # seconds for both processes: a hung collective fails the test instead of CI
@@ -165,6 +166,43 @@ class TwoProcessJobsTest(absltest.TestCase):
     self.assertContainsSubset({"sweep/sweep.csv", "sweep/sweep.md", "sweep/sweep.png", "sweep/seed=1/landscape.json",
                                "ft/run_config.json", "ft/train_log.jsonl", "ft/summary.json", "ft/loss.png",
                                "ft/lora.safetensors", "ft_resume/summary.json"}, files)
+
+
+class TwoProcessMemoryTest(absltest.TestCase):
+
+  def test_no_process_holds_the_model_or_a_whole_leaf(self):
+    """Issue #16 at small scale: a 2D_interpolation-random landscape on a (1, 8) mesh over two
+    processes (the model axis spans both; tests/memory_main.py). In each process the traced host
+    memory (numpy buffers) of loading, drawing, differencing, saving and decoding, and of the
+    whole run, stays under half the params tree; loading reads no whole leaf and stays under
+    3/4 of the largest (the process's half of it plus one layer's tensor). Gathering the tree,
+    or reading whole leaves as loading did before, exceeds these bounds. Generations and
+    directions.safetensors equal the one-process run's."""
+    root = self.create_tempdir().full_path
+    model_dir, target_dir, prompts = (os.path.join(root, "model"), os.path.join(root, "target"),
+                                      fixtures.advbench_path())
+    tok = fixtures.toy_tokenizer("bpe")
+    size = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=8,
+                num_key_value_heads=8)   # 68 MB of float32; gate, up and down 16.8 MB each
+    fixtures.save_tiny_hf(model_dir, "llama", tokenizer=tok, seed=1, **size)
+    fixtures.save_tiny_hf(target_dir, "llama", tokenizer=tok, seed=2, **size)
+    two, one = os.path.join(root, "two"), os.path.join(root, "one")
+    reference = lambda: landscape.run(memory_main.memory_config(model_dir, target_dir, prompts, mesh=(1, 1)),
+                                      one, progress=False)
+    reports = _run_two("memory_main.py", [model_dir, target_dir, prompts, two], root, reference, TIMEOUT)
+    for r in reports:
+      print("memory:", json.dumps(r))
+      stages, half_tree, leaf_bound = r["stages"], r["tree_bytes"] // 2, 3 * r["leaf_bytes"] // 4
+      self.assertEqual((stages["complete"], r["spans"], stages["whole_reads"]), (True, True, 0))
+      for stage in ("load", "random", "interpolation", "save", "decode", "run"):
+        self.assertLess(stages[stage], half_tree, stage)
+      self.assertLess(stages["load"], leaf_bound)
+      self.assertGreater(r["whole_tree"], half_tree, "the bound could not fail")
+      self.assertGreater(r["whole_leaves"], leaf_bound, "the load bound could not fail")
+    self.assertEqual(_generations(two), _generations(one), "tokens differ from the one-process run")
+    with open(os.path.join(two, "directions.safetensors"), "rb") as f, \
+         open(os.path.join(one, "directions.safetensors"), "rb") as g:
+      self.assertEqual(f.read(), g.read(), "directions differ from the one-process run's")
 
 
 class InitializeTest(parameterized.TestCase):

@@ -107,6 +107,42 @@ class PlannerTest(parameterized.TestCase):
                               mesh=jax.sharding.AbstractMesh((1, 1), ("data", "model")), device=object())
     self.assertEqual(cpu, min(64, planner.CPU_BUDGET // want["slot_bytes"]))
 
+  def test_auto_mode_keeps_room_for_the_materialized_buffer(self):
+    """engine.choose_mode on an H100 holding theta and one direction, 80 prompts and a fused batch
+    of 64 (past the crossover: the cost model picks materialized): on 80 GB, materialized with the
+    rows that fit beside its theta + alpha*d buffer; with room for fused rows but not for the
+    buffer, continuous and the batch kept; on CPU (no memory stats) the fused batch kept."""
+    cfg, want = planner.known_model("llama2_7b"), llama2_7b_by_hand(1)
+    params, slot = want["params_bytes"], want["slot_bytes"]
+
+    def h100(limit):
+      return types.SimpleNamespace(platform="gpu", device_kind=H100.device_kind,
+                                   memory_stats=lambda: dict(bytes_limit=limit, bytes_in_use=2 * params))
+
+    spec = decode.DecodeSpec(max_new_tokens=NEW, eos_ids=(2,), pad_id=0)
+    mesh = jax.sharding.AbstractMesh((1, 1), ("data", "model"))
+    choose = lambda device: engine.choose_mode(cfg, n_prompts=80, n_directions=1, batch=64, prompt_len=P,
+                                               spec=spec, mesh=mesh, device=device)
+    mode, why, batch = choose(h100(80 * 10**9))
+    beside = int(0.7 * (80 * 10**9 - 3 * params)) // slot
+    self.assertEqual((mode, batch), ("materialized", beside))
+    self.assertLess(beside, 64, "the buffer must cost rows for this case to bite")
+    self.assertStartsWith(why, "compute-bound")
+    tight = h100(3 * params + slot // 2)   # free: the buffer and half a slot
+    self.assertGreater(engine.choose_batch(cfg, 64, P, spec, n_directions=1, mode="fused", mesh=mesh,
+                                           device=tight), 1, "fused rows fit")
+    mode, why, batch = choose(tight)
+    self.assertEqual((mode, batch), ("continuous", 64))
+    self.assertEqual(why, planner.choose_mode(cfg, n_prompts=80, n_directions=1, batch=64, device=H100)[1]
+                     + "; but materialized's theta + alpha*d buffer does not fit")
+    f32 = planner.known_model("llama2_7b", "float32")
+    for n_directions in (1, 2):   # the CPU budget: fused rows hold R caches, so its batch fits materialized
+      fused = engine.choose_batch(f32, 10_000, P, spec, n_directions=n_directions, mode="fused", mesh=mesh,
+                                  device=CPU)
+      cpu = engine.choose_mode(f32, n_prompts=32, n_directions=n_directions, batch=fused, prompt_len=P,
+                               spec=spec, mesh=mesh, device=CPU)
+      self.assertEqual(cpu[2], fused)
+
   def test_local_checkpoint_shape_without_weights(self):
     d = self.create_tempdir().full_path
     fixtures.save_tiny_hf(d, "mistral", sliding_window=4)
@@ -149,6 +185,19 @@ class CostModelTest(parameterized.TestCase):
     self.assertEqual(choose(crossover - 1), "continuous")
     self.assertEqual(choose(crossover), "materialized")
     self.assertEqual(choose(crossover + 1), "materialized")
+
+  def test_materialized_that_does_not_fit_is_continuous(self):
+    """The cost model's materialized pick becomes continuous when its buffer does not fit; a
+    continuous pick stays as it is."""
+    cfg = planner.known_model("llama2_7b", "float32")
+    kw = dict(n_prompts=32, n_directions=1, batch=64, device=CPU)
+    _, why = planner.choose_mode(cfg, **kw)
+    self.assertEqual(planner.choose_mode(cfg, **kw, materialized_fits=False),
+                     ("continuous", why + "; but materialized's theta + alpha*d buffer does not fit"))
+    bf16 = planner.known_model("llama2_7b", "bfloat16")
+    kw = dict(n_prompts=80, n_directions=1, batch=256, device=H100)
+    self.assertEqual(planner.choose_mode(bf16, **kw, materialized_fits=False), planner.choose_mode(bf16, **kw))
+    self.assertEqual(planner.choose_mode(bf16, **kw)[0], "continuous")
 
   def test_unknown_accelerator_is_named_not_guessed(self):
     cfg = planner.known_model("llama2_7b", "bfloat16")

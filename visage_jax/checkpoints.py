@@ -4,8 +4,10 @@ One entry point (`load_params`, `load_config`, `load_tokenizer`) for every kind;
 HF name map is `tensors.py`, GGUF reading `gguf_file.py`. No torch, no unpickling.
 
 Loading streams: tensors are read one at a time into one params leaf, which goes to its
-device sharding (or, in `convert`, to disk) before the next leaf is read. Converted
-directories hold one orbax checkpoint per leaf, written and restored shard by shard.
+device sharding (or, in `convert`, to disk) before the next leaf is read; onto a mesh, a HF
+directory is read by the blocks each process's devices hold (`safetensors_file.py`), GGUF
+whole leaf by whole leaf. Converted directories hold one orbax checkpoint per leaf, written and
+restored shard by shard.
 """
 
 import contextlib
@@ -21,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visage_jax import distributed, gguf_file, hub, model, tensors
+from visage_jax import distributed, gguf_file, hub, model, safetensors_file, tensors
 from visage_jax.errors import CheckpointError
 
 CONVERTED_MARKER = "visage_jax.json"
@@ -44,7 +46,8 @@ def _read_json(path: str) -> dict:
 @contextlib.contextmanager
 def _hf_dir_leaves(path: str, dtype: str):
   """(cfg, leaves) of a `save_pretrained` directory: config.json + model.safetensors or a sharded
-  index; tensors are read one at a time with pread (no file mapping grows the process)."""
+  index; tensors are read one at a time with pread (no file mapping grows the process), or by the
+  blocks a process's devices hold (`safetensors_file`) when the leaves are placed on a mesh."""
   from safetensors import safe_open
 
   cfg = model.config_from_hf(_read_json(os.path.join(path, "config.json")), dtype=dtype,
@@ -60,7 +63,7 @@ def _hf_dir_leaves(path: str, dtype: str):
     if not files:
       raise CheckpointError(f"{path}: no *.safetensors files and no model.safetensors.index.json "
                             "(pickled .bin checkpoints are not loaded, by design).")
-  handles, owner = {}, {}
+  handles, fds, entries, owner = {}, {}, {}, {}
   try:
     for fname in files:
       fpath = os.path.join(path, fname)
@@ -70,13 +73,19 @@ def _hf_dir_leaves(path: str, dtype: str):
         handles[fname] = safe_open(fpath, framework="numpy", backend="pread")
       except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"{fpath}: not a readable safetensors file ({e}).") from None
-      for name in handles[fname].keys():
-        owner[name] = fname
+      fds[fname] = os.open(fpath, os.O_RDONLY)
+      for name, entry in safetensors_file.read_header(fpath).items():
+        owner[name], entries[name] = fname, entry
     if cfg.tie_word_embeddings:
       owner.pop("lm_head.weight", None)
-    yield cfg, tensors.leaf_readers(lambda name: handles[owner[name]].get_tensor(name), set(owner), cfg, path)
+    block = lambda name, index: safetensors_file.read_block(
+        fds[owner[name]], entries[name], index, f"{os.path.join(path, owner[name])}: tensor {name!r}")
+    yield cfg, tensors.leaf_readers(lambda name: handles[owner[name]].get_tensor(name),
+                                    {n: entries[n][1] for n in owner}, cfg, path, get_block=block)
   finally:
     handles.clear()
+    for fd in fds.values():
+      os.close(fd)
 
 
 def load_hf_dir(path: str, dtype: str = "float32", shardings=None) -> tuple[model.ModelConfig, dict]:

@@ -265,40 +265,17 @@ def save_safetensors(path: str, directions: list[dict], cfg: model.ModelConfig, 
       f.write(t.tobytes())
 
 
-def _sliced_leaf(f, keys, key, hf_names, transposed, shape, hf_shape, target, source):
-  """One direction leaf in `target`, each process reading from `f` only the slices of its shards."""
-  for name in hf_names:
-    if key(name) not in keys:
-      raise errors.UserError(f"{source}: missing tensor {name!r} (expected shape {hf_shape}).")
-    got = tuple(f.get_slice(key(name)).get_shape())
-    if got != hf_shape:
-      raise errors.UserError(f"{source}: tensor {name!r} has shape {got}, expected {hf_shape}.")
-  stacked = len(shape) > len(hf_shape)
-
-  def shard(index):
-    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
-    own = index[1:] if stacked else index
-    rows = [f.get_slice(key(hf_names[l]))[own[::-1] if transposed else own]
-            for l in (range(len(hf_names))[index[0]] if stacked else [0])]
-    rows = [np.asarray(r, np.float32).T if transposed else np.asarray(r, np.float32) for r in rows]
-    return np.stack(rows) if stacked else rows[0]
-  return jax.make_array_from_callback(shape, target, shard)
-
-
 def _read_direction(f, i: int, cfg: model.ModelConfig, shardings, source: str) -> dict:
-  """Direction `i` of an open file: read whole (one tensor at a time), or sliced into `shardings`."""
+  """Direction `i` of an open file: read whole (one tensor at a time), or into `shardings`, each
+  process reading from `f` only the blocks of its shards."""
   key = lambda name: f"{i}/{name}"
+  names = {k.split("/", 1)[1] for k in f.keys() if k.startswith(f"{i}/")}
   if shardings is None:
-    names = {k.split("/", 1)[1] for k in f.keys() if k.startswith(f"{i}/")}
     return tensors.from_hf_tensors(lambda n: f.get_tensor(key(n)), names, cfg, source=source)
-  shapes, keys, out = model.param_shapes(cfg), set(f.keys()), {}
-  for path, hf_names in tensors.hf_tensor_names(cfg).items():
-    shape, transposed = tuple(tensors.get_leaf(shapes, path)), tensors.HF_NAMES[path][1]
-    own = shape[1:] if tensors.is_stacked(path) else shape
-    tensors.set_leaf(out, path, _sliced_leaf(f, keys, key, hf_names, transposed, shape,
-                                             own[::-1] if transposed else own,
-                                             tensors.get_leaf(shardings, path), source))
-  return out
+  shapes = {n: tuple(f.get_slice(key(n)).get_shape()) for n in names}
+  leaves = tensors.leaf_readers(lambda n: f.get_tensor(key(n)), shapes, cfg, source,
+                                get_block=lambda n, index: f.get_slice(key(n))[index])
+  return tensors.assemble(leaves, shardings)
 
 
 def load_safetensors(path: str, cfg: model.ModelConfig, count: int | None = None,

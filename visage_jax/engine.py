@@ -11,7 +11,8 @@ Three modes, same results up to float rounding:
                 refusal) is refilled with the next (point, prompt) every `refill_every`
                 steps, so short refusals do not leave slots idle until the longest row ends.
 `evaluate` takes the rows as one `Workload` and hands them to the mode's generator; which mode
-and how many rows fit are the planner's predictions (planner.choose_mode, choose_batch here).
+and how many rows fit are the planner's predictions (planner.choose_mode; choose_batch and
+choose_mode here read the live device's free memory).
 """
 
 import dataclasses
@@ -79,6 +80,21 @@ class Chunk:
   nonfinite: np.ndarray  # [R, B]
 
 
+def _device_slots(cfg: model.ModelConfig, prompt_len: int, spec: decode.DecodeSpec, *, n_directions: int,
+                  mode: str, shards: int, device) -> int | None:
+  """Slots per device in `device`'s free memory (materialized: beside its theta + alpha*d buffer,
+  one params-sized tree); None where the device reports no memory (CPU)."""
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if not (stats and "bytes_limit" in stats):
+    return None
+  per_slot = planner.slot_bytes(cfg, prompt_len, spec.max_new_tokens, n_directions=n_directions,
+                                mode=mode, model_shards=shards)
+  free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+  if mode == "materialized":
+    free -= planner.params_per_device(cfg, shards) * jnp.dtype(cfg.param_dtype).itemsize
+  return max(0, min(planner.MAX_SLOTS, int(planner.HEADROOM * free) // per_slot))
+
+
 def choose_batch(cfg: model.ModelConfig, n_rows: int, prompt_len: int, spec: decode.DecodeSpec, *,
                  n_directions: int, mode: str, mesh, device=None) -> int:
   """Rows per chunk from planner's memory model: slots per device on the free memory, times data.
@@ -88,18 +104,33 @@ def choose_batch(cfg: model.ModelConfig, n_rows: int, prompt_len: int, spec: dec
   """
   device = device or jax.local_devices()[0]
   data, shards = mesh.shape["data"], mesh.shape["model"]
-  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-  if stats and "bytes_limit" in stats:
-    per_slot = planner.slot_bytes(cfg, prompt_len, spec.max_new_tokens, n_directions=n_directions,
-                                  mode=mode, model_shards=shards)
-    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    cap = min(planner.MAX_SLOTS, int(planner.HEADROOM * free) // per_slot) * data
+  slots = _device_slots(cfg, prompt_len, spec, n_directions=n_directions, mode=mode, shards=shards,
+                        device=device)
+  if slots is not None:
+    cap = slots * data
   else:
     per_slot = planner.slot_bytes(cfg, prompt_len, spec.max_new_tokens, n_directions=n_directions,
                                   mode=mode)
     cap = min(64, planner.CPU_BUDGET // per_slot)
   rows = int(max(1, min(cap, n_rows)))
   return max(data, rows // data * data)
+
+
+def choose_mode(cfg: model.ModelConfig, *, n_prompts: int, n_directions: int, batch: int, prompt_len: int,
+                spec: decode.DecodeSpec, mesh, device=None) -> tuple[str, str, int]:
+  """engine.mode=auto on the live device -> (mode, reason, batch): planner.choose_mode's pick on the
+  fused `batch`, continuous when materialized's theta + alpha*d buffer leaves no slot in the
+  device's free memory, and a materialized batch no larger than fits beside that buffer (as the
+  pod plans of pods.plan_on_mesh decide)."""
+  device = device or jax.local_devices()[0]
+  slots = _device_slots(cfg, prompt_len, spec, n_directions=n_directions, mode="materialized",
+                        shards=mesh.shape["model"], device=device)
+  mode, why = planner.choose_mode(cfg, n_prompts=n_prompts, n_directions=n_directions, batch=batch,
+                                  device=device, materialized_fits=slots is None or slots > 0)
+  if mode == "materialized":
+    batch = choose_batch(cfg, batch, prompt_len, spec, n_directions=n_directions, mode=mode, mesh=mesh,
+                         device=device)
+  return mode, why, batch
 
 
 def _f32(coefs: np.ndarray) -> np.ndarray:

@@ -226,7 +226,9 @@ def _plan(c, m: Model, p: Prompts, n_points: int, n_dirs: int, mesh) -> tuple:
       m.cfg, n_points * len(p.goals), p.tokens.shape[1], spec, n_directions=n_dirs, mode="fused", mesh=mesh)
   mode, why = c.engine.mode, "set in the config"
   if mode == "auto":
-    mode, why = planner.choose_mode(m.cfg, n_prompts=len(p.goals), n_directions=n_dirs, batch=batch)
+    mode, why, fitted = engine.choose_mode(m.cfg, n_prompts=len(p.goals), n_directions=n_dirs, batch=batch,
+                                           prompt_len=p.tokens.shape[1], spec=spec, mesh=mesh)
+    batch = c.engine.max_batch or fitted
   return spec, batch, mode, why
 
 

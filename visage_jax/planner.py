@@ -227,7 +227,7 @@ def device_peaks(device=None) -> tuple[float, float] | None:
 
 
 def choose_mode(cfg: model.ModelConfig, *, n_prompts: int, n_directions: int, batch: int,
-                device=None) -> tuple[str, str]:
+                device=None, materialized_fits: bool = True) -> tuple[str, str]:
   """Roofline cost model of one decode step: materialized points vs rows fused across points.
 
   Per generated token a row costs 2*N FLOPs (4*N fused: x.W and x.D); a step reads the
@@ -236,6 +236,8 @@ def choose_mode(cfg: model.ModelConfig, *, n_prompts: int, n_directions: int, ba
   as continuous batching (refilled slots), which only ever removes idle work. A device
   without peak figures gets UNKNOWN_DEVICE_MODE, continuous: decode is memory-bound on
   every accelerator listed, where the model picks it (named in the reason, not guessed).
+  Materialized needs one more params-sized buffer: where it does not fit (`materialized_fits`
+  False) the pick is continuous, the reason says why.
   """
   peaks = device_peaks(device)
   if peaks is None:
@@ -250,8 +252,11 @@ def choose_mode(cfg: model.ModelConfig, *, n_prompts: int, n_directions: int, ba
   b_fus = max(1, batch)
   t_fus = max(wbytes * (1 + n_directions) / bandwidth, 4 * n * b_fus * n_directions / flops) / (b_fus * n_directions)
   if t_mat <= t_fus:
-    return "materialized", (f"compute-bound: {t_mat * 1e3:.3f} ms/token materialized (batch {b_mat}) "
-                            f"<= {t_fus * 1e3:.3f} ms/token fused (batch {b_fus})")
+    why = (f"compute-bound: {t_mat * 1e3:.3f} ms/token materialized (batch {b_mat}) "
+           f"<= {t_fus * 1e3:.3f} ms/token fused (batch {b_fus})")
+    if materialized_fits:
+      return "materialized", why
+    return "continuous", f"{why}; but materialized's theta + alpha*d buffer does not fit"
   return "continuous", (f"memory-bound: {t_fus * 1e3:.3f} ms/token fused (batch {b_fus}) < "
                         f"{t_mat * 1e3:.3f} ms/token materialized (batch {b_mat})")
 

@@ -80,14 +80,11 @@ def plan_on_mesh(cfg: model.ModelConfig, pod: Pod, mesh_shape, *, n_points: int,
              hosts=pod.hosts, memory_bytes=mem)
   if not row["fits"]:
     return row
+  mat = planner.plan(cfg, mem, mesh_shape, **dict(kw, mode="materialized"))
   mode, why = planner.choose_mode(cfg, n_prompts=n_prompts, n_directions=kw.get("n_directions", 1),
-                                  batch=row["global_batch"], device=device(pod))
+                                  batch=row["global_batch"], device=device(pod), materialized_fits=mat["fits"])
   if mode == "materialized":
-    mat = planner.plan(cfg, mem, mesh_shape, **dict(kw, mode="materialized"))
-    if mat["fits"]:
-      row.update(mat)
-    else:
-      mode, why = "continuous", f"{why}; but materialized's theta + alpha*d buffer does not fit"
+    row.update(mat)
   new = {k: kw[k] for k in ("prompt_len", "max_new_tokens", "n_directions") if k in kw}
   row.update(predict_seconds(cfg, mesh_shape, row["global_batch"], mode=mode, n_points=n_points,
                              n_prompts=n_prompts, device=device(pod), **new), mode_reason=why)

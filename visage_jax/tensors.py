@@ -1,11 +1,14 @@
 """Params leaves <-> Hugging Face tensors: the reversible name map, and leaves built one at a
-time from a HF-named tensor getter (checked by name and shape) and placed in their shardings.
+time from a HF-named tensor getter (checked by name and shape) and placed in their shardings;
+where the format reads blocks, each process builds only the blocks of its own shards.
 
 Directions are normalized per original HF tensor and exported in HF naming through this map;
 every checkpoint format (HF safetensors, GGUF, directions files) is read through `leaf_readers`.
 """
 
+import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -86,28 +89,59 @@ def to_hf_tensors(params: dict, cfg: model.ModelConfig) -> dict[str, np.ndarray]
   return out
 
 
-def _read_leaf(get_tensor, hf_names, transposed, shape, hf_shape, dtype, source) -> np.ndarray:
-  """One params leaf from its HF tensors, read one at a time into the stacked buffer."""
-  leaf = np.empty(shape, dtype)
-  rows = leaf[None] if len(shape) == len(hf_shape) else leaf
-  for i, name in enumerate(hf_names):
-    t = get_tensor(name)
-    if tuple(t.shape) != hf_shape:
-      raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, expected "
-                            f"{hf_shape} from the model config.")
-    t = np.asarray(t.astype(np.float32) if t.dtype != dtype else t)
-    rows[i] = t.T if transposed else t
-    del t
-  return leaf
+@dataclasses.dataclass(frozen=True)
+class LeafReader:
+  """How one params leaf is read from its HF tensors: whole (`read()`), or, where the format
+  reads blocks (`get_block`), only the block at an index, so a process reads and holds only the
+  layers, rows and columns its devices hold."""
+  get_tensor: Callable        # HF name -> the whole tensor
+  get_block: Callable | None  # (HF name, index in HF layout) -> that block; None: whole tensors only
+  hf_names: tuple[str, ...]   # one per layer when stacked
+  transposed: bool
+  shape: tuple[int, ...]      # the leaf's
+  hf_shape: tuple[int, ...]   # each HF tensor's
+  dtype: np.dtype
+  source: str
+
+  def __call__(self) -> np.ndarray:
+    """The whole leaf, its HF tensors read one at a time into the stacked buffer."""
+    leaf = np.empty(self.shape, self.dtype)
+    rows = leaf[None] if len(self.shape) == len(self.hf_shape) else leaf
+    for i, name in enumerate(self.hf_names):
+      t = self.get_tensor(name)
+      if tuple(t.shape) != self.hf_shape:
+        raise CheckpointError(f"{self.source}: tensor {name!r} has shape {tuple(t.shape)}, expected "
+                              f"{self.hf_shape} from the model config.")
+      rows[i] = self._cast(t)
+      del t
+    return leaf
+
+  def block(self, index: tuple) -> np.ndarray:
+    """leaf[index], each layer's HF tensor read at the transposed index (bits as in `read()`)."""
+    index = tuple(index) + (slice(None),) * (len(self.shape) - len(index))
+    out = np.empty(tuple(len(range(n)[s]) for n, s in zip(self.shape, index)), self.dtype)
+    stacked = len(self.shape) > len(self.hf_shape)
+    own = index[1:] if stacked else index
+    layers = range(len(self.hf_names))[index[0]] if stacked else [0]
+    rows = out if stacked else out[None]
+    for j, layer in enumerate(layers):
+      rows[j] = self._cast(self.get_block(self.hf_names[layer], own[::-1] if self.transposed else own))
+    return out
+
+  def _cast(self, t) -> np.ndarray:
+    t = np.asarray(t.astype(np.float32) if t.dtype != self.dtype else t)
+    return t.T if self.transposed else t
 
 
-def leaf_readers(get_tensor, names: set[str], cfg: model.ModelConfig, source: str) -> list:
-  """[(leaf path, read)] for every params leaf; read() builds the leaf from its HF tensors, one
-  tensor at a time, and its caller holds the only reference, so a leaf is freed as soon as it
+def leaf_readers(get_tensor, names, cfg: model.ModelConfig, source: str, get_block=None) -> list:
+  """[(leaf path, LeafReader)] for every params leaf; read() builds the leaf from its HF tensors,
+  one tensor at a time, and its caller holds the only reference, so a leaf is freed as soon as it
   has been handed on: host memory holds about one stacked leaf plus one tensor, never the model.
-  Every name is checked before anything is read, every shape as it is read."""
+  Every name is checked before anything is read (and every shape, when `names` maps them to
+  their shapes, as `get_block` needs), else every shape as it is read."""
   shapes = model.param_shapes(cfg)
   dtype = np.dtype(jnp.dtype(cfg.param_dtype))
+  assert get_block is None or isinstance(names, dict), "block reads need the tensors' shapes"
   plan = []
   for path, hf_names in hf_tensor_names(cfg).items():
     transposed = HF_NAMES[path][1]
@@ -117,8 +151,11 @@ def leaf_readers(get_tensor, names: set[str], cfg: model.ModelConfig, source: st
     for name in hf_names:
       if name not in names:
         raise CheckpointError(f"{source}: missing tensor {name!r} (expected shape {hf_shape}).")
-    plan.append((path, functools.partial(_read_leaf, get_tensor, hf_names, transposed, want,
-                                         hf_shape, dtype, source)))
+      if isinstance(names, dict) and tuple(names[name]) != hf_shape:
+        raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(names[name])}, expected "
+                              f"{hf_shape} from the model config.")
+    plan.append((path, LeafReader(get_tensor, get_block, tuple(hf_names), transposed, want, hf_shape,
+                                  dtype, source)))
   return plan
 
 
@@ -137,12 +174,23 @@ def resolve_shardings(shardings, cfg: model.ModelConfig):
 
 
 def put(read, target):
-  """read() on device: the default one, or each device of `target` receiving only its shard; the
-  host leaf is freed once placed."""
-  leaf = read()
+  """read() on device: the default one, or each device of `target` receiving only its shard.
+
+  A reader of blocks reads only this process's shards, each distinct block once (devices along
+  a replicated axis share it); others read the whole leaf, freed once placed."""
   if target is None:
-    return jnp.asarray(leaf)
-  return jax.make_array_from_callback(leaf.shape, target, lambda index: leaf[index])
+    return jnp.asarray(read())
+  if getattr(read, "get_block", None) is None:
+    leaf = read()
+    return jax.make_array_from_callback(leaf.shape, target, lambda index: leaf[index])
+  blocks = {}
+
+  def block(index):
+    key = tuple((s.start, s.stop) for s in index)
+    if key not in blocks:
+      blocks[key] = read.block(index)
+    return blocks[key]
+  return jax.make_array_from_callback(read.shape, target, block)
 
 
 def placed(leaves, shardings) -> list:
