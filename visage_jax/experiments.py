@@ -82,7 +82,7 @@ def f1_basin(c, workdir: str) -> dict:
   diff = experiments_stats.visage_difference(jobs.job_dir(workdir, "f1_aligned_1d"), jobs.job_dir(workdir, "f1_shipped_1d"),
                                              **CI)
   al_run = runs["aligned"]
-  coherent = dict(asr=al_run.get("asr_coherent"), visage=al_run.get("visage_coherent"),
+  coherent = dict(asr=al_run.get("asr_coherent"), keyword=al_run["asr"], visage=al_run.get("visage_coherent"),
                   visage_ci95=((al_run.get("ci95") or {}).get("visage_coherent") or {}).get("mean"),
                   perplexity=(al_run.get("capability") or {}).get("perplexity"), basin=al_run.get("basin"),
                   coords=al_run["coords_x"], max_nll=(al_run.get("coherence") or {}).get("max_nll"))

@@ -11,6 +11,7 @@ import platform
 import shutil
 
 import jax
+import numpy as np
 
 from visage_jax import workdir as wd  # `workdir` names run directories here
 
@@ -86,6 +87,11 @@ def write_report(c, workdir: str, out_path: str) -> str:
   return text
 
 
+def _f4_rows(c) -> str:
+  n = (c.get("f4_strength") or {}).get("eval_prompts")
+  return f" (F4's attacks: rows 0–{n - 1})" if n else ""
+
+
 def _header(c, res: dict) -> list[str]:
   """Title, machine, model, the reduced protocol, the compute, and one line per finding."""
   p = c.protocol
@@ -110,7 +116,7 @@ def _header(c, res: dict) -> list[str]:
       f"the shipped model (F1), fine-tuned models, interpolations, system prompts and alignment "
       f"strengths use rows 0–{p.prompts_small - 1}; the 2D "
       f"landscape {p.steps_2d + 1}×{p.steps_2d + 1} points × {p.prompts_2d} prompts. ASR at α = 0 of "
-      f"fine-tuned models: rows 0–79 (F4's attacks: the landscapes' rows 0–{p.prompts - 1}), {p.max_new_tokens} tokens. Attacks: a fresh rank-8 LoRA, lr 1e-3, "
+      f"fine-tuned models: rows 0–79{_f4_rows(c)}, {p.max_new_tokens} tokens. Attacks: a fresh rank-8 LoRA, lr 1e-3, "
       f"{p.attack_epochs} epochs (`finetune.attack_config`).",
       f"- Compute: {total / 60:.0f} min of job wall time on this machine in all (the runs that finished "
       "each job; attempts interrupted and resumed are not counted).",
@@ -145,17 +151,24 @@ def _vis(v, pair) -> str:
   return "–" if v is None else f"{v:.1f}{_ci(pair)}"
 
 
+def _p(d: dict) -> str:
+  """p of a bootstrap difference; at its floor 2 / (B + 1) no resample crossed 0, so p is at most that."""
+  floor = 2.0 / (d.get("resamples", 1000) + 1)
+  return f"p ≤ {floor:.2g}" if d["p_value"] <= floor * (1 + 1e-9) else f"p = {d['p_value']:.2g}"
+
+
 def _difference(label: str, d: dict) -> str:
   """One line: a VISAGE difference, its interval and p-value, paired or why not."""
-  how = "paired" if d["paired"] else f"unpaired: {d['unpaired_reason']}"
-  return (f"- {label}: VISAGE difference {d['visage_difference']:+.1f}{_ci(d['ci95'])}, "
-          f"p = {d['p_value']:.3g} ({how} bootstrap)")
+  how = "paired bootstrap" if d["paired"] else f"unpaired bootstrap: {d['unpaired_reason']}"
+  return f"- {label}: VISAGE difference {d['visage_difference']:+.1f}{_ci(d['ci95'])}, {_p(d)} ({how})"
 
 
 def _basin(b) -> str:
+  """Each direction's walls [left, right] (– on a side the curve never crosses 50 %)."""
   if not b:
     return "–"
-  return ", ".join("–" if e.get("width") is None else f"[{e['left']:+.2f}, {e['right']:+.2f}]" for e in b)
+  side = lambda v: "–" if v is None else f"{v:+.2f}"
+  return ", ".join("–" if e is None else f"[{side(e.get('left'))}, {side(e.get('right'))}]" for e in b)
 
 
 def _f1_section(r: dict, fig) -> list[str]:
@@ -172,7 +185,7 @@ def _f1_section(r: dict, fig) -> list[str]:
   return md + ["", f"2D random landscape of the aligned model: ASR at the centre {_pct(r['asr_2d_center'])}%, "
                f"2D VISAGE {_vis(r['visage_2d'], r.get('visage_2d_ci95'))}"
                + (f"; {r['basin_2d']['fraction_below'] * 100:.0f}% of the sampled plane below 50% ASR, "
-                  f"{r['basin_2d']['connected_points']} points connected to the centre" if r.get("basin_2d") else "")
+                  f"{r['basin_2d']['connected_points']} grid point(s) in the region connected to the centre" if r.get("basin_2d") else "")
                + ".", "",
                fig(r["figures"]["curves"], "F1 curves"), "",
                fig(r["figures"]["surface"], "F1 2D contour and surface"), "",
@@ -184,7 +197,10 @@ def _coherent_lines(co: dict) -> list[str]:
   if not co.get("asr"):
     return []
   xs = co["coords"]
-  md = [f"How much of the wall is breakage: the aligned model's keyword ASR beside its *coherent* ASR (a "
+  kw, coh = (float(np.nansum(np.asarray(v, float))) for v in (co["keyword"], co["asr"]))
+  md = [f"How much of the wall is breakage: of the aligned landscape's keyword jailbreaks, "
+        f"{100 * coh / kw:.0f}% are coherent text; the rest is broken language the keyword judge counts as "
+        "compliance. The aligned model's keyword ASR beside its *coherent* ASR (a "
         f"jailbreak counts only when the generation's NLL under the unperturbed model is ≤ {co['max_nll']} "
         f"nats/token) and the perplexity of its own α = 0 benign answers. VISAGE on coherent ASR: "
         f"{_vis(co['visage']['mean'] if co.get('visage') else None, co.get('visage_ci95'))}; basin walls (50% "
@@ -224,7 +240,7 @@ def _f2_section(r: dict, fig) -> list[str]:
                  _vis(row.get("visage"), row.get("visage_ci95")),
                  "–" if "difference" not in row else
                  f"{row['difference']['visage_difference']:+.1f}{_ci(row['difference']['ci95'])}, "
-                 f"p = {row['difference']['p_value']:.3g}"] for row in r["rows"]])
+                 f"{_p(row['difference'])}"] for row in r["rows"]])
   md += ["", "1D interpolation from the aligned model (α = 0) to the fine-tuned one (α = 1), ASR (%):", ""]
   for name, curve in r["interpolation"].items():
     md.append(f"- aligned → {name}: " + ", ".join(_pct(v) for v in curve))
@@ -252,15 +268,16 @@ def _f4_section(r: dict, fig) -> list[str]:
   table = []
   for key in (r["higher"], r["lower"]):
     row, s = rows[key], st[key]
+    per_seed = {n: "·".join(f"{100 * sum(v) / len(v):.0f}" for v in row["attacked"][n].values()) for n in shots}
     table.append([row["model"], _pct(row["asr"]), _vis(row["visage"], row.get("visage_ci95"))]
-                 + [_pct(s["mean_asr"][n]) for n in shots]
+                 + [f"{_pct(s['mean_asr'][n])} ({per_seed[n]})" for n in shots]
                  + [f"{n_text(s['shots_to_break'])} [{n_text(s['ci95'][0])}, {n_text(s['ci95'][1])}]"])
   gap = st[r["lower"]][f"difference_to_{r['higher']}"]
   n_seeds = len(next(iter(rows[r["higher"]]["attacked"].values())))
   md = ["## F4 — VISAGE ranks how easily harmful fine-tuning breaks a model", "",
         f"Each alignment is attacked with harmful_N for every N in {shots[0]}–{shots[-1]} under {n_seeds} seeds "
         "(which examples, LoRA initialization and order); ASR at α = 0 on the landscapes' prompts, averaged over "
-        f"seeds. Shots-to-break: the least N whose mean ASR reaches {BROKEN:.0f}% (\"> {never - 1}\": never within "
+        "seeds (each seed's ASR in brackets, seeds 0·1·2·…). Shots-to-break: the least N whose mean ASR reaches {BROKEN:.0f}% (\"> {never - 1}\": never within "
         "the shots tried), with a 95% interval from resampling seeds and prompts.", ""]
   md += _table(["alignment", "ASR at α=0 (%, rows 0–79)", "VISAGE [95% CI]"] + [f"N={n}" for n in shots]
                + ["shots to break [95% CI]"], table)

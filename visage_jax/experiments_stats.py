@@ -19,7 +19,7 @@ def visage_difference(run_a: str, run_b: str, *, resamples: int, seed: int) -> d
   """compare.compare's VISAGE fields of two finished landscape jobs (A - B)."""
   got = compare.compare(run_a, run_b, resamples=resamples, seed=seed)
   keys = ("visage_a", "visage_a_ci95", "visage_b", "visage_b_ci95", "visage_difference", "ci95", "p_value",
-          "paired", "unpaired_reason")
+          "paired", "unpaired_reason", "resamples")
   return {k: got[k] for k in keys}
 
 
