@@ -36,6 +36,17 @@ class HfDirTest(parameterized.TestCase):
       np.testing.assert_array_equal(t, hf_state[name], err_msg=name)
     self.assertEqual(len(checkpoints.load_tokenizer(out)), len(checkpoints.load_tokenizer(self.dir)))
 
+  def test_bfloat16_checkpoint_loads_on_one_device(self):
+    # Most released chat models (e.g. Llama-3-8B-Instruct) ship bfloat16 safetensors, which
+    # safetensors' numpy reader cannot read; the pread reader can.
+    import torch
+    bf16 = self.create_tempdir().full_path
+    self.hf.to(torch.bfloat16).save_pretrained(bf16)
+    cfg, params = checkpoints.load_params(bf16)
+    exported = tensors.to_hf_tensors(params, cfg)
+    for name, t in self.hf.state_dict().items():
+      np.testing.assert_array_equal(exported[name], t.float().numpy(), err_msg=name)
+
   def test_sharded_checkpoint_loads_like_single_file(self):
     sharded = self.create_tempdir().full_path
     single = self.create_tempdir().full_path
