@@ -240,12 +240,13 @@ def run(c, workdir: str, progress: bool = True, max_steps_this_run: int | None =
            advice="use another --workdir.", write=writer)
   distributed.barrier("finetune: claimed")
   t0 = time.time()
-  m = pipeline.load_model(c.model.path, c.model.dtype, c.model.lora_path)
+  mesh = sharding.make_mesh(tuple(c.mesh.shape))
+  m = pipeline.load_model(c.model.path, c.model.dtype, c.model.lora_path, mesh=mesh)  # each process its shards
   examples = _examples(c, m.params, m.cfg, m.tokenizer, workdir, from_file)
   data = training.encode_examples(examples, m.tokenizer, template=c.prompts.template,
                                   system_prompt=c.prompts.system_prompt, max_length=c.train.max_length)
   prepare_seconds = time.time() - t0
-  run_state = _init_state(c, m.params, m.cfg)
+  run_state = _init_state(c, m.params, m.cfg, mesh)
   lines, timed = _train(c, workdir, run_state, data, len(examples), progress, max_steps_this_run)
   step = int(run_state.state["step"])
   summary = dict(complete=step >= c.train.steps, step=step, steps=c.train.steps, n_examples=len(examples),
@@ -282,10 +283,9 @@ class _RunState:
   cfg: model.ModelConfig
 
 
-def _init_state(c, params: dict, cfg: model.ModelConfig) -> _RunState:
+def _init_state(c, params: dict, cfg: model.ModelConfig, mesh) -> _RunState:
   """Full fine-tuning trains the params (norms without weight decay); LoRA a fresh adapter."""
   t, lo = c.train, c.lora
-  mesh = sharding.make_mesh(tuple(c.mesh.shape))
   if lo.rank > 0:
     frozen = sharding.shard_params(params, mesh)
     trainable = sharding.put(lora.init(jax.random.key(t.seed), params, cfg, lo.rank, tuple(lo.targets)),
