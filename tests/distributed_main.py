@@ -12,7 +12,6 @@ both processes (drawn where it lives, not on one device).
 import builtins
 import json
 import os
-import sys
 
 
 def tiny_config(model_dir, prompts_path, mesh=(-1, 2)):
@@ -92,7 +91,5 @@ def main(model_dir, prompts_path, workdir, report, process_id, port):
 
 
 if __name__ == "__main__":
-  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-  os.environ["JAX_PLATFORMS"] = "cpu"
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
-  main(*sys.argv[1:7])
+  import process_main
+  process_main.run(main, 6)

@@ -9,7 +9,6 @@ opened for writing, replaced or removed (distributed_main.record_writes).
 
 import json
 import os
-import sys
 
 
 def sweep_config(model_dir, prompts_path, mesh):
@@ -60,8 +59,5 @@ def main(model_dir, prompts_path, data_path, workdir, report, process_id, port):
 
 
 if __name__ == "__main__":
-  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-  os.environ["JAX_PLATFORMS"] = "cpu"
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))                   # distributed_main
-  main(*sys.argv[1:8])
+  import process_main
+  process_main.run(main, 7)

@@ -16,7 +16,6 @@ into one host, and read whole leaves one after another (the loading before issue
 import functools
 import json
 import os
-import sys
 import tracemalloc
 
 
@@ -161,7 +160,5 @@ def main(model_dir, target_dir, prompts_path, workdir, report, process_id, port)
 
 
 if __name__ == "__main__":
-  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-  os.environ["JAX_PLATFORMS"] = "cpu"
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
-  main(*sys.argv[1:8])
+  import process_main
+  process_main.run(main, 7)
