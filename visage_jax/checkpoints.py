@@ -315,6 +315,9 @@ def load_tokenizer(path: str):
     else:
       tok = AutoTokenizer.from_pretrained(path)
   except Exception as e:
+    if kind == "gguf" and importlib.util.find_spec("torch") is None:
+      raise CheckpointError(f"{path}: cannot build its tokenizer: transformers reads a GGUF file's "
+                            "tokenizer only with torch installed (pip install torch; CPU is enough).") from None
     raise CheckpointError(f"{path}: cannot load a tokenizer ({type(e).__name__}: {e}).") from None
   return tok
 
