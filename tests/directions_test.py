@@ -5,6 +5,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
@@ -81,6 +82,26 @@ class RandomDirectionTest(parameterized.TestCase):
     other = model.init(jax.random.key(9), self.cfg)
     d = directions.interpolation_direction(self.params, other)
     jax.tree.map(lambda a, dd, b: np.testing.assert_allclose(a + dd, b, atol=1e-6), self.params, d, other)
+
+  def test_bfloat16_directions_are_the_float32_ones_cast(self):
+    """dtype= casts each leaf as it is made: the bits of the float32 direction cast afterwards,
+    also when read back from a file, and stacked into [R, C, ...] on the mesh."""
+    from visage_jax import sharding
+    bf16 = lambda tree: jax.tree.map(lambda x: np.asarray(x.astype(jnp.bfloat16)), tree)
+    same = lambda a, b: jax.tree.map(lambda x, y: np.testing.assert_array_equal(
+        np.asarray(x).view(np.uint16), np.asarray(y).view(np.uint16)), a, b)
+    ds = [directions.random_direction(i, self.params, self.cfg, dtype="bfloat16") for i in range(2)]
+    self.assertEqual({x.dtype for x in jax.tree.leaves(ds)}, {jnp.dtype(jnp.bfloat16)})
+    same(ds[0], bf16(directions.random_direction(0, self.params, self.cfg)))
+    other = model.init(jax.random.key(9), self.cfg)
+    same(directions.interpolation_direction(self.params, other, "bfloat16"),
+         bf16(directions.interpolation_direction(self.params, other)))
+    path = os.path.join(self.create_tempdir().full_path, "dirs.safetensors")
+    directions.save_safetensors(path, ds, self.cfg)
+    same(directions.load_safetensors(path, self.cfg, dtype="bfloat16"), ds)
+    stacked = directions.stack_grouped([[ds[0]], [ds[1]]], sharding.make_mesh((1, 1)))
+    same(stacked, directions.stack([directions.stack([ds[0]]), directions.stack([ds[1]])]))
+    self.assertEqual(stacked["layers"]["q_proj"].shape, (2, 1) + self.params["layers"]["q_proj"].shape)
 
   def test_safetensors_round_trip_and_torch_interop(self):
     from safetensors.torch import load_file

@@ -211,6 +211,36 @@ class LandscapeTest(parameterized.TestCase):
     self.assertEqual([o["generation"] for o in at_target["outputs"]],
                      [o["generation"] for o in lines0[0]["outputs"]])
 
+  @parameterized.parameters("1D_random", "2D_random")
+  def test_bfloat16_directions_as_drawn_and_resumed(self, vis_type):
+    """A bfloat16 run holds its directions in bfloat16, each leaf cast as drawn (2D: once
+    orthogonalized): the bits of the float32 directions cast afterwards, and a resume reads the
+    same bits back from directions.safetensors."""
+    import jax
+    import jax.numpy as jnp
+    from visage_jax import directions
+    w = self.workdir()
+    c = tiny_config(self.models["bpe"], self.prompts, vis_type=vis_type, steps=2,
+                    num_directions=2 if vis_type == "1D_random" else 1, orthogonalize=True)
+    c.model.dtype = "bfloat16"
+    fresh = pipeline.prepare(c, w).stacked
+    resumed = pipeline.prepare(c, w).stacked
+    m = pipeline.load_model(c.model.path, "bfloat16")
+    f32 = dict(norm=c.landscape.norm, blacklist=tuple(c.landscape.blacklist))
+    key = jax.random.key(c.landscape.seed)
+    draw = lambda i: directions.random_direction(jax.random.fold_in(key, i), m.params, m.cfg, **f32)
+    if vis_type == "1D_random":
+      groups = [[draw(0)], [draw(1)]]
+    else:
+      d1 = draw(0)
+      groups = [[d1, directions.orthogonalize(draw(1), d1)]]
+    want = directions.stack([directions.stack(comps) for comps in groups])
+    bits = lambda x: np.asarray(x).view(np.uint16)
+    for got in (fresh, resumed):
+      jax.tree.map(lambda g, w_: (self.assertEqual(g.dtype, jnp.bfloat16),
+                                  np.testing.assert_array_equal(bits(g), bits(w_.astype(jnp.bfloat16)))),
+                   got, want)
+
   def test_imported_directions_reproduce_the_run(self):
     a, b = self.workdir(), self.workdir()
     c = tiny_config(self.models["bpe"], self.prompts, seed=3)

@@ -122,8 +122,12 @@ def _normalize(z, z_sq, t_sq, *, norm, transposed, black, stacked, sharding):
   return d if stacked else d[0]
 
 
-def _zeros(*, shape):
-  return jnp.zeros(shape, jnp.float32)
+def _zeros(*, shape, dtype):
+  return jnp.zeros(shape, dtype)
+
+
+def _cast(d, *, dtype):
+  return d.astype(dtype)
 
 
 def _target_sharding(theta, sharding):
@@ -136,12 +140,14 @@ def _target_sharding(theta, sharding):
 
 def random_direction(seed: int | jax.Array, params: dict, cfg: model.ModelConfig, *,
                      norm: str = "layer", blacklist: tuple[str, ...] = ("norm",),
-                     shardings: dict | None = None) -> dict:
-  """One random direction (float32, params-shaped), normalized per original HF tensor.
+                     shardings: dict | None = None, dtype: str = "float32") -> dict:
+  """One random direction (params-shaped), normalized per original HF tensor.
 
   Each leaf is drawn where it lives: in `shardings` (a params-shaped tree, e.g.
   `sharding.param_shardings(params, mesh)`), else in the params' own sharding; no device
-  holds more than its shards. The bits are the same on every mesh and device count.
+  holds more than its shards. The bits are the same on every mesh and device count. The
+  arithmetic is float32; each leaf is cast to `dtype` as soon as it is normalized, so a
+  bfloat16 model never holds a whole float32 direction, only one float32 leaf (#16).
   """
   if norm not in NORMS:
     raise errors.UserError(f"landscape.norm {norm!r} is not one of {', '.join(NORMS)}.")
@@ -154,7 +160,7 @@ def random_direction(seed: int | jax.Array, params: dict, cfg: model.ModelConfig
     target = _target_sharding(theta, None if shardings is None else tensors.get_leaf(shardings, path))
     black = tuple(any(b.lower() in n.lower() for b in blacklist) for n in names)
     if all(black):
-      tensors.set_leaf(out, path, _stage(_zeros, target, shape=tuple(theta.shape))())
+      tensors.set_leaf(out, path, _stage(_zeros, target, shape=tuple(theta.shape), dtype=dtype)())
       continue
     transposed, stacked = tensors.HF_NAMES[path][1], path[0] == "layers"
     ours = tuple(theta.shape[1:] if stacked else theta.shape)
@@ -164,7 +170,8 @@ def random_direction(seed: int | jax.Array, params: dict, cfg: model.ModelConfig
     z_sq, t_sq = _stage(_squares, target)(z, jax.device_put(theta, target))
     d = _stage(_normalize, target, norm=norm,
                transposed=transposed, black=black, stacked=stacked, sharding=target)(z, z_sq, t_sq)
-    tensors.set_leaf(out, path, d)
+    del z, z_sq, t_sq
+    tensors.set_leaf(out, path, d if d.dtype == jnp.dtype(dtype) else _stage(_cast, target, dtype=dtype)(d))
   return out
 
 
@@ -201,9 +208,17 @@ def orthogonalize(d2: dict, d1: dict) -> dict:
   return jax.tree.map(one, d2, d1)
 
 
-def interpolation_direction(params_a: dict, params_b: dict) -> dict:
-  """d = theta_B - theta_A (float32), so alpha = 1 lands on B."""
-  return jax.tree.map(lambda a, b: b.astype(jnp.float32) - a.astype(jnp.float32), params_a, params_b)
+def interpolation_direction(params_a: dict, params_b: dict, dtype: str = "float32") -> dict:
+  """d = theta_B - theta_A, so alpha = 1 lands on B: taken in float32 and cast to `dtype` leaf by
+  leaf (a bfloat16 model holds one float32 leaf of it at a time)."""
+  return jax.tree.map(lambda a, b: (b.astype(jnp.float32) - a.astype(jnp.float32)).astype(dtype),
+                      params_a, params_b)
+
+
+def cast(direction: dict, dtype: str) -> dict:
+  """A direction in `dtype` (the params'): what the engine adds to them."""
+  return jax.tree.map(lambda d: d if d.dtype == jnp.dtype(dtype) else _stage(_cast, d.sharding, dtype=dtype)(d),
+                      direction)
 
 
 def check_matches(direction: dict, params: dict, what: str) -> None:
@@ -219,6 +234,20 @@ def check_matches(direction: dict, params: dict, what: str) -> None:
 def stack(directions: list[dict]) -> dict:
   """[dict] -> one tree with a leading axis (the vmap / perturbation-component axis)."""
   return jax.tree.map(lambda *xs: jnp.stack(xs), *directions)
+
+
+def _stack_grid(*parts, shape):
+  return jnp.stack(parts).reshape(shape)
+
+
+def stack_grouped(groups: list[list[dict]], mesh) -> dict:
+  """[[d_c for c] for r] -> one tree of [R, C, ...] leaves, each stacked straight into its place
+  on `mesh` (the params' rules, `sharding.param_shardings`): no gathered or resharded copy."""
+  flat = [d for comps in groups for d in comps]
+  shape = (len(groups), len(groups[0]))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(shape + x.shape, x.dtype), flat[0])
+  targets = sharding.param_shardings(abstract, mesh)
+  return jax.tree.map(lambda t, a, *xs: _stage(_stack_grid, t, shape=a.shape)(*xs), targets, abstract, *flat)
 
 
 def _entries(directions: list[dict], cfg: model.ModelConfig) -> list[tuple]:
@@ -279,11 +308,12 @@ def _read_direction(f, i: int, cfg: model.ModelConfig, shardings, source: str) -
 
 
 def load_safetensors(path: str, cfg: model.ModelConfig, count: int | None = None,
-                     shardings=None) -> list[dict]:
+                     shardings=None, dtype: str = "float32") -> list[dict]:
   """Reads `save_safetensors` files (or any PyTorch tool writing the same keys); checks every tensor.
 
   With `shardings` (params-shaped), each leaf is placed there and every process reads only the
-  slices of its own shards, so no host holds a whole direction.
+  slices of its own shards, so no host holds a whole direction. Leaves are `dtype`, cast one
+  tensor at a time as they are read.
   """
   from safetensors import safe_open
 
@@ -300,12 +330,12 @@ def load_safetensors(path: str, cfg: model.ModelConfig, count: int | None = None
       raise errors.UserError(f"{path}: no tensors named '<direction index>/<HF tensor name>'.")
     if count is not None and len(indices) < count:
       raise errors.UserError(f"{path}: holds {len(indices)} direction(s), the landscape needs {count}.")
-    f32 = dataclasses.replace(cfg, param_dtype="float32")
+    as_read = dataclasses.replace(cfg, param_dtype=dtype)
     known = {n for names in tensors.hf_tensor_names(cfg).values() for n in names}
     out = []
     for i in indices[:count]:
       extra = {k.split("/", 1)[1] for k in keys if k.startswith(f"{i}/")} - known
       if extra:
         raise errors.UserError(f"{path}: direction {i} has tensors the model lacks: {sorted(extra)[:5]}.")
-      out.append(_read_direction(f, i, f32, shardings, f"{path} (direction {i})"))
+      out.append(_read_direction(f, i, as_read, shardings, f"{path} (direction {i})"))
   return out

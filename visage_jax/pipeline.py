@@ -125,35 +125,41 @@ def claim(path: str, cfg_dict: dict, overwrite: bool, write: bool = True) -> Non
 
 
 def build_directions(c, params, cfg, mesh=None) -> list[list[dict]]:
-  """The C components of the perturbation for each of R directions: [[d_c for c] for r].
+  """The C components of the perturbation for each of R directions: [[d_c for c] for r], in the
+  params' dtype.
 
   With a mesh, random directions are drawn straight into the params' sharding on it (every
-  process its own shards), interpolation targets are read into it."""
+  process its own shards), interpolation targets are read into it. A direction is cast to the
+  params' dtype leaf by leaf as it is made; only an orthogonalized pair is whole in float32."""
   ls = c.landscape
   key = jax.random.key(ls.seed)
   blacklist = tuple(ls.blacklist)
   shardings = None if mesh is None else sharding.param_shardings(params, mesh)
+  dtype = cfg.param_dtype
 
-  def rand(i):
+  def rand(i, as_dtype=dtype):
     return directions.random_direction(jax.random.fold_in(key, i), params, cfg, norm=ls.norm,
-                                       blacklist=blacklist, shardings=shardings)
+                                       blacklist=blacklist, shardings=shardings, dtype=as_dtype)
 
-  def interp(path):  # theta_B placed like theta_A: the difference is taken shard by shard
+  def interp(path, as_dtype=dtype):  # theta_B placed like theta_A: the difference is taken shard by shard
     _, other = checkpoints.load_params(path, cfg.param_dtype, shardings=shardings)
     directions.check_matches(other, params, path)
-    return directions.interpolation_direction(params, other)
+    return directions.interpolation_direction(params, other, as_dtype)
+
+  def pair(d1, d2):  # orthogonalized in float32, as drawn
+    d2 = directions.orthogonalize(d2, d1) if ls.orthogonalize else d2
+    return [directions.cast(d1, dtype), directions.cast(d2, dtype)]
 
   if ls.vis_type == "1D_random":
     return [[rand(i)] for i in range(ls.num_directions)]
+  orth_dtype = "float32" if ls.orthogonalize else dtype
   if ls.vis_type == "2D_random":
-    d1, d2 = rand(0), rand(1)
-    return [[d1, directions.orthogonalize(d2, d1) if ls.orthogonalize else d2]]
+    return [pair(rand(0, orth_dtype), rand(1, orth_dtype))]
   if ls.vis_type == "1D_interpolation":
     return [[interp(ls.target_path)]]
   if ls.vis_type == "2D_interpolation":
     return [[interp(ls.target_path), interp(ls.target2_path)]]
-  d1, d2 = interp(ls.target_path), rand(1)
-  return [[d1, directions.orthogonalize(d2, d1) if ls.orthogonalize else d2]]
+  return [pair(interp(ls.target_path, orth_dtype), rand(1, orth_dtype))]
 
 
 def _regroup(flat: list[dict], n_comp: int) -> list[list[dict]]:
@@ -175,10 +181,11 @@ def run_directions(c, path: str, cfg_dict: dict, overwrite: bool, params, cfg, n
   distributed.barrier("landscape: directions looked up")  # before any process writes
   where = None if mesh is None else sharding.param_shardings(params, mesh)  # read slices of these
   if not fresh:
-    dirs = _regroup(directions.load_safetensors(dir_file, cfg, shardings=where), n_comp)
+    dirs = _regroup(directions.load_safetensors(dir_file, cfg, shardings=where, dtype=cfg.param_dtype), n_comp)
   elif c.landscape.directions_path:
     n = c.landscape.num_directions * n_comp
-    dirs = _regroup(directions.load_safetensors(c.landscape.directions_path, cfg, n, shardings=where), n_comp)
+    dirs = _regroup(directions.load_safetensors(c.landscape.directions_path, cfg, n, shardings=where,
+                                                dtype=cfg.param_dtype), n_comp)
   else:
     dirs = build_directions(c, params, cfg, mesh)
   claim(path, cfg_dict, overwrite, write=writer)
@@ -258,13 +265,12 @@ def prepare(c, path: str, *, overwrite: bool = False) -> Setup:
       directions.check_matches(d, m.params, f"direction {r}")
   load_seconds = time.time() - t0
 
-  dtype = jnp.dtype(m.cfg.param_dtype)
-  stacked = directions.stack([directions.stack(comps) for comps in dirs])
-  stacked = sharding.shard_params(jax.tree.map(lambda x: x.astype(dtype), stacked), mesh)
+  stacked, n_dirs = directions.stack_grouped(dirs, mesh), len(dirs)
+  del dirs   # the stacked copy is the one decoding reads
   m = dataclasses.replace(m, params=sharding.shard_params(m.params, mesh))
-  spec, batch, mode, why = _plan(c, m, p, len(coefs), len(dirs), mesh)
+  spec, batch, mode, why = _plan(c, m, p, len(coefs), n_dirs, mesh)
   return Setup(c=c, cfg_dict=cfg_dict, model=m, prompts=p, xs=xs, ys=ys, coefs=coefs, stacked=stacked,
-               n_dirs=len(dirs), tables=judges.build_keyword_tables(m.tokenizer, m.cfg.vocab_size), spec=spec, mesh=mesh,
+               n_dirs=n_dirs, tables=judges.build_keyword_tables(m.tokenizer, m.cfg.vocab_size), spec=spec, mesh=mesh,
                batch=batch, mode=mode, mode_reason=why, load_seconds=load_seconds, writer=writer)
 
 
