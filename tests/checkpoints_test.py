@@ -1,5 +1,6 @@
-"""Conversion: HF dirs (single and sharded), GGUF, orbax round trip, HF-name map, bad inputs,
-sharded save/restore (8 devices, 2 processes), streaming conversion and its peak memory."""
+"""Conversion: HF dirs (single and sharded), GGUF (whole and by blocks on 8 devices), orbax round
+trip, HF-name map, bad inputs, sharded save/restore (8 devices, 2 processes), streaming
+conversion and its peak memory."""
 
 import json
 import os
@@ -256,6 +257,33 @@ class GgufTest(absltest.TestCase):
     self.assertEqual(tok(text)["input_ids"], tok2(text)["input_ids"])
     self.assertEqual(tok.chat_template, tok2.chat_template)
     self.assertEqual(tok.eos_token_id, tok2.eos_token_id)
+
+  def test_blocks_on_a_mesh_are_the_whole_tensors_bits(self):
+    """8 virtual CPU devices: a GGUF of eight tensor types loaded onto (1,8), (2,4) and (8,1)
+    meshes by blocks equals its whole-tensor load bit for bit; a split tensor is never
+    dequantized whole, each row of a row-split one (q/k permuted) once, 1 KB at a time on 1x8."""
+    import gguf
+
+    root = self.create_tempdir().full_path
+    path = os.path.join(root, "tiny.gguf")
+    fixtures.save_tiny_gguf(path)
+    out = os.path.join(root, "gguf.json")
+    proc = fixtures.run_script("scaleout_main.py", "gguf", path, out)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-4000:])
+    with open(out) as f:
+      r = json.load(f)
+    self.assertEqual(r["problems"], [])
+    self.assertEqual(r["compared"], 3 * 12)
+    rows = {t.name: int(t.shape[1]) for t in gguf.GGUFReader(path).tensors if len(t.shape) == 2}
+    row_split = {n: k for n, k in rows.items() if not n.endswith(("_output.weight", "_down.weight"))}
+    self.assertLen(row_split, 2 + 5 * 2)
+    loads = r["loads"]
+    for mesh in ("1x8", "2x4"):
+      self.assertEqual(loads[mesh]["whole"], [], mesh)
+      self.assertEqual({n: loads[mesh]["rows"][n] for n in row_split}, row_split, mesh)
+    self.assertLessEqual(loads["1x8"]["largest"], 1024)
+    self.assertEqual(loads["8x1"]["whole"], sorted(rows))  # replicated: each read once, not per device
+    self.assertEqual({n: loads["8x1"]["rows"][n] for n in rows}, rows)
 
   def test_unpermute_inverts_llama_cpp_permute(self):
     """llama.cpp convert_hf_to_gguf.py permutes q/k rows; we must undo exactly that."""

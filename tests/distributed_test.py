@@ -173,11 +173,12 @@ class TwoProcessMemoryTest(absltest.TestCase):
   def test_no_process_holds_the_model_or_a_whole_leaf(self):
     """Issue #16 at small scale: a 2D_interpolation-random landscape on a (1, 8) mesh over two
     processes (the model axis spans both; tests/memory_main.py). In each process the traced host
-    memory (numpy buffers) of loading, drawing, differencing, saving and decoding, and of the
-    whole run, stays under half the params tree; loading reads no whole leaf and stays under
-    3/4 of the largest (the process's half of it plus one layer's tensor). Gathering the tree,
-    or reading whole leaves as loading did before, exceeds these bounds. Generations and
-    directions.safetensors equal the one-process run's."""
+    memory (numpy buffers) of loading, drawing, differencing, saving and decoding, of the whole
+    run, and of converting the model on the mesh, stays under half the params tree; loading
+    and converting read no whole leaf and stay under 3/4 of the largest (the process's half of
+    it plus one layer's tensor). Gathering the tree, or reading whole leaves as loading did
+    before, exceeds these bounds. Generations and directions.safetensors equal the one-process
+    run's; the converted copy, written by both processes, reads back as the loaded shards."""
     root = self.create_tempdir().full_path
     model_dir, target_dir, prompts = (os.path.join(root, "model"), os.path.join(root, "target"),
                                       fixtures.advbench_path())
@@ -194,15 +195,19 @@ class TwoProcessMemoryTest(absltest.TestCase):
       print("memory:", json.dumps(r))
       stages, half_tree, leaf_bound = r["stages"], r["tree_bytes"] // 2, 3 * r["leaf_bytes"] // 4
       self.assertEqual((stages["complete"], r["spans"], stages["whole_reads"]), (True, True, 0))
-      for stage in ("load", "random", "interpolation", "save", "decode", "run"):
+      for stage in ("load", "random", "interpolation", "save", "decode", "run", "convert"):
         self.assertLess(stages[stage], half_tree, stage)
+      self.assertTrue(r["converted_equal"], "the converted copy differs from the loaded model")
       self.assertLess(stages["load"], leaf_bound)
+      self.assertLess(stages["convert"], leaf_bound)
       self.assertGreater(r["whole_tree"], half_tree, "the bound could not fail")
       self.assertGreater(r["whole_leaves"], leaf_bound, "the load bound could not fail")
     self.assertEqual(_generations(two), _generations(one), "tokens differ from the one-process run")
     with open(os.path.join(two, "directions.safetensors"), "rb") as f, \
          open(os.path.join(one, "directions.safetensors"), "rb") as g:
       self.assertEqual(f.read(), g.read(), "directions differ from the one-process run's")
+    writers = os.listdir(os.path.join(root, "converted", "params", "layers.gate_proj"))
+    self.assertContainsSubset({"ocdbt.process_0", "ocdbt.process_1"}, writers)
 
 
 class InitializeTest(parameterized.TestCase):

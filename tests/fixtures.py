@@ -104,6 +104,51 @@ def save_tiny_hf(path: str, arch: str = "llama", tokenizer=None, seed: int = 0,
   return hf
 
 
+def save_tiny_gguf(path: str, seed: int = 0, vocab: int = 256, hidden: int = 64, intermediate: int = 128,
+                   layers: int = 2, heads: int = 4, kv_heads: int = 2) -> None:
+  """A random tiny llama GGUF in the types llama.cpp writes (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, F16,
+  BF16, F32), q/k rows permuted as its converter does; every width a multiple of 32 (a block)."""
+  import gguf
+
+  q = gguf.GGMLQuantizationType
+  rng = np.random.default_rng(seed)
+  w = gguf.GGUFWriter(path, "llama")
+  w.add_context_length(256)
+  w.add_embedding_length(hidden)
+  w.add_block_count(layers)
+  w.add_feed_forward_length(intermediate)
+  w.add_head_count(heads)
+  w.add_head_count_kv(kv_heads)
+  w.add_rope_dimension_count(hidden // heads)
+  w.add_layer_norm_rms_eps(1e-5)
+  w.add_vocab_size(vocab)
+
+  def add(name, shape, qtype, n_head=0):
+    x = rng.standard_normal(shape).astype(np.float32) * (0.1 if len(shape) == 2 else 1.0)
+    if n_head:  # llama.cpp convert_hf_to_gguf.py's permute
+      x = x.reshape(n_head, 2, shape[0] // n_head // 2, shape[1]).swapaxes(1, 2).reshape(shape)
+    w.add_tensor(name, gguf.quants.quantize(x, qtype), raw_dtype=qtype)
+
+  kv = kv_heads * (hidden // heads)
+  add("token_embd.weight", (vocab, hidden), q.Q8_0)
+  for i in range(layers):
+    add(f"blk.{i}.attn_norm.weight", (hidden,), q.F32)
+    add(f"blk.{i}.attn_q.weight", (hidden, hidden), q.Q4_1, heads)
+    add(f"blk.{i}.attn_k.weight", (kv, hidden), q.Q4_1, kv_heads)
+    add(f"blk.{i}.attn_v.weight", (kv, hidden), q.F16)
+    add(f"blk.{i}.attn_output.weight", (hidden, hidden), q.Q5_0)
+    add(f"blk.{i}.ffn_norm.weight", (hidden,), q.F32)
+    add(f"blk.{i}.ffn_gate.weight", (intermediate, hidden), q.Q4_0)
+    add(f"blk.{i}.ffn_up.weight", (intermediate, hidden), q.Q5_1)
+    add(f"blk.{i}.ffn_down.weight", (hidden, intermediate), q.Q8_0)
+  add("output_norm.weight", (hidden,), q.F32)
+  add("output.weight", (vocab, hidden), q.BF16)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+
 def random_tokens(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
   return np.random.default_rng(seed).integers(3, vocab, size=(batch, length)).astype(np.int32)
 

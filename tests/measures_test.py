@@ -1,6 +1,7 @@
 """Coherence and capability inside a landscape run: nll_ref, asr_coherent and visage_coherent,
 capability.perplexity and capability.mc_accuracy equal transformers PyTorch on theta + alpha d;
-a run without them is unchanged; the `benign` answers are made once and reused on resume."""
+a run without them is unchanged; the `benign` answers are made once and reused on resume; a
+coherence.model_path reference is read onto the run's mesh."""
 
 import json
 import os
@@ -9,12 +10,14 @@ import sys
 import tempfile
 from unittest import mock
 
+import jax
 import numpy as np
 import torch
 from absl.testing import absltest
 
 import fixtures
-from visage_jax import capability, checkpoints, directions, landscape, prompts, tensors, uncertainty, visage
+from visage_jax import (capability, checkpoints, directions, landscape, measures, pipeline, prompts, scoring,
+                        tensors, uncertainty, visage)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOALS = ["Write a poem about the sea.", "How do I bake bread?", "Tell me a secret.", "Explain rain."]
@@ -135,6 +138,26 @@ class MeasuresInTheRunTest(absltest.TestCase):
     np.testing.assert_allclose(100.0 * coherent.mean(axis=2), self.result["asr_coherent"])
     self.assertEqual(np.asarray(ci["asr_coherent"]).shape, (1, 3, 2))
     self.assertEqual(np.asarray(ci["visage_coherent"]["per_direction"]).shape, (1, 2))
+
+  def test_reference_model_is_read_onto_the_runs_mesh(self):
+    """coherence.model_path is placed like the run's model (sharded on its mesh, not whole on
+    one device in every process) and, being the same checkpoint, scores the same nll_ref."""
+    c = _config(self.model_dir, self.goals)
+    path = self.create_tempdir().full_path
+    s = pipeline.prepare(c, path)
+    own = measures.scorers(c, s, path)[-1]
+    c.coherence.model_path = self.model_dir
+    ref = measures.scorers(c, s, path)[-1]
+    self.assertEqual((own.name, ref.name), ("coherence", "coherence"))
+    self.assertIsNot(ref.params, own.params)
+    same = jax.tree.map(lambda a, b: a.sharding == b.sharding, ref.params, own.params)
+    self.assertTrue(all(jax.tree.leaves(same)), "the reference is not on the run's mesh")
+    gens = fixtures.random_tokens(len(GOALS), 5, len(self.tok), seed=3)
+    rows = [scoring.Row(0, 0, i, GOALS[i], "", 5, False, False, False, tuple(map(int, g)))
+            for i, g in enumerate(gens)]
+    got = ref.score(rows)
+    self.assertEqual(got, own.score(rows))
+    self.assertNotIn(None, [g["nll_ref"] for g in got])
 
   def test_a_run_without_the_measures_is_unchanged(self):
     c = _config(self.model_dir, self.goals)

@@ -5,12 +5,14 @@ host memory of its stages traced.
 
 A 2D_interpolation-random landscape loads the model, loads the target and takes the
 interpolation difference, draws a random direction, writes directions.safetensors and
-decodes. tracemalloc follows numpy's host buffers (what a process stages on its way to a
-device), not the devices' own buffers, which on a pod are accelerator memory. REPORT gets each
-stage's peak above the traced memory at its start, the run's peak above the traced memory
-before it (Python's caches, figures and all), how often a whole leaf was read, and, so that the
-test can show its bounds bite, the peaks of what the run must not do: gather the params tree
-into one host, and read whole leaves one after another (the loading before issue #16).
+decodes; then the model is converted onto the mesh (each process writing its shards) into
+WORKDIR/../converted and read back. tracemalloc follows numpy's host buffers (what a process
+stages on its way to a device), not the devices' own buffers, which on a pod are accelerator
+memory. REPORT gets each stage's peak above the traced memory at its start, the run's peak
+above the traced memory before it (Python's caches, figures and all), how often a whole leaf
+was read, whether the converted copy equals the loaded shards, and, so that the test can show
+its bounds bite, the peaks of what the run must not do: gather the params tree into one host,
+and read whole leaves one after another (the loading before issue #16).
 """
 
 import functools
@@ -146,8 +148,16 @@ def main(model_dir, target_dir, prompts_path, workdir, report, process_id, port)
   copy_transfers()
   out = dict(stages=trace_run(c, workdir), tree_bytes=sum(sizes), leaf_bytes=max(sizes))
 
-  _, params = checkpoints.load_params.__wrapped__(model_dir, shardings=sharding.make_mesh((1, 8)))
+  mesh = sharding.make_mesh((1, 8))
+  _, params = checkpoints.load_params.__wrapped__(model_dir, shardings=mesh)
   out["spans"] = all(not x.is_fully_addressable for x in jax.tree.leaves(params))
+  converted = os.path.join(os.path.dirname(os.path.abspath(workdir)), "converted")
+  out["stages"]["convert"] = peak_of(lambda: checkpoints.convert(model_dir, converted, shardings=mesh))
+  _, back = checkpoints.load_params.__wrapped__(converted, shardings=mesh)
+  out["converted_equal"] = all(
+      a.index == b.index and np.array_equal(np.asarray(a.data), np.asarray(b.data))
+      for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(back))
+      for a, b in zip(x.addressable_shards, y.addressable_shards))
   out["whole_tree"] = peak_of(lambda: jax.tree.map(np.array, sharding.to_host(params)))
   file = safe_open(os.path.join(model_dir, "model.safetensors"), framework="numpy")
 

@@ -2,6 +2,7 @@
 
   python tests/scaleout_main.py directions OUT.json                      # 8 devices
   python tests/scaleout_main.py checkpoints DIR HF_DIR OUT.json          # 8 devices
+  python tests/scaleout_main.py gguf FILE.gguf OUT.json                  # 8 devices
   python tests/scaleout_main.py process PORT NUM_PROCESSES PID DIR OUT.json  # 4 devices each
   python tests/scaleout_main.py convert SRC DST OUT.json                 # 1 device
 
@@ -14,7 +15,7 @@ import os
 import re
 import sys
 
-_DEVICES = {"directions": 8, "checkpoints": 8, "process": 4, "convert": 1}[sys.argv[1]]
+_DEVICES = {"directions": 8, "checkpoints": 8, "gguf": 8, "process": 4, "convert": 1}[sys.argv[1]]
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + f" --xla_force_host_platform_device_count={_DEVICES}")
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -23,7 +24,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
-from visage_jax import checkpoints, directions, model, sharding  # noqa: E402
+from visage_jax import checkpoints, directions, gguf_file, model, sharding  # noqa: E402
 
 MESHES = ((1, 1), (8, 1), (1, 8), (2, 4), (4, 2))
 ORTHOGONALIZE_MESHES = ((2, 4),)
@@ -165,6 +166,37 @@ def run_checkpoints(workdir: str, hf_dir: str, out_path: str) -> None:
     json.dump(dict(problems=problems, compared=compared, split=split), f)
 
 
+def run_gguf(path: str, out_path: str) -> None:
+  """A GGUF file loaded onto meshes by blocks against its whole-tensor load: per mesh, the
+  tensors dequantized whole, the rows dequantized per tensor and the largest dequantized chunk."""
+  assert jax.device_count() == 8, jax.devices()
+  _, want = gguf_file.load_gguf(path)
+  calls, real = [], gguf_file._dequantize
+
+  def counted(t, data, where):
+    out = real(t, data, where)
+    calls.append((t.name, len(t.shape) == 2 and data.size == t.data.size, data.shape[0], out.nbytes))
+    return out
+
+  gguf_file._dequantize = counted
+  problems, compared, loads, default = [], 0, {}, gguf_file._CHUNK
+  for shape, chunk in (((1, 8), 1024), ((2, 4), default), ((8, 1), default)):
+    name, calls[:], gguf_file._CHUNK = f"{shape[0]}x{shape[1]}", [], chunk
+    try:
+      _, got = gguf_file.load_gguf(path, shardings=sharding.make_mesh(shape))
+    finally:
+      gguf_file._CHUNK = default
+    compared += compare(got, want, name, problems)
+    check_placement(got, sharding.param_shardings(want, sharding.make_mesh(shape)), name, problems)
+    rows = {}
+    for t, _, n, _ in calls:
+      rows[t] = rows.get(t, 0) + n
+    loads[name] = dict(whole=sorted({t for t, whole, _, _ in calls if whole}), rows=rows,
+                       largest=max(b for *_, b in calls))
+  with open(out_path, "w") as f:
+    json.dump(dict(problems=problems, compared=compared, loads=loads), f)
+
+
 def run_process(port: str, num_processes: str, pid: str, workdir: str, out_path: str) -> None:
   """One of several processes: sharded save from a (2, 4) mesh, restore into (4, 2), and a direction
   drawn over all processes' devices, each process checking the shards it holds."""
@@ -244,5 +276,5 @@ def run_convert(src: str, dst: str, out_path: str) -> None:
 
 
 if __name__ == "__main__":
-  {"directions": run_directions, "checkpoints": run_checkpoints, "process": run_process,
+  {"directions": run_directions, "checkpoints": run_checkpoints, "gguf": run_gguf, "process": run_process,
    "convert": run_convert}[sys.argv[1]](*sys.argv[2:])

@@ -5,9 +5,9 @@ HF name map is `tensors.py`, GGUF reading `gguf_file.py`. No torch, no unpicklin
 
 Loading streams: tensors are read one at a time into one params leaf, which goes to its
 device sharding (or, in `convert`, to disk) before the next leaf is read; onto a mesh, a HF
-directory is read by the blocks each process's devices hold (`safetensors_file.py`), GGUF
-whole leaf by whole leaf. Converted directories hold one orbax checkpoint per leaf, written and
-restored shard by shard.
+directory (`safetensors_file.py`) and a GGUF file (`gguf_file.read_rows`) are read by the
+blocks each process's devices hold. Converted directories hold one orbax checkpoint per leaf,
+written and restored shard by shard.
 """
 
 import contextlib

@@ -1,5 +1,10 @@
 """llama.cpp GGUF files -> params: metadata -> ModelConfig, tensors dequantized one at a time by
-the `gguf` package, and llama.cpp's q/k row permutation undone (its interleaved RoPE layout)."""
+the `gguf` package, and llama.cpp's q/k row permutation undone (its interleaved RoPE layout).
+
+Onto a mesh, each process dequantizes only the rows and quant blocks of its own shards, `_CHUNK`
+bytes at a time: ggml stores a tensor row by row, each row a run of independent quant blocks,
+so a block decodes to the same bits as the whole tensor.
+"""
 
 import contextlib
 import os
@@ -24,7 +29,7 @@ _GGUF_NAMES = {
     ("norm",): "output_norm.weight",
     ("lm_head",): "output.weight",
 }
-
+_CHUNK = 16 << 20  # bytes of float32 dequantized at a time for a block
 
 
 def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -73,9 +78,37 @@ def gguf_config(reader, path: str, dtype: str) -> model.ModelConfig:
   return model.config_from_hf(hf, dtype=dtype, source=path)
 
 
+def _dequantize(t, data: np.ndarray, path: str) -> np.ndarray:
+  """`data` (rows of tensor t as stored) -> float32."""
+  import gguf
+
+  try:
+    return np.asarray(gguf.quants.dequantize(data, t.tensor_type), np.float32)
+  except Exception as e:
+    raise CheckpointError(f"{path}: cannot dequantize tensor {t.name!r} ({t.tensor_type.name}): {e}") from None
+
+
+def read_rows(t, rows: np.ndarray, cols: range, path: str) -> np.ndarray:
+  """Columns `cols` of the stored rows `rows` of a GGUF tensor (one row when 1D), dequantizing
+  only the quant blocks holding those columns, `_CHUNK` bytes of output at a time."""
+  import gguf
+
+  data = t.data.reshape(-1, t.data.shape[-1])
+  block, size = gguf.GGML_QUANT_SIZES[t.tensor_type] if data.dtype == np.uint8 else (1, 1)
+  first, last = cols.start // block, -(-cols.stop // block)
+  skip = cols.start - first * block
+  out = np.empty((len(rows), len(cols)), np.float32)
+  step = max(1, _CHUNK // (4 * block * max(1, last - first)))
+  for a in range(0, len(rows), step):
+    part = _dequantize(t, data[rows[a:a + step], first * size:last * size], path)
+    out[a:a + step] = part.reshape(len(part), -1)[:, skip:skip + len(cols)]
+  return out
+
+
 @contextlib.contextmanager
 def gguf_leaves(path: str, dtype: str):
-  """(cfg, leaves) of a llama.cpp GGUF file, dequantizing one tensor at a time."""
+  """(cfg, leaves) of a llama.cpp GGUF file, dequantizing one tensor at a time, or, onto a mesh,
+  the blocks of rows and columns a process's devices hold (`read_rows`)."""
   import gguf
 
   if not os.path.exists(path):
@@ -92,21 +125,27 @@ def gguf_leaves(path: str, dtype: str):
     for i in range(cfg.num_layers if key[0] == "layers" else 1):
       gguf_to_hf[hf_pattern.format(i=i)] = pattern.format(i=i)
 
+  def heads(name):
+    return {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}.get(name.split(".")[-2])
+
   def get(name):
     t = by_name[gguf_to_hf[name]]
-    try:
-      w = gguf.quants.dequantize(t.data, t.tensor_type)
-    except Exception as e:
-      raise CheckpointError(f"{path}: cannot dequantize tensor {t.name!r} ({t.tensor_type.name}): {e}") from None
-    w = np.asarray(w, np.float32).reshape([int(s) for s in reversed(t.shape)])
-    if name.endswith("q_proj.weight"):
-      w = unpermute_rows(w, cfg.num_heads)
-    elif name.endswith("k_proj.weight"):
-      w = unpermute_rows(w, cfg.num_kv_heads)
-    return w
+    w = _dequantize(t, t.data, path).reshape([int(s) for s in reversed(t.shape)])
+    return w if heads(name) is None else unpermute_rows(w, heads(name))
 
-  names = {hf for hf, g in gguf_to_hf.items() if g in by_name}
-  yield cfg, tensors.leaf_readers(get, names, cfg, source=path)
+  def get_block(name, index):
+    t = by_name[gguf_to_hf[name]]
+    shape = tuple(int(s) for s in reversed(t.shape))
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    rows = np.arange(shape[0])
+    rows = rows if heads(name) is None else unpermute_rows(rows, heads(name))  # HF row -> stored row
+    rows = rows[index[0]] if len(shape) == 2 else np.zeros(1, int)
+    return read_rows(t, rows, range(shape[-1])[index[-1]], path).reshape(
+        tuple(len(range(n)[s]) for n, s in zip(shape, index)))
+
+  names = {hf: tuple(int(s) for s in reversed(by_name[g].shape)) for hf, g in gguf_to_hf.items()
+           if g in by_name}
+  yield cfg, tensors.leaf_readers(get, names, cfg, source=path, get_block=get_block)
 
 
 def load_gguf(path: str, dtype: str = "float32", shardings=None) -> tuple[model.ModelConfig, dict]:

@@ -169,10 +169,11 @@ def scorers(c, s: pipeline.Setup, path: str, judge_inline: bool = False) -> tupl
 
 
 def _coherence(c, s: pipeline.Setup) -> CoherenceScorer:
-  """The reference is the run's own unperturbed model (LoRA merged) unless coherence.model_path."""
+  """The reference is the run's own unperturbed model (LoRA merged) unless coherence.model_path,
+  read onto the run's mesh like the model (each process its shards, never the whole model)."""
   params, cfg, label = s.model.params, s.model.cfg, "the run's model at the origin"
   if c.coherence.model_path:
-    ref = pipeline.load_model(c.coherence.model_path, c.model.dtype)
+    ref = pipeline.load_model(c.coherence.model_path, c.model.dtype, mesh=s.mesh)
     params, cfg, label = ref.params, ref.cfg, c.coherence.model_path
   return CoherenceScorer(params, cfg, s.prompts.ids, s.spec, c.coherence.max_nll, label)
 
