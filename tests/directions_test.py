@@ -99,9 +99,11 @@ class RandomDirectionTest(parameterized.TestCase):
     path = os.path.join(self.create_tempdir().full_path, "dirs.safetensors")
     directions.save_safetensors(path, ds, self.cfg)
     same(directions.load_safetensors(path, self.cfg, dtype="bfloat16"), ds)
+    want = directions.stack([directions.stack([ds[0]]), directions.stack([ds[1]])])
     stacked = directions.stack_grouped([[ds[0]], [ds[1]]], sharding.make_mesh((1, 1)))
-    same(stacked, directions.stack([directions.stack([ds[0]]), directions.stack([ds[1]])]))
+    same(stacked, want)
     self.assertEqual(stacked["layers"]["q_proj"].shape, (2, 1) + self.params["layers"]["q_proj"].shape)
+    self.assertEqual(jax.tree.leaves(ds), [], "stacking frees the directions' leaves")
 
   def test_safetensors_round_trip_and_torch_interop(self):
     from safetensors.torch import load_file

@@ -242,12 +242,21 @@ def _stack_grid(*parts, shape):
 
 def stack_grouped(groups: list[list[dict]], mesh) -> dict:
   """[[d_c for c] for r] -> one tree of [R, C, ...] leaves, each stacked straight into its place
-  on `mesh` (the params' rules, `sharding.param_shardings`): no gathered or resharded copy."""
+  on `mesh` (the params' rules, `sharding.param_shardings`).
+
+  Consumes `groups`: each leaf leaves its direction as soon as it is stacked, so the directions
+  are held once plus one stacked leaf, never twice (#16)."""
   flat = [d for comps in groups for d in comps]
   shape = (len(groups), len(groups[0]))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(shape + x.shape, x.dtype), flat[0])
   targets = sharding.param_shardings(abstract, mesh)
-  return jax.tree.map(lambda t, a, *xs: _stage(_stack_grid, t, shape=a.shape)(*xs), targets, abstract, *flat)
+  out = {}
+  for keys, a in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+    path = tuple(k.key for k in keys)
+    parts = [tensors.pop_leaf(d, path) for d in flat]
+    tensors.set_leaf(out, path, _stage(_stack_grid, tensors.get_leaf(targets, path), shape=a.shape)(*parts))
+    del parts
+  return out
 
 
 def _entries(directions: list[dict], cfg: model.ModelConfig) -> list[tuple]:

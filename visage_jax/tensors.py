@@ -70,6 +70,11 @@ def get_leaf(tree: dict, path: tuple[str, ...]):
   return tree
 
 
+def pop_leaf(tree: dict, path: tuple[str, ...]):
+  """Removes and returns tree[path] (its dicts stay, maybe empty)."""
+  return get_leaf(tree, path[:-1]).pop(path[-1])
+
+
 def set_leaf(tree: dict, path, value):
   """tree[path] = value in place, creating the dicts on the way (get_leaf's inverse)."""
   for k in path[:-1]:
