@@ -89,6 +89,14 @@ def to_hf_tensors(params: dict, cfg: model.ModelConfig) -> dict[str, np.ndarray]
   return out
 
 
+def gather_hf_tensor(tree: dict, path: tuple[str, ...], layer: int | None) -> np.ndarray:
+  """One HF tensor of a params-shaped tree on any mesh, in HF layout: only that tensor is gathered,
+  from every process holding a part of it (a collective: every process calls it)."""
+  leaf = get_leaf(tree, path)
+  t = np.asarray(sharding.to_host(leaf if layer is None else leaf[layer]))
+  return t.T if HF_NAMES[path][1] else t
+
+
 @dataclasses.dataclass(frozen=True)
 class LeafReader:
   """How one params leaf is read from its HF tensors: whole (`read()`), or, where the format
