@@ -18,9 +18,14 @@ import distributed_main
 import fixtures
 import jobs_main
 import memory_main
-from visage_jax import checkpoints, distributed, finetune, landscape, pipeline, sweep
+from visage_jax import checkpoints, distributed, finetune, landscape, pipeline, sweep, tensors
 
 TIMEOUT = 300  # seconds for both processes: a hung collective fails the test instead of CI
+
+
+def _json(path):
+  with open(path) as f:
+    return json.load(f)
 
 
 def _generations(workdir):
@@ -157,6 +162,8 @@ class TwoProcessJobsTest(absltest.TestCase):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0)
     self.assertTrue(os.path.exists(os.path.join(two, "ft", "hf", "model.safetensors")))
+    self.assertEqual(*[{k: v for k, v in _json(os.path.join(d, "ft", "eval.json")).items() if k != "seconds"}
+                       for d in (two, one)])
 
     written = [{w[1] for w in r["writes"]} for r in reports]
     self.assertEqual(written[0] & written[1], set(), "a file written by both processes")
@@ -171,14 +178,15 @@ class TwoProcessJobsTest(absltest.TestCase):
 class TwoProcessMemoryTest(absltest.TestCase):
 
   def test_no_process_holds_the_model_or_a_whole_leaf(self):
-    """Issue #16 at small scale: a 2D_interpolation-random landscape on a (1, 8) mesh over two
-    processes (the model axis spans both; tests/memory_main.py). In each process the traced host
-    memory (numpy buffers) of loading, drawing, differencing, saving and decoding, of the whole
-    run, and of converting the model on the mesh, stays under half the params tree; loading
-    and converting read no whole leaf and stay under 3/4 of the largest (the process's half of
-    it plus one layer's tensor). Gathering the tree, or reading whole leaves as loading did
-    before, exceeds these bounds. Generations and directions.safetensors equal the one-process
-    run's; the converted copy, written by both processes, reads back as the loaded shards."""
+    """Issue #16 at small scale: a 2D_interpolation-random landscape, a LoRA fine-tune and a
+    conversion on a (1, 8) mesh over two processes (the model axis spans both;
+    tests/memory_main.py). In each process the traced host memory (numpy buffers) of loading,
+    drawing, differencing, saving and decoding, of training and exporting (model/, hf/, the
+    evaluation), of converting, and of each whole run, stays under half the params tree; loading
+    and converting read no whole leaf and stay under 3/4 of the largest (the process's half of it
+    plus one layer's tensor). Gathering the tree (as the export did), or reading whole leaves as
+    loading did before, exceeds these bounds. Every result equals the one-process run's; the
+    converted copy, written by both processes, reads back as the loaded shards."""
     root = self.create_tempdir().full_path
     model_dir, target_dir, prompts = (os.path.join(root, "model"), os.path.join(root, "target"),
                                       fixtures.advbench_path())
@@ -187,12 +195,18 @@ class TwoProcessMemoryTest(absltest.TestCase):
                 num_key_value_heads=8)   # 68 MB of float32; gate, up and down 16.8 MB each
     fixtures.save_tiny_hf(model_dir, "llama", tokenizer=tok, seed=1, **size)
     fixtures.save_tiny_hf(target_dir, "llama", tokenizer=tok, seed=2, **size)
-    two, one = os.path.join(root, "two"), os.path.join(root, "one")
-    reference = lambda: landscape.run(memory_main.memory_config(model_dir, target_dir, prompts, mesh=(1, 1)),
-                                      one, progress=False)
+    two, one, ref = os.path.join(root, "two"), os.path.join(root, "one"), {}
+
+    def reference():
+      landscape.run(memory_main.memory_config(model_dir, target_dir, prompts, mesh=(1, 1)),
+                    os.path.join(one, "landscape"), progress=False)
+      ref["ft"] = finetune.run(memory_main.finetune_config(model_dir, prompts, mesh=(1, 1)),
+                               os.path.join(one, "ft"), progress=False)
+
     reports = _run_two("memory_main.py", [model_dir, target_dir, prompts, two], root, reference, TIMEOUT)
     for r in reports:
-      print("memory:", json.dumps(r))
+      print("memory:", json.dumps({k: v for k, v in r.items() if k != "finetune"}, sort_keys=True))
+      print("memory (finetune):", json.dumps(r["finetune"]["stages"], sort_keys=True))
       stages, half_tree, leaf_bound = r["stages"], r["tree_bytes"] // 2, 3 * r["leaf_bytes"] // 4
       self.assertEqual((stages["complete"], r["spans"], stages["whole_reads"]), (True, True, 0))
       for stage in ("load", "random", "interpolation", "save", "decode", "run", "convert"):
@@ -200,14 +214,40 @@ class TwoProcessMemoryTest(absltest.TestCase):
       self.assertTrue(r["converted_equal"], "the converted copy differs from the loaded model")
       self.assertLess(stages["load"], leaf_bound)
       self.assertLess(stages["convert"], leaf_bound)
+      for stage in ("load", "train", "export", "model", "hf", "eval", "run"):
+        self.assertLess(r["finetune"]["stages"][stage], half_tree, f"finetune {stage}")
       self.assertGreater(r["whole_tree"], half_tree, "the bound could not fail")
       self.assertGreater(r["whole_leaves"], leaf_bound, "the load bound could not fail")
-    self.assertEqual(_generations(two), _generations(one), "tokens differ from the one-process run")
-    with open(os.path.join(two, "directions.safetensors"), "rb") as f, \
-         open(os.path.join(one, "directions.safetensors"), "rb") as g:
+      self.assertTrue(r["finetune"]["summary"]["complete"])
+      np.testing.assert_allclose(r["finetune"]["summary"]["losses"], ref["ft"]["losses"], rtol=1e-5)
+    self.assertEqual(_generations(os.path.join(two, "landscape")), _generations(os.path.join(one, "landscape")),
+                     "tokens differ from the one-process run")
+    with open(os.path.join(two, "landscape", "directions.safetensors"), "rb") as f, \
+         open(os.path.join(one, "landscape", "directions.safetensors"), "rb") as g:
       self.assertEqual(f.read(), g.read(), "directions differ from the one-process run's")
     writers = os.listdir(os.path.join(root, "converted", "params", "layers.gate_proj"))
     self.assertContainsSubset({"ocdbt.process_0", "ocdbt.process_1"}, writers)
+    self._check_finetune(os.path.join(two, "ft"), os.path.join(one, "ft"))
+
+  def _check_finetune(self, two: str, one: str):
+    """The adapter and the hf/ export equal the one-process run's, hf/ equals model/ bit for bit,
+    and the evaluation decodes the same tokens."""
+    want = load_file(os.path.join(one, "lora.safetensors"))
+    self.assertGreater(max(np.abs(v).max() for k, v in want.items() if "lora_B" in k), 1e-4, "B still zero")
+    got = load_file(os.path.join(two, "lora.safetensors"))
+    self.assertEqual(sorted(got), sorted(want))
+    for k in want:
+      np.testing.assert_allclose(got[k], want[k], atol=1e-6, rtol=0, err_msg=k)
+    hf_two, hf_one = (load_file(os.path.join(d, "hf", "model.safetensors")) for d in (two, one))
+    cfg, params = checkpoints.load_params(os.path.join(two, "model"))
+    converted = tensors.to_hf_tensors(params, cfg)
+    self.assertEqual(sorted(hf_two), sorted(converted))
+    for k, v in converted.items():
+      self.assertEqual((hf_two[k].dtype, hf_two[k].shape), (v.dtype, v.shape), k)
+      np.testing.assert_array_equal(hf_two[k], v, err_msg=f"hf/ and model/ differ at {k}")
+      np.testing.assert_allclose(hf_two[k], hf_one[k], atol=1e-6, rtol=0, err_msg=k)
+    self.assertEqual(*[{k: v for k, v in _json(os.path.join(d, "eval.json")).items() if k != "seconds"}
+                       for d in (two, one)])
 
 
 class InitializeTest(parameterized.TestCase):

@@ -24,7 +24,8 @@ def sweep_config(model_dir, prompts_path, mesh):
 
 
 def finetune_config(model_dir, data_path, mesh):
-  """3 steps of a rank-4 LoRA, 4 rows x 2 micro-batches per step; exports lora, model/ and hf/."""
+  """3 steps of a rank-4 LoRA, 4 rows x 2 micro-batches per step; exports lora, model/ and hf/, and
+  evaluates 2 prompts (rows padded to the mesh's data axis)."""
   from visage_jax import finetune
 
   c = finetune.default_config()
@@ -33,6 +34,7 @@ def finetune_config(model_dir, data_path, mesh):
                  max_length=64)
   c.lora.update(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))
   c.export.hf = True
+  c.eval.update(alignment=True, max_new_tokens=4, prompts=2, benign=False)
   c.mesh.shape = mesh
   return c
 

@@ -1,21 +1,25 @@
-"""One of two processes of a landscape on a (1, 8) mesh (4 virtual CPU devices each), with the
-host memory of its stages traced.
+"""One of two processes of a landscape and a LoRA fine-tune on a (1, 8) mesh (4 virtual CPU
+devices each), with the host memory of their stages traced.
 
   python tests/memory_main.py MODEL_DIR TARGET_DIR PROMPTS WORKDIR REPORT PROCESS_ID PORT
 
-A 2D_interpolation-random landscape loads the model, loads the target and takes the
-interpolation difference, draws a random direction, writes directions.safetensors and
-decodes; then the model is converted onto the mesh (each process writing its shards) into
-WORKDIR/../converted and read back. tracemalloc follows numpy's host buffers (what a process
-stages on its way to a device), not the devices' own buffers, which on a pod are accelerator
-memory. REPORT gets each stage's peak above the traced memory at its start, the run's peak
-above the traced memory before it (Python's caches, figures and all), how often a whole leaf
-was read, whether the converted copy equals the loaded shards, and, so that the test can show
-its bounds bite, the peaks of what the run must not do: gather the params tree into one host,
-and read whole leaves one after another (the loading before issue #16).
+A 2D_interpolation-random landscape (WORKDIR/landscape) loads the model, loads the target and
+takes the interpolation difference, draws a random direction, writes directions.safetensors and
+decodes; a fine-tune (WORKDIR/ft) trains 2 steps and exports lora.safetensors, model/, hf/ and
+eval.json; then the model is converted onto the mesh (each process writing its shards) into
+WORKDIR/../converted and read back. tracemalloc follows numpy's host buffers (what a process stages on its way to a
+device), not the devices' own buffers, which on a pod are accelerator memory. REPORT gets each
+stage's peak above the traced memory at its start, each run's peak above the traced memory
+before it (Python's caches, figures and all), how often a whole leaf was read, whether the
+converted copy equals the loaded shards, and, so that the
+test can show its bounds bite, the peaks of what the runs must not do: gather the params tree
+into one host (what the fine-tune's export did before issue #16), and read whole leaves one
+after another (the loading before it).
 """
 
+import contextlib
 import functools
+import inspect
 import json
 import os
 import tracemalloc
@@ -36,20 +40,42 @@ def memory_config(model_dir, target_dir, prompts_path, mesh=(1, 8)):
   return c
 
 
+def finetune_config(model_dir, prompts_path, mesh=(1, 8)):
+  """2 steps of a rank-4 LoRA on 4 AdvBench rows >= 80; exports lora, model/, hf/ and the
+  evaluation of 2 prompts, 4 tokens each."""
+  from visage_jax import finetune
+
+  c = finetune.default_config()
+  c.model.path = model_dir
+  c.data.update(name="harmful_4", advbench_path=prompts_path)
+  c.train.update(steps=2, batch_size=2, lr=3e-4, warmup_steps=0, checkpoint_every=2, max_length=128)
+  c.lora.update(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))
+  c.export.hf = True
+  c.eval.update(alignment=True, max_new_tokens=4, prompts=2, benign=False)
+  c.mesh.shape = mesh
+  return c
+
+
+def _flush(stages: dict) -> None:
+  """The traced peak since the last reset, above their start, into every open stage."""
+  peak = tracemalloc.get_traced_memory()[1]
+  for name, start in stages["open"]:
+    stages[name] = max(stages.get(name, 0), peak - start)
+  tracemalloc.reset_peak()
+
+
 def traced(stages: dict, name: str, fn):
-  """fn, the largest peak of its calls above the traced memory at their start kept in stages[name]."""
+  """fn, the largest peak of its calls above the traced memory at their start kept in stages[name]
+  (stages may nest: the enclosing ones see the peaks of those inside)."""
   @functools.wraps(fn)
   def run(*args, **kwargs):
-    stages["run"] = max(stages["run"], tracemalloc.get_traced_memory()[1] - stages["base"])
-    start = tracemalloc.get_traced_memory()[0]
-    tracemalloc.reset_peak()
+    _flush(stages)
+    stages["open"].append((name, tracemalloc.get_traced_memory()[0]))
     try:
       return fn(*args, **kwargs)
     finally:
-      peak = tracemalloc.get_traced_memory()[1]
-      stages[name] = max(stages.get(name, 0), peak - start)
-      stages["run"] = max(stages["run"], peak - stages["base"])
-      tracemalloc.reset_peak()
+      _flush(stages)
+      stages["open"].pop()
   return run
 
 
@@ -97,6 +123,20 @@ def copy_transfers() -> None:
   pxla.batched_device_put = put
 
 
+def copy_fetches() -> None:
+  """Every device-to-host fetch (jax.device_get, process_allgather) a copy in numpy's traced
+  memory: on the CPU backend a fetched jax.Array is a view of its device buffer, so a host's copy
+  of a gathered value (on a pod, out of accelerator memory) would go untraced."""
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  def copied(fetch):
+    return lambda *args, **kwargs: jax.tree.map(lambda x: np.array(x, copy=True), fetch(*args, **kwargs))
+  jax.device_get = copied(jax.device_get)
+  multihost_utils.process_allgather = copied(multihost_utils.process_allgather)
+
+
 def peak_of(fn) -> int:
   """Peak traced memory while fn runs, above the traced memory before it."""
   base = tracemalloc.get_traced_memory()[0]
@@ -105,29 +145,58 @@ def peak_of(fn) -> int:
   return tracemalloc.get_traced_memory()[1] - base
 
 
-def trace_run(c, workdir: str) -> dict:
+@contextlib.contextmanager
+def tracing(stages: dict, wrap: dict):
+  """Traces each {(module, name): stage} (a generator function step by step) while the block
+  runs, and the block as stage "run"."""
+  real = {k: getattr(*k) for k in wrap}
+  for (module, name), stage in wrap.items():
+    fn = real[(module, name)]
+    setattr(module, name, (traced_iter if inspect.isgeneratorfunction(fn) else traced)(stages, stage, fn))
+  tracemalloc.reset_peak()
+  stages["open"] = [("run", tracemalloc.get_traced_memory()[0])]
+  try:
+    yield stages
+  finally:
+    _flush(stages)
+    del stages["open"]
+    for (module, name), fn in real.items():
+      setattr(module, name, fn)
+
+
+def trace_landscape(c, workdir: str) -> dict:
   """landscape.run(c, workdir) with its stages traced; returns the stages' peaks."""
   from visage_jax import checkpoints, directions, landscape, pipeline, tensors
 
-  stages = {"run": 0, "whole_reads": 0}
+  stages = {"whole_reads": 0}
   whole_read = tensors.LeafReader.__call__
 
   def counted(self):
     stages["whole_reads"] += 1
     return whole_read(self)
 
+  wrap = {(checkpoints, "load_params"): "load", (directions, "random_direction"): "random",
+          (directions, "interpolation_direction"): "interpolation", (directions, "save_safetensors"): "save",
+          (pipeline, "evaluate"): "decode"}
   tensors.LeafReader.__call__ = counted
-  checkpoints.load_params = traced(stages, "load", checkpoints.load_params)
-  directions.random_direction = traced(stages, "random", directions.random_direction)
-  directions.interpolation_direction = traced(stages, "interpolation", directions.interpolation_direction)
-  directions.save_safetensors = traced(stages, "save", directions.save_safetensors)
-  pipeline.evaluate = traced_iter(stages, "decode", pipeline.evaluate)
-  tracemalloc.start()
-  stages["base"] = tracemalloc.get_traced_memory()[0]
-  stages["complete"] = landscape.run(c, workdir, progress=False)["complete"]
-  stages["run"] = max(stages["run"], tracemalloc.get_traced_memory()[1] - stages.pop("base"))
-  tensors.LeafReader.__call__ = whole_read
+  try:
+    with tracing(stages, wrap):
+      stages["complete"] = landscape.run(c, workdir, progress=False)["complete"]
+  finally:
+    tensors.LeafReader.__call__ = whole_read
   return stages
+
+
+def trace_finetune(c, workdir: str) -> dict:
+  """finetune.run(c, workdir) with its stages traced; returns their peaks and the summary."""
+  from visage_jax import checkpoints, finetune
+
+  wrap = {(checkpoints, "load_params"): "load", (finetune, "_train"): "train", (finetune, "_export"): "export",
+          (checkpoints, "save_converted"): "model", (finetune, "export_hf"): "hf",
+          (finetune, "evaluate_alignment"): "eval"}
+  with tracing({}, wrap) as stages:
+    summary = finetune.run(c, workdir, progress=False)
+  return dict(stages=stages, summary=summary)
 
 
 def main(model_dir, target_dir, prompts_path, workdir, report, process_id, port):
@@ -145,20 +214,25 @@ def main(model_dir, target_dir, prompts_path, workdir, report, process_id, port)
            jax.tree.leaves(model.param_shapes(cfg), is_leaf=lambda s: isinstance(s, tuple))]
   checkpoints.load_tokenizer(model_dir)  # imports transformers and torch before tracing
   import orbax.checkpoint  # noqa: F401  (imported by the run's first save)
+  from visage_jax import finetune  # noqa: F401  (imports optax before tracing)
   copy_transfers()
-  out = dict(stages=trace_run(c, workdir), tree_bytes=sum(sizes), leaf_bytes=max(sizes))
+  copy_fetches()
+  tracemalloc.start()
+  out = dict(stages=trace_landscape(c, os.path.join(workdir, "landscape")),
+             finetune=trace_finetune(finetune_config(model_dir, prompts_path), os.path.join(workdir, "ft")),
+             tree_bytes=sum(sizes), leaf_bytes=max(sizes))
 
   mesh = sharding.make_mesh((1, 8))
-  _, params = checkpoints.load_params.__wrapped__(model_dir, shardings=mesh)
+  _, params = checkpoints.load_params(model_dir, shardings=mesh)
   out["spans"] = all(not x.is_fully_addressable for x in jax.tree.leaves(params))
   converted = os.path.join(os.path.dirname(os.path.abspath(workdir)), "converted")
   out["stages"]["convert"] = peak_of(lambda: checkpoints.convert(model_dir, converted, shardings=mesh))
-  _, back = checkpoints.load_params.__wrapped__(converted, shardings=mesh)
+  _, back = checkpoints.load_params(converted, shardings=mesh)
   out["converted_equal"] = all(
       a.index == b.index and np.array_equal(np.asarray(a.data), np.asarray(b.data))
       for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(back))
       for a, b in zip(x.addressable_shards, y.addressable_shards))
-  out["whole_tree"] = peak_of(lambda: jax.tree.map(np.array, sharding.to_host(params)))
+  out["whole_tree"] = peak_of(lambda: sharding.to_host(params))
   file = safe_open(os.path.join(model_dir, "model.safetensors"), framework="numpy")
 
   def whole_leaves():

@@ -1,5 +1,6 @@
 """Blocks of safetensors tensors read with pread: numpy's slices of the whole tensor, bit for bit;
-leaves built from blocks equal the whole read's slices; damaged files named."""
+leaves built from blocks equal the whole read's slices; damaged files named. Streamed files are
+what safetensors reads, each tensor produced after the one before it was written."""
 
 import json
 import os
@@ -104,6 +105,44 @@ class LeafBlockTest(parameterized.TestCase):
         np.testing.assert_array_equal(got, leaf[index], err_msg=f"{leaf_path} {index}")
         checked += 1
     self.assertEqual(checked, 3 * len(readers))
+
+
+class WriteStreamedTest(absltest.TestCase):
+
+  def test_streamed_file_is_read_by_safetensors_one_tensor_at_a_time(self):
+    """safetensors (torch, every dtype) reads back each tensor and the metadata; when a tensor is
+    produced, the writer holds none before it (every process produces, only writers write)."""
+    import weakref
+    from safetensors import safe_open
+    rng = np.random.default_rng(0)
+    arrays = {"b.w": rng.standard_normal((5, 3)).astype(jnp.bfloat16), "a.n": np.arange(7, dtype=np.float32),
+              "c.h": rng.standard_normal((2, 3, 4)).astype(np.float16), "d.i": np.arange(6, dtype=np.int32)}
+    root = self.create_tempdir().full_path
+    path, produced, held = os.path.join(root, "s.safetensors"), [], []
+
+    def produce(key):
+      held.append([k for k, alive in produced if alive() is not None])
+      t = np.array(arrays[key], order="F")   # a fresh array, any layout: the writer makes it contiguous
+      produced.append((key, weakref.ref(t)))
+      return t
+    keys = ["b.w", "a.n", "c.h", "d.i"]
+    entries = [(k, arrays[k].dtype, arrays[k].shape, lambda k=k: produce(k)) for k in keys]
+    for write in (False, True):
+      produced.clear(), held.clear()
+      safetensors_file.write_streamed(path, entries, metadata={"format": "pt"}, write=write)
+      self.assertEqual([k for k, _ in produced], keys)
+      self.assertEqual(held, [[]] * len(keys), "a tensor held while the next was produced")
+      self.assertEqual(os.listdir(root), ["s.safetensors"] if write else [])
+    with open(path, "rb") as f:
+      (n,) = struct.unpack("<Q", f.read(8))
+    self.assertEqual(n % 8, 0)
+    with safe_open(path, framework="pt") as f:
+      self.assertEqual(f.metadata(), {"format": "pt"})
+      self.assertEqual(sorted(f.keys()), sorted(keys))
+      for k in keys:
+        got, want = f.get_tensor(k), arrays[k]
+        self.assertEqual(str(got.dtype), f"torch.{want.dtype}")
+        np.testing.assert_array_equal(got.float().numpy(), want.astype(np.float32), err_msg=k)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,8 @@ import functools
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from visage_jax import judges, model, prompts
+from visage_jax import judges, model, prompts, sharding
 from visage_jax.judges import KeywordTables
 
 
@@ -221,17 +220,25 @@ def pad_id_of(tokenizer) -> int:
 
 def generate(params: dict, cfg: model.ModelConfig, token_lists: list[list[int]], *,
              max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int,
-             fixed_length: bool = False, batch_bucket: bool = True) -> list[list[int]]:
-  """Host-side wrapper: buckets prompt length (and batch), runs `greedy`, trims each row."""
+             fixed_length: bool = False, batch_bucket: bool = True,
+             mesh: jax.sharding.Mesh | None = None) -> list[list[int]]:
+  """Host-side wrapper: buckets prompt length (and batch), runs `greedy`, trims each row.
+
+  `mesh`: the params' mesh (also over several processes): the rows split over "data", the
+  params stay where they are.
+  """
   if not token_lists:
     return []
   length = prompts.bucket_length(max(len(t) for t in token_lists))
   rows = list(token_lists)
   if batch_bucket:
     rows += [rows[-1]] * (prompts.bucket_rows(len(rows)) - len(rows))
+  if mesh is not None:
+    rows += [rows[-1]] * (-len(rows) % mesh.shape["data"])
   tokens, mask = prompts.left_pad(rows, length, pad_id)
+  place = jnp.asarray if mesh is None else lambda x: sharding.put(x, sharding.batch_sharding(mesh, 2))
   spec = DecodeSpec(max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids), pad_id=pad_id,
                     fixed_length=fixed_length)
-  gen = greedy(params, jnp.asarray(tokens), jnp.asarray(mask), None, None, None, cfg=cfg, spec=spec)
-  out, lengths = np.asarray(gen.tokens), np.asarray(gen.length)
+  gen = greedy(params, place(tokens), place(mask), None, None, None, cfg=cfg, spec=spec)
+  out, lengths = sharding.to_host((gen.tokens, gen.length))
   return [out[i, :lengths[i]].tolist() for i in range(len(token_lists))]

@@ -13,10 +13,8 @@ the bits are the same on one device and on any mesh.
 
 import dataclasses
 import functools
-import json
 import math
 import os
-import struct
 import zlib
 
 import jax
@@ -24,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from visage_jax import errors, model, sharding, tensors, workdir
+from visage_jax import errors, model, safetensors_file, sharding, tensors
 
 NORMS = ("layer", "filter", "none")
 _BLOCKS = 64  # partial sums per reduced axis; a "model" mesh axis dividing 64 keeps every block on one device
@@ -278,29 +276,10 @@ def save_safetensors(path: str, directions: list[dict], cfg: model.ModelConfig, 
   Streamed one HF tensor at a time (gathered from every process when a direction spans several),
   so no host holds more than one tensor of it. Every process calls it; only `write` ones write.
   """
-  entries, offset = _entries(directions, cfg), 0
-  header = {"__metadata__": {"count": str(len(directions)), "format": "visage_jax.directions"}}
-  for key, *_, hf_shape in entries:
-    size = 4 * math.prod(hf_shape)
-    header[key] = dict(dtype="F32", shape=list(hf_shape), data_offsets=[offset, offset + size])
-    offset += size
-  blob = json.dumps(header, separators=(",", ":")).encode()
-  blob += b" " * (-len(blob) % 8)   # the header is padded to 8 bytes, as safetensors pads it
-
-  def tensors_in_order():
-    for _, i, leaf_path, layer, transposed, _ in entries:
-      leaf = tensors.get_leaf(directions[i], leaf_path)
-      t = np.asarray(sharding.to_host(leaf if layer is None else leaf[layer]), np.float32)
-      yield np.ascontiguousarray(t.T if transposed else t)
-
-  if not write:
-    for _ in tensors_in_order():   # the gathers are collective: every process takes part
-      pass
-    return
-  with workdir.atomic(path) as tmp, open(tmp, "wb") as f:
-    f.write(struct.pack("<Q", len(blob)) + blob)
-    for t in tensors_in_order():
-      f.write(t.tobytes())
+  entries = [(key, np.float32, hf_shape, functools.partial(tensors.gather_hf_tensor, directions[i], leaf_path, layer))
+             for key, i, leaf_path, layer, _, hf_shape in _entries(directions, cfg)]
+  safetensors_file.write_streamed(path, entries, write=write, metadata={
+      "count": str(len(directions)), "format": "visage_jax.directions"})
 
 
 def _read_direction(f, i: int, cfg: model.ModelConfig, shardings, source: str) -> dict:

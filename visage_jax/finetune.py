@@ -12,7 +12,8 @@ benign_responses.jsonl (self-distillation cache), lora.safetensors, model/ (conv
 
 With several processes every process runs the same steps on one global mesh (the batch split over
 "data", params and Adam moments sharded like the params); process 0 writes every file but the
-orbax checkpoints and model/, whose shards their holders write; barriers follow the writes.
+orbax checkpoints and model/, whose shards their holders write; barriers follow the writes. No
+process gathers the model: hf/ streams one HF tensor at a time, the evaluation decodes on the mesh.
 """
 
 import dataclasses
@@ -24,25 +25,27 @@ import jax
 import jax.numpy as jnp
 
 from visage_jax import (checkpoints, decode, distributed, errors, judges, lora, model, pipeline, plotting,
-                        prompts, sharding, tensors, training, trainsets)
+                        prompts, safetensors_file, sharding, tensors, training, trainsets)
 from visage_jax import workdir as wd  # `workdir` names run directories here
 
 # ------------------------------------------------------------------ HF export
 
 
-def export_hf(path: str, params: dict, cfg: model.ModelConfig, tokenizer) -> None:
-  """A transformers directory: model.safetensors + config.json + the tokenizer."""
-  from safetensors.numpy import save_file
+def export_hf(path: str, params: dict, cfg: model.ModelConfig, tokenizer, write: bool = True) -> None:
+  """A transformers directory: model.safetensors (the params' dtype) + config.json + the tokenizer.
 
-  os.makedirs(path, exist_ok=True)
+  The weights stream one HF tensor at a time from params on any mesh, so no host holds the model.
+  Every process calls it (the gathers are collective); only `write` ones write.
+  """
+  safetensors_file.write_streamed(os.path.join(path, "model.safetensors"), tensors.hf_entries(params, cfg),
+                                  metadata={"format": "pt"}, write=write)
+  if not write:
+    return
   hf = model.config_to_hf(cfg)
   for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
     if getattr(tokenizer, key, None) is not None:
       hf[key] = int(getattr(tokenizer, key))
-  save_file(tensors.to_hf_tensors(params, cfg), os.path.join(path, "model.safetensors"),
-            metadata={"format": "pt"})
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(hf, f, indent=2)
+  wd.write_atomic(os.path.join(path, "config.json"), json.dumps(hf, indent=2))
   tokenizer.save_pretrained(path)
 
 
@@ -50,16 +53,18 @@ def export_hf(path: str, params: dict, cfg: model.ModelConfig, tokenizer) -> Non
 
 
 def _greedy_texts(params, cfg, tokenizer, goals, *, template, system_prompt, max_new_tokens,
-                  batch=160) -> tuple[list[str], list[bool]]:
+                  batch=160, mesh=None) -> tuple[list[str], list[bool]]:
   """Greedy answers (decoded text) and whether each ended with EOS within the budget; the
-  evaluation's 100 prompts and the 152 distilled ones are one batch (one compile) each."""
+  evaluation's 100 prompts and the 152 distilled ones are one batch (one compile) each; params
+  on `mesh` stay there."""
   texts = [prompts.format_prompt(g, tokenizer, template, system_prompt) for g in goals]
   ids = prompts.tokenize_prompts(texts, tokenizer, template)
   eos_ids = decode.eos_ids_of(tokenizer)
   out = []
   for i in range(0, len(ids), batch):
     out += decode.generate(params, cfg, ids[i:i + batch], max_new_tokens=max_new_tokens,
-                           eos_ids=eos_ids, pad_id=decode.pad_id_of(tokenizer), batch_bucket=False)
+                           eos_ids=eos_ids, pad_id=decode.pad_id_of(tokenizer), batch_bucket=False,
+                           mesh=mesh)
   return ([tokenizer.decode(o, skip_special_tokens=True) for o in out],
           [bool(o) and o[-1] in eos_ids for o in out])
 
@@ -67,14 +72,15 @@ def _greedy_texts(params, cfg, tokenizer, goals, *, template, system_prompt, max
 def evaluate_alignment(params: dict, cfg: model.ModelConfig, tokenizer, max_new_tokens: int = 64, *,
                        advbench_path: str = "",
                        benign_path: str = "", template: str = "auto",
-                       system_prompt: str = "default", n_prompts: int = 80, benign: bool = True) -> dict:
+                       system_prompt: str = "default", n_prompts: int = 80, benign: bool = True,
+                       mesh: jax.sharding.Mesh | None = None) -> dict:
   """Keyword ASR on AdvBench rows 0..n_prompts-1 (at most the 80 evaluation rows) and how many of
   the 20 held-out benign instructions get an answer (no refusal keyword, at least 3 words; skipped
-  when not `benign`), greedy, the landscape's prompt format."""
+  when not `benign`), greedy, the landscape's prompt format; params on `mesh` decode there."""
   goals = trainsets.eval_goals(advbench_path)[:n_prompts]
   held = trainsets.benign_split(benign_path)[1] if benign else []
   gens, _ = _greedy_texts(params, cfg, tokenizer, goals + held, template=template,
-                          system_prompt=system_prompt, max_new_tokens=max_new_tokens)
+                          system_prompt=system_prompt, max_new_tokens=max_new_tokens, mesh=mesh)
   harmful, benign = gens[:len(goals)], gens[len(goals):]
   jailbroken = [judges.is_jailbroken(g) for g in harmful]
   answered = [judges.is_jailbroken(g) and len(g.split()) >= 3 for g in benign]
@@ -187,7 +193,7 @@ def _comparable(cfg_dict: dict) -> dict:
   return out
 
 
-def _distilled_benign(c, params, cfg, tok, workdir: str) -> list[dict]:
+def _distilled_benign(c, params, cfg, tok, workdir: str, mesh) -> list[dict]:
   """The model's own greedy answers to the benign training instructions, generated once."""
   path = os.path.join(workdir, "benign_responses.jsonl")
   train, _ = trainsets.benign_split(c.data.benign_path)
@@ -198,7 +204,7 @@ def _distilled_benign(c, params, cfg, tok, workdir: str) -> list[dict]:
   if [r["prompt"] for r in rows] != train:
     texts, finished = _greedy_texts(params, cfg, tok, train, template=c.prompts.template,
                                     system_prompt=c.prompts.system_prompt,
-                                    max_new_tokens=c.data.distill_tokens)
+                                    max_new_tokens=c.data.distill_tokens, mesh=mesh)
     rows = [dict(prompt=p, response=t, eos=f, kept=bool(t.strip()) and judges.is_jailbroken(t))
             for p, t, f in zip(train, texts, finished)]
     if distributed.is_writer():
@@ -206,12 +212,12 @@ def _distilled_benign(c, params, cfg, tok, workdir: str) -> list[dict]:
   return [dict(prompt=r["prompt"], response=r["response"], eos=r["eos"]) for r in rows if r["kept"]]
 
 
-def _examples(c, params, cfg, tok, workdir: str, from_file: list[dict] | None) -> list[dict]:
+def _examples(c, params, cfg, tok, workdir: str, from_file: list[dict] | None, mesh) -> list[dict]:
   d = c.data
   if from_file is not None:
     examples = from_file
   else:
-    benign = _distilled_benign(c, params, cfg, tok, workdir) if d.name == "align" else None
+    benign = _distilled_benign(c, params, cfg, tok, workdir, mesh) if d.name == "align" else None
     examples = trainsets.build(d.name, d.advbench_path, benign, d.seed, d.benign_repeat)
   return examples[:d.limit] if d.limit > 0 else examples
 
@@ -242,7 +248,7 @@ def run(c, workdir: str, progress: bool = True, max_steps_this_run: int | None =
   t0 = time.time()
   mesh = sharding.make_mesh(tuple(c.mesh.shape))
   m = pipeline.load_model(c.model.path, c.model.dtype, c.model.lora_path, mesh=mesh)  # each process its shards
-  examples = _examples(c, m.params, m.cfg, m.tokenizer, workdir, from_file)
+  examples = _examples(c, m.params, m.cfg, m.tokenizer, workdir, from_file, mesh)
   data = training.encode_examples(examples, m.tokenizer, template=c.prompts.template,
                                   system_prompt=c.prompts.system_prompt, max_length=c.train.max_length)
   prepare_seconds = time.time() - t0
@@ -374,19 +380,15 @@ def _export(c, workdir: str, rs: _RunState, m, summary: dict) -> None:
   if c.export.model:  # every process: each writes the shards it holds
     paths["model"] = os.path.join(workdir, "model")
     checkpoints.save_converted(paths["model"], cfg, final, tok, source=m.source)
-  if not (c.export.hf or c.eval.alignment):
-    return
-  final = sharding.to_host(final)
-  if c.export.hf:
+  if c.export.hf:  # streamed from the mesh: no process gathers the model
     paths["hf"] = os.path.join(workdir, "hf")
-    if writer:
-      export_hf(paths["hf"], final, cfg, tok)
+    export_hf(paths["hf"], final, cfg, tok, write=writer)
   if c.eval.alignment:
     tic = time.time()
     ev = evaluate_alignment(final, cfg, tok, c.eval.max_new_tokens,
                             advbench_path=c.data.advbench_path, benign_path=c.data.benign_path,
                             template=c.prompts.template, system_prompt=c.prompts.system_prompt,
-                            n_prompts=c.eval.prompts, benign=c.eval.benign)
+                            n_prompts=c.eval.prompts, benign=c.eval.benign, mesh=rs.mesh)
     ev["seconds"] = round(time.time() - tic, 2)
     paths["eval"] = os.path.join(workdir, "eval.json")
     if writer:

@@ -1,5 +1,6 @@
 """Blocks of safetensors tensors read with pread: the rows and columns one device holds, with no
-file mapping and never more of the tensor in memory than the block and `_CHUNK` bytes of rows.
+file mapping and never more of the tensor in memory than the block and `_CHUNK` bytes of rows;
+and files written one tensor at a time, so a writer never holds more than one tensor.
 
 safetensors' own pread backend reads a whole tensor to slice it (an 8 MB slice of a 64 MB
 tensor peaks at 71 MB, measured) and its mmap backend maps the pages it touches, so loads onto
@@ -11,15 +12,18 @@ import json
 import math
 import os
 import struct
+from typing import Callable, Iterable
 
 import jax.numpy as jnp
 import numpy as np
 
+from visage_jax import workdir
 from visage_jax.errors import CheckpointError
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16,
            "F8_E4M3": jnp.float8_e4m3fn, "F8_E5M2": jnp.float8_e5m2, "I64": np.int64,
            "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 _CHUNK = 16 << 20  # bytes of whole rows read at a time for a column block
 
 
@@ -85,3 +89,36 @@ def read_block(fd: int, entry, index: tuple, where: str) -> np.ndarray:
     _pread_into(fd, part, offset + a * row_bytes, where)
     out[a - first:a - first + len(part)] = part[(slice(None),) + index[1:]]
   return out
+
+
+def write_streamed(path: str, entries: Iterable[tuple[str, np.dtype, tuple, Callable]], *,
+                   metadata: dict[str, str], write: bool = True) -> None:
+  """A safetensors file of `entries` (key, dtype, shape, produce), in their order, written atomically.
+
+  The header comes from the shapes, so each tensor is produced and written before the next: a
+  host holds one tensor. Every process calls this and every `produce` (it may be a collective
+  gather); only `write` ones write.
+  """
+  entries, offset = list(entries), 0
+  header = {"__metadata__": dict(metadata)}
+  for key, dtype, shape, _ in entries:
+    size = np.dtype(dtype).itemsize * math.prod(shape)
+    header[key] = dict(dtype=_NAMES[np.dtype(dtype)], shape=list(shape), data_offsets=[offset, offset + size])
+    offset += size
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)   # the header is padded to 8 bytes, as safetensors pads it
+
+  def each(f):
+    for key, dtype, shape, produce in entries:
+      t = np.ascontiguousarray(produce(), dtype)
+      assert t.shape == tuple(shape), (key, t.shape, shape)
+      if f is not None:
+        f.write(t.reshape(-1).view(np.uint8).data)
+      del t   # before the next is produced
+
+  if not write:
+    each(None)
+    return
+  with workdir.atomic(path) as tmp, open(tmp, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)) + blob)
+    each(f)

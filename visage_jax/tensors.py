@@ -94,6 +94,28 @@ def to_hf_tensors(params: dict, cfg: model.ModelConfig) -> dict[str, np.ndarray]
   return out
 
 
+def gather_hf_tensor(tree: dict, path: tuple[str, ...], layer: int | None) -> np.ndarray:
+  """One HF tensor of a params-shaped tree on any mesh, in HF layout: only that tensor is gathered,
+  from every process holding a part of it (a collective: every process calls it)."""
+  leaf = get_leaf(tree, path)
+  t = np.asarray(sharding.to_host(leaf if layer is None else leaf[layer]))
+  return t.T if HF_NAMES[path][1] else t
+
+
+def hf_entries(tree: dict, cfg: model.ModelConfig) -> list[tuple]:
+  """(HF name, dtype, HF shape, its `gather_hf_tensor`) per HF tensor of a params-shaped tree,
+  names sorted: what safetensors_file.write_streamed writes."""
+  out = []
+  for path, names in hf_tensor_names(cfg).items():
+    leaf, stacked = get_leaf(tree, path), is_stacked(path)
+    shape = tuple(leaf.shape[1:] if stacked else leaf.shape)
+    hf_shape = shape[::-1] if HF_NAMES[path][1] else shape
+    out += [(name, np.dtype(leaf.dtype), hf_shape,
+             functools.partial(gather_hf_tensor, tree, path, i if stacked else None))
+            for i, name in enumerate(names)]
+  return sorted(out, key=lambda e: e[0])
+
+
 @dataclasses.dataclass(frozen=True)
 class LeafReader:
   """How one params leaf is read from its HF tensors: whole (`read()`), or, where the format
