@@ -1,6 +1,6 @@
 """Two processes on localhost (4 virtual CPU devices each, one 4 x 2 mesh of 8) give the
-one-process landscape, sweep and fine-tune, resume alike (a fine-tune also with one process), and
-only process 0 writes; config checks, cluster detection."""
+one-process landscape, sweep, fine-tune, bench and experiment, resume alike (a fine-tune also with
+one process), and only process 0 writes; config checks, cluster detection."""
 
 import json
 import os
@@ -18,7 +18,9 @@ import distributed_main
 import fixtures
 import jobs_main
 import memory_main
-from visage_jax import checkpoints, distributed, finetune, landscape, pipeline, sweep, tensors
+from visage_jax import (bench, checkpoints, distributed, experiments, finetune, landscape, pipeline, sweep,
+                        tensors)
+from visage_jax import workdir as wd
 
 TIMEOUT = 300  # seconds for both processes: a hung collective fails the test instead of CI
 
@@ -114,9 +116,27 @@ def _sweep_table(workdir):
     return [l.split(",")[:4] for l in f.read().splitlines()]   # run, status, asr_at_0, visage
 
 
+_CLOCKS = ("machine", "load_seconds", "wall_seconds", "compile_seconds", "generated_tokens_per_second",
+           "measured_wall_seconds", "reload_seconds", "wall_seconds_including_compile", "fraction_of_floor",
+           "command_overhead_vs_engine")
+
+
+def _untimed(report):
+  """A bench report without its clocks and the machine: what two processes must reproduce."""
+  if isinstance(report, dict):
+    return {k: _untimed(v) for k, v in report.items() if k not in _CLOCKS and not k.startswith("speedup_")}
+  return report
+
+
+def _findings(result: dict) -> dict:
+  """An experiment's numbers and verdicts, without its clocks and figure paths."""
+  return {k: v for k, v in result.items() if k not in ("figures", "seconds_this_run", "job_seconds")}
+
+
 class TwoProcessJobsTest(absltest.TestCase):
 
-  def test_sweep_and_finetune_write_once_and_match_one_process(self):
+  def test_jobs_write_once_and_match_one_process(self):
+    """A sweep, a fine-tune, a bench and an experiment (tests/jobs_main.py) in two processes."""
     root = self.create_tempdir().full_path
     model_dir, prompts = os.path.join(root, "model"), fixtures.advbench_path()
     fixtures.save_refusal_model(model_dir)
@@ -131,6 +151,10 @@ class TwoProcessJobsTest(absltest.TestCase):
                               progress=False)
       ref["ft"] = finetune.run(jobs_main.finetune_config(model_dir, data, (1, 1)), os.path.join(one, "ft"),
                                progress=False)
+      ref["bench"] = bench.run(jobs_main.bench_config(model_dir, prompts, (-1, 1)), os.path.join(one, "bench.json"),
+                               log=lambda m: None)
+      ref["exp"] = wd.jsonable(experiments.run(jobs_main.experiments_config(model_dir, (1, 1)),
+                                               os.path.join(one, "exp"), os.path.join(one, "EXPERIMENTS.md")))
 
     reports = _run_two("jobs_main.py", [model_dir, prompts, data, two], root, reference, 2 * TIMEOUT)
     for i, r in enumerate(reports):
@@ -140,6 +164,15 @@ class TwoProcessJobsTest(absltest.TestCase):
       np.testing.assert_allclose(r["whole"]["losses"], ref["ft"]["losses"], rtol=1e-5)
       self.assertLen(r["whole"]["losses"], 3)
       self.assertEqual((r["part"]["step"], r["part"]["complete"]), (2, False))
+      self.assertEqual(_untimed(r["bench"]), _untimed(ref["bench"]))
+      self.assertEqual(r["experiments"].keys(), {"f3_system_prompts"})
+      self.assertEqual(_findings(r["experiments"]["f3_system_prompts"]), _findings(ref["exp"]["f3_system_prompts"]))
+    self.assertEqual(ref["bench"]["methods"]["default_real"]["generated_tokens"],
+                     sum(n for point in _generations(os.path.join(one, "sweep", "seed=0")) for _, n, _ in point),
+                     "the bench timed another landscape than the sweep's seed 0")
+    self.assertEqual(wd.read_json(os.path.join(two, "bench.json")), reports[0]["bench"])
+    self.assertEqual(wd.read_json(os.path.join(two, "exp", "f3_system_prompts.json")),
+                     reports[0]["experiments"]["f3_system_prompts"])
     self.assertEqual(_sweep_table(os.path.join(two, "sweep")), _sweep_table(os.path.join(one, "sweep")))
     for run in ("seed=0", "seed=1"):
       self.assertEqual(_generations(os.path.join(two, "sweep", run)), _generations(os.path.join(one, "sweep", run)))
@@ -172,7 +205,13 @@ class TwoProcessJobsTest(absltest.TestCase):
     files = {w.removesuffix(".tmp") for w in written[0]}
     self.assertContainsSubset({"sweep/sweep.csv", "sweep/sweep.md", "sweep/sweep.png", "sweep/seed=1/landscape.json",
                                "ft/run_config.json", "ft/train_log.jsonl", "ft/summary.json", "ft/loss.png",
-                               "ft/lora.safetensors", "ft_resume/summary.json"}, files)
+                               "ft/lora.safetensors", "ft_resume/summary.json", "bench.json",
+                               ".bench.json.bench/directions.safetensors", ".bench.json.bench/generations.jsonl",
+                               "exp/jobs/aligned_1d_none/landscape.json", "exp/jobs/aligned_1d_none/job_seconds.json",
+                               "exp/figures/f3_system_prompts.png", "exp/f3_system_prompts.json",
+                               "exp_report/EXPERIMENTS.md",
+                               "exp_report/docs/experiments/f3_system_prompts.png"}, files)
+    self.assertFalse(os.path.exists(os.path.join(two, ".bench.json.bench")), "bench scratch left behind")
 
 
 class TwoProcessMemoryTest(absltest.TestCase):

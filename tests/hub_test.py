@@ -71,11 +71,15 @@ class HubIdTest(parameterized.TestCase):
                   "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja",
                   "README.md", "LICENSE.txt", "USE_POLICY.md", ".gitattributes", "consolidated.safetensors",
                   "original/consolidated.00.pth", "original/params.json", "original/tokenizer.model"]
-    calls = []
-    with mock.patch.object(huggingface_hub, "snapshot_download",
+    calls = []   # per id: the cache (local_files_only), then, as "/snapshot" is empty, the hub
+    with mock.patch.object(constants, "HF_HUB_CACHE", self.create_tempdir().full_path), \
+         mock.patch.object(huggingface_hub, "snapshot_download",
                            side_effect=lambda repo, **kw: calls.append(kw) or "/snapshot"):
       hub.resolve("org/patterns")
       hub.resolve("org/patterns", weights=False)
+    self.assertEqual([kw.get("local_files_only", False) for kw in calls], [True, False, True, False])
+    self.assertEqual(calls[0]["allow_patterns"], calls[1]["allow_patterns"])
+    calls = calls[1::2]
 
     def fetched(kw):
       return set(filter_repo_objects(repo_files, allow_patterns=kw["allow_patterns"],
@@ -139,6 +143,25 @@ class ResolveTest(absltest.TestCase):
       checkpoints.load_params(REPO)
     self.assertEqual(sd.call_count, 1)
 
+  def test_cached_snapshot_without_all_weights_is_fetched_again(self):
+    """What `plan` cached (config, tokenizer) serves the config, not params; nor does a sharded
+    snapshot short of a shard. huggingface_hub cannot tell when it has no cached file listing."""
+    folder = self.create_tempdir().full_path
+    fixtures.write_text(folder, "config.json", "{}")
+    calls = []
+    with mock.patch.object(huggingface_hub, "snapshot_download",
+                           side_effect=lambda repo, **kw: calls.append(kw.get("local_files_only")) or folder):
+      hub.resolve("org/planned", weights=False)
+      hub.resolve("org/planned")
+      self.assertEqual(calls, [True, True, None])
+      fixtures.write_text(folder, "model.safetensors.index.json", json.dumps(dict(weight_map=dict(
+          a="model-00001-of-00002.safetensors", b="model-00002-of-00002.safetensors"))))
+      fixtures.write_text(folder, "model-00001-of-00002.safetensors", "")
+      hub.resolve("org/sharded")
+      fixtures.write_text(folder, "model-00002-of-00002.safetensors", "")
+      hub.resolve("org/whole")
+    self.assertEqual(calls, [True, True, None, True, None, True])
+
   def test_local_directory_named_like_an_id_wins(self):
     cwd = self.create_tempdir().full_path
     fixtures.save_tiny_hf(os.path.join(cwd, REPO), "llama", tokenizer=self.tok, seed=1)
@@ -182,6 +205,27 @@ class ResolveTest(absltest.TestCase):
   def test_path_that_is_not_an_id_keeps_its_error(self):
     with self.assertRaisesRegex(checkpoints.CheckpointError, "no/such/dir: no such file or directory"):
       checkpoints.load_params("no/such/dir")
+
+
+class ConcurrentResolveTest(absltest.TestCase):
+
+  def test_processes_of_a_host_download_once_and_share_the_snapshot(self):
+    """tests/hub_main.py in 4 processes resolving one id together, snapshot_download faked: one
+    downloads under the cache's lock, the others wait and find it cached. Unlocked, all download."""
+    n, root = 4, self.create_tempdir().full_path
+    cache, ready, counter = os.path.join(root, "hub"), os.path.join(root, "ready"), os.path.join(root, "count")
+    os.makedirs(ready)
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hub_main.py")
+    env = dict(os.environ, HF_HUB_CACHE=cache, HF_HUB_OFFLINE="0")
+    procs = [subprocess.Popen([sys.executable, script, REPO, counter, ready, str(n)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env) for _ in range(n)]
+    outs = fixtures.wait_all(procs, 120)
+    for p, out in zip(procs, outs):
+      self.assertEqual(p.returncode, 0, out[-2000:])
+    with open(counter) as f:
+      self.assertLen(f.read().split(), 1, "processes that downloaded")
+    want = os.path.join(cache, "models--org--name", "snapshots", COMMIT)
+    self.assertEqual([out.strip() for out in outs], [want] * n)
 
 
 class CommandTest(absltest.TestCase):

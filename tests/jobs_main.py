@@ -1,10 +1,12 @@
 """One of two processes (4 virtual CPU devices each, one 4 x 2 mesh of 8) running a sweep of two
-tiny landscapes and a LoRA fine-tune (whole, and stopped after 2 steps for a one-process resume).
+tiny landscapes, a LoRA fine-tune (whole, and stopped after 2 steps for a one-process resume), a
+bench of the sweep's landscape and the tiny F3 experiment.
 
   python tests/jobs_main.py MODEL_DIR PROMPTS DATA WORKDIR REPORT PROCESS_ID PORT
 
-REPORT gets the sweep rows, the fine-tune summaries and every path under WORKDIR this process
-opened for writing, replaced or removed (distributed_main.record_writes).
+REPORT gets the sweep rows, the fine-tune summaries, the bench report, the experiment's results
+and every path under WORKDIR this process opened for writing, replaced or removed
+(distributed_main.record_writes).
 """
 
 import json
@@ -39,10 +41,34 @@ def finetune_config(model_dir, data_path, mesh):
   return c
 
 
+def bench_config(model_dir, prompts_path, mesh):
+  """The sweep's first landscape timed as users run it, in the bench's shared scratch workdir (its
+  programs are compiled: 2 s; a fixed-length mode or the torch reference adds 4 s of compile or
+  import to each process, and their multi-process paths are the landscape's and the fine-tune's)."""
+  import distributed_main
+  from visage_jax import bench
+
+  c = distributed_main.tiny_config(model_dir, prompts_path, mesh=mesh)
+  c.bench = bench.default_config().bench
+  c.bench.methods = ("default_real",)
+  return c
+
+
+def experiments_config(model_dir, mesh):
+  """F3 of the tiny experiments: landscapes under 2 system prompts, 2 prompts x 3 points x 4 tokens
+  (on the sweep's mesh, whose loading and drawing programs are compiled: 10 s instead of 24)."""
+  import experiments_test
+
+  c = experiments_test.tiny_config(model_dir, "f3_system_prompts")
+  c.mesh.shape = mesh
+  return c
+
+
 def main(model_dir, prompts_path, data_path, workdir, report, process_id, port):
   import jax
   import distributed_main
-  from visage_jax import distributed, finetune, sweep
+  from visage_jax import bench, distributed, experiments, finetune, sweep
+  from visage_jax import workdir as wd
 
   c = sweep_config(model_dir, prompts_path, (-1, 2))
   c.distributed.update(coordinator_address=f"localhost:{port}", num_processes=2,
@@ -54,8 +80,13 @@ def main(model_dir, prompts_path, data_path, workdir, report, process_id, port):
   fc = finetune_config(model_dir, data_path, (-1, 2))
   whole = finetune.run(fc, os.path.join(workdir, "ft"), progress=False)
   part = finetune.run(fc, os.path.join(workdir, "ft_resume"), progress=False, max_steps_this_run=2)
+  timed = bench.run(bench_config(model_dir, prompts_path, (-1, 2)), os.path.join(workdir, "bench.json"),
+                    log=lambda m: None)
+  exp = experiments.run(experiments_config(model_dir, (-1, 2)), os.path.join(workdir, "exp"),
+                        os.path.join(workdir, "exp_report", "EXPERIMENTS.md"))
   out = dict(process_index=jax.process_index(), process_count=jax.process_count(),
-             device_count=jax.device_count(), rows=rows, whole=whole, part=part, writes=writes)
+             device_count=jax.device_count(), rows=rows, whole=whole, part=part, bench=timed,
+             experiments=wd.jsonable(exp), writes=writes)
   with open(report, "w") as f:
     json.dump(out, f)
 

@@ -279,7 +279,7 @@ POSITIONAL_COMMANDS = ("compare",)
 
 
 # Commands that join a multi-process run when their config's `distributed` section asks.
-DISTRIBUTED_COMMANDS = ("landscape", "sweep", "bench", "finetune")
+DISTRIBUTED_COMMANDS = ("landscape", "sweep", "bench", "finetune", "experiments")
 
 
 # Errors of the user's files and paths, besides errors.UserError: reported in one line too.

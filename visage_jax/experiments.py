@@ -190,6 +190,7 @@ def _aligned_eval(c, workdir: str) -> dict:
       ev = finetune.evaluate_alignment(params, cfg, tok,
                                        c.protocol.max_new_tokens, advbench_path=c.data.advbench_path,
                                        benign_path=c.data.benign_path)
+      distributed.barrier("experiments: aligned_eval computed")   # all looked for eval.json before it exists
       if distributed.is_writer():
         wd.write_atomic(path, json.dumps(ev, indent=1))
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -236,6 +237,7 @@ def _weak_alignment(c, workdir: str) -> dict:
                        benign_path=c.data.benign_path)
   weak_cfg.eval.max_new_tokens = p.max_new_tokens
   weak_cfg.train.max_length = p.max_length
+  weak_cfg.mesh.shape = jobs.mesh_shape(c)
   return jobs.run_finetune(c, workdir, "f4_weak_align", weak_cfg)
 
 

@@ -11,6 +11,10 @@ from visage_jax import distributed, finetune, landscape
 from visage_jax import workdir as wd  # `workdir` names run directories here
 
 
+def mesh_shape(c) -> tuple:
+  """Every job's mesh: the experiment config's mesh.shape (one device in a config without it)."""
+  return tuple(c.mesh.shape) if "mesh" in c else (1, 1)
+
 
 def job_dir(workdir: str, name: str) -> str:
   return os.path.join(workdir, "jobs", name)
@@ -79,6 +83,7 @@ def landscape_config(c, *, model_path: str = "", lora_path: str | None = None, s
   lc.landscape.update(vis_type=vis_type, steps=steps or p.steps, multiplier=p.multiplier,
                       num_directions=num_directions, target_path=target_path)
   lc.decode.max_new_tokens = p.max_new_tokens
+  lc.mesh.shape = mesh_shape(c)
   if measures:
     lc.coherence.enabled = True
     lc.capability.update(texts_path="benign", benign_max_new_tokens=p.max_new_tokens)
@@ -102,4 +107,5 @@ def attack_config(c, data_name: str, *, model_path: str = "", lora_path: str | N
   fc.data.update(advbench_path=c.data.advbench_path, benign_path=c.data.benign_path)
   fc.eval.max_new_tokens = c.protocol.max_new_tokens
   fc.train.max_length = c.protocol.max_length
+  fc.mesh.shape = mesh_shape(c)
   return fc

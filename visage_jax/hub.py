@@ -2,9 +2,15 @@
 
 Only config, tokenizer and safetensors files are fetched, never pickles (*.bin, *.pth). The cache,
 offline mode and token are huggingface_hub's own (HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE, HF_TOKEN).
+A snapshot in the cache is used as it is; only a missing or incomplete one is downloaded, by one
+process at a time (a file lock in the cache), so the processes of a pod download it once per cache.
 """
 
+import contextlib
+import fcntl
 import functools
+import glob
+import json
 import os
 import re
 
@@ -44,10 +50,17 @@ def _snapshot(path: str, repo: str, revision: str | None, weights: bool) -> str:
   from huggingface_hub import constants
   from huggingface_hub import errors as hub_errors
 
+  patterns = dict(revision=revision, allow_patterns=list(CONFIG_FILES + (WEIGHT_FILES if weights else ())),
+                  ignore_patterns=list(IGNORED_FILES))
   try:
-    return huggingface_hub.snapshot_download(
-        repo, revision=revision, allow_patterns=list(CONFIG_FILES + (WEIGHT_FILES if weights else ())),
-        ignore_patterns=list(IGNORED_FILES))
+    with _cache_lock(repo):
+      try:
+        folder = huggingface_hub.snapshot_download(repo, local_files_only=True, **patterns)
+        if _complete(folder, weights):
+          return folder
+      except hub_errors.LocalEntryNotFoundError:
+        pass
+      return huggingface_hub.snapshot_download(repo, **patterns)
   except Exception as e:  # every hub failure is the user's to fix: one line, no traceback
     offline = constants.HF_HUB_OFFLINE or isinstance(e.__cause__, hub_errors.OfflineModeIsEnabled)
     hub = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else "the hub cannot be reached"
@@ -68,3 +81,41 @@ def _snapshot(path: str, repo: str, revision: str | None, weights: bool) -> str:
     get = f"hf download {repo}" + (f" --revision {revision}" if revision else "")
     raise errors.UserError(f"model {path!r}: {why}; download it ({get}) or pass a local directory "
                            "with config.json and *.safetensors") from None
+
+
+@contextlib.contextmanager
+def _cache_lock(repo: str):
+  """Holds an exclusive lock on the repo's lock file in the hub cache: the other processes of a
+  host (or of every host sharing the cache) wait, then find the snapshot cached. A cache where
+  no lock file can be made (read-only, shared) is read unlocked."""
+  from huggingface_hub import constants
+
+  path = os.path.join(constants.HF_HUB_CACHE, ".locks", f"visage_jax-{repo.replace('/', '--')}.lock")
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    f = open(path, "a")
+  except OSError:
+    yield
+    return
+  with f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _complete(folder: str, weights: bool) -> bool:
+  """Whether a cached snapshot has config.json and, if weights are wanted, every shard: a
+  snapshot that `plan` fetched without weights, or one huggingface_hub cannot check (cached
+  before it recorded file listings), is otherwise returned as it is."""
+  if not os.path.exists(os.path.join(folder, "config.json")):
+    return False
+  if not weights:
+    return True
+  index = os.path.join(folder, "model.safetensors.index.json")
+  if os.path.exists(index):
+    with open(index) as f:
+      shards = set(json.load(f).get("weight_map", {}).values())
+    return all(os.path.exists(os.path.join(folder, s)) for s in shards)
+  return bool(glob.glob(os.path.join(folder, "*.safetensors")))
