@@ -30,4 +30,4 @@ experiments: install
 	$(PY) -m visage_jax.cli experiments --config=configs/experiments/all.py --workdir=runs/experiments --out=EXPERIMENTS.md
 
 test: install-test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
