@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A landscape or a sweep on one machine with several GPUs.
+# A landscape, sweep, bench, fine-tune or experiments run on one machine with several GPUs.
 #
 #   CONFIG=configs/llama2_7b_chat.py WORKDIR=runs/llama2_1d launch/gpu_node.sh \
 #     --config.model.path=/models/Llama-2-7b-chat-hf
@@ -15,7 +15,8 @@
 # same explicit flags work across machines. Process 0 prints to the terminal and writes the
 # results; process i > 0 logs to $LOG_DIR/process-i.log.
 #
-# Settings (environment): CONFIG, WORKDIR (required); COMMAND=landscape|sweep; REPO (default:
+# Settings (environment): CONFIG, WORKDIR (required); COMMAND=landscape|sweep|bench|
+# finetune|experiments; REPO (default:
 # this repository); VENV; MESH (default -1,1); PROCESSES (default 1); NUM_GPUS (default: from
 # nvidia-smi); PORT (default 12355); LOG_DIR (default $WORKDIR.logs);
 # XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.9: the share of each GPU that XLA takes, and that
@@ -34,9 +35,10 @@ PORT=${PORT:-12355}
 LOG_DIR=${LOG_DIR:-$WORKDIR.logs}
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 case "$COMMAND" in
-  landscape) FIELD=config ;;
+  landscape|bench|finetune|experiments) FIELD=config ;;
   sweep) FIELD=config.base ;;  # a sweep's landscapes live under base
-  *) echo "COMMAND=$COMMAND: expected landscape or sweep" >&2; exit 2 ;;
+  *) echo "COMMAND=$COMMAND: expected landscape, sweep, bench, finetune or experiments" >&2
+     exit 2 ;;
 esac
 
 run cd "$REPO"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# A landscape or a sweep on every worker of a Cloud TPU VM pod slice: one process per worker,
-# all running the same command (SPMD); process 0 writes the results.
+# A landscape, sweep, bench, fine-tune or experiments run on every worker of a Cloud TPU VM pod
+# slice: one process per worker, all running the same command (SPMD); process 0 writes the results.
 #
 #   TPU_NAME=visage-v5p-32 ZONE=us-east5-a CONFIG=configs/llama2_7b_chat.py \
 #     WORKDIR=/mnt/shared/runs/llama2_1d launch/tpu_pod.sh \
@@ -17,7 +17,8 @@
 # them; MESH=-1,4 splits each model over 4 chips (see `visage-jax plan`).
 #
 # Settings (environment): TPU_NAME, ZONE, CONFIG, WORKDIR (required); PROJECT (default:
-# gcloud's); COMMAND=landscape|sweep (default landscape); REPO (default ~/visage_jax);
+# gcloud's); COMMAND=landscape|sweep|bench|finetune|experiments (default landscape);
+# REPO (default ~/visage_jax);
 # VENV (a virtualenv on the workers, default none); MESH (default -1,1); DRY_RUN=1.
 # Arguments are passed on to visage-jax (e.g. --config.<field>=<value>).
 set -euo pipefail
@@ -30,9 +31,10 @@ COMMAND=${COMMAND:-landscape}
 REPO=${REPO:-'~/visage_jax'}
 MESH=${MESH:--1,1}
 case "$COMMAND" in
-  landscape) FIELD=config ;;
+  landscape|bench|finetune|experiments) FIELD=config ;;
   sweep) FIELD=config.base ;;  # a sweep's landscapes live under base
-  *) echo "COMMAND=$COMMAND: expected landscape or sweep" >&2; exit 2 ;;
+  *) echo "COMMAND=$COMMAND: expected landscape, sweep, bench, finetune or experiments" >&2
+     exit 2 ;;
 esac
 
 remote="cd $REPO"

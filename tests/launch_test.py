@@ -50,8 +50,8 @@ class LaunchTest(parameterized.TestCase):
     proc = dry_run("launch/tpu_pod.sh", ZONE="z", CONFIG="c", WORKDIR="w")
     self.assertNotEqual(proc.returncode, 0)
     self.assertIn("set TPU_NAME", proc.stderr)
-    proc = dry_run("launch/tpu_pod.sh", TPU_NAME="t", ZONE="z", CONFIG="c", WORKDIR="w", COMMAND="bench")
-    self.assertIn("COMMAND=bench: expected landscape or sweep", proc.stderr)
+    proc = dry_run("launch/tpu_pod.sh", TPU_NAME="t", ZONE="z", CONFIG="c", WORKDIR="w", COMMAND="judge")
+    self.assertIn("COMMAND=judge: expected landscape, sweep, bench, finetune or experiments", proc.stderr)
 
   def test_slurm_auto_and_explicit(self):
     env = dict(CONFIG="configs/sweep_system_prompts.py", WORKDIR="/shared/sweep", COMMAND="sweep", REPO="/src/vj")
@@ -93,6 +93,32 @@ class LaunchTest(parameterized.TestCase):
     self.assertEqual(procs[-1][1], "CUDA_VISIBLE_DEVICES=0")   # process 0 in the foreground
     too_many = dry_run("launch/gpu_node.sh", PROCESSES="4", NUM_GPUS="2", **env)
     self.assertIn("PROCESSES=4 but this machine has 2 GPUs", too_many.stderr)
+
+  @parameterized.parameters(("landscape", "configs/demo.py", "mesh"),
+                            ("sweep", "configs/sweep_system_prompts.py", "base.mesh"),
+                            ("bench", "configs/bench_smollm2.py", "mesh"),
+                            ("finetune", "configs/finetune_harmful.py", "mesh"),
+                            ("finetune", "configs/align_smollm2.py", "mesh"),
+                            ("experiments", "configs/experiments/all.py", "mesh"))
+  def test_every_launched_command_takes_the_launch_flags(self, command, config, mesh):
+    """The scripts set --config.<mesh>.shape and --config.distributed.*: each command's configs have them."""
+    import importlib.util
+    from visage_jax import cli
+    self.assertIn(command, cli.DISTRIBUTED_COMMANDS)
+    env = dict(CONFIG=config, WORKDIR="w", REPO="/src/vj", COMMAND=command, PROCESSES="2", NUM_GPUS="2")
+    flags = [f for c in commands(dry_run("launch/gpu_node.sh", **env)) if c[0] == "env" for f in c if
+             f.startswith("--config.")]
+    spec = importlib.util.spec_from_file_location("launched", os.path.join(ROOT, config))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    for flag in flags:
+      *parents, field = flag[len("--config."):].split("=")[0].split(".")
+      node = c
+      for p in parents:
+        node = node[p]
+      self.assertIn(field, node, f"{config}: {flag}")
+    self.assertIn(f"--config.{mesh}.shape=-1,1", flags)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,10 @@ def default_config():
   # with benign, how many held-out benign instructions get an answer.
   c.eval = dict(alignment=False, max_new_tokens=64, prompts=80, benign=True)
   c.mesh = dict(shape=(1, 1))                         # ("data", "model"); batch over "data"
+  # Several processes (launch/): as a landscape's distributed section; not part of a run's identity,
+  # so a fine-tune resumes with any number of processes.
+  c.distributed = dict(coordinator_address="", num_processes=1, process_id=0, auto="detect",
+                       initialization_timeout=300)
   return c
 
 
