@@ -36,6 +36,12 @@ def cluster_env(environ=None) -> str:
   return ""
 
 
+def default_settings() -> dict:
+  """The `distributed` config section of every command that may run in several processes
+  (`initialize` reads it). Not part of any run's identity: a run resumes with any process count."""
+  return dict(coordinator_address="", num_processes=1, process_id=0, auto="detect", initialization_timeout=300)
+
+
 def initialize(c_distributed) -> bool:
   """Joins the other processes when the config or the environment asks; True if it did.
 

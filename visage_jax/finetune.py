@@ -124,8 +124,7 @@ def default_config():
   c.mesh = dict(shape=(1, 1))                         # ("data", "model"); batch over "data"
   # Several processes (launch/): as a landscape's distributed section; not part of a run's identity,
   # so a fine-tune resumes with any number of processes.
-  c.distributed = dict(coordinator_address="", num_processes=1, process_id=0, auto="detect",
-                       initialization_timeout=300)
+  c.distributed = distributed.default_settings()
   return c
 
 

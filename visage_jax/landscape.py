@@ -320,8 +320,7 @@ def default_config():
   # auto-detection when launched as an srun step of several tasks, by Open MPI, on a Cloud TPU
   # pod, or with JAX_COORDINATOR_ADDRESS or VISAGE_JAX_DISTRIBUTED=1 set) | always | never.
   # Not part of a run's identity: a run resumes with any number of processes.
-  c.distributed = dict(coordinator_address="", num_processes=1, process_id=0, auto="detect",
-                       initialization_timeout=300)
+  c.distributed = distributed.default_settings()
   # Coherence: did the model comply, or break? nll_ref = mean NLL per generated token of each
   # generation under a reference model ("" = the run's own unperturbed model, LoRA merged);
   # asr_coherent counts a jailbreak only when nll_ref <= max_nll (nats per token). 3.0: measured

@@ -10,7 +10,7 @@ states the same reduced protocol (tests/configs_test.py checks that they agree).
 """
 import ml_collections
 
-from visage_jax import errors, landscape, lora
+from visage_jax import distributed, errors, lora
 
 
 def get_config(arg=None):
@@ -44,7 +44,7 @@ def get_config(arg=None):
   # Multi-process runs: every process runs every job on one mesh over all their devices (e.g.
   # --config.mesh.shape=-1,1, data-parallel), process 0 writes; distributed as in a landscape config.
   c.mesh = dict(shape=(1, 1))   # ("data", "model") of every landscape and fine-tuning
-  c.distributed = landscape.default_config().distributed.to_dict()
+  c.distributed = distributed.default_settings()
   c.progress = True
   if arg == "tiny":
     c.protocol.update(prompts=2, prompts_small=2, steps=2, max_new_tokens=4, directions=2, steps_2d=2,
