@@ -128,6 +128,11 @@ def _cast(d, *, dtype):
   return d.astype(dtype)
 
 
+def _in_dtype(d: jax.Array, dtype: str, where) -> jax.Array:
+  """d in `dtype`, cast in place on its devices (a no-op when it already is)."""
+  return d if d.dtype == jnp.dtype(dtype) else _stage(_cast, where, dtype=dtype)(d)
+
+
 def _target_sharding(theta, sharding):
   if sharding is not None:
     return sharding
@@ -169,7 +174,7 @@ def random_direction(seed: int | jax.Array, params: dict, cfg: model.ModelConfig
     d = _stage(_normalize, target, norm=norm,
                transposed=transposed, black=black, stacked=stacked, sharding=target)(z, z_sq, t_sq)
     del z, z_sq, t_sq
-    tensors.set_leaf(out, path, d if d.dtype == jnp.dtype(dtype) else _stage(_cast, target, dtype=dtype)(d))
+    tensors.set_leaf(out, path, _in_dtype(d, dtype, target))
   return out
 
 
@@ -215,8 +220,7 @@ def interpolation_direction(params_a: dict, params_b: dict, dtype: str = "float3
 
 def cast(direction: dict, dtype: str) -> dict:
   """A direction in `dtype` (the params'): what the engine adds to them."""
-  return jax.tree.map(lambda d: d if d.dtype == jnp.dtype(dtype) else _stage(_cast, d.sharding, dtype=dtype)(d),
-                      direction)
+  return jax.tree.map(lambda d: _in_dtype(d, dtype, d.sharding), direction)
 
 
 def check_matches(direction: dict, params: dict, what: str) -> None:
@@ -257,27 +261,14 @@ def stack_grouped(groups: list[list[dict]], mesh) -> dict:
   return out
 
 
-def _entries(directions: list[dict], cfg: model.ModelConfig) -> list[tuple]:
-  """(key, direction index, leaf path, layer or None, transposed, HF shape) per tensor, keys sorted."""
-  out = []
-  for i, d in enumerate(directions):
-    for path, names in tensors.hf_tensor_names(cfg).items():
-      transposed, stacked = tensors.HF_NAMES[path][1], tensors.is_stacked(path)
-      shape = tuple(tensors.get_leaf(d, path).shape[1 if stacked else 0:])
-      for layer, name in enumerate(names):
-        out.append((f"{i}/{name}", i, path, layer if stacked else None, transposed,
-                    shape[::-1] if transposed else shape))
-  return sorted(out)
-
-
 def save_safetensors(path: str, directions: list[dict], cfg: model.ModelConfig, write: bool = True) -> None:
   """float32, keys '<direction index>/<HF tensor name>', HF shapes; written atomically.
 
   Streamed one HF tensor at a time (gathered from every process when a direction spans several),
   so no host holds more than one tensor of it. Every process calls it; only `write` ones write.
   """
-  entries = [(key, np.float32, hf_shape, functools.partial(tensors.gather_hf_tensor, directions[i], leaf_path, layer))
-             for key, i, leaf_path, layer, _, hf_shape in _entries(directions, cfg)]
+  entries = sorted(((f"{i}/{name}", np.float32, hf_shape, produce) for i, d in enumerate(directions)
+                    for name, _, hf_shape, produce in tensors.hf_entries(d, cfg)), key=lambda e: e[0])
   safetensors_file.write_streamed(path, entries, write=write, metadata={
       "count": str(len(directions)), "format": "visage_jax.directions"})
 
