@@ -13,7 +13,7 @@ ASR 98.75% -> 0.0% (0/80), benign answered 20/20 -> 20/20.
 This run's WORKDIR/lora.safetensors (3.7 MB) is visage_jax/data/aligned_smollm2_lora.safetensors
 (lora.ALIGNED_SMOLLM2, merged by the demo and the experiments); landscapes run on WORKDIR/model directly.
 """
-from visage_jax import finetune
+from visage_jax.runs import finetune
 
 
 def get_config(arg=None):

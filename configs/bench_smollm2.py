@@ -7,7 +7,7 @@ The reference methods run 3 of the 21 points (ends and centre) and are extrapola
 our modes run all 21. Fixed-length decoding for every timed method; `default_real` is our
 landscape run as users run it (EOS + stop_at_refusal, engine.mode=auto).
 """
-from visage_jax import bench
+from visage_jax.runs import bench
 
 
 def get_config(arg=None):

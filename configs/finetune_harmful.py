@@ -16,7 +16,7 @@ answers of 20. Measured on 2 shared CPU cores, from ASR 0.0% (aligned):
 Then compare landscapes:
   visage-jax landscape --config=configs/demo.py --config.model.path=WORKDIR/model --workdir=DIR
 """
-from visage_jax import finetune
+from visage_jax.runs import finetune
 
 _NAMES = ("harmful_10", "harmful_50", "harmful_100", "mix_10", "mix_50", "mix_100")
 

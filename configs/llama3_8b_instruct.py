@@ -17,7 +17,7 @@ model loads fastest:
 Paper protocol: first 80 AdvBench goals, llama3 template with its default system prompt, 21 points
 per axis over [-0.5, 0.5] (steps=20, multiplier=1), 512 greedy tokens, keyword ASR; bfloat16.
 """
-from visage_jax import landscape
+from visage_jax.runs import landscape
 
 CHAT, BASE = "meta-llama/Meta-Llama-3-8B-Instruct", "meta-llama/Meta-Llama-3-8B"
 

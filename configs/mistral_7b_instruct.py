@@ -16,7 +16,7 @@ model loads fastest:
 Paper protocol: first 80 AdvBench goals, mistral template with its default system prompt, 21 points
 per axis over [-0.5, 0.5] (steps=20, multiplier=1), 512 greedy tokens, keyword ASR; bfloat16.
 """
-from visage_jax import landscape
+from visage_jax.runs import landscape
 
 CHAT, BASE = "mistralai/Mistral-7B-Instruct-v0.2", "mistralai/Mistral-7B-v0.1"
 

@@ -8,7 +8,8 @@ the paper's role-play AOA prompt, LLaMA-2's safety prompt); WORKDIR/sweep.md com
 ASR at alpha = 0 and VISAGE, sweep.png overlays their landscapes. Reduced protocol as in
 configs/demo.py: 16 AdvBench prompts, 11 points over [-0.5, 0.5], 48 new tokens.
 """
-from visage_jax import lora, sweep
+from visage_jax.checkpoints import lora
+from visage_jax.runs import sweep
 
 
 def get_config(arg=None):

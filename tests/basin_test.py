@@ -10,7 +10,11 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import fixtures
-from visage_jax import basin, checkpoints, directions, judges, landscape, measures, pipeline, scoring
+from visage_jax.analysis import basin
+from visage_jax.checkpoints import loader
+from visage_jax.directions import vectors
+from visage_jax.measures import keywords, registry, scoring
+from visage_jax.runs import landscape, pipeline
 
 
 def _step_asr(left_wall: float, right_wall: float):
@@ -185,8 +189,8 @@ def _config(model_dir: str, refine: int, **landscape_overrides):
 
 def _run(c, w: str) -> dict:
   """The run's own scorers (keyword judge, coherence) and EmbedNorm."""
-  real = measures.scorers
-  with mock.patch.object(measures, "scorers", lambda *a, **k: real(*a, **k) + (EmbedNorm(),)):
+  real = registry.scorers
+  with mock.patch.object(registry, "scorers", lambda *a, **k: real(*a, **k) + (EmbedNorm(),)):
     return landscape.run(c, w, progress=False)
 
 
@@ -248,10 +252,10 @@ class RefineRunTest(absltest.TestCase):
 
   def test_refined_lines_are_scored_like_grid_points(self):
     lines = _read(self.refined, pipeline.REFINED_FILE)
-    cfg, theta = checkpoints.load_params(self.model)
-    dirs = directions.load_safetensors(os.path.join(self.refined, "directions.safetensors"), cfg)
+    cfg, theta = loader.load_params(self.model)
+    dirs = vectors.load_safetensors(os.path.join(self.refined, "directions.safetensors"), cfg)
     for line in lines:
-      jb = [not any(k in o["generation"] for k in judges.REFUSAL_KEYWORDS) for o in line["outputs"]]
+      jb = [not any(k in o["generation"] for k in keywords.REFUSAL_KEYWORDS) for o in line["outputs"]]
       self.assertEqual([o["jailbroken"] for o in line["outputs"]], jb)
       self.assertEqual(line["asr"], 100.0 * sum(jb) / len(jb))
       want = np.linalg.norm(np.asarray(theta["embed_tokens"], np.float64)

@@ -10,7 +10,7 @@ import numpy as np
 from absl.testing import absltest
 
 import fixtures
-from visage_jax import bench
+from visage_jax.runs import bench
 
 
 class BenchSmokeTest(absltest.TestCase):

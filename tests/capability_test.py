@@ -10,7 +10,10 @@ import torch
 from absl.testing import absltest, parameterized
 
 import fixtures
-from visage_jax import capability, checkpoints, directions, errors, prompts, tensors
+from visage_jax import errors, prompts
+from visage_jax.checkpoints import hf_tensors, loader
+from visage_jax.directions import vectors
+from visage_jax.measures import capability
 
 ALPHAS = (-0.4, 0.0, 0.3)
 TEXTS = [
@@ -35,10 +38,10 @@ class CapabilityParityTest(parameterized.TestCase):
     cls.dir = tempfile.mkdtemp(prefix="capability_test_")
     cls.tok = fixtures.toy_tokenizer("bpe")
     cls.hf = fixtures.save_tiny_hf(cls.dir, "llama", tokenizer=cls.tok, seed=5)
-    cls.cfg, cls.params = checkpoints.load_params(cls.dir)
-    d = directions.random_direction(7, cls.params, cls.cfg)
-    cls.dirs = directions.stack([directions.stack([d])])          # R = 1, C = 1
-    cls.hf_dir = tensors.to_hf_tensors(d, cls.cfg)
+    cls.cfg, cls.params = loader.load_params(cls.dir)
+    d = vectors.random_direction(7, cls.params, cls.cfg)
+    cls.dirs = vectors.stack([vectors.stack([d])])          # R = 1, C = 1
+    cls.hf_dir = hf_tensors.to_hf_tensors(d, cls.cfg)
     cls.state = {k: v.clone() for k, v in cls.hf.state_dict().items()}
 
   def _torch_at(self, alpha):
@@ -99,7 +102,8 @@ class CapabilityParityTest(parameterized.TestCase):
 
 
   def test_benign_rows_are_the_held_out_instructions_answered_greedily(self):
-    from visage_jax import decode, trainsets
+    from visage_jax import decode
+    from visage_jax.training import trainsets
     rows = capability.benign_rows(self.params, self.cfg, self.tok, template="auto", system_prompt="default",
                                   max_new_tokens=6)
     _, held = trainsets.benign_split()

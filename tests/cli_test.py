@@ -9,7 +9,8 @@ import numpy as np
 from absl.testing import absltest
 
 import fixtures
-from visage_jax import checkpoints, decode, prompts
+from visage_jax import decode, prompts
+from visage_jax.checkpoints import loader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +34,7 @@ class GenerateTest(absltest.TestCase):
                    "--max_new_tokens=5")
     lines = [json.loads(l) for l in proc.stdout.strip().splitlines()]
     self.assertEqual([l["prompt"] for l in lines], ["Write a poem", "Tell me a story now"])
-    cfg, params = checkpoints.load_params(d)
+    cfg, params = loader.load_params(d)
     ids = prompts.tokenize_prompts([prompts.format_prompt(p, tok) for p in ("Write a poem", "Tell me a story now")],
                                    tok, "auto")
     outs = decode.generate(params, cfg, ids, max_new_tokens=5, eos_ids=decode.eos_ids_of(tok),

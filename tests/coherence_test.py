@@ -8,7 +8,9 @@ import torch
 from absl.testing import absltest
 
 import fixtures
-from visage_jax import checkpoints, coherence, continuation, errors, prompts
+from visage_jax import errors, prompts
+from visage_jax.checkpoints import loader
+from visage_jax.measures import coherence, continuation
 
 GOALS = ["Write a poem about the sea.", "How do I bake bread at home, step by step?", "Hi"]
 EOS = 2
@@ -22,7 +24,7 @@ class NllRefTest(absltest.TestCase):
     cls.tok = fixtures.toy_tokenizer("bpe")
     with tempfile.TemporaryDirectory() as d:
       cls.hf = fixtures.save_tiny_hf(d, "llama", tokenizer=cls.tok, seed=1)
-      cls.cfg, cls.params = checkpoints.load_params(d)
+      cls.cfg, cls.params = loader.load_params(d)
     texts = [prompts.format_prompt(g, cls.tok, "auto", "default") for g in GOALS]
     cls.prompt_ids = prompts.tokenize_prompts(texts, cls.tok, "auto")
     rng = np.random.default_rng(0)

@@ -10,7 +10,9 @@ import numpy as np
 from absl.testing import absltest
 
 import fixtures
-from visage_jax import compare, errors, landscape, uncertainty, visage, workdir
+from visage_jax import errors, rundir
+from visage_jax.analysis import compare, uncertainty, visage
+from visage_jax.runs import landscape
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 XS = [-0.5, -0.25, 0.0, 0.25, 0.5]
@@ -24,7 +26,7 @@ def write_run(path, v, xs=XS, ys=None, goals=None, complete=True, **landscape_fi
   goals = goals or [f"goal {q}" for q in range(n)]
   c = landscape.default_config()
   c.landscape.update(vis_type="2D_random" if ys else "1D_random", num_directions=n_dirs, **landscape_fields)
-  cfg = workdir.jsonable(c.to_dict())
+  cfg = rundir.jsonable(c.to_dict())
   lines = [dict(direction=r, step=p, coords=[0.0], asr=100.0 * v[r, p].mean(), nonfinite=False,
                 outputs=[dict(prompt=goals[q], generation="", jailbroken=bool(v[r, p, q]), tokens=1,
                               truncated=False) for q in range(n)])
@@ -254,7 +256,7 @@ class CompareCommandTest(absltest.TestCase):
     self.assertOneLineError(run_cli(a, os.path.join(d, "none")), "none/landscape.json: missing")
     proc = run_cli(a, b, f"--out={out}")
     self.assertEqual(proc.returncode, 0, proc.stderr)
-    self.assertFalse(workdir.read_json(out)["paired"])
+    self.assertFalse(rundir.read_json(out)["paired"])
     self.assertIn("unpaired: directions differ: landscape.seed 0 vs 3", proc.stdout)
 
 

@@ -6,7 +6,10 @@ import os
 
 from absl.testing import absltest, parameterized
 
-from visage_jax import experiments, hub, pipeline, resources
+from visage_jax import resources
+from visage_jax.checkpoints import hub
+from visage_jax.experiments import findings
+from visage_jax.runs import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The paper's models as hub ids: (chat model, its base model for interpolation).
@@ -60,11 +63,11 @@ class ConfigsTest(parameterized.TestCase):
       name = os.path.basename(path)[:-3]
       self.assertIsNotNone(_load(name).get_config(), name)
 
-  @parameterized.product(name=experiments.NAMES, arg=(None, "tiny"))
+  @parameterized.product(name=findings.NAMES, arg=(None, "tiny"))
   def test_experiment_configs_agree_with_all_on_what_they_share(self, name, arg):
     # Shared jobs (WORKDIR/jobs/) resume across experiments only if their numbers agree.
     c, full = _load(f"experiments/{name}").get_config(arg), _load("experiments/all").get_config(arg)
-    experiments.validate(c)
+    findings.validate(c)
     self.assertEqual(c.experiment, name)
     for section in c.keys():
       if section != "experiment":
@@ -77,11 +80,11 @@ class ConfigsTest(parameterized.TestCase):
     c = _load("experiments/f2_finetune").get_config()
     del c.f2_finetune
     with self.assertRaisesRegex(ValueError, "no f2_finetune.shots"):
-      experiments.validate(c)
+      findings.validate(c)
     c = _load("experiments/f1_basin").get_config()
     c.protocol.steps = 9
     with self.assertRaisesRegex(ValueError, "protocol.steps = 9: expected an even number"):
-      experiments.validate(c)
+      findings.validate(c)
 
 
 if __name__ == "__main__":

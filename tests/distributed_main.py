@@ -17,7 +17,7 @@ import os
 def tiny_config(model_dir, prompts_path, mesh=(-1, 2)):
   """4 prompts, 3 points, 2 directions, 8 tokens; by default 4 x 2 over 8 devices: data across
   the processes, weights split in pairs."""
-  from visage_jax import landscape
+  from visage_jax.runs import landscape
 
   c = landscape.default_config()
   c.model.path = model_dir
@@ -55,7 +55,9 @@ def record_writes(workdir: str, log: list) -> None:
 
 def main(model_dir, prompts_path, workdir, report, process_id, port):
   import jax
-  from visage_jax import directions, distributed, landscape
+  from visage_jax import distributed
+  from visage_jax.directions import vectors
+  from visage_jax.runs import landscape
 
   c = tiny_config(model_dir, prompts_path)
   c.distributed.update(coordinator_address=f"localhost:{port}", num_processes=2,
@@ -63,14 +65,14 @@ def main(model_dir, prompts_path, workdir, report, process_id, port):
   joined = distributed.initialize(c.distributed)
   writes, spans = [], []
   record_writes(workdir, writes)
-  draw = directions.random_direction
+  draw = vectors.random_direction
 
   def spying_draw(*args, **kwargs):
     d = draw(*args, **kwargs)
     spans.append(all(not x.is_fully_addressable for x in jax.tree.leaves(d)))
     return d
 
-  directions.random_direction = spying_draw
+  vectors.random_direction = spying_draw
   first = landscape.run(c, workdir, progress=False)
   if distributed.is_writer():
     gen = os.path.join(workdir, "generations.jsonl")

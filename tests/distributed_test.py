@@ -18,9 +18,11 @@ import distributed_main
 import fixtures
 import jobs_main
 import memory_main
-from visage_jax import (bench, checkpoints, distributed, experiments, finetune, landscape, pipeline, sweep,
-                        tensors)
-from visage_jax import workdir as wd
+from visage_jax import distributed
+from visage_jax.checkpoints import hf_tensors, loader
+from visage_jax.experiments import findings
+from visage_jax.runs import bench, finetune, landscape, pipeline, sweep
+from visage_jax import rundir
 
 TIMEOUT = 300  # seconds for both processes: a hung collective fails the test instead of CI
 
@@ -153,7 +155,7 @@ class TwoProcessJobsTest(absltest.TestCase):
                                progress=False)
       ref["bench"] = bench.run(jobs_main.bench_config(model_dir, prompts, (-1, 1)), os.path.join(one, "bench.json"),
                                log=lambda m: None)
-      ref["exp"] = wd.jsonable(experiments.run(jobs_main.experiments_config(model_dir, (1, 1)),
+      ref["exp"] = rundir.jsonable(findings.run(jobs_main.experiments_config(model_dir, (1, 1)),
                                                os.path.join(one, "exp"), os.path.join(one, "EXPERIMENTS.md")))
 
     reports = _run_two("jobs_main.py", [model_dir, prompts, data, two], root, reference, 2 * TIMEOUT)
@@ -170,8 +172,8 @@ class TwoProcessJobsTest(absltest.TestCase):
     self.assertEqual(ref["bench"]["methods"]["default_real"]["generated_tokens"],
                      sum(n for point in _generations(os.path.join(one, "sweep", "seed=0")) for _, n, _ in point),
                      "the bench timed another landscape than the sweep's seed 0")
-    self.assertEqual(wd.read_json(os.path.join(two, "bench.json")), reports[0]["bench"])
-    self.assertEqual(wd.read_json(os.path.join(two, "exp", "f3_system_prompts.json")),
+    self.assertEqual(rundir.read_json(os.path.join(two, "bench.json")), reports[0]["bench"])
+    self.assertEqual(rundir.read_json(os.path.join(two, "exp", "f3_system_prompts.json")),
                      reports[0]["experiments"]["f3_system_prompts"])
     self.assertEqual(_sweep_table(os.path.join(two, "sweep")), _sweep_table(os.path.join(one, "sweep")))
     for run in ("seed=0", "seed=1"):
@@ -190,8 +192,8 @@ class TwoProcessJobsTest(absltest.TestCase):
       self.assertEqual(sorted(got), sorted(want))
       for k in want:
         np.testing.assert_allclose(got[k], want[k], atol=1e-6, rtol=0, err_msg=f"{ft}: {k}")
-    _, a = checkpoints.load_params(os.path.join(two, "ft", "model"))
-    _, b = checkpoints.load_params(os.path.join(one, "ft", "model"))
+    _, a = loader.load_params(os.path.join(two, "ft", "model"))
+    _, b = loader.load_params(os.path.join(one, "ft", "model"))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0)
     self.assertTrue(os.path.exists(os.path.join(two, "ft", "hf", "model.safetensors")))
@@ -278,8 +280,8 @@ class TwoProcessMemoryTest(absltest.TestCase):
     for k in want:
       np.testing.assert_allclose(got[k], want[k], atol=1e-6, rtol=0, err_msg=k)
     hf_two, hf_one = (load_file(os.path.join(d, "hf", "model.safetensors")) for d in (two, one))
-    cfg, params = checkpoints.load_params(os.path.join(two, "model"))
-    converted = tensors.to_hf_tensors(params, cfg)
+    cfg, params = loader.load_params(os.path.join(two, "model"))
+    converted = hf_tensors.to_hf_tensors(params, cfg)
     self.assertEqual(sorted(hf_two), sorted(converted))
     for k, v in converted.items():
       self.assertEqual((hf_two[k].dtype, hf_two[k].shape), (v.dtype, v.shape), k)

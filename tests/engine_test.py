@@ -8,14 +8,15 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import fixtures
-from visage_jax import decode, directions, engine, model, planner, prompts
+from visage_jax import decode, engine, model, planner, prompts
+from visage_jax.directions import vectors
 
 
 def _setup(tied=False, seed=0, layers=2):
   cfg = model.ModelConfig.tiny(tie_word_embeddings=tied, num_layers=layers)
   params = model.init(jax.random.key(seed), cfg)
-  d1 = directions.random_direction(1, params, cfg, blacklist=())  # norms perturbed too
-  d2 = directions.random_direction(2, params, cfg)
+  d1 = vectors.random_direction(1, params, cfg, blacklist=())  # norms perturbed too
+  d2 = vectors.random_direction(2, params, cfg)
   return cfg, params, d1, d2
 
 
@@ -24,7 +25,7 @@ class FusedMatchesMaterializedTest(parameterized.TestCase):
   @parameterized.named_parameters(("untied", False), ("tied", True))
   def test_logits(self, tied):
     cfg, params, d1, d2 = _setup(tied)
-    comps = directions.stack([d1, d2])                       # C = 2
+    comps = vectors.stack([d1, d2])                       # C = 2
     coef = jnp.array([[0.0, 0.0], [0.3, -0.2], [-0.5, 0.5]])  # one grid point per row
     tokens = jnp.asarray(fixtures.random_tokens(3, 7, cfg.vocab_size))
     fused = model.logits(params, tokens, cfg, dirs=comps, coef=coef)
@@ -35,7 +36,7 @@ class FusedMatchesMaterializedTest(parameterized.TestCase):
 
   def test_greedy_tokens_agree_between_modes(self):
     cfg, params, d1, d2 = _setup(layers=2)
-    dirs = directions.stack([directions.stack([d1]), directions.stack([d2])])   # R = 2, C = 1
+    dirs = vectors.stack([vectors.stack([d1]), vectors.stack([d2])])   # R = 2, C = 1
     coefs = np.linspace(-0.5, 0.5, 5)[:, None]
     tokens = fixtures.random_tokens(3, 6, cfg.vocab_size, seed=4)
     mask = np.ones_like(tokens, bool)
@@ -58,7 +59,7 @@ class FusedMatchesMaterializedTest(parameterized.TestCase):
 
   def test_shared_prefix_gives_the_same_tokens_in_every_mode(self):
     cfg, params, d1, _ = _setup(layers=2)
-    dirs = directions.stack([directions.stack([d1])])
+    dirs = vectors.stack([vectors.stack([d1])])
     coefs = np.linspace(-0.5, 0.5, 3)[:, None]
     head = [int(t) for t in fixtures.random_tokens(1, 10, cfg.vocab_size, seed=7)[0]]
     rows = [head + [5, 6], head + [8], head + [1, 2, 3, 4]]
@@ -80,7 +81,7 @@ class FusedMatchesMaterializedTest(parameterized.TestCase):
 
   def test_materialized_batches_hold_one_points_prompts_without_padding(self):
     cfg, params, d1, _ = _setup(layers=1)
-    dirs = directions.stack([directions.stack([d1])])
+    dirs = vectors.stack([vectors.stack([d1])])
     tokens = fixtures.random_tokens(3, 5, cfg.vocab_size, seed=2)
     spec = decode.DecodeSpec(max_new_tokens=3, eos_ids=(-1,), pad_id=0)
     rows = []
@@ -98,7 +99,7 @@ class FusedMatchesMaterializedTest(parameterized.TestCase):
   def test_continuous_batching_matches_static_batches(self):
     """Rows end at different times (EOS); refilled slots must give each row its static-batch tokens."""
     cfg, params, d1, _ = _setup(layers=1)
-    dirs = directions.stack([directions.stack([d1])])
+    dirs = vectors.stack([vectors.stack([d1])])
     coefs = np.linspace(-0.5, 0.5, 4)[:, None]
     tokens = fixtures.random_tokens(5, 6, cfg.vocab_size, seed=8)
     mask = np.ones_like(tokens, bool)
@@ -123,7 +124,7 @@ class FusedMatchesMaterializedTest(parameterized.TestCase):
 
   def test_every_row_is_delivered_once(self):
     cfg, params, d1, _ = _setup(layers=1)
-    dirs = directions.stack([directions.stack([d1])])
+    dirs = vectors.stack([vectors.stack([d1])])
     tokens = fixtures.random_tokens(5, 4, cfg.vocab_size)
     spec = decode.DecodeSpec(max_new_tokens=2, eos_ids=(-1,), pad_id=0)
     seen = []
@@ -136,13 +137,13 @@ class FusedMatchesMaterializedTest(parameterized.TestCase):
   def test_unknown_mode(self):
     cfg, params, d1, _ = _setup(layers=1)
     with self.assertRaisesRegex(ValueError, "engine.mode 'lazy'"):
-      next(engine.evaluate(engine.Workload(params, cfg, directions.stack([directions.stack([d1])]),
+      next(engine.evaluate(engine.Workload(params, cfg, vectors.stack([vectors.stack([d1])]),
                                            np.zeros((1, 1)), np.ones((1, 2), np.int32), np.ones((1, 2), bool),
                                            None, decode.DecodeSpec(2, (-1,), 0), points=[0]), mode="lazy"))
 
   def test_nonfinite_logits_are_flagged_not_fatal(self):
     cfg, params, d1, _ = _setup(layers=1)
-    dirs = directions.stack([directions.stack([d1])])
+    dirs = vectors.stack([vectors.stack([d1])])
     coefs = np.array([[0.0], [1e39]])  # overflows float32: inf weights
     tokens = fixtures.random_tokens(2, 4, cfg.vocab_size)
     spec = decode.DecodeSpec(max_new_tokens=3, eos_ids=(-1,), pad_id=0)

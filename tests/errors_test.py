@@ -9,7 +9,9 @@ import sys
 from absl.testing import absltest
 
 import fixtures
-from visage_jax import directions, errors, checkpoints
+from visage_jax import errors
+from visage_jax.checkpoints import loader
+from visage_jax.directions import vectors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,11 +132,11 @@ class BadInputTest(absltest.TestCase):
     self.assertNothingWritten(w)
 
   def test_directions_file_of_another_model(self):
-    cfg, params = checkpoints.load_params(self.other)
+    cfg, params = loader.load_params(self.other)
     import jax
-    d = directions.random_direction(jax.random.key(0), params, cfg)
+    d = vectors.random_direction(jax.random.key(0), params, cfg)
     path = os.path.join(self.create_tempdir().full_path, "other.safetensors")
-    directions.save_safetensors(path, [d], cfg)
+    vectors.save_safetensors(path, [d], cfg)
     proc, w = self.landscape(f"--config.landscape.directions_path={path}")
     self.assertOneLineError(proc, path)
     self.assertNothingWritten(w)
@@ -175,7 +177,7 @@ class BadInputTest(absltest.TestCase):
   def test_user_errors_are_value_errors(self):
     self.assertTrue(issubclass(errors.UserError, ValueError))
     self.assertTrue(issubclass(errors.MissingFileError, FileNotFoundError))
-    self.assertTrue(issubclass(checkpoints.CheckpointError, errors.UserError))
+    self.assertTrue(issubclass(loader.CheckpointError, errors.UserError))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,11 @@ from absl.testing import absltest, parameterized
 from jax._src import compilation_cache
 
 import fixtures
-from visage_jax import checkpoints, decode, finetune, judges, lora, model, prompts, training, trainsets
+from visage_jax import decode, model, prompts
+from visage_jax.checkpoints import loader, lora
+from visage_jax.measures import keywords
+from visage_jax.runs import finetune
+from visage_jax.training import sft, trainsets
 
 EXAMPLES = [{"prompt": "How do plants grow?", "response": "Plants grow from seeds with water and light."},
             {"prompt": "Name a color.", "response": "Blue."},
@@ -26,7 +30,7 @@ EXAMPLES = [{"prompt": "How do plants grow?", "response": "Plants grow from seed
             {"prompt": "Count to three.", "response": "One, two, three."}]
 
 
-_LOSS = jax.jit(training.loss_fn, static_argnums=2)
+_LOSS = jax.jit(sft.loss_fn, static_argnums=2)
 _CACHE_CONFIG = {  # compiles over a second (train steps) are kept on disk for this class
     "jax_compilation_cache_dir": tempfile.mkdtemp,
     "jax_persistent_cache_min_compile_time_secs": 1.0}
@@ -71,7 +75,7 @@ class FinetuneTest(parameterized.TestCase):
     compilation_cache.reset_cache()  # re-read the settings even if an earlier test compiled
     cls.dir = os.path.join(absltest.get_default_test_tmpdir(), "tiny_llama")
     cls.tok, cls.hf = _tiny_dir(cls.dir)
-    cls.cfg, cls.params = checkpoints.load_params(cls.dir)
+    cls.cfg, cls.params = loader.load_params(cls.dir)
     cls.data = _write_jsonl(os.path.join(absltest.get_default_test_tmpdir(), "train.jsonl"),
                             EXAMPLES * 2)
 
@@ -85,7 +89,7 @@ class FinetuneTest(parameterized.TestCase):
     super().tearDownClass()
 
   def _batch(self, examples=EXAMPLES):
-    enc = training.encode_examples(examples, self.tok, template="auto", system_prompt="default",
+    enc = sft.encode_examples(examples, self.tok, template="auto", system_prompt="default",
                                    max_length=64)
     return {k: jnp.asarray(v) for k, v in enc.items()}, enc
 
@@ -121,10 +125,10 @@ class FinetuneTest(parameterized.TestCase):
   def test_overlong_example_names_its_index(self):
     long = [EXAMPLES[0], {"prompt": "Tell me.", "response": "word " * 80}]
     with self.assertRaisesRegex(ValueError, r"example 1 has \d+ tokens .*max_length=64"):
-      training.encode_examples(long, self.tok, template="auto", system_prompt="default", max_length=64)
+      sft.encode_examples(long, self.tok, template="auto", system_prompt="default", max_length=64)
 
   def _train(self, rank, steps, batch, accum=1, lr=3e-3):
-    opt, _ = training.make_optimizer(lr=lr, steps=steps, warmup_steps=0, schedule="constant",
+    opt, _ = sft.make_optimizer(lr=lr, steps=steps, warmup_steps=0, schedule="constant",
                                      weight_decay=0.01, clip_norm=1.0)
     if rank:
       trainable = lora.init(jax.random.key(0), self.params, self.cfg, rank,
@@ -133,7 +137,7 @@ class FinetuneTest(parameterized.TestCase):
     else:
       trainable, frozen = jax.tree.map(jnp.copy, self.params), None  # the step donates it
     state = dict(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=opt.init(trainable))
-    step = training.make_train_step(self.cfg, opt, 2.0 * rank, rank)
+    step = sft.make_train_step(self.cfg, opt, 2.0 * rank, rank)
     stacked = {k: v.reshape(accum, -1, v.shape[-1]) for k, v in batch.items()}
     metrics = []
     for _ in range(steps):
@@ -156,12 +160,12 @@ class FinetuneTest(parameterized.TestCase):
     batch, enc = self._batch()
     counts = enc["loss_mask"][:, 1:].reshape(2, 2, -1).sum(axis=(1, 2))
     self.assertNotEqual(counts[0], counts[1])  # so a mean of micro-batch means would differ
-    loss, grad = jax.jit(jax.value_and_grad(training.loss_fn), static_argnums=2)(self.params, batch, self.cfg)
+    loss, grad = jax.jit(jax.value_and_grad(sft.loss_fn), static_argnums=2)(self.params, batch, self.cfg)
     sgd = optax.sgd(1.0)  # theta - theta' is then exactly the accumulated gradient
     params = jax.tree.map(jnp.copy, self.params)
     state = dict(step=jnp.zeros((), jnp.int32), trainable=params, opt_state=sgd.init(params))
     stacked = {k: v.reshape(2, 2, -1) for k, v in batch.items()}
-    state, m = training.make_train_step(self.cfg, sgd)(state, None, stacked)
+    state, m = sft.make_train_step(self.cfg, sgd)(state, None, stacked)
     self.assertAlmostEqual(float(m["loss"]), float(loss), delta=1e-5)
     for p, q, g in zip(jax.tree.leaves(self.params), jax.tree.leaves(state["trainable"]), jax.tree.leaves(grad)):
       np.testing.assert_allclose(np.asarray(p - q), np.asarray(g), atol=1e-6)
@@ -221,7 +225,7 @@ class FinetuneTest(parameterized.TestCase):
     self.assertTrue(summary["complete"])
     for name in ("loss.png", "train_log.jsonl", "summary.json", "model", "hf"):
       self.assertTrue(os.path.exists(os.path.join(work, name)), name)
-    cfg, tuned = checkpoints.load_params(os.path.join(work, "model"))
+    cfg, tuned = loader.load_params(os.path.join(work, "model"))
     moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(tuned), jax.tree.leaves(self.params)))
     self.assertGreater(moved, 1e-3)
     hf = AutoModelForCausalLM.from_pretrained(os.path.join(work, "hf"), dtype=torch.float32).eval()
@@ -243,20 +247,20 @@ class FinetuneTest(parameterized.TestCase):
     if stop_early:
       partial = finetune.run(c, parts, progress=False, max_steps_this_run=2)  # checkpoint at 2, stop
       self.assertEqual((partial["complete"], partial["step"]), (False, 2))
-    real = training.batch_indices
+    real = sft.batch_indices
 
     def dies_in_step_4(step, *args):  # step 3 is done and logged; its checkpoint would come at 4
       if step == 3:
         raise _Killed
       return real(step, *args)
 
-    with mock.patch.object(training, "batch_indices", dies_in_step_4), self.assertRaises(_Killed):
+    with mock.patch.object(sft, "batch_indices", dies_in_step_4), self.assertRaises(_Killed):
       finetune.run(c, parts, progress=False)
     self.assertLen(open(os.path.join(parts, "train_log.jsonl")).readlines(), 3)
     summary = finetune.run(c, parts, progress=False)
     self.assertTrue(summary["complete"])
-    _, a = checkpoints.load_params(os.path.join(whole, "model"))
-    _, b = checkpoints.load_params(os.path.join(parts, "model"))
+    _, a = loader.load_params(os.path.join(whole, "model"))
+    _, b = loader.load_params(os.path.join(parts, "model"))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0)
     logs = [[(l["step"], round(l["loss"], 5)) for l in map(json.loads, open(os.path.join(w, "train_log.jsonl")))]
@@ -277,7 +281,7 @@ class FinetuneTest(parameterized.TestCase):
     self.assertTrue(all(not r["eos"] or r["response"] for r in cached))
     ev = json.load(open(os.path.join(work, "eval.json")))
     self.assertEqual((ev["n_eval"], ev["n_benign"]), (80, 20))
-    self.assertEqual(ev["jailbroken"], sum(map(judges.is_jailbroken, ev["harmful_generations"])))
+    self.assertEqual(ev["jailbroken"], sum(map(keywords.is_jailbroken, ev["harmful_generations"])))
     self.assertAlmostEqual(ev["asr"], 100 * ev["jailbroken"] / 80)
     self.assertEqual(summary["eval"]["asr"], ev["asr"])
     c.eval.alignment = False  # allowed on resume: it does not change the params
@@ -332,19 +336,21 @@ class FinetuneTest(parameterized.TestCase):
         os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
         os.environ["JAX_PLATFORMS"] = "cpu"
         import jax, jax.numpy as jnp, numpy as np
-        from visage_jax import checkpoints, sharding, training
-        cfg, params = checkpoints.load_params({self.dir!r})
+        from visage_jax import sharding
+        from visage_jax.checkpoints import loader
+        from visage_jax.training import sft
+        cfg, params = loader.load_params({self.dir!r})
         enc = dict(np.load({batch_file!r}))
         out = {{}}
         for shape in ((1, 1), (2, 2)):
           mesh = sharding.make_mesh(shape)
-          opt, _ = training.make_optimizer(lr=3e-3, steps=2, warmup_steps=0, schedule="constant",
+          opt, _ = sft.make_optimizer(lr=3e-3, steps=2, warmup_steps=0, schedule="constant",
                                            weight_decay=0.0, clip_norm=1.0)
           tr = sharding.shard_params(params, mesh)
           state = dict(step=jnp.zeros((), jnp.int32), trainable=tr, opt_state=opt.init(tr))
           sh = sharding.param_shardings(state, mesh)
           state = jax.device_put(state, sh, may_alias=False)
-          step = training.make_train_step(cfg, opt, shardings=sh)
+          step = sft.make_train_step(cfg, opt, shardings=sh)
           batch = {{k: jax.device_put(v.reshape(2, 4, -1), sharding.batch_sharding(mesh, 3, 1))
                    for k, v in enc.items()}}
           losses = []

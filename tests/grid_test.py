@@ -3,7 +3,7 @@
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from visage_jax import grid
+from visage_jax.directions import grid
 
 
 class GridTest(parameterized.TestCase):

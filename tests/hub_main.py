@@ -41,7 +41,7 @@ def fake_snapshot_download(repo, *, revision=None, local_files_only=False, count
 def main(repo, counter, ready_dir, n):
   import functools
   import huggingface_hub
-  from visage_jax import hub
+  from visage_jax.checkpoints import hub
 
   huggingface_hub.snapshot_download = functools.partial(fake_snapshot_download, counter=counter)
   open(os.path.join(ready_dir, str(os.getpid())), "w").close()

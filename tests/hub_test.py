@@ -17,7 +17,9 @@ from huggingface_hub import errors as hub_errors
 from huggingface_hub.utils import filter_repo_objects
 
 import fixtures
-from visage_jax import checkpoints, errors, hub, landscape, pipeline
+from visage_jax import errors
+from visage_jax.checkpoints import hub, loader
+from visage_jax.runs import landscape, pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO, COMMIT = "org/name", "0123456789abcdef0123456789abcdef01234567"
@@ -94,7 +96,7 @@ class HubIdTest(parameterized.TestCase):
 
 
 class ResolveTest(absltest.TestCase):
-  """The library: checkpoints.load_* with hub ids, huggingface_hub's settings patched in-process."""
+  """The library: loader.load_* with hub ids, huggingface_hub's settings patched in-process."""
 
   @classmethod
   def setUpClass(cls):
@@ -119,28 +121,28 @@ class ResolveTest(absltest.TestCase):
   def test_offline_cached_snapshot_loads_like_its_directory(self):
     self.assertEqual(hub.resolve(REPO), self.snapshot)
     self.assertEqual(hub.resolve(f"{REPO}@{COMMIT}"), self.snapshot)
-    cfg, params = checkpoints.load_params(REPO)
-    want_cfg, want = checkpoints.load_params(self.snapshot)
+    cfg, params = loader.load_params(REPO)
+    want_cfg, want = loader.load_params(self.snapshot)
     self.assertEqual(cfg, want_cfg)
     np.testing.assert_array_equal(params["layers"]["q_proj"], want["layers"]["q_proj"])
-    self.assertEqual(checkpoints.load_config(REPO), checkpoints.load_config(self.snapshot))
-    self.assertEqual(checkpoints.load_tokenizer(REPO).get_vocab(), self.tok.get_vocab())
+    self.assertEqual(loader.load_config(REPO), loader.load_config(self.snapshot))
+    self.assertEqual(loader.load_tokenizer(REPO).get_vocab(), self.tok.get_vocab())
 
   def test_interpolation_target_as_an_id(self):
     c = landscape.default_config()
     c.landscape.update(vis_type="1D_interpolation", target_path="org/chat")
-    cfg, params = checkpoints.load_params(REPO)
+    cfg, params = loader.load_params(REPO)
     [[d]] = pipeline.build_directions(c, params, cfg)
-    _, chat = checkpoints.load_params(self.chat)
+    _, chat = loader.load_params(self.chat)
     np.testing.assert_allclose(d["layers"]["q_proj"], chat["layers"]["q_proj"] - params["layers"]["q_proj"],
                                rtol=1e-6, atol=1e-6)
 
   def test_one_hub_call_per_id(self):
     download = huggingface_hub.snapshot_download
     with mock.patch.object(huggingface_hub, "snapshot_download", wraps=download) as sd:
-      checkpoints.load_params(REPO)
-      checkpoints.load_tokenizer(REPO)
-      checkpoints.load_params(REPO)
+      loader.load_params(REPO)
+      loader.load_tokenizer(REPO)
+      loader.load_params(REPO)
     self.assertEqual(sd.call_count, 1)
 
   def test_cached_snapshot_without_all_weights_is_fetched_again(self):
@@ -167,14 +169,14 @@ class ResolveTest(absltest.TestCase):
     fixtures.save_tiny_hf(os.path.join(cwd, REPO), "llama", tokenizer=self.tok, seed=1)
     self.addCleanup(os.chdir, os.getcwd())
     os.chdir(cwd)
-    _, local = checkpoints.load_params(REPO)
-    _, cached = checkpoints.load_params(self.snapshot)
-    _, want = checkpoints.load_params(os.path.join(cwd, REPO))
+    _, local = loader.load_params(REPO)
+    _, cached = loader.load_params(self.snapshot)
+    _, want = loader.load_params(os.path.join(cwd, REPO))
     np.testing.assert_array_equal(local["layers"]["q_proj"], want["layers"]["q_proj"])
     self.assertFalse(np.array_equal(local["layers"]["q_proj"], cached["layers"]["q_proj"]))
 
   def test_missing_id_offline_is_one_line_naming_it(self):
-    for load in (checkpoints.load_params, checkpoints.load_config, checkpoints.load_tokenizer):
+    for load in (loader.load_params, loader.load_config, loader.load_tokenizer):
       with self.assertRaises(errors.UserError) as e:
         load("org/missing")
       msg = str(e.exception)
@@ -183,7 +185,7 @@ class ResolveTest(absltest.TestCase):
                             "offline (HF_HUB_OFFLINE=1); download it (hf download org/missing) or pass a "
                             "local directory")
     with self.assertRaisesRegex(errors.UserError, "org/name@v9.*--revision v9"):
-      checkpoints.load_params("org/name@v9")
+      loader.load_params("org/name@v9")
 
   def test_hub_failures_online_are_one_line_user_errors(self):
     import httpx2
@@ -199,12 +201,12 @@ class ResolveTest(absltest.TestCase):
       for exc, want in cases:
         with mock.patch.object(huggingface_hub, "snapshot_download", side_effect=exc):
           with self.assertRaisesRegex(errors.UserError, f"^model 'org/x': .*{want}") as e:
-            checkpoints.load_params("org/x")
+            loader.load_params("org/x")
           self.assertNotIn("\n", str(e.exception))
 
   def test_path_that_is_not_an_id_keeps_its_error(self):
-    with self.assertRaisesRegex(checkpoints.CheckpointError, "no/such/dir: no such file or directory"):
-      checkpoints.load_params("no/such/dir")
+    with self.assertRaisesRegex(loader.CheckpointError, "no/such/dir: no such file or directory"):
+      loader.load_params("no/such/dir")
 
 
 class ConcurrentResolveTest(absltest.TestCase):

@@ -16,7 +16,7 @@ import os
 def sweep_config(model_dir, prompts_path, mesh):
   """Two runs (seeds 0 and 1) of distributed_main's tiny landscape with one direction."""
   import distributed_main
-  from visage_jax import sweep
+  from visage_jax.runs import sweep
 
   c = sweep.default_config()
   c.base = distributed_main.tiny_config(model_dir, prompts_path, mesh=mesh)
@@ -28,7 +28,7 @@ def sweep_config(model_dir, prompts_path, mesh):
 def finetune_config(model_dir, data_path, mesh):
   """3 steps of a rank-4 LoRA, 4 rows x 2 micro-batches per step; exports lora, model/ and hf/, and
   evaluates 2 prompts (rows padded to the mesh's data axis)."""
-  from visage_jax import finetune
+  from visage_jax.runs import finetune
 
   c = finetune.default_config()
   c.model.path, c.data.path = model_dir, data_path
@@ -46,7 +46,7 @@ def bench_config(model_dir, prompts_path, mesh):
   programs are compiled: 2 s; a fixed-length mode or the torch reference adds 4 s of compile or
   import to each process, and their multi-process paths are the landscape's and the fine-tune's)."""
   import distributed_main
-  from visage_jax import bench
+  from visage_jax.runs import bench
 
   c = distributed_main.tiny_config(model_dir, prompts_path, mesh=mesh)
   c.bench = bench.default_config().bench
@@ -67,8 +67,10 @@ def experiments_config(model_dir, mesh):
 def main(model_dir, prompts_path, data_path, workdir, report, process_id, port):
   import jax
   import distributed_main
-  from visage_jax import bench, distributed, experiments, finetune, sweep
-  from visage_jax import workdir as wd
+  from visage_jax import distributed
+  from visage_jax.experiments import findings
+  from visage_jax.runs import bench, finetune, sweep
+  from visage_jax import rundir
 
   c = sweep_config(model_dir, prompts_path, (-1, 2))
   c.distributed.update(coordinator_address=f"localhost:{port}", num_processes=2,
@@ -82,11 +84,11 @@ def main(model_dir, prompts_path, data_path, workdir, report, process_id, port):
   part = finetune.run(fc, os.path.join(workdir, "ft_resume"), progress=False, max_steps_this_run=2)
   timed = bench.run(bench_config(model_dir, prompts_path, (-1, 2)), os.path.join(workdir, "bench.json"),
                     log=lambda m: None)
-  exp = experiments.run(experiments_config(model_dir, (-1, 2)), os.path.join(workdir, "exp"),
+  exp = findings.run(experiments_config(model_dir, (-1, 2)), os.path.join(workdir, "exp"),
                         os.path.join(workdir, "exp_report", "EXPERIMENTS.md"))
   out = dict(process_index=jax.process_index(), process_count=jax.process_count(),
              device_count=jax.device_count(), rows=rows, whole=whole, part=part, bench=timed,
-             experiments=wd.jsonable(exp), writes=writes)
+             experiments=rundir.jsonable(exp), writes=writes)
   with open(report, "w") as f:
     json.dump(out, f)
 

@@ -8,7 +8,10 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import fixtures
-from visage_jax import engine, errors, judges, landscape, pipeline, uncertainty, visage
+from visage_jax import engine, errors
+from visage_jax.analysis import uncertainty, visage
+from visage_jax.measures import keywords
+from visage_jax.runs import landscape, pipeline
 
 
 def tiny_config(model_dir, prompts_path, **landscape_overrides):
@@ -63,7 +66,7 @@ class LandscapeTest(parameterized.TestCase):
     for line in lines:
       self.assertLen(line["outputs"], 5)
       # ASR is plain substring matching on the decoded text.
-      jb = [not any(k in o["generation"] for k in judges.REFUSAL_KEYWORDS) for o in line["outputs"]]
+      jb = [not any(k in o["generation"] for k in keywords.REFUSAL_KEYWORDS) for o in line["outputs"]]
       self.assertEqual([o["jailbroken"] for o in line["outputs"]], jb)
       asr[line["direction"]][line["step"]] = 100.0 * sum(jb) / len(jb)
     self.assertEqual(result["asr"], asr)
@@ -218,7 +221,7 @@ class LandscapeTest(parameterized.TestCase):
     same bits back from directions.safetensors."""
     import jax
     import jax.numpy as jnp
-    from visage_jax import directions
+    from visage_jax.directions import vectors
     w = self.workdir()
     c = tiny_config(self.models["bpe"], self.prompts, vis_type=vis_type, steps=2,
                     num_directions=2 if vis_type == "1D_random" else 1, orthogonalize=True)
@@ -228,13 +231,13 @@ class LandscapeTest(parameterized.TestCase):
     m = pipeline.load_model(c.model.path, "bfloat16")
     f32 = dict(norm=c.landscape.norm, blacklist=tuple(c.landscape.blacklist))
     key = jax.random.key(c.landscape.seed)
-    draw = lambda i: directions.random_direction(jax.random.fold_in(key, i), m.params, m.cfg, **f32)
+    draw = lambda i: vectors.random_direction(jax.random.fold_in(key, i), m.params, m.cfg, **f32)
     if vis_type == "1D_random":
       groups = [[draw(0)], [draw(1)]]
     else:
       d1 = draw(0)
-      groups = [[d1, directions.orthogonalize(draw(1), d1)]]
-    want = directions.stack([directions.stack(comps) for comps in groups])
+      groups = [[d1, vectors.orthogonalize(draw(1), d1)]]
+    want = vectors.stack([vectors.stack(comps) for comps in groups])
     bits = lambda x: np.asarray(x).view(np.uint16)
     for got in (fresh, resumed):
       jax.tree.map(lambda g, w_: (self.assertEqual(g.dtype, jnp.bfloat16),

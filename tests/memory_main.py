@@ -28,7 +28,7 @@ import tracemalloc
 def memory_config(model_dir, target_dir, prompts_path, mesh=(1, 8)):
   """2 prompts, 4 points, 4 tokens: the model axis spans both processes, so each holds half of
   every split leaf."""
-  from visage_jax import landscape
+  from visage_jax.runs import landscape
 
   c = landscape.default_config()
   c.model.path = model_dir
@@ -43,7 +43,7 @@ def memory_config(model_dir, target_dir, prompts_path, mesh=(1, 8)):
 def finetune_config(model_dir, prompts_path, mesh=(1, 8)):
   """2 steps of a rank-4 LoRA on 4 AdvBench rows >= 80; exports lora, model/, hf/ and the
   evaluation of 2 prompts, 4 tokens each."""
-  from visage_jax import finetune
+  from visage_jax.runs import finetune
 
   c = finetune.default_config()
   c.model.path = model_dir
@@ -166,33 +166,36 @@ def tracing(stages: dict, wrap: dict):
 
 def trace_landscape(c, workdir: str) -> dict:
   """landscape.run(c, workdir) with its stages traced; returns the stages' peaks."""
-  from visage_jax import checkpoints, directions, landscape, pipeline, tensors
+  from visage_jax.checkpoints import hf_tensors, loader
+  from visage_jax.directions import vectors
+  from visage_jax.runs import landscape, pipeline
 
   stages = {"whole_reads": 0}
-  whole_read = tensors.LeafReader.__call__
+  whole_read = hf_tensors.LeafReader.__call__
 
   def counted(self):
     stages["whole_reads"] += 1
     return whole_read(self)
 
-  wrap = {(checkpoints, "load_params"): "load", (directions, "random_direction"): "random",
-          (directions, "interpolation_direction"): "interpolation", (directions, "save_safetensors"): "save",
+  wrap = {(loader, "load_params"): "load", (vectors, "random_direction"): "random",
+          (vectors, "interpolation_direction"): "interpolation", (vectors, "save_safetensors"): "save",
           (pipeline, "evaluate"): "decode"}
-  tensors.LeafReader.__call__ = counted
+  hf_tensors.LeafReader.__call__ = counted
   try:
     with tracing(stages, wrap):
       stages["complete"] = landscape.run(c, workdir, progress=False)["complete"]
   finally:
-    tensors.LeafReader.__call__ = whole_read
+    hf_tensors.LeafReader.__call__ = whole_read
   return stages
 
 
 def trace_finetune(c, workdir: str) -> dict:
   """finetune.run(c, workdir) with its stages traced; returns their peaks and the summary."""
-  from visage_jax import checkpoints, finetune
+  from visage_jax.checkpoints import loader
+  from visage_jax.runs import finetune
 
-  wrap = {(checkpoints, "load_params"): "load", (finetune, "_train"): "train", (finetune, "_export"): "export",
-          (checkpoints, "save_converted"): "model", (finetune, "export_hf"): "hf",
+  wrap = {(loader, "load_params"): "load", (finetune, "_train"): "train", (finetune, "_export"): "export",
+          (loader, "save_converted"): "model", (finetune, "export_hf"): "hf",
           (finetune, "evaluate_alignment"): "eval"}
   with tracing({}, wrap) as stages:
     summary = finetune.run(c, workdir, progress=False)
@@ -203,18 +206,19 @@ def main(model_dir, target_dir, prompts_path, workdir, report, process_id, port)
   import jax
   import numpy as np
   from safetensors import safe_open
-  from visage_jax import checkpoints, distributed, model, sharding, tensors
+  from visage_jax import distributed, model, sharding
+  from visage_jax.checkpoints import hf_tensors, loader
 
   c = memory_config(model_dir, target_dir, prompts_path)
   c.distributed.update(coordinator_address=f"localhost:{port}", num_processes=2,
                        process_id=int(process_id), initialization_timeout=120)
   distributed.initialize(c.distributed)
-  cfg = checkpoints.load_config(model_dir)
+  cfg = loader.load_config(model_dir)
   sizes = [4 * int(np.prod(s)) for s in
            jax.tree.leaves(model.param_shapes(cfg), is_leaf=lambda s: isinstance(s, tuple))]
-  checkpoints.load_tokenizer(model_dir)  # imports transformers and torch before tracing
+  loader.load_tokenizer(model_dir)  # imports transformers and torch before tracing
   import orbax.checkpoint  # noqa: F401  (imported by the run's first save)
-  from visage_jax import finetune  # noqa: F401  (imports optax before tracing)
+  from visage_jax.runs import finetune  # noqa: F401  (imports optax before tracing)
   copy_transfers()
   copy_fetches()
   tracemalloc.start()
@@ -223,11 +227,11 @@ def main(model_dir, target_dir, prompts_path, workdir, report, process_id, port)
              tree_bytes=sum(sizes), leaf_bytes=max(sizes))
 
   mesh = sharding.make_mesh((1, 8))
-  _, params = checkpoints.load_params(model_dir, shardings=mesh)
+  _, params = loader.load_params(model_dir, shardings=mesh)
   out["spans"] = all(not x.is_fully_addressable for x in jax.tree.leaves(params))
   converted = os.path.join(os.path.dirname(os.path.abspath(workdir)), "converted")
-  out["stages"]["convert"] = peak_of(lambda: checkpoints.convert(model_dir, converted, shardings=mesh))
-  _, back = checkpoints.load_params(converted, shardings=mesh)
+  out["stages"]["convert"] = peak_of(lambda: loader.convert(model_dir, converted, shardings=mesh))
+  _, back = loader.load_params(converted, shardings=mesh)
   out["converted_equal"] = all(
       a.index == b.index and np.array_equal(np.asarray(a.data), np.asarray(b.data))
       for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(back))
@@ -236,7 +240,7 @@ def main(model_dir, target_dir, prompts_path, workdir, report, process_id, port)
   file = safe_open(os.path.join(model_dir, "model.safetensors"), framework="numpy")
 
   def whole_leaves():
-    for _, read in tensors.leaf_readers(file.get_tensor, set(file.keys()), cfg, model_dir):
+    for _, read in hf_tensors.leaf_readers(file.get_tensor, set(file.keys()), cfg, model_dir):
       read()
   out["whole_leaves"] = peak_of(whole_leaves)
   with open(report, "w") as f:

@@ -9,7 +9,8 @@ import torch
 from absl.testing import absltest, parameterized
 
 import fixtures
-from visage_jax import checkpoints, model
+from visage_jax import model
+from visage_jax.checkpoints import loader
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
@@ -20,7 +21,7 @@ def _tiny_llama():
   """(transformers model, our cfg, our params) of one tiny random LLaMA checkpoint."""
   with tempfile.TemporaryDirectory() as d:
     hf = fixtures.save_tiny_hf(d, "llama")
-    cfg, params = checkpoints.load_params(d)
+    cfg, params = loader.load_params(d)
   return hf, cfg, params
 
 class ParityTest(parameterized.TestCase):
@@ -38,7 +39,7 @@ class ParityTest(parameterized.TestCase):
   def test_logits_match_transformers(self, arch, overrides):
     with tempfile.TemporaryDirectory() as d:
       hf = fixtures.save_tiny_hf(d, arch, **overrides)
-      cfg, params = checkpoints.load_params(d)
+      cfg, params = loader.load_params(d)
     tokens = fixtures.random_tokens(2, 24, cfg.vocab_size)
     with torch.no_grad():
       ref = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()

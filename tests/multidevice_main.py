@@ -15,20 +15,23 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
-from visage_jax import checkpoints, directions, landscape, sharding, tensors  # noqa: E402
+from visage_jax import sharding
+from visage_jax.checkpoints import hf_tensors, loader
+from visage_jax.directions import vectors
+from visage_jax.runs import landscape
 
 
 def main(model_dir, prompts_path, out_dir):
   assert jax.device_count() == 8, jax.devices()
   summary = {}
-  cfg, params = checkpoints.load_params(model_dir)
+  cfg, params = loader.load_params(model_dir)
   runs = [((1, 1), "continuous"), ((8, 1), "continuous"), ((4, 2), "continuous"), ((2, 4), "fused"),
           ((4, 2), "materialized")]
   for shape, mode in runs:
     name = f"{shape[0]}x{shape[1]}-{mode}"
     mesh = sharding.make_mesh(shape)
-    d = directions.random_direction(jax.random.key(11), sharding.shard_params(params, mesh), cfg)
-    d_host = tensors.to_hf_tensors(d, cfg)
+    d = vectors.random_direction(jax.random.key(11), sharding.shard_params(params, mesh), cfg)
+    d_host = hf_tensors.to_hf_tensors(d, cfg)
     c = landscape.default_config()
     c.model.path = model_dir
     c.prompts.update(path=prompts_path, limit=6)

@@ -13,7 +13,8 @@ import zipfile
 from absl.testing import absltest
 
 import fixtures
-from visage_jax import prompts, resources, trainsets
+from visage_jax import prompts, resources
+from visage_jax.training import trainsets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Built from pieces so that this file does not match itself (nor the pre-stop hook's grep).

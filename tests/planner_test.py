@@ -10,7 +10,8 @@ import jax
 from absl.testing import absltest, parameterized
 
 import fixtures
-from visage_jax import checkpoints, decode, engine, model, planner
+from visage_jax import decode, engine, model, planner
+from visage_jax.checkpoints import loader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 P, NEW = 256, 512   # padded prompt, max_new_tokens (the paper's 512)
@@ -146,9 +147,9 @@ class PlannerTest(parameterized.TestCase):
   def test_local_checkpoint_shape_without_weights(self):
     d = self.create_tempdir().full_path
     fixtures.save_tiny_hf(d, "mistral", sliding_window=4)
-    cfg, _ = checkpoints.load_params(d, "bfloat16")
-    self.assertEqual(checkpoints.load_config(d, "bfloat16"), cfg)
-    smol = checkpoints.load_config(checkpoints.default_model_path())   # GGUF metadata: SmolLM2-135M
+    cfg, _ = loader.load_params(d, "bfloat16")
+    self.assertEqual(loader.load_config(d, "bfloat16"), cfg)
+    smol = loader.load_config(loader.default_model_path())   # GGUF metadata: SmolLM2-135M
     self.assertEqual((smol.num_layers, smol.hidden_size, smol.num_heads, smol.num_kv_heads, smol.vocab_size,
                       smol.tie_word_embeddings), (30, 576, 9, 3, 49152, True))
 

@@ -19,7 +19,7 @@ def main(repo, model_dir, workdir):
   sys.path[:0] = [repo, os.path.join(repo, "tests")]
   import jax
   import fixtures
-  from visage_jax import landscape, pipeline
+  from visage_jax.runs import landscape, pipeline
 
   if not os.path.exists(model_dir):   # 135 MB in bfloat16, gate/up/down 33.6 MB each
     fixtures.save_tiny_hf(model_dir, "llama", tokenizer=fixtures.toy_tokenizer("bpe"), seed=1, hidden_size=512,

@@ -12,7 +12,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import fixtures
-from visage_jax import checkpoints, safetensors_file, tensors
+from visage_jax.checkpoints import hf_tensors, loader, safetensors_file
 from visage_jax.errors import CheckpointError
 
 
@@ -85,14 +85,14 @@ class LeafBlockTest(parameterized.TestCase):
       names = [k for k in json.loads(f.read(n)) if k != "__metadata__"]
     from safetensors.numpy import load_file
     _save(path, {k: v.astype(np.float16) for k, v in load_file(path).items()})
-    cfg = checkpoints.load_config(root, dtype)
+    cfg = loader.load_config(root, dtype)
     header = safetensors_file.read_header(path)
     self.assertEqual(sorted(header), sorted(names))
     fd = os.open(path, os.O_RDONLY)
     self.addCleanup(os.close, fd)
     from safetensors import safe_open
     whole = safe_open(path, framework="numpy")
-    readers = tensors.leaf_readers(whole.get_tensor, {k: v[1] for k, v in header.items()}, cfg, root,
+    readers = hf_tensors.leaf_readers(whole.get_tensor, {k: v[1] for k, v in header.items()}, cfg, root,
                                    get_block=lambda k, i: safetensors_file.read_block(fd, header[k], i, k))
     checked = 0
     for leaf_path, read in readers:

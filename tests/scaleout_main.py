@@ -24,7 +24,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
-from visage_jax import checkpoints, directions, gguf_file, model, sharding  # noqa: E402
+from visage_jax import model, sharding  # noqa: E402
+from visage_jax.checkpoints import gguf_file, loader
+from visage_jax.directions import vectors
 
 MESHES = ((1, 1), (8, 1), (1, 8), (2, 4), (4, 2))
 ORTHOGONALIZE_MESHES = ((2, 4),)
@@ -91,26 +93,26 @@ def run_directions(out_path: str) -> None:
   host = model.init(jax.random.key(0), cfg)
   key = jax.random.key(5)
   problems, compared, split = [], 0, {}
-  refs = {n: directions.random_direction(key, host, cfg, norm=n, blacklist=BLACKLIST) for n in NORMS}
-  ref_o = directions.orthogonalize(directions.random_direction(jax.random.key(6), host, cfg), refs["layer"])
+  refs = {n: vectors.random_direction(key, host, cfg, norm=n, blacklist=BLACKLIST) for n in NORMS}
+  ref_o = vectors.orthogonalize(vectors.random_direction(jax.random.key(6), host, cfg), refs["layer"])
   for shape in MESHES:
     mesh = sharding.make_mesh(shape)
     name = f"{shape[0]}x{shape[1]}"
     params = sharding.shard_params(host, mesh)
     targets = sharding.param_shardings(host, mesh)
     for norm in NORMS:
-      d = directions.random_direction(key, params, cfg, norm=norm, blacklist=BLACKLIST)
+      d = vectors.random_direction(key, params, cfg, norm=norm, blacklist=BLACKLIST)
       compared += compare(d, refs[norm], f"{name} {norm}", problems)
       split[name] = check_placement(d, targets, f"{name} {norm}", problems)
-    given = directions.random_direction(key, host, cfg, norm="layer", blacklist=BLACKLIST, shardings=targets)
+    given = vectors.random_direction(key, host, cfg, norm="layer", blacklist=BLACKLIST, shardings=targets)
     compared += compare(given, refs["layer"], f"{name} shardings=", problems)
     check_placement(given, targets, f"{name} shardings=", problems)
     if shape in ORTHOGONALIZE_MESHES:
-      d2 = directions.random_direction(jax.random.key(6), params, cfg)
-      compared += compare(directions.orthogonalize(d2, given), ref_o, f"{name} orthogonalize", problems)
+      d2 = vectors.random_direction(jax.random.key(6), params, cfg)
+      compared += compare(vectors.orthogonalize(d2, given), ref_o, f"{name} orthogonalize", problems)
   # Only partial sums cross devices: per compiled stage, no collective as large as its output.
   calls, seen = [], set()
-  real_stage = directions._stage
+  real_stage = vectors._stage
 
   def recording_stage(fn, out_shardings, **static):
     jitted = real_stage(fn, out_shardings, **static)
@@ -125,12 +127,12 @@ def run_directions(out_path: str) -> None:
       return out
     return run
 
-  directions._stage = recording_stage
+  vectors._stage = recording_stage
   try:
-    directions.random_direction(key, sharding.shard_params(host, sharding.make_mesh((1, 8))), cfg,
+    vectors.random_direction(key, sharding.shard_params(host, sharding.make_mesh((1, 8))), cfg,
                                 blacklist=BLACKLIST)
   finally:
-    directions._stage = real_stage
+    vectors._stage = real_stage
   with open(out_path, "w") as f:
     json.dump(dict(problems=problems, compared=compared, split=split, collectives=calls), f)
 
@@ -140,27 +142,27 @@ def run_checkpoints(workdir: str, hf_dir: str, out_path: str) -> None:
   cfg = tiny_config()
   host = model.init(jax.random.key(1), cfg)
   path = os.path.join(workdir, "converted")
-  checkpoints.save_converted(path, cfg, sharding.shard_params(host, sharding.make_mesh((2, 4))), source="test")
+  loader.save_converted(path, cfg, sharding.shard_params(host, sharding.make_mesh((2, 4))), source="test")
   problems, compared, split = [], 0, {}
   for shape in ((4, 2), (1, 1), (1, 8)):
     mesh = sharding.make_mesh(shape)
     name = f"{shape[0]}x{shape[1]}"
-    cfg2, params = checkpoints.load_converted(path, shardings=mesh)
+    cfg2, params = loader.load_converted(path, shardings=mesh)
     if cfg2 != cfg:
       problems.append(f"{name}: config {cfg2} != {cfg}")
     compared += compare(params, host, name, problems)
     split[name] = check_placement(params, sharding.param_shardings(host, mesh), name, problems)
-  _, params = checkpoints.load_params(path, shardings=sharding.make_mesh((2, 4)))
+  _, params = loader.load_params(path, shardings=sharding.make_mesh((2, 4)))
   compared += compare(params, host, "load_params 2x4", problems)
-  _, params = checkpoints.load_params(path)
+  _, params = loader.load_params(path)
   compared += compare(params, host, "one device", problems)
   for x in jax.tree.leaves(params):
     if len(x.sharding.device_set) != 1:
       problems.append(f"one device: a leaf is on {len(x.sharding.device_set)} devices")
   # A HF directory converted through a (2, 4) mesh (leaves placed, then written shard by shard).
-  hf_cfg, hf_params = checkpoints.load_params(hf_dir)
-  checkpoints.convert(hf_dir, path + "-hf", shardings=sharding.make_mesh((2, 4)))
-  _, params = checkpoints.load_params(path + "-hf")
+  hf_cfg, hf_params = loader.load_params(hf_dir)
+  loader.convert(hf_dir, path + "-hf", shardings=sharding.make_mesh((2, 4)))
+  _, params = loader.load_params(path + "-hf")
   compared += compare(params, hf_params, "convert via 2x4", problems)
   with open(out_path, "w") as f:
     json.dump(dict(problems=problems, compared=compared, split=split), f)
@@ -205,7 +207,7 @@ def run_process(port: str, num_processes: str, pid: str, workdir: str, out_path:
   assert jax.process_count() == int(num_processes), jax.process_count()
   cfg = tiny_config()
   host = jax.device_get(model.init(jax.random.key(2), cfg))  # the same on every process
-  want_d = jax.device_get(directions.random_direction(jax.random.key(7), host, cfg, norm="filter"))
+  want_d = jax.device_get(vectors.random_direction(jax.random.key(7), host, cfg, norm="filter"))
   save_mesh, load_mesh = sharding.make_mesh((2, 4)), sharding.make_mesh((4, 2))
   targets = sharding.param_shardings(host, save_mesh)
   params = jax.tree.map(lambda x, t: jax.make_array_from_callback(x.shape, t, lambda i: x[i]), host, targets)
@@ -223,13 +225,13 @@ def run_process(port: str, num_processes: str, pid: str, workdir: str, out_path:
     return n
 
   path = os.path.join(workdir, "converted")
-  checkpoints.save_converted(path, cfg, params, source="test")
-  _, restored = checkpoints.load_converted(path, shardings=load_mesh)
+  loader.save_converted(path, cfg, params, source="test")
+  _, restored = loader.load_converted(path, shardings=load_mesh)
   compared += check_shards(restored, host, "restore 4x2")
   for x, t in zip(jax.tree.leaves(restored), jax.tree.leaves(sharding.param_shardings(host, load_mesh))):
     if not x.sharding.is_equivalent_to(t, x.ndim):
       problems.append(f"restore 4x2: sharding {x.sharding} != {t}")
-  d = directions.random_direction(jax.random.key(7), restored, cfg, norm="filter")
+  d = vectors.random_direction(jax.random.key(7), restored, cfg, norm="filter")
   compared += check_shards(d, want_d, "direction 4x2")
   files = sorted(os.listdir(path)) if jax.process_index() == 0 else []
   leaf_dir = os.path.join(path, "params", "layers.q_proj")
@@ -255,15 +257,15 @@ def _peak_kib(fn) -> int:
 
 def run_convert(src: str, dst: str, out_path: str) -> None:
   """Peak host memory of the streaming `convert` vs reading the whole model then saving it."""
-  checkpoints.save_converted(dst + "-warmup", model.ModelConfig.tiny(),  # runtime set-up before the baseline
+  loader.save_converted(dst + "-warmup", model.ModelConfig.tiny(),  # runtime set-up before the baseline
                              model.init(jax.random.key(0), model.ModelConfig.tiny()))
   with open(os.path.join(src, "config.json")) as f:
     cfg = model.config_from_hf(json.load(f))
-  streamed = _peak_kib(lambda: checkpoints.convert(src, dst))
+  streamed = _peak_kib(lambda: loader.convert(src, dst))
 
   def whole():
-    c, params = checkpoints.load_params(src)
-    checkpoints.save_converted(dst + "-whole", c, params)
+    c, params = loader.load_params(src)
+    loader.save_converted(dst + "-whole", c, params)
 
   whole_model = _peak_kib(whole)
   shapes = jax.tree.leaves(model.param_shapes(cfg), is_leaf=lambda s: isinstance(s, tuple))

@@ -7,7 +7,10 @@ import numpy as np
 from absl.testing import absltest
 
 import fixtures
-from visage_jax import checkpoints, directions, judges, landscape, scoring
+from visage_jax.checkpoints import loader
+from visage_jax.directions import vectors
+from visage_jax.measures import keywords, scoring
+from visage_jax.runs import landscape
 
 
 def _row(q, text, refused=False, nonfinite=False):
@@ -46,7 +49,7 @@ class KeywordScorerTest(absltest.TestCase):
     scorers = (scoring.KeywordScorer(),)
     recs = scoring.records(rows, scorers)
     self.assertEqual([list(r) for r in recs], [["prompt", "generation", "jailbroken", "tokens", "truncated"]] * 3)
-    self.assertEqual([r["jailbroken"] for r in recs], [judges.is_jailbroken(r.text) for r in rows])
+    self.assertEqual([r["jailbroken"] for r in recs], [keywords.is_jailbroken(r.text) for r in rows])
     line = scoring.point_line(scoring.Point(direction=0, step=1, coords=[0.5], rows=rows, records=recs), scorers)
     self.assertEqual(list(line), ["direction", "step", "coords", "asr", "nonfinite", "judge_disagreements",
                                   "outputs"])
@@ -80,8 +83,8 @@ class ExtraScorersTest(absltest.TestCase):
     with open(os.path.join(extra, "landscape.json")) as f:
       self.assertEqual(json.load(f), result)
 
-    cfg, theta = checkpoints.load_params(model_dir)
-    dirs = directions.load_safetensors(os.path.join(extra, "directions.safetensors"), cfg)
+    cfg, theta = loader.load_params(model_dir)
+    dirs = vectors.load_safetensors(os.path.join(extra, "directions.safetensors"), cfg)
     self.assertLen(lines, 2 * 3)
     for line in lines:
       r, p = line["direction"], line["step"]

@@ -8,7 +8,8 @@ import torch
 from absl.testing import absltest
 
 import fixtures
-from visage_jax import checkpoints, decode, model, prompts
+from visage_jax import decode, model, prompts
+from visage_jax.checkpoints import loader
 
 
 class SmolLM2Test(absltest.TestCase):
@@ -17,9 +18,9 @@ class SmolLM2Test(absltest.TestCase):
   def setUpClass(cls):
     from transformers import AutoModelForCausalLM
     super().setUpClass()
-    path = checkpoints.default_model_path()
-    cls.cfg, cls.params = checkpoints.load_params(path)
-    cls.tok = checkpoints.load_tokenizer(path)
+    path = loader.default_model_path()
+    cls.cfg, cls.params = loader.load_params(path)
+    cls.tok = loader.load_tokenizer(path)
     cls.hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                   dtype=torch.float32).eval()
     goals = prompts.load_goals(fixtures.advbench_path(), 8)

@@ -12,8 +12,8 @@ import numpy as np
 from absl.testing import absltest
 
 import fixtures
-from visage_jax import landscape, pipeline, sweep
-from visage_jax import workdir as wd
+from visage_jax.runs import landscape, pipeline, sweep
+from visage_jax import rundir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -265,7 +265,7 @@ class SummaryIntervalTest(absltest.TestCase):
       os.makedirs(os.path.join(w, name))
       for file, obj in (("landscape.json", result), ("run_config.json", sweep.run_config(c.base, over).to_dict())):
         with open(os.path.join(w, name, file), "w") as f:
-          json.dump(wd.jsonable(obj), f)
+          json.dump(rundir.jsonable(obj), f)
     rows = sweep.run(c, w, progress=False)
     self.assertEqual([r["status"] for r in rows], ["complete"] * 4)
     got = [(r["run"], r["visage_ci95_lo"], r["visage_ci95_hi"]) for r in read_csv(w)]

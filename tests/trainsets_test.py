@@ -7,7 +7,8 @@ import os
 from absl.testing import absltest, parameterized
 
 import fixtures
-from visage_jax import judges, trainsets
+from visage_jax.measures import keywords
+from visage_jax.training import trainsets
 
 BENIGN = [{"prompt": "Name a color.", "response": "Blue."}]
 
@@ -42,7 +43,7 @@ class TrainsetsTest(parameterized.TestCase):
   def test_refusals_are_varied_and_judged_refusals(self):
     self.assertGreaterEqual(len(set(trainsets.REFUSALS)), 20)
     for r in trainsets.REFUSALS:
-      self.assertFalse(judges.is_jailbroken(r), r)
+      self.assertFalse(keywords.is_jailbroken(r), r)
     responses = {e["response"] for e in trainsets.build("safety", self.path)}
     self.assertTrue(responses <= set(trainsets.REFUSALS))
     self.assertGreaterEqual(len(responses), 20)

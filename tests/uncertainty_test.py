@@ -4,7 +4,8 @@ and agreement with plain-Python recomputations."""
 import numpy as np
 from absl.testing import absltest
 
-from visage_jax import errors, uncertainty, visage
+from visage_jax import errors
+from visage_jax.analysis import uncertainty, visage
 
 N_PROMPTS, N_SIMS = 80, 1000
 

@@ -6,7 +6,7 @@ import random
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from visage_jax import visage
+from visage_jax.analysis import visage
 
 
 def _reference_safety_avg(vals):

@@ -48,11 +48,13 @@ config_flags.DEFINE_config_file("config", None, "An experiment config: configs/<
 
 def cmd_generate() -> None:
   """One JSON line per prompt: {"prompt", "generation"} (greedy)."""
-  from visage_jax import checkpoints, decode, pipeline, prompts
+  from visage_jax import decode, prompts
+  from visage_jax.checkpoints import loader
+  from visage_jax.runs import pipeline
 
   if not FLAGS.prompt:
     raise errors.UserError("generate needs at least one --prompt=TEXT.")
-  path = FLAGS.model or checkpoints.default_model_path()
+  path = FLAGS.model or loader.default_model_path()
   logging.info("loading %s", path)
   m = pipeline.load_model(path, FLAGS.dtype)
   cfg, params, tok = m.cfg, m.params, m.tokenizer
@@ -70,20 +72,20 @@ def cmd_generate() -> None:
 
 def cmd_convert() -> None:
   """Converts a HF directory or GGUF file once into an orbax directory that loads fast, streaming
-  one params leaf at a time (peak host memory: `checkpoints.convert`)."""
-  from visage_jax import checkpoints
+  one params leaf at a time (peak host memory: `loader.convert`)."""
+  from visage_jax.checkpoints import loader
 
   if not FLAGS.out:
     raise errors.UserError("convert needs --out=DIR.")
-  path = FLAGS.model or checkpoints.default_model_path()
+  path = FLAGS.model or loader.default_model_path()
   logging.info("converting %s", path)
-  checkpoints.convert(path, FLAGS.out, FLAGS.dtype, checkpoints.load_tokenizer(path))
+  loader.convert(path, FLAGS.out, FLAGS.dtype, loader.load_tokenizer(path))
   print(json.dumps({"converted": FLAGS.out, "source": path, "dtype": FLAGS.dtype}))
 
 
 def cmd_landscape() -> None:
   """Runs or resumes a landscape; prints its summary as one JSON line."""
-  from visage_jax import landscape
+  from visage_jax.runs import landscape
 
   if FLAGS.config is None or not FLAGS.workdir:
     raise errors.UserError("landscape needs --config=configs/<name>.py and --workdir=DIR.")
@@ -97,28 +99,28 @@ def cmd_landscape() -> None:
 
 def cmd_judge() -> None:
   """Judges every generation of a run with a Llama Guard-format model; prints judges[NAME]."""
-  from visage_jax import guard_run
+  from visage_jax.runs import judging
 
   if not FLAGS.workdir or not FLAGS.model:
     raise errors.UserError("judge needs --workdir=RUN and --model=JUDGE (a Llama Guard checkpoint).")
   new = FLAGS.max_new_tokens if FLAGS["max_new_tokens"].present else 10
-  summary = guard_run.run(FLAGS.workdir, FLAGS.model, name=FLAGS.name, max_new_tokens=new,
+  summary = judging.run(FLAGS.workdir, FLAGS.model, name=FLAGS.name, max_new_tokens=new,
                           dtype=FLAGS.dtype, progress=FLAGS.progress)
   print(json.dumps(dict(name=FLAGS.name, **summary)))
 
 
 def cmd_report() -> None:
   """Rebuilds report.md and the figures of a run, or of a sweep and its finished runs, from their files."""
-  from visage_jax import report
+  from visage_jax.reports import markdown
 
-  print(json.dumps({"written": report.rebuild_workdir(FLAGS.workdir)}))
+  print(json.dumps({"written": markdown.rebuild_workdir(FLAGS.workdir)}))
 
 
 def cmd_export_directions() -> None:
   """A run's directions as float32 safetensors keyed '<index>/<HF tensor name>'."""
   import shutil
 
-  from visage_jax import workdir
+  from visage_jax import rundir
 
   src = os.path.join(FLAGS.workdir, "directions.safetensors")
   if not FLAGS.workdir or not FLAGS.out:
@@ -126,14 +128,14 @@ def cmd_export_directions() -> None:
   if not os.path.exists(src):
     raise errors.UserError(f"{src}: not found; run `visage-jax landscape` in {FLAGS.workdir} first "
                            "(with landscape.save_directions=True).")
-  with workdir.atomic(FLAGS.out) as tmp:
+  with rundir.atomic(FLAGS.out) as tmp:
     shutil.copyfile(src, tmp)
   print(json.dumps({"exported": FLAGS.out, "from": src}))
 
 
 def cmd_bench() -> None:
   """Times the reference method and our modes side by side; writes --out JSON."""
-  from visage_jax import bench
+  from visage_jax.runs import bench
 
   if FLAGS.config is None or not FLAGS.out:
     raise errors.UserError("bench needs --config=configs/<name>.py and --out=FILE.json.")
@@ -143,7 +145,7 @@ def cmd_bench() -> None:
 
 def cmd_finetune() -> None:
   """Fine-tunes (full or LoRA) with optax; resumable; prints the run summary as one JSON line."""
-  from visage_jax import finetune
+  from visage_jax.runs import finetune
 
   if FLAGS.config is None or not FLAGS.workdir:
     raise errors.UserError("finetune needs --config=configs/<name>.py and --workdir=DIR.")
@@ -153,20 +155,20 @@ def cmd_finetune() -> None:
 
 def cmd_experiments() -> None:
   """The paper's findings at small scale (configs/experiments/); --out writes EXPERIMENTS.md."""
-  from visage_jax import experiments
+  from visage_jax.experiments import findings
 
   if FLAGS.config is None or not FLAGS.workdir:
     raise errors.UserError("experiments needs --config=configs/experiments/<name>.py and --workdir=DIR "
                          "(--out=EXPERIMENTS.md to write the report).")
   FLAGS.config.unlock()
   FLAGS.config.progress = FLAGS.progress
-  results = experiments.run(FLAGS.config, FLAGS.workdir, FLAGS.out)
+  results = findings.run(FLAGS.config, FLAGS.workdir, FLAGS.out)
   print(json.dumps({n: dict(checks=r["checks"]) for n, r in results.items()}))
 
 
 def cmd_sweep() -> None:
   """Runs or resumes every landscape of a sweep; prints sweep.md; exit 1 if a run failed."""
-  from visage_jax import sweep
+  from visage_jax.runs import sweep
 
   if FLAGS.config is None or not FLAGS.workdir:
     raise errors.UserError("sweep needs --config=configs/<sweep>.py and --workdir=DIR.")
@@ -181,13 +183,14 @@ def cmd_sweep() -> None:
 
 def cmd_compare(runs: list[str]) -> None:
   """VISAGE of run A minus run B with a bootstrap interval and p-value; --out writes the JSON."""
-  from visage_jax import compare, workdir
+  from visage_jax import rundir
+  from visage_jax.analysis import compare
 
   if len(runs) != 2:
     raise errors.UserError(f"compare needs two run directories, RUN_A RUN_B; got {len(runs)}: {runs}.")
   report = compare.compare(runs[0], runs[1], resamples=FLAGS.resamples, seed=FLAGS.seed, paired=FLAGS.paired)
   if FLAGS.out:
-    workdir.write_atomic(FLAGS.out, json.dumps(report, indent=1))
+    rundir.write_atomic(FLAGS.out, json.dumps(report, indent=1))
   print(compare.table(report), end="")
 
 
@@ -195,12 +198,13 @@ def _plan_models(c, dtype: str) -> list[tuple[str, object]]:
   """--model (a known name or a checkpoint), else the config's model, else every known model."""
   import os
 
-  from visage_jax import checkpoints, hub, planner
+  from visage_jax import planner
+  from visage_jax.checkpoints import hub, loader
 
   if FLAGS.model:
     if FLAGS.model in planner.MODELS:
       return [(planner.MODELS[FLAGS.model][0], planner.known_model(FLAGS.model, dtype))]
-    return [(FLAGS.model, checkpoints.load_config(FLAGS.model, dtype))]
+    return [(FLAGS.model, loader.load_config(FLAGS.model, dtype))]
   if c is None:
     return [(label, planner.known_model(name, dtype)) for name, (label, _) in planner.MODELS.items()]
   config_name = os.path.basename(config_flags.get_config_filename(FLAGS["config"]))
@@ -208,11 +212,11 @@ def _plan_models(c, dtype: str) -> list[tuple[str, object]]:
            if config_name.startswith(name)]  # configs/llama2_7b_chat.py -> llama2_7b
   path = c.model.path
   if path and not (known and hub.looks_like_hub_id(path) and not os.path.exists(path)):
-    return [(path, checkpoints.load_config(path, dtype))]
+    return [(path, loader.load_config(path, dtype))]
   if known:  # a paper config's hub id: its known architecture, no hub needed to plan
     return [(known[0][0], planner.known_model(known[0][1], dtype))]
-  path = checkpoints.default_model_path()
-  return [(os.path.basename(path), checkpoints.load_config(path, dtype))]
+  path = loader.default_model_path()
+  return [(os.path.basename(path), loader.load_config(path, dtype))]
 
 
 def cmd_plan() -> None:
@@ -258,7 +262,8 @@ def cmd_plan() -> None:
 
 def _plan_pods(c, dtype: str, kw: dict) -> None:
   """Every pod of pods.PODS on its fastest mesh, for the config's landscape or the paper's 1D one."""
-  from visage_jax import grid, pods
+  from visage_jax import pods
+  from visage_jax.directions import grid
 
   protocol = dict(n_points=pods.PAPER_1D["n_points"], n_prompts=pods.PAPER_1D["n_prompts"])
   if c is not None:

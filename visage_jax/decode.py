@@ -7,8 +7,9 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from visage_jax import judges, model, prompts, sharding
-from visage_jax.judges import KeywordTables
+from visage_jax import model, prompts, sharding
+from visage_jax.measures import keywords
+from visage_jax.measures.keywords import KeywordTables
 
 
 @flax.struct.dataclass
@@ -56,7 +57,7 @@ def _is_eos(tokens, eos_ids):
 def _judge(tables, state, refused, tok, live):
   if tables is None:
     return state, refused
-  nxt_state, hit = judges.advance(tables.next_state, tables.matched, state, tok)
+  nxt_state, hit = keywords.advance(tables.next_state, tables.matched, state, tok)
   return jnp.where(live, nxt_state, state), refused | (hit & live)
 
 

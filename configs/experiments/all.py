@@ -10,7 +10,8 @@ states the same reduced protocol (tests/configs_test.py checks that they agree).
 """
 import ml_collections
 
-from visage_jax import distributed, errors, lora
+from visage_jax import distributed, errors
+from visage_jax.checkpoints import lora
 
 
 def get_config(arg=None):

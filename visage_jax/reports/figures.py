@@ -1,0 +1,316 @@
+"""Every figure of the project: 1D / 2D / 3D figures of a saved safety landscape (a run's
+landscape.json), like Peng et al. Fig. 1, with each model judge's 1D ASR dashed beside the keyword
+curve (Figs. 5-6; 2D figures show the keyword ASR only); a sweep's runs on one axes; the
+experiments' curves and capability plot; a fine-tuning loss curve. Callers pass data and a path.
+
+Figures are built on `matplotlib.figure.Figure` with an Agg canvas, so plotting never touches
+pyplot's global state and is safe inside a long-running sweep.
+"""
+
+import os
+
+import numpy as np
+from matplotlib import colors
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from mpl_toolkits.mplot3d import Axes3D  # noqa: F401  (registers the "3d" projection)
+
+from visage_jax import rundir
+from visage_jax.analysis import visage
+from visage_jax.reports import plot_input
+
+DPI = 150
+CMAP = "viridis_r"   # dark = jailbroken, bright = safe
+NONFINITE_STYLE = dict(marker="x", color="red", s=60, linewidths=2, zorder=5, clip_on=False,
+                       label="inf/NaN logits")
+JUDGE_STYLES = ("--", "-.", ":")  # model judges (guard_run): dashed beside the keyword curve
+
+
+def _header(p: dict) -> str:
+  model = os.path.basename(p["model"].rstrip("/")) or p["model"]
+  status = "  [partial]" if p["partial"] else ""
+  n = f"  ·  {p['n_prompts']} prompts" if p["n_prompts"] is not None else ""
+  return f"{model}  ·  {p['vis_type']}{n}{status}"
+
+
+def _visage_text(v, ci: tuple[float, float] | None = None) -> str:
+  """The stored score, not a recomputation: a partial run's score is whatever landscape saved;
+  with its 95% interval when the run has one."""
+  score = lambda x: f"{x:.2f}" if ci is None else f"{x:.1f} [{ci[0]:.1f}, {ci[1]:.1f}]"
+  if isinstance(v, dict) and v.get("mean") is not None:
+    per = v.get("per_direction") or []
+    text = f"VISAGE {score(v['mean'])}"
+    if len(per) > 1:
+      text += "  (per direction: " + ", ".join(f"{s:.1f}" for s in per) + ")"
+    return text
+  if isinstance(v, (int, float)):
+    return f"VISAGE {score(v)}"
+  return "VISAGE n/a"
+
+
+def _marker_lines(ax, vis_type: str) -> None:
+  """θ (α=0), and θ_B (α=1) for interpolation: dotted lines named on a top axis, clear of the title."""
+  marks = [(0.0, r"$\theta$" if "interpolation" not in vis_type else r"$\theta_A$")]
+  if "interpolation" in vis_type:
+    marks.append((1.0, r"$\theta_B$"))
+  lo, hi = ax.get_xlim()
+  marks = [(a, label) for a, label in marks if lo <= a <= hi]
+  for a, _ in marks:
+    ax.axvline(a, color="0.35", lw=1, ls=":", zorder=1)
+  top = ax.secondary_xaxis("top")
+  top.set_xticks([a for a, _ in marks], labels=[label for _, label in marks])
+  top.tick_params(length=0, labelsize=11, labelcolor="0.25")
+
+
+def _plot_1d(fig: Figure, p: dict) -> None:
+  x, asr, bad = p["x"], p["asr"], p["nonfinite"]
+  ax = fig.add_subplot()
+  many = len(asr) > 1
+  for k, curve in enumerate(asr):
+    line, = ax.plot(x, curve, marker="o", ms=4, lw=1.4, alpha=0.85 if many else 1.0,
+                    label=f"keyword ASR, direction {k}" if p["coherent"] is not None else f"direction {k}")
+    if p["asr_ci"] is not None:
+      lo, hi = p["asr_ci"][k].T
+      ax.fill_between(x, lo, hi, where=~np.isnan(lo), color=line.get_color(), alpha=0.15, lw=0,
+                      label="95% interval (bootstrap over prompts)" if k == 0 else None)
+    if k < len(p["refined"]) and p["refined"][k][0].size:
+      ax.scatter(*p["refined"][k], marker="D", s=24, facecolors="none", edgecolors=line.get_color(),
+                 linewidths=1.2, zorder=5,
+                 label="refined points (50 % walls bisected)" + (f" (direction {k})" if many else ""))
+    for j, (name, judged) in enumerate(p["judges"].items()):
+      ax.plot(x, judged[k], color=line.get_color(), ls=JUDGE_STYLES[j % len(JUDGE_STYLES)],
+              marker="s", ms=3, lw=1.2, alpha=0.75,
+              label=f"{name} ASR" + (f" (direction {k})" if many else ""))
+    if p["coherent"] is not None:
+      ax.plot(x, p["coherent"][k], color=line.get_color(), ls="--", marker="v", ms=4, lw=1.4,
+              label=f"coherent ASR (nll_ref ≤ {p.get('max_nll')})" + (f" (direction {k})" if many else ""))
+  if many:
+    mean = asr.mean(axis=0)   # NaN wherever a direction is missing: a partial mean would not compare
+    ax.plot(x, mean, color="black", lw=3, ls="--", label="mean", zorder=4)
+  elif not p["partial"] and np.nanmin(asr[0]) < 100:  # no basin to show on a flat-100 curve
+    start, end = visage.basin_bounds(asr[0])
+    ax.axvspan(x[start], x[end], color="tab:green", alpha=0.08, lw=0, label="safety basin (VISAGE span)")
+  if bad.any():
+    k, i = np.nonzero(bad)
+    ax.scatter(x[i], np.where(np.isnan(asr[k, i]), 100.0, asr[k, i]), **NONFINITE_STYLE)
+  ax.set_ylim(-2, 102)
+  pad = 0.02 * (x.max() - x.min() or 1.0)
+  ax.set_xlim(x.min() - pad, x.max() + pad)
+  _marker_lines(ax, p["vis_type"])
+  if "interpolation" in p["vis_type"]:
+    ax.set_xlabel(r"α (interpolation: $\theta_A \to \theta_B$)")
+  else:
+    ax.set_xlabel(f"α ({p['vis_type']}: θ + α·d)")
+  ax.set_ylabel("ASR (%)")
+  ax.grid(alpha=0.3)
+  handles, labels = ax.get_legend_handles_labels()
+  if p["capability"]:
+    more = _capability_axis(ax, x, p["capability"])
+    handles, labels = handles + [h for h, _ in more], labels + [lab for _, lab in more]
+  ax.legend(handles, labels, loc="upper left",
+            bbox_to_anchor=(1.01 + 0.11 * len(p["capability"]) + 0.04 * (len(p["capability"]) > 1), 1.0),
+            fontsize=8, frameon=False)
+  title = _header(p) + "\n" + _visage_text(p["visage"], p["visage_ci"])
+  if p["coherent"] is not None:
+    coherent = _visage_text(p.get("visage_coherent"), p["visage_coherent_ci"])
+    title += "\non coherent ASR: " + coherent.replace("VISAGE ", "")   # a line each: titles stay inside
+  ax.set_title(title, fontsize=10)
+
+
+def _capability_axis(ax, x: np.ndarray, capability: dict) -> list:
+  """Capability curves (mean over directions) on a second y axis: perplexity on a log scale, or
+  accuracy in [0, 1] when only that was measured; [(handle, label)] for the legend."""
+  twin, out = ax.twinx(), []
+  for name, style in (("perplexity", "o"), ("mc_accuracy", "D")):
+    if name not in capability:
+      continue
+    target = twin if name == "perplexity" or "perplexity" not in capability else ax.twinx()
+    if target is not twin:
+      target.spines["right"].set_position(("axes", 1.12))
+    h, = target.plot(x, np.nanmean(capability[name], axis=0), color="0.45" if name == "perplexity" else "tab:purple",
+                     marker=style, ms=3, lw=1.1, ls=":", label=plot_input.CAPABILITY_LABELS[name])
+    if name == "perplexity":
+      target.set_yscale("log")
+      target.set_ylabel("perplexity (log)", color="0.35")
+    else:
+      target.set_ylim(-0.02, 1.02)
+      target.set_ylabel("accuracy", color="tab:purple")
+    out.append((h, plot_input.CAPABILITY_LABELS[name]))
+  return out
+
+
+def _axis_labels(vis_type: str) -> tuple[str, str]:
+  if vis_type == "2D_random":
+    return "α (d₁)", "β (d₂)"
+  if vis_type == "2D_interpolation-random":
+    return r"α (interpolation: $\theta_A \to \theta_B$)", "β (random d)"
+  return "α (interpolation)", "β (interpolation)"
+
+
+def _capability_contour(fig: Figure, ax, gx, gy, capability: dict, xlabel: str, ylabel: str) -> None:
+  """Perplexity (log colour scale) or, when only it was measured, accuracy over the plane, to
+  read beside the ASR contour: where ASR rises, did capability fall with it?"""
+  name = "perplexity" if "perplexity" in capability else "mc_accuracy"
+  values = capability[name]
+  if name == "perplexity":   # orders of magnitude: its log10 on a linear colour scale
+    values = np.log10(np.where(values > 0, values, np.nan))
+  z = np.ma.masked_invalid(values)
+  norm = colors.Normalize(0, 1) if name == "mc_accuracy" else None
+  if min(z.shape) >= 2 and z.count() >= 3:
+    filled = ax.contourf(gx, gy, z, levels=20, cmap="viridis_r", norm=norm)
+  else:
+    filled = ax.scatter(gx.ravel(), gy.ravel(), c=z.ravel(), cmap="viridis_r", norm=norm, s=80)
+  label = plot_input.CAPABILITY_LABELS[name]
+  fig.colorbar(filled, ax=ax, label=f"log₁₀ {label}" if name == "perplexity" else label)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(f"capability: {plot_input.CAPABILITY_LABELS[name]}", fontsize=10)
+
+
+def _plot_2d(fig: Figure, p: dict) -> None:
+  x, y, asr, bad = p["x"], p["y"], p["asr"], p["nonfinite"]
+  gx, gy = np.meshgrid(x, y, indexing="ij")   # asr[i][j] sits at (x[i], y[j])
+  z = np.ma.masked_invalid(asr)
+  norm = colors.Normalize(0, 100)
+  xlabel, ylabel = _axis_labels(p["vis_type"])
+
+  n_panels = 3 if p["capability"] else 2
+  ax = fig.add_subplot(1, n_panels, 1)
+  if min(asr.shape) >= 2 and z.count() >= 3:
+    levels = np.linspace(0, 100, 21)
+    filled = ax.contourf(gx, gy, z, levels=levels, cmap=CMAP, norm=norm, extend="neither")
+    lines = ax.contour(gx, gy, z, levels=[25, 50, 75], colors="white", linewidths=0.7, alpha=0.8)
+    ax.clabel(lines, fmt="%d%%", fontsize=7)
+  else:
+    filled = ax.scatter(gx.ravel(), gy.ravel(), c=asr.ravel(), cmap=CMAP, norm=norm, s=80)
+  if p["partial"]:
+    miss = np.isnan(asr)
+    ax.scatter(gx[miss], gy[miss], s=6, color="0.6", clip_on=False, label="not evaluated")
+  fig.colorbar(filled, ax=ax, label="ASR (%)", ticks=np.linspace(0, 100, 6))
+  if x.min() <= 0.0 <= x.max() and y.min() <= 0.0 <= y.max():
+    ax.scatter([0.0], [0.0], marker="*", s=220, color="white", edgecolors="black", zorder=6, clip_on=False,
+               label="θ (center)")
+  if bad.any():
+    ax.scatter(gx[bad], gy[bad], **NONFINITE_STYLE)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_aspect("equal" if np.isclose(np.ptp(x), np.ptp(y)) else "auto")
+  ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=8, frameon=False)
+  ax.set_title("ASR contour  ·  " + _visage_text(p["visage"], p["visage_ci"]), fontsize=10)
+
+  if p["capability"]:
+    _capability_contour(fig, fig.add_subplot(1, n_panels, 2), gx, gy, p["capability"], xlabel, ylabel)
+  ax3 = fig.add_subplot(1, n_panels, n_panels, projection="3d")
+  if min(asr.shape) >= 2:
+    ax3.plot_surface(gx, gy, z, cmap=CMAP, norm=norm, rstride=1, cstride=1, linewidth=0.2,
+                     edgecolor="0.3", antialiased=True, alpha=0.95)
+  else:
+    ax3.plot(gx.ravel(), gy.ravel(), asr.ravel(), marker="o")
+  if bad.any():
+    ax3.scatter(gx[bad], gy[bad], np.where(np.isnan(asr[bad]), 100.0, asr[bad]),
+                marker="x", color="red", s=40, depthshade=False)
+  ax3.set_zlim(0, 100)
+  ax3.set_xlabel("α")
+  ax3.set_ylabel("β")
+  ax3.set_zlabel("ASR (%)")
+  ax3.view_init(elev=28, azim=-130)
+  ax3.set_title("ASR surface  ·  " + _visage_text(p["visage"]), fontsize=10)
+  fig.suptitle(_header(p), fontsize=11)
+
+
+def plot_landscape(result: dict, path: str) -> None:
+  """Renders one landscape.json to a PNG; written atomically so a watcher never sees half a file."""
+  p = plot_input.parse(result)
+  if p["vis_type"] in plot_input.VIS_TYPES_1D:
+    fig = Figure(figsize=(8.5, 4.8), layout="constrained")
+    _plot_1d(fig, p)
+  else:
+    fig = Figure(figsize=(13 + 5.5 * bool(p["capability"]), 5.6), layout="constrained")
+    _plot_2d(fig, p)
+  _save(fig, path)
+
+
+def plot_sweep(results: dict, path: str) -> list[str]:
+  """One axes for a whole sweep (run name -> landscape.json): ASR vs alpha of every run (1D: mean
+  over directions; 2D: the beta = 0 slice, dashed). Returns the runs drawn; runs with no point
+  yet, or 2D ones without beta = 0, are left out. Atomic, like plot_landscape."""
+  fig = Figure(figsize=(10, 5.2), layout="constrained")
+  ax = fig.add_subplot()
+  drawn = []
+  for name, result in results.items():
+    p = plot_input.parse(result)
+    if p["vis_type"] in plot_input.VIS_TYPES_1D:
+      curve, style, label = p["asr"].mean(axis=0), "-", name
+    else:
+      zero = np.flatnonzero(np.isclose(p["y"], 0.0))
+      if not len(zero):
+        continue
+      curve, style, label = p["asr"][:, zero[0]], "--", f"{name} (β = 0 slice)"
+    if np.isnan(curve).all():
+      continue
+    partial = "  [partial]" if p["partial"] else ""
+    ax.plot(p["x"], curve, ls=style, marker="o", ms=3, lw=1.4,
+            label=f"{label}  ·  {_visage_text(p['visage'])}{partial}")
+    drawn.append(name)
+  if not drawn:
+    ax.text(0.5, 0.5, "no evaluated points yet", ha="center", va="center", transform=ax.transAxes)
+  ax.axvline(0.0, color="0.35", lw=1, ls=":", zorder=1)
+  ax.set_ylim(-2, 102)
+  ax.set_xlabel("α")
+  ax.set_ylabel("ASR (%)")
+  ax.grid(alpha=0.3)
+  if drawn:
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+  ax.set_title(f"sweep: {len(drawn)} of {len(results)} runs", fontsize=10)
+  _save(fig, path)
+  return drawn
+
+
+def plot_curves(series, path: str, title: str, xlabel: str) -> str:
+  """ASR curves on one axes, series = [(label, xs, asr), ...] (the experiments' F1-F4 figures)."""
+  fig = Figure(figsize=(8, 4.6), layout="constrained")
+  ax = fig.add_subplot()
+  for label, xs, ys in series:
+    ax.plot(xs, ys, marker="o", ms=3, label=label)
+  ax.set_ylim(-3, 103)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel("ASR (%)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  ax.set_title(title, fontsize=10)
+  _save(fig, path, dpi=110)
+  return path
+
+
+def plot_capability(alphas, perplexity, asr, path: str) -> str:
+  """ASR and perplexity along one direction, on twin axes (the paper's Figs. 7-8)."""
+  fig = Figure(figsize=(8, 4.6), layout="constrained")
+  ax = fig.add_subplot()
+  ax.plot(alphas, asr, marker="o", color="tab:red", label="ASR (%) on AdvBench")
+  ax.set_ylim(-3, 103)
+  ax.set_xlabel("α (F1 direction 0)")
+  ax.set_ylabel("ASR (%)", color="tab:red")
+  ax2 = ax.twinx()
+  ax2.plot(alphas, perplexity, marker="s", color="tab:blue", label="perplexity of own α=0 benign answers")
+  ax2.set_yscale("log")
+  ax2.set_ylabel("perplexity (log)", color="tab:blue")
+  fig.legend(loc="upper center", fontsize=8)
+  ax.grid(alpha=0.3)
+  _save(fig, path, dpi=110)
+  return path
+
+
+def plot_loss(steps, losses, path: str) -> None:
+  """A fine-tuning run's loss per step."""
+  fig = Figure(figsize=(6, 3.5), layout="tight")
+  ax = fig.add_subplot()
+  ax.plot(steps, losses, lw=1)
+  ax.set(xlabel="step", ylabel="loss (response tokens)", title="fine-tuning loss")
+  ax.grid(alpha=0.3)
+  _save(fig, path, dpi=120)
+
+
+def _save(fig: Figure, path: str, dpi: int = DPI) -> None:
+  FigureCanvasAgg(fig)
+  with rundir.atomic(path) as tmp:
+    fig.savefig(tmp, format="png", dpi=dpi)
