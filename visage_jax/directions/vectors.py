@@ -169,13 +169,40 @@ def random_direction(seed: int | jax.Array, params: dict, cfg: model.ModelConfig
     transposed, stacked = hf_tensors.HF_NAMES[path][1], path[0] == "layers"
     ours = tuple(theta.shape[1:] if stacked else theta.shape)
     crcs = np.array([zlib.crc32(n.encode()) for n in names], np.uint32)
-    z = _stage(_draw, target, impl=impl, hf_shape=ours[::-1] if transposed else ours,
-               transposed=transposed, stacked=stacked)(key_data, crcs)
-    z_sq, t_sq = _stage(_squares, target)(z, jax.device_put(theta, target))
-    d = _stage(_normalize, target, norm=norm,
-               transposed=transposed, black=black, stacked=stacked, sharding=target)(z, z_sq, t_sq)
-    del z, z_sq, t_sq
-    hf_tensors.set_leaf(out, path, _in_dtype(d, dtype, target))
+    draw = _stage(_draw, target, impl=impl, hf_shape=ours[::-1] if transposed else ours,
+                  transposed=transposed, stacked=stacked)
+    hf_tensors.set_leaf(out, path, _normalized_leaf(draw(key_data, crcs), theta, target, path, black, norm, dtype))
+  return out
+
+
+def _normalized_leaf(z, theta, target, path, black, norm: str, dtype: str):
+  """One leaf of a direction: `z` (float32, our layout; consumed) scaled per HF tensor as `norm`
+  says, blacklisted tensors zero, cast to `dtype` once normalized (one float32 leaf at a time)."""
+  transposed, stacked = hf_tensors.HF_NAMES[path][1], path[0] == "layers"
+  z_sq, t_sq = _stage(_squares, target)(z, jax.device_put(theta, target))
+  d = _stage(_normalize, target, norm=norm,
+             transposed=transposed, black=black, stacked=stacked, sharding=target)(z, z_sq, t_sq)
+  del z, z_sq, t_sq
+  return _in_dtype(d, dtype, target)
+
+
+def normalized_direction(raw: dict, params: dict, cfg: model.ModelConfig, *, norm: str = "layer",
+                         blacklist: tuple[str, ...] = ("norm",), dtype: str = "float32") -> dict:
+  """A params-shaped float32 tree (a gradient, say) made a direction by the rule random ones
+  follow: each HF tensor rescaled to |theta_t| (`layer`), per output row (`filter`) or to unit
+  norm (`none`), blacklisted tensors zero; so alpha means the same size along it."""
+  if norm not in NORMS:
+    raise errors.UserError(f"landscape.norm {norm!r} is not one of {', '.join(NORMS)}.")
+  out = {}
+  for path, names in hf_tensors.hf_tensor_names(cfg).items():
+    theta, z = hf_tensors.get_leaf(params, path), hf_tensors.get_leaf(raw, path)
+    target = _target_sharding(theta, None)
+    black = tuple(any(b.lower() in n.lower() for b in blacklist) for n in names)
+    if all(black):
+      hf_tensors.set_leaf(out, path, _stage(_zeros, target, shape=tuple(theta.shape), dtype=dtype)())
+      continue
+    hf_tensors.set_leaf(out, path, _normalized_leaf(jax.device_put(z.astype(jnp.float32), target), theta,
+                                                    target, path, black, norm, dtype))
   return out
 
 
