@@ -286,7 +286,7 @@ def _layer(cfg, inv_freq, coef, attend, carry, layer):
 
 def forward(params: dict, tokens: jax.Array, token_mask: jax.Array, cache: KVCache,
             cfg: ModelConfig, dirs: dict | None = None, coef: jax.Array | None = None,
-            last_only: bool = False, attend: int | None = None):
+            last_only: bool = False, attend: int | None = None, residuals: bool = False):
   """Runs T new tokens through the model, appending them to the cache.
 
   tokens, token_mask: [B, T] (mask False marks left padding); dirs: a params-shaped
@@ -294,6 +294,8 @@ def forward(params: dict, tokens: jax.Array, token_mask: jax.Array, cache: KVCac
   `last_only` computes the head for the last position only (prefill: [B, 1, V]).
   `attend` (static): attention reads only the first `attend` cache slots, so early decode steps
   do not stream the empty end of the cache; the caller guarantees every valid slot lies below it.
+  `residuals` (static) also returns the residual stream entering each layer at the last position,
+  [L, B, D] float32 (HF `output_hidden_states[l][:, -1]` for l < L): the refusal direction's input.
   """
   dtype = jnp.dtype(cfg.dtype)
   B, T = tokens.shape
@@ -319,9 +321,14 @@ def forward(params: dict, tokens: jax.Array, token_mask: jax.Array, cache: KVCac
 
   layer_dirs = None if dirs is None else {k: jnp.moveaxis(v, 1, 0) for k, v in dirs["layers"].items()}
   attend = None if attend is None or attend >= S else attend
-  step = lambda carry, layer: _layer(cfg, inv_freq, coef, attend, carry, layer)
-  (x, _, _, _), (k_new, v_new) = jax.lax.scan(
+
+  def step(carry, layer):
+    out, kv = _layer(cfg, inv_freq, coef, attend, carry, layer)
+    return out, (kv, carry[0][:, -1].astype(jnp.float32)) if residuals else kv
+
+  (x, _, _, _), ys = jax.lax.scan(
       step, (x, positions, old_mask, new_mask), (params["layers"], layer_dirs, cache.k, cache.v))
+  (k_new, v_new), stream = ys if residuals else (ys, None)
   rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
   # One scatter of the new rows per step (in place); slots past the end are dropped. The indexed
   # (row, slot) pairs come first in the updates: k_new/v_new [L, B, T, K, H] -> [B, T, L, K, H].
@@ -340,7 +347,7 @@ def forward(params: dict, tokens: jax.Array, token_mask: jax.Array, cache: KVCac
   new_cache = KVCache(k=k_all, v=v_all, mask=kv_mask,
                       pos=cache.pos + token_mask.sum(axis=1).astype(jnp.int32),
                       index=cache.index + T)
-  return logits, new_cache
+  return (logits, new_cache, stream) if residuals else (logits, new_cache)
 
 
 def _embed(table, dtable, coef, tokens):
@@ -348,6 +355,13 @@ def _embed(table, dtable, coef, tokens):
   if dtable is not None:
     x = x.astype(jnp.float32) + jnp.einsum("bc,cbtd->btd", coef, dtable[:, tokens].astype(jnp.float32))
   return x
+
+
+def residual_stream(params: dict, tokens: jax.Array, token_mask: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """The residual stream entering each layer at each row's last token, [L, B, D] float32 (rows
+  left-padded, so the last position is every prompt's last token)."""
+  cache = init_cache(cfg, tokens.shape[0], tokens.shape[1])
+  return forward(params, tokens, token_mask, cache, cfg, last_only=True, residuals=True)[2]
 
 
 def logits(params: dict, tokens: jax.Array, cfg: ModelConfig, token_mask: jax.Array | None = None,
