@@ -194,6 +194,20 @@ def cmd_compare(runs: list[str]) -> None:
   print(compare.table(report), end="")
 
 
+def cmd_cosine(sources: list[str]) -> None:
+  """The cosine matrix of the directions of runs (workdirs) or directions.safetensors files."""
+  from visage_jax.directions import cosine
+
+  if not sources:
+    raise errors.UserError("cosine needs at least one run workdir or directions.safetensors file: A [B ...].")
+  labels, cos = cosine.cosine_matrix(sources)
+  if FLAGS.out:
+    from visage_jax import rundir
+    rundir.write_atomic(FLAGS.out, json.dumps(dict(labels=labels, cosine=[
+        [None if v != v else float(v) for v in row] for row in cos]), indent=1))
+  print(cosine.table(labels, cos), end="")
+
+
 def _plan_models(c, dtype: str) -> list[tuple[str, object]]:
   """--model (a known name or a checkpoint), else the config's model, else every known model."""
   import os
@@ -276,11 +290,12 @@ def _plan_pods(c, dtype: str, kw: dict) -> None:
 COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "landscape": cmd_landscape,
             "judge": cmd_judge, "report": cmd_report,
             "export-directions": cmd_export_directions, "bench": cmd_bench, "finetune": cmd_finetune,
-            "experiments": cmd_experiments, "sweep": cmd_sweep, "plan": cmd_plan, "compare": cmd_compare}
+            "experiments": cmd_experiments, "sweep": cmd_sweep, "plan": cmd_plan, "compare": cmd_compare,
+            "cosine": cmd_cosine}
 
 
 # Commands that take positional arguments (the rest of argv after the flags).
-POSITIONAL_COMMANDS = ("compare",)
+POSITIONAL_COMMANDS = ("compare", "cosine")
 
 
 # Commands that join a multi-process run when their config's `distributed` section asks.
