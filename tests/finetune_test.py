@@ -243,6 +243,7 @@ class FinetuneTest(parameterized.TestCase):
   def test_resumed_run_equals_uninterrupted(self, rank, stop_early):
     whole, parts = self.create_tempdir().full_path, self.create_tempdir().full_path
     c = _config(self.dir, self.data, rank=rank, steps=5)
+    c.train.trajectory_every = 2
     finetune.run(c, whole, progress=False)
     if stop_early:
       partial = finetune.run(c, parts, progress=False, max_steps_this_run=2)  # checkpoint at 2, stop
@@ -269,6 +270,18 @@ class FinetuneTest(parameterized.TestCase):
     self.assertEqual([s for s, _ in logs[0]], [1, 2, 3, 4, 5])
     if rank:
       self.assertTrue(os.path.exists(os.path.join(parts, "lora.safetensors")))
+    # the trajectory: steps 0, 2, 4 and the last, the same tensors whether resumed or not
+    from safetensors.numpy import load_file
+    names = [sorted(os.listdir(os.path.join(w, finetune.TRAJECTORY_DIR))) for w in (whole, parts)]
+    self.assertEqual(names[0], [f"step_{k:06d}.safetensors" for k in (0, 2, 4, 5)])
+    self.assertEqual(names[0], names[1])
+    for name in names[0]:
+      x, y = (load_file(os.path.join(w, finetune.TRAJECTORY_DIR, name)) for w in (whole, parts))
+      self.assertEqual(set(x), set(y))
+      for key in x:
+        np.testing.assert_allclose(x[key], y[key], atol=1e-6, rtol=0, err_msg=f"{name} {key}")
+    first, last = (load_file(finetune.trajectory_path(whole, k)) for k in (0, 5))
+    self.assertTrue(any(np.abs(first[k] - last[k]).max() > 1e-4 for k in first))   # training moved them
 
   def test_align_set_distills_once_and_evaluates(self):
     work = self.create_tempdir().full_path

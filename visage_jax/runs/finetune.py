@@ -114,9 +114,11 @@ def default_config():
   c.prompts = dict(template="auto", system_prompt="default")  # as in landscape runs
   # batch_size rows per micro-batch, grad_accum micro-batches per step; schedule: cosine |
   # constant after linear warmup; max_length: longer examples are an error, never truncated.
+  # trajectory_every K > 0: the trained params (LoRA: the adapter) at step 0, every K steps and
+  # the last step, as WORKDIR/trajectory/step_NNNNNN.safetensors (`visage-jax trajectory` draws them).
   c.train = dict(steps=100, batch_size=8, grad_accum=1, lr=1e-4, warmup_steps=10,
                  schedule="cosine", weight_decay=0.0, clip_norm=1.0, max_length=256, seed=0,
-                 checkpoint_every=50)
+                 checkpoint_every=50, trajectory_every=0)
   # rank 0 = full fine-tuning; targets: leaves of params["layers"]; scale alpha / rank.
   c.lora = dict(rank=8, alpha=16.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
   # hf: also write WORKDIR/hf (transformers); model: WORKDIR/model, the merged converted checkpoint
@@ -172,6 +174,8 @@ def validate(c) -> None:
       raise errors.UserError(f"train.{name} must be >= 1, got {t[name]}.")
   if t.schedule not in sft.SCHEDULES:
     raise errors.UserError(f"train.schedule {t.schedule!r} is not one of {', '.join(sft.SCHEDULES)}.")
+  if int(t.get("trajectory_every", 0)) < 0:
+    raise errors.UserError(f"train.trajectory_every must be >= 0 (0 = no trajectory), got {t.trajectory_every}.")
   if not 0 <= t.warmup_steps <= t.steps:
     raise errors.UserError(f"train.warmup_steps must be in [0, train.steps={t.steps}], got {t.warmup_steps}.")
   if c.lora.rank < 0:
@@ -197,6 +201,7 @@ def _comparable(cfg_dict: dict) -> dict:
   """A run dir holds one config; settings that do not change the params may differ on resume."""
   out = {k: v for k, v in rundir.jsonable(cfg_dict).items() if k in _RESUME_KEYS}
   out["train"].pop("checkpoint_every", None)
+  out["train"].pop("trajectory_every", None)
   return out
 
 
@@ -342,6 +347,9 @@ def _train(c, workdir: str, rs: _RunState, data: dict, n_examples: int, progress
   bar = tqdm(total=t.steps, initial=start, desc="finetune", unit="step", disable=not (progress and writer),
              dynamic_ncols=True)
   timed = [0, 0.0]
+  every = int(t.get("trajectory_every", 0))
+  if every and start == 0:
+    _save_trajectory_point(workdir, 0, rs, lo)
   try:
     with open(log_path, "a") if writer else open(os.devnull, "w") as log:
       for k in range(start, end):
@@ -362,6 +370,8 @@ def _train(c, workdir: str, rs: _RunState, data: dict, n_examples: int, progress
         lines.append(line)
         bar.update(1)
         bar.set_postfix(loss=f"{line['loss']:.3f}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
+        if every and ((k + 1) % every == 0 or k + 1 == t.steps):
+          _save_trajectory_point(workdir, k + 1, rs, lo)
         if (k + 1) % t.checkpoint_every == 0 or k + 1 == end:
           ckpt.save(k + 1, args=ocp.args.StandardSave(rs.state))
           ckpt.wait_until_finished()
@@ -369,6 +379,30 @@ def _train(c, workdir: str, rs: _RunState, data: dict, n_examples: int, progress
     bar.close()
     ckpt.close()
   return lines, tuple(timed)
+
+
+TRAJECTORY_DIR = "trajectory"
+
+
+def trajectory_path(workdir: str, step: int) -> str:
+  return os.path.join(workdir, TRAJECTORY_DIR, f"step_{step:06d}.safetensors")
+
+
+def _save_trajectory_point(workdir: str, step: int, rs: _RunState, lo) -> None:
+  """The trained params at `step`: the LoRA adapter (PEFT names, small, replicated) or the whole
+  params as HF tensors streamed from the mesh; written atomically, by process 0 only. A resumed
+  run that re-trains a step rewrites the same bytes (the steps are deterministic)."""
+  path = trajectory_path(workdir, step)
+  writer = distributed.is_writer()
+  if writer:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+  if lo.rank > 0:
+    adapter = sharding.to_host(rs.state["trainable"])
+    if writer:
+      lora.save(path, adapter, rs.cfg, lo.alpha)
+  else:
+    safetensors_file.write_streamed(path, hf_tensors.hf_entries(rs.state["trainable"], rs.cfg),
+                                    metadata={"format": "pt", "step": str(step)}, write=writer)
 
 
 def _export(c, workdir: str, rs: _RunState, m, summary: dict) -> None:
