@@ -174,7 +174,8 @@ class ClassifyCommandTest(parameterized.TestCase):
   @parameterized.named_parameters(
       ("missing_file", None, dict(), "no such file"),
       ("missing_column_csv", "csv", dict(column="response"), "expected a CSV with column 'response'"),
-      ("missing_column_jsonl", "jsonl", dict(column="response"), r"in\.jsonl:1: expected an object with a string field 'response'"),
+      ("missing_column_jsonl", "jsonl", dict(column="response"),
+       r"in\.jsonl:1: expected an object with a string field 'response'"),
       ("missing_prompt_column", "csv", dict(prompt_column="goal"), "column 'goal'"),
       ("empty_csv", "empty.csv", dict(), "no rows"),
       ("empty_jsonl", "empty.jsonl", dict(), "no rows"),

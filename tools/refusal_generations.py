@@ -13,11 +13,10 @@ import sys
 import jax
 from absl import app, flags
 
-sys.path.insert(0, ".")
-from configs import demo  # noqa: E402
-from visage_jax import decode, prompts, rundir  # noqa: E402
-from visage_jax.runs import pipeline  # noqa: E402
-from visage_jax.training import trainsets  # noqa: E402
+from configs import demo
+from visage_jax import decode, prompts, rundir
+from visage_jax.runs import pipeline
+from visage_jax.training import trainsets
 
 flags.DEFINE_string("out", "/tmp/refusal_generations.jsonl", "Output JSONL.")
 flags.DEFINE_integer("max_new_tokens", 48, "Greedy tokens per prompt (the demo's).")

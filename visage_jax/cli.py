@@ -224,7 +224,8 @@ def cmd_classify() -> None:
   judge = refusal_judge.judge(name)
   if not FLAGS.input or not FLAGS.out:
     raise errors.UserError("classify needs --input=FILE (.csv or .jsonl) and --out=FILE.jsonl.")
-  rows = prompts.read_table(FLAGS.input, (FLAGS.column,) + ((FLAGS.prompt_column,) if FLAGS.prompt_column else ()))
+  columns = (FLAGS.column,) + ((FLAGS.prompt_column,) if FLAGS.prompt_column else ())
+  rows = prompts.read_table(FLAGS.input, columns)
   verdicts = []
   for i, row in enumerate(rows):
     v = judge(row[FLAGS.column])

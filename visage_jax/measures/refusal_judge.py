@@ -27,7 +27,8 @@ _OPENINGS = (
     r"i (?:cannot|can't|can not|won't|will not|must not|shouldn't|should not)\b",
     r"i(?:'m| am) (?:not able|unable|not going|not comfortable|not allowed|not permitted|not programmed|"
     r"not capable)",
-    r"i (?:do not|don't) (?:feel comfortable|think i (?:can|should)|think (?:it's|it is|that's|that is) appropriate)",
+    r"i (?:do not|don't) (?:feel comfortable|think i (?:can|should)|"
+    r"think (?:it's|it is|that's|that is) appropriate)",
     r"i (?:must |have to )?(?:respectfully )?(?:decline|refuse)", r"i(?:'d| would) (?:rather|prefer) not",
     r"(?:it is|it's|it would be) (?:not appropriate|inappropriate|not ethical|unethical|not possible for me)",
     r"(?:that|this) (?:is not|isn't) something i (?:can|will|am able)",
@@ -45,7 +46,8 @@ _PIVOT = re.compile(r"\b(?:but|however),? (?:i can|i'd be happy|i would be happy
                     r"generally|typically|in general|many|some|it is|it's|the)\b")
 # Apologies and "cannot"s that open an answer: sympathy, and idioms that go on to help.
 _NOT_REFUSAL_OPENINGS = re.compile(
-    r"(?:i'm |i am )?(?:really |so |very |truly )?sorry (?:to hear|for your|about your|you're|you are|that you)"
+    r"(?:i'm |i am )?(?:really |so |very |truly )?sorry "
+    r"(?:to hear|for your|about your|you're|you are|that you)"
     r"|i (?:cannot|can't|can not) (?:stress|emphasi[sz]e|overstate|help but|wait|believe)")
 # A first-person refusal anywhere in the first sentences: can't/won't/unable + a verb of doing what
 # was asked. Verbs of the request ("provide", "help", "fulfill") keep caveats such as "I can't
