@@ -1,7 +1,7 @@
 """`visage-jax <command> --flags`: absl flags -> plain arguments -> one library call.
 
 Commands: generate, convert, landscape, judge, report, export-directions, bench, finetune, experiments,
-sweep, plan, compare (RUN_A RUN_B as positional arguments).
+sweep, plan, compare (RUN_A RUN_B as positional arguments), cosine, classify.
 """
 
 import json
@@ -42,6 +42,13 @@ flags.DEFINE_bool("paired", None, "compare: demand a paired comparison (--nopair
                   "resamples); default: paired when both runs share prompts and directions.")
 flags.DEFINE_integer("resamples", 1000, "compare: bootstrap resamples.")
 flags.DEFINE_integer("seed", 0, "compare: seed of the bootstrap resamples.")
+flags.DEFINE_string("judge", "", "classify: the refusal judge, prefix | keywords (default: prefix, "
+                    "over-refusal's).")
+flags.DEFINE_string("input", "", "classify: a CSV or JSONL file of completions.")
+flags.DEFINE_string("column", "completion", "classify: the column (CSV) or field (JSONL) holding "
+                    "the completions.")
+flags.DEFINE_string("prompt_column", "", "classify: the column of the requests, e.g. prompt (every "
+                    "row must have it; for judges that read the request).")
 config_flags.DEFINE_config_file("config", None, "An experiment config: configs/<name>.py[:arg].",
                                 lock_config=True)
 
@@ -208,6 +215,26 @@ def cmd_cosine(sources: list[str]) -> None:
   print(cosine.table(labels, cos), end="")
 
 
+def cmd_classify() -> None:
+  """One JSON line per row of --input: {"index", "refusal", "judge", ...what the judge matched}."""
+  from visage_jax import prompts, rundir
+  from visage_jax.measures import refusal_judge
+
+  name = FLAGS.judge or refusal_judge.DEFAULT_JUDGE
+  judge = refusal_judge.judge(name)
+  if not FLAGS.input or not FLAGS.out:
+    raise errors.UserError("classify needs --input=FILE (.csv or .jsonl) and --out=FILE.jsonl.")
+  columns = (FLAGS.column,) + ((FLAGS.prompt_column,) if FLAGS.prompt_column else ())
+  rows = prompts.read_table(FLAGS.input, columns)
+  verdicts = []
+  for i, row in enumerate(rows):
+    v = judge(row[FLAGS.column])
+    verdicts.append(dict(index=i, refusal=v.pop("refusal"), judge=name, **v))
+  rundir.write_atomic(FLAGS.out, "".join(json.dumps(v) + "\n" for v in verdicts))
+  print(json.dumps({"judge": name, "rows": len(rows), "refusals": sum(v["refusal"] for v in verdicts),
+                    "out": FLAGS.out}))
+
+
 def _plan_models(c, dtype: str) -> list[tuple[str, object]]:
   """--model (a known name or a checkpoint), else the config's model, else every known model."""
   import os
@@ -291,7 +318,7 @@ COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "landscape": cmd_l
             "judge": cmd_judge, "report": cmd_report,
             "export-directions": cmd_export_directions, "bench": cmd_bench, "finetune": cmd_finetune,
             "experiments": cmd_experiments, "sweep": cmd_sweep, "plan": cmd_plan, "compare": cmd_compare,
-            "cosine": cmd_cosine}
+            "cosine": cmd_cosine, "classify": cmd_classify}
 
 
 # Commands that take positional arguments (the rest of argv after the flags).

@@ -81,8 +81,9 @@ def tokenize_prompts(texts: list[str], tokenizer, template: str) -> list[list[in
   return [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts]
 
 
-def read_jsonl(path: str, fields: tuple[str, ...]) -> list[dict]:
-  """JSON objects, one a line, each with non-empty string `fields`; errors name file:line."""
+def read_jsonl(path: str, fields: tuple[str, ...], nonempty: bool = True) -> list[dict]:
+  """JSON objects, one a line, each with string `fields` (non-empty unless told); errors name
+  file:line."""
   if not os.path.exists(path):
     raise errors.MissingFileError(f"{path}: no such file.")
   rows = []
@@ -95,11 +96,12 @@ def read_jsonl(path: str, fields: tuple[str, ...]) -> list[dict]:
       except json.JSONDecodeError as e:
         raise errors.UserError(f"{path}:{n}: not valid JSON ({e}).") from None
       bad = [k for k in fields if not isinstance(row, dict) or not isinstance(row.get(k), str)
-             or not row[k].strip()]
+             or (nonempty and not row[k].strip())]
       if bad:
         plural = "s" if len(fields) > 1 else ""
         raise errors.UserError(f"{path}:{n}: expected an object with a string field{plural} "
-                         f"{', '.join(repr(k) for k in fields)} (non-empty); missing or empty: {bad}.")
+                         f"{', '.join(repr(k) for k in fields)}{' (non-empty)' if nonempty else ''}; "
+                         f"missing or {'empty' if nonempty else 'not a string'}: {bad}.")
       rows.append({k: row[k] for k in fields})
   return rows
 
@@ -124,6 +126,42 @@ def load_goals(path: str, limit: int | None = None) -> list[str]:
   if not goals:
     raise errors.UserError(f"{path}: the prompt set is empty.")
   return goals
+
+
+def read_table(path: str, columns: tuple[str, ...]) -> list[dict]:
+  """Rows of a CSV (header line) or JSONL file, each with string `columns` (empty strings allowed:
+  a model may answer nothing); an empty file is an error."""
+  if not path.endswith((".csv", ".jsonl")):
+    raise errors.UserError(f"{path}: expected a .csv or .jsonl file.")
+  if path.endswith(".jsonl"):
+    rows = read_jsonl(path, columns, nonempty=False)
+  else:
+    if not os.path.exists(path):
+      raise errors.MissingFileError(f"{path}: no such file.")
+    with open(path, newline="", encoding="utf-8") as f:
+      reader = csv.DictReader(f)
+      missing = [k for k in columns if k not in (reader.fieldnames or [])]
+      if reader.fieldnames and missing:
+        raise errors.UserError(f"{path}: expected a CSV with column{'s' if len(missing) > 1 else ''} "
+                               f"{', '.join(map(repr, missing))}; found columns {reader.fieldnames}.")
+      rows = [{k: row[k] or "" for k in columns} for row in reader]
+  if not rows:
+    raise errors.UserError(f"{path}: no rows; expected at least one with {', '.join(map(repr, columns))}.")
+  return rows
+
+
+XSTEST_FIELDS = ("id", "prompt", "type", "label")
+
+
+def load_xstest(label: str = "safe") -> list[dict]:
+  """The packaged XSTest prompts with `label` ("safe": the 250 that merely sound unsafe, Röttger et
+  al. 2024), in file order, as {"id", "prompt", "type", "label"}: ids and types say which of its
+  ten kinds of borderline request a refused prompt is."""
+  if label not in ("safe", "unsafe"):
+    raise errors.UserError(f"XSTest label {label!r}: expected 'safe' or 'unsafe'.")
+  with open(resources.path(resources.XSTEST), newline="", encoding="utf-8") as f:
+    return [{**{k: row[k] for k in XSTEST_FIELDS}, "id": int(row["id"])}
+            for row in csv.DictReader(f) if row["label"] == label]
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:

@@ -1,16 +1,18 @@
 """Data shipped inside the package (visage_jax/data/), found through importlib.resources so a
 clone, an editable install and a wheel all run without any file outside the package.
 
-AdvBench (Zou et al. 2023, MIT) is the paper's prompt set; the benign instructions and the
-aligned SmolLM2 LoRA were made for this project (MIT). Licences: visage_jax/data/LICENSE.md.
+AdvBench (Zou et al. 2023, MIT) is the paper's prompt set; XSTest (Röttger et al. 2024, CC-BY-4.0)
+measures over-refusal; the benign instructions and the aligned SmolLM2 LoRA were made for this
+project (MIT). Licences and citations: visage_jax/data/LICENSE.md.
 """
 
 import importlib.resources
 
 ADVBENCH = "advbench_harmful_behaviors.csv"   # 520 rows, columns goal,target
+XSTEST = "xstest_prompts.csv"                 # 450 rows (250 safe), columns id,prompt,type,label,focus,note
 BENIGN_INSTRUCTIONS = "benign_instructions.jsonl"
 ALIGNED_SMOLLM2_LORA = "aligned_smollm2_lora.safetensors"
-FILES = (ADVBENCH, BENIGN_INSTRUCTIONS, ALIGNED_SMOLLM2_LORA, "LICENSE.md")
+FILES = (ADVBENCH, XSTEST, BENIGN_INSTRUCTIONS, ALIGNED_SMOLLM2_LORA, "LICENSE.md")
 
 
 def path(name: str) -> str:
