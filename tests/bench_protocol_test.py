@@ -1,0 +1,148 @@
+"""configs/bench_gpu.py:tiny through launch/device_bench.sh, as on an offline GPU node: a copy of
+the repository whose wheels/ (built here from the installed distributions, no network) is the only
+source of ml_collections and gguf; every field of the JSON checked against its formula."""
+
+import base64
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+from absl.testing import absltest
+
+from visage_jax import planner
+from visage_jax.runs import bench_protocol
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NODE_LACKS = ("ml_collections", "gguf")  # what `make wheels` downloads
+MODE_FIELDS = {"planned", "batch", "points", "compile_seconds", "decode_seconds", "seconds_per_point",
+               "tokens_per_second", "step_seconds", "decode_steps", "bytes_per_step", "roofline_fraction",
+               "fraction_of_step_floor", "bound", "first_point_seconds", "protocol_seconds",
+               "speedup_vs_published", "speedup_vs_batched", "token_agreement_vs_reference_batched",
+               "predicted"}
+TOP_FIELDS = {"kind", "device", "platform", "versions", "model", "dtype", "params", "prompts", "prompt_tokens",
+              "max_new_tokens", "grid_points", "measured_points", "budget_seconds", "wall_seconds",
+              "load_seconds", "planned_mode", "mode_reason", "modes", "reference",
+              "reference_published_seconds_per_point", "reference_batched_seconds_per_point",
+              "reference_protocol_seconds", "plan"}
+
+
+def wheel_of_installed(name: str, dest: str) -> str:
+  """A py3-none-any wheel of an installed pure-Python distribution, from its files (RECORD
+  rewritten with their hashes): what `make wheels` downloads, without a network."""
+  dist = importlib.metadata.distribution(name)
+  files = [f for f in dist.files if ".." not in f.parts and "__pycache__" not in f.parts
+           and f.parts[-1] not in ("RECORD", "INSTALLER", "REQUESTED", "direct_url.json")]
+  info = next(f.parts[0] for f in files if f.parts[-1] == "METADATA")
+  path = os.path.join(dest, f"{info[:-len('.dist-info')]}-py3-none-any.whl")
+  record = []
+  with zipfile.ZipFile(path, "w") as z:
+    for f in files:
+      data = f.read_binary()
+      digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+      z.writestr(f.as_posix(), data)
+      record.append(f"{f.as_posix()},sha256={digest},{len(data)}")
+    z.writestr(f"{info}/RECORD", "\n".join(record + [f"{info}/RECORD,,"]) + "\n")
+  return path
+
+
+class DeviceBenchTest(absltest.TestCase):
+
+  def test_tiny_from_a_copy_with_local_wheels_only(self):
+    tmp = self.create_tempdir().full_path
+    repo = os.path.join(tmp, "repo")
+    skip = lambda d, names: [n for n in names if n in ("__pycache__", ".pytest_cache") or n.endswith(".egg-info")
+                             or (d == ROOT and n in (".git", ".venv", "runs", "wheels"))]
+    shutil.copytree(ROOT, repo, ignore=skip)
+    os.makedirs(os.path.join(repo, "wheels"))
+    for name in NODE_LACKS:
+      wheel_of_installed(name, os.path.join(repo, "wheels"))
+    blocked = os.path.join(tmp, "not_on_the_node")  # shadows this machine's copies
+    for name in NODE_LACKS:
+      os.makedirs(os.path.join(blocked, name))
+      with open(os.path.join(blocked, name, "__init__.py"), "w") as f:
+        f.write(f"raise ImportError('{name} is not on the node: it must come from wheels/')\n")
+    out = os.path.join(tmp, "out")
+    env = dict(os.environ, PYTHON=sys.executable, CONFIG="configs/bench_gpu.py:tiny", JAX_PLATFORMS="cpu",
+               PYTHONPATH=blocked, PIP_NO_INDEX="1")
+    proc = subprocess.run(["bash", os.path.join(repo, "launch", "device_bench.sh"), out], capture_output=True,
+                          text=True, env=env, cwd=tmp, timeout=600)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    with open(os.path.join(out, "bench_gpu.json")) as f:
+      r = json.load(f)
+    with open(os.path.join(out, "summary.txt")) as f:
+      summary = f.read()
+    self.assertIn("reference", open(os.path.join(out, "bench.log")).read())
+    self.assertEqual(summary.split("\n")[:-2], bench_protocol.summary(r).split("\n"))
+    self.assertIn("device_bench.sh: ", summary)
+    self.check_report(r)
+
+  def assertClose(self, got, want):  # the JSON rounds to 3-4 digits
+    self.assertLessEqual(abs(got - want), 0.02 * abs(want) + 1e-6, (got, want))
+
+  def check_report(self, r):
+    self.assertEqual(set(r), TOP_FIELDS)
+    self.assertEqual((r["kind"], r["device"], r["platform"], r["model"], r["dtype"]),
+                     ("protocol", "cpu", "cpu", "random:tiny", "float32"))
+    self.assertEqual(r["versions"]["ml_collections"], importlib.metadata.version("ml_collections"))
+    for name in bench_protocol.LIBRARIES:
+      self.assertEqual(r["versions"][name], importlib.metadata.version(name), name)
+    self.assertEqual((r["prompts"], r["max_new_tokens"], r["grid_points"]), (4, 6, 5))
+    self.assertEqual(r["params"], planner.param_count(planner.model.ModelConfig.tiny()))
+    # The llama2 template with its system prompt: a shared prefix, then each goal.
+    self.assertGreater(r["prompt_tokens"]["shared_prefix"], 100)
+    self.assertGreater(r["prompt_tokens"]["padded"], r["prompt_tokens"]["mean"])
+    k = len(r["measured_points"])
+    self.assertBetween(k, 3, 5)
+    self.assertEqual(r["measured_points"][0], 0)
+    self.assertEqual(set(r["modes"]), {r["planned_mode"], bench_protocol.OTHER_MODE[r["planned_mode"]]})
+    ref = r["reference"]
+    self.assertEqual(set(ref), {"device", "dtype", "points", "published", "batched", "wall_seconds"})
+    self.assertEqual((ref["dtype"], ref["points"]), ("float32", [0]))
+    pub, bat = ref["published"], ref["batched"]
+    self.assertEqual((pub["batch_size"], pub["prompts_timed"], bat["batch_size"], bat["prompts_timed"]), (4, 2, 4, 4))
+    self.assertAlmostEqual(pub["seconds_per_point"], pub["reload_seconds"] + 2 * pub["generate_seconds"], delta=2e-3)
+    self.assertAlmostEqual(bat["seconds_per_point"], bat["reload_seconds"] + bat["generate_seconds"], delta=2e-3)
+    self.assertEqual(r["reference_published_seconds_per_point"], pub["seconds_per_point"])
+    self.assertEqual(r["reference_batched_seconds_per_point"], bat["seconds_per_point"])
+    self.assertAlmostEqual(r["reference_protocol_seconds"]["batched"], 5 * bat["seconds_per_point"], delta=0.1)
+    peak_bandwidth = planner.DEVICE_PEAKS["cpu"][1]
+    for name, e in r["modes"].items():
+      self.assertEqual(set(e), MODE_FIELDS, name)
+      self.assertEqual(e["planned"], name == r["planned_mode"])
+      self.assertEqual(e["points"], k)
+      self.assertGreater(e["decode_seconds"], 0)
+      self.assertGreater(e["compile_seconds"], 0)
+      per = e["decode_seconds"] / k
+      self.assertAlmostEqual(e["seconds_per_point"], per, delta=1e-3)
+      self.assertClose(e["tokens_per_second"], k * 4 * 6 / e["decode_seconds"])
+      steps = k * 1 * 6 if name == "materialized" else -(-k * 4 // e["batch"]) * 6  # materialized: 4 prompts, batch 4
+      self.assertEqual(e["decode_steps"], steps)
+      self.assertClose(e["step_seconds"], e["decode_seconds"] / steps)
+      self.assertClose(e["roofline_fraction"], e["bytes_per_step"] / e["step_seconds"] / peak_bandwidth)
+      self.assertClose(e["speedup_vs_published"], pub["seconds_per_point"] / per)
+      self.assertClose(e["speedup_vs_batched"], bat["seconds_per_point"] / per)
+      self.assertAlmostEqual(e["protocol_seconds"], e["compile_seconds"] + 5 * per, delta=0.1)
+      self.assertEqual(e["token_agreement_vs_reference_batched"], 1.0)  # float32 both sides: the same model
+      self.assertEqual(set(e["predicted"]), {"seconds_per_step", "bound", "seconds_per_point", "protocol_seconds"})
+      self.assertClose(e["predicted"]["protocol_seconds"], 5 * e["predicted"]["seconds_per_point"])
+      self.assertGreater(e["predicted"]["seconds_per_step"], 0)
+    self.assertEqual(r["plan"]["accelerator"], None)  # no accelerator of planner.ACCELERATORS: a CPU
+    self.assertIn("visage-jax plan --model=random:tiny", r["plan"]["command"])
+
+
+class BudgetTest(absltest.TestCase):
+
+  def test_points_that_fit(self):
+    self.assertEqual(bench_protocol.points_that_fit(100.0, 9.0, 21, 3), 11)
+    self.assertEqual(bench_protocol.points_that_fit(1000.0, 9.0, 21, 3), 21)   # all of the grid
+    self.assertEqual(bench_protocol.points_that_fit(-20.0, 9.0, 21, 3), 3)     # over budget: the minimum
+    self.assertEqual(bench_protocol.points_that_fit(5.0, 0.0, 2, 3), 2)       # never past the grid
+
+
+if __name__ == "__main__":
+  absltest.main()
