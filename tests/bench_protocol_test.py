@@ -5,6 +5,7 @@ source of ml_collections and gguf; every field of the JSON checked against its f
 import base64
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import shutil
@@ -68,7 +69,10 @@ class DeviceBenchTest(absltest.TestCase):
         f.write(f"raise ImportError('{name} is not on the node: it must come from wheels/')\n")
     out = os.path.join(tmp, "out")
     env = dict(os.environ, PYTHON=sys.executable, CONFIG="configs/bench_gpu.py:tiny", JAX_PLATFORMS="cpu",
-               PYTHONPATH=blocked, PIP_NO_INDEX="1")
+               PYTHONPATH=blocked, PIP_NO_INDEX="1",
+               # the bench's two processes compile the same setup: the second reads it (time only)
+               JAX_COMPILATION_CACHE_DIR=os.path.join(tmp, "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     proc = subprocess.run(["bash", os.path.join(repo, "launch", "device_bench.sh"), out], capture_output=True,
                           text=True, env=env, cwd=tmp, timeout=600)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
@@ -81,8 +85,8 @@ class DeviceBenchTest(absltest.TestCase):
     self.assertIn("device_bench.sh: ", summary)
     self.check_report(r)
 
-  def assertClose(self, got, want):  # the JSON rounds to 3-4 digits
-    self.assertLessEqual(abs(got - want), 0.02 * abs(want) + 1e-6, (got, want))
+  def assertClose(self, got, want):
+    self.assertLessEqual(abs(got - want), 1e-3 * abs(want), (got, want))
 
   def check_report(self, r):
     self.assertEqual(set(r), TOP_FIELDS)
@@ -105,7 +109,7 @@ class DeviceBenchTest(absltest.TestCase):
     self.assertEqual((ref["dtype"], ref["points"]), ("float32", [0]))
     pub, bat = ref["published"], ref["batched"]
     self.assertEqual((pub["batch_size"], pub["prompts_timed"], bat["batch_size"], bat["prompts_timed"]), (4, 2, 4, 4))
-    self.assertAlmostEqual(pub["seconds_per_point"], pub["reload_seconds"] + 2 * pub["generate_seconds"], delta=2e-3)
+    self.assertAlmostEqual(pub["seconds_per_point"], pub["reload_seconds"] + 2 * pub["generate_seconds"], delta=3e-3)
     self.assertAlmostEqual(bat["seconds_per_point"], bat["reload_seconds"] + bat["generate_seconds"], delta=2e-3)
     self.assertEqual(r["reference_published_seconds_per_point"], pub["seconds_per_point"])
     self.assertEqual(r["reference_batched_seconds_per_point"], bat["seconds_per_point"])
@@ -119,13 +123,14 @@ class DeviceBenchTest(absltest.TestCase):
       self.assertGreater(e["compile_seconds"], 0)
       per = e["decode_seconds"] / k
       self.assertAlmostEqual(e["seconds_per_point"], per, delta=1e-3)
-      self.assertClose(e["tokens_per_second"], k * 4 * 6 / e["decode_seconds"])
+      self.assertAlmostEqual(k * 4 * 6 / e["tokens_per_second"], e["decode_seconds"], delta=1e-4)
       steps = k * 1 * 6 if name == "materialized" else -(-k * 4 // e["batch"]) * 6  # materialized: 4 prompts, batch 4
       self.assertEqual(e["decode_steps"], steps)
-      self.assertClose(e["step_seconds"], e["decode_seconds"] / steps)
-      self.assertClose(e["roofline_fraction"], e["bytes_per_step"] / e["step_seconds"] / peak_bandwidth)
-      self.assertClose(e["speedup_vs_published"], pub["seconds_per_point"] / per)
-      self.assertClose(e["speedup_vs_batched"], bat["seconds_per_point"] / per)
+      self.assertAlmostEqual(e["step_seconds"] * steps, e["decode_seconds"], delta=1e-4)
+      fraction = e["bytes_per_step"] / e["step_seconds"] / peak_bandwidth
+      self.assertAlmostEqual(e["roofline_fraction"], fraction, delta=5e-5 + 1e-3 * fraction)
+      self.assertAlmostEqual(pub["seconds_per_point"] / e["speedup_vs_published"], per, delta=1e-4 + 1e-3 * per)
+      self.assertAlmostEqual(bat["seconds_per_point"] / e["speedup_vs_batched"], per, delta=1e-4 + 1e-3 * per)
       self.assertAlmostEqual(e["protocol_seconds"], e["compile_seconds"] + 5 * per, delta=0.1)
       self.assertEqual(e["token_agreement_vs_reference_batched"], 1.0)  # float32 both sides: the same model
       self.assertEqual(set(e["predicted"]), {"seconds_per_step", "bound", "seconds_per_point", "protocol_seconds"})
@@ -133,6 +138,21 @@ class DeviceBenchTest(absltest.TestCase):
       self.assertGreater(e["predicted"]["seconds_per_step"], 0)
     self.assertEqual(r["plan"]["accelerator"], None)  # no accelerator of planner.ACCELERATORS: a CPU
     self.assertIn("visage-jax plan --model=random:tiny", r["plan"]["command"])
+
+
+class ConfigTest(absltest.TestCase):
+
+  def test_gpu_config_is_the_paper_protocol_on_random_llama2_7b(self):
+    spec = importlib.util.spec_from_file_location("bench_gpu", os.path.join(ROOT, "configs", "bench_gpu.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    self.assertEqual((c.model.path, c.model.dtype, c.prompts.limit, c.prompts.template, c.landscape.steps,
+                      c.decode.max_new_tokens, c.engine.mode), ("random:llama2_7b", "bfloat16", 80, "llama2", 20, 512, "auto"))
+    self.assertEqual((c.bench.kind, c.bench.budget_seconds, c.bench.reference_prompts, c.bench.reference_batch,
+                      c.bench.min_points), ("protocol", 480, 8, 4, 3))
+    with self.assertRaisesRegex(ValueError, "unknown config argument 'big'"):
+      mod.get_config("big")
 
 
 class BudgetTest(absltest.TestCase):

@@ -81,12 +81,13 @@ def reference_in_child(c, log) -> tuple[dict, np.ndarray | None]:
     try:
       proc = subprocess.run([sys.executable, "-m", __name__, config, out], env=env, capture_output=True,
                             text=True, timeout=c.bench.budget_seconds / 2)
-      failure = None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["no output"])[-1]
+      tail = proc.stderr.strip().splitlines()[-20:] or ["no output"]
+      failure = None if proc.returncode == 0 else tail[-1]
     except subprocess.TimeoutExpired:
-      failure = f"did not finish in {c.bench.budget_seconds / 2:.0f} s"
+      tail, failure = [], f"did not finish in {c.bench.budget_seconds / 2:.0f} s"
     wall = time.perf_counter() - t0
     if failure:
-      log(f"reference: failed ({failure})")
+      log("\n".join(tail + [f"reference: failed ({failure})"]))
       return dict(error=failure, wall_seconds=round(wall, 1)), None
     with open(out + ".json") as f:
       ref = dict(json.load(f), wall_seconds=round(wall, 1))
@@ -168,7 +169,7 @@ def _measure(c, s, ref: dict, ref_tokens, t0: float, load_seconds: float, log) -
     compile_all = first[m]["compile"] + compile_s
     entries[m] = dict(
         planned=m == s.mode, batch=floor["batch"], points=k, compile_seconds=round(compile_all, 3),
-        decode_seconds=round(decode, 3), seconds_per_point=round(per_point, 3),
+        decode_seconds=round(decode, 4), seconds_per_point=round(per_point, 4),
         tokens_per_second=round(k * n_prompts * n_new / max(decode, 1e-9), 2),
         step_seconds=round(decode / floor["decode_steps"], 6), decode_steps=floor["decode_steps"],
         bytes_per_step=floor["bytes_per_step"], roofline_fraction=floor.get("bandwidth_fraction"),
