@@ -140,6 +140,19 @@ class DeviceBenchTest(absltest.TestCase):
     self.assertIn("visage-jax plan --model=random:tiny", r["plan"]["command"])
 
 
+class ReferenceFailureTest(absltest.TestCase):
+
+  def test_a_failing_reference_is_recorded_not_raised(self):
+    c = bench_protocol.default_config()
+    c.model.path = "random:nope"
+    logged = []
+    ref, tokens = bench_protocol.reference_in_child(c, logged.append)
+    self.assertIsNone(tokens)
+    self.assertEqual(set(ref), {"error", "wall_seconds"})
+    self.assertIn("no random preset 'nope'", ref["error"])
+    self.assertIn("reference: failed", logged[-1])
+
+
 class ConfigTest(absltest.TestCase):
 
   def test_gpu_config_is_the_paper_protocol_on_random_llama2_7b(self):

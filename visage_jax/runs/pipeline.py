@@ -235,7 +235,7 @@ class Setup:
 
 def _plan(c, m: Model, p: Prompts, n_points: int, n_dirs: int, mesh) -> tuple:
   """-> (spec, batch, mode, reason): the decode settings and the engine's schedule."""
-  eos_ids = decode.eos_ids_of(m.tokenizer) if m.tokenizer else ()  # a random: model never ends a row
+  eos_ids = () if m.tokenizer is None else decode.eos_ids_of(m.tokenizer)  # a random: model never ends a row
   spec = decode.DecodeSpec(max_new_tokens=c.decode.max_new_tokens, eos_ids=eos_ids,
                            pad_id=p.pad_id, stop_at_refusal=c.decode.stop_at_refusal,
                            shared_prefix=p.shared_prefix)
