@@ -8,7 +8,7 @@ VENV := .venv
 endif
 PY := $(VENV)/bin/python
 
-.PHONY: install install-test demo test experiments
+.PHONY: install install-test demo test experiments wheels
 
 $(VENV)/bin/python:
 	@$(PYTHON) -m venv $(VENV) || { echo "could not create $(VENV) with '$(PYTHON) -m venv' (on Debian/Ubuntu: apt install python3-venv)"; exit 1; }
@@ -31,3 +31,18 @@ experiments: install
 
 test: install-test
 	$(PY) -m pytest -q --durations=25 tests
+
+# wheels/: the pure-Python packages an offline GPU node lacks, for launch/device_bench.sh (it
+# installs them with no index). Such a node has JAX with CUDA, flax, optax, orbax-checkpoint,
+# transformers, torch and absl-py, and what ml_collections and gguf require (absl-py, PyYAML,
+# numpy, requests, tqdm: their METADATA), but not these two. The node's Python and platform:
+PY_VERSION ?= 3.12
+PLATFORM ?= manylinux2014_x86_64
+NODE_WHEELS ?= ml_collections==1.1.0 gguf==0.19.0
+
+wheels: $(PY)
+	rm -rf wheels && mkdir wheels
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(PY_VERSION) \
+	  --platform $(PLATFORM) --dest wheels $(NODE_WHEELS)
+	@for w in wheels/*.whl; do case $$w in *-py3-none-any.whl) ;; *) echo "$$w: not pure Python"; exit 1 ;; esac; done
+	@du -sh wheels

@@ -67,6 +67,12 @@ class BenchSmokeTest(absltest.TestCase):
     self.assertEqual(reg.call_count, 3)
     self.assertEqual(unreg.call_count, 3)  # every listener registered was removed again
 
+  def test_random_model_cannot_score_text(self):
+    c = bench.default_config()
+    c.model.path = "random:tiny"
+    with self.assertRaisesRegex(ValueError, "bench.methods: default_real scores text"):
+      bench.run(c, "/tmp/never.json")
+
   def test_unknown_method(self):
     c = bench.default_config()
     c.bench.methods = ("fastest",)

@@ -7,7 +7,7 @@ import subprocess
 from absl.testing import absltest, parameterized
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("launch/tpu_pod.sh", "launch/slurm.sbatch", "launch/gpu_node.sh")
+SCRIPTS = ("launch/tpu_pod.sh", "launch/slurm.sbatch", "launch/gpu_node.sh", "launch/device_bench.sh")
 
 
 def dry_run(script, *args, **env):

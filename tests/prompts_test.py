@@ -138,5 +138,20 @@ class DataTest(absltest.TestCase):
       prompts.pack([[1], []], pad_id=0)
 
 
+class StandInIdsTest(absltest.TestCase):
+
+  def test_lengths_of_the_texts_and_their_shared_prefix(self):
+    system = "You are helpful. " * 10
+    texts = [system + "Do X.", system + "Tell me a much longer story about Y, please."]
+    ids = prompts.stand_in_ids(texts, vocab_size=50, seed=3)
+    common = len(system)  # both texts go on with a space-free, different goal
+    self.assertEqual([len(i) for i in ids], [-(-common // 4) + -(-(len(t) - common) // 4) for t in texts])
+    self.assertEqual(ids[0][:-(-common // 4)], ids[1][:-(-common // 4)])
+    self.assertTrue(all(1 <= t < 50 for row in ids for t in row))  # 0 is the pad id
+    self.assertEqual(ids, prompts.stand_in_ids(texts, vocab_size=50, seed=3))
+    tokens, _, shared = prompts.pack(ids, 0)
+    self.assertEqual(shared, -(-common // 4))
+
+
 if __name__ == "__main__":
   absltest.main()

@@ -141,11 +141,16 @@ def cmd_export_directions() -> None:
 
 
 def cmd_bench() -> None:
-  """Times the reference method and our modes side by side; writes --out JSON."""
-  from visage_jax.runs import bench
+  """Times the reference method and our modes side by side; writes --out JSON. bench.kind=protocol
+  (configs/bench_gpu.py): the paper's protocol on one accelerator, progress on stderr."""
+  from visage_jax.runs import bench, bench_protocol
 
   if FLAGS.config is None or not FLAGS.out:
     raise errors.UserError("bench needs --config=configs/<name>.py and --out=FILE.json.")
+  if FLAGS.config.bench.get("kind") == "protocol":
+    report = bench_protocol.run(FLAGS.config, FLAGS.out, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(bench_protocol.summary(report))
+    return
   report = bench.run(FLAGS.config, FLAGS.out, log=lambda m: logging.info("%s", m))
   print(bench.table(report))
 

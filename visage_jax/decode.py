@@ -51,7 +51,7 @@ class DecodeSpec:
 
 
 def _is_eos(tokens, eos_ids):
-  return functools.reduce(jnp.logical_or, [tokens == e for e in eos_ids])
+  return functools.reduce(jnp.logical_or, [tokens == e for e in eos_ids], jnp.zeros(tokens.shape, bool))
 
 
 def _judge(tables, state, refused, tok, live):

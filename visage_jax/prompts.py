@@ -81,6 +81,20 @@ def tokenize_prompts(texts: list[str], tokenizer, template: str) -> list[list[in
   return [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts]
 
 
+CHARS_PER_TOKEN = 4  # English under a 32k-50k vocabulary; SmolLM2's gives 4.5 on the llama2-formatted AdvBench
+
+
+def stand_in_ids(texts: list[str], vocab_size: int, seed: int = 0) -> list[list[int]]:
+  """Token ids in [1, vocab_size) about as long as a tokenizer makes `texts` (CHARS_PER_TOKEN),
+  their common prefix shared: the prompts of a model with no tokenizer (a random: model), of the
+  protocol's lengths and layout (prompts.pack finds the shared system prompt)."""
+  rng = np.random.default_rng(seed)
+  n_tokens = lambda chars: -(-chars // CHARS_PER_TOKEN)
+  common = len(os.path.commonprefix(texts)) if len(texts) > 1 else 0
+  prefix = rng.integers(1, vocab_size, n_tokens(common)).tolist()
+  return [prefix + rng.integers(1, vocab_size, max(1, n_tokens(len(t) - common))).tolist() for t in texts]
+
+
 def read_jsonl(path: str, fields: tuple[str, ...], nonempty: bool = True) -> list[dict]:
   """JSON objects, one a line, each with string `fields` (non-empty unless told); errors name
   file:line."""

@@ -82,16 +82,21 @@ def set_leaf(tree: dict, path, value):
   tree[path[-1]] = value
 
 
-def to_hf_tensors(params: dict, cfg: model.ModelConfig) -> dict[str, np.ndarray]:
-  """params -> {HF name: array in HF layout}; the inverse of `from_hf_tensors`."""
+def hf_views(params: dict, cfg: model.ModelConfig, as_array: Callable) -> dict:
+  """{HF name: tensor in HF layout} as views of `as_array(leaf)` (numpy, torch: anything that
+  slices and transposes without copying)."""
   out = {}
   for path, names in hf_tensor_names(cfg).items():
-    leaf = np.asarray(jax.device_get(get_leaf(params, path)))
-    transposed = HF_NAMES[path][1]
+    leaf = as_array(get_leaf(params, path))
     slices = list(leaf) if is_stacked(path) else [leaf]
-    for name, t in zip(names, slices):
-      out[name] = np.ascontiguousarray(t.T if transposed else t)
+    out.update((name, t.T if HF_NAMES[path][1] else t) for name, t in zip(names, slices))
   return out
+
+
+def to_hf_tensors(params: dict, cfg: model.ModelConfig) -> dict[str, np.ndarray]:
+  """params -> {HF name: array in HF layout}; the inverse of `from_hf_tensors`."""
+  host = lambda leaf: np.asarray(jax.device_get(leaf))
+  return {name: np.ascontiguousarray(t) for name, t in hf_views(params, cfg, host).items()}
 
 
 def gather_hf_tensor(tree: dict, path: tuple[str, ...], layer: int | None) -> np.ndarray:

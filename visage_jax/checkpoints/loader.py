@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from visage_jax import distributed, model
-from visage_jax.checkpoints import gguf_file, hf_tensors, hub, safetensors_file
+from visage_jax.checkpoints import gguf_file, hf_tensors, hub, random_weights, safetensors_file
 from visage_jax.errors import CheckpointError
 
 CONVERTED_MARKER = "visage_jax.json"
@@ -270,7 +270,10 @@ def checkpoint_kind(path: str) -> str:
 def load_params(path: str, dtype: str = "float32", shardings=None) -> tuple[model.ModelConfig, dict]:
   """Any supported checkpoint -> (ModelConfig, params) stored in `dtype`, each leaf placed in
   `shardings` (None: default device; a Mesh: `sharding.param_shardings`; or a tree) as it is read.
-  A hub id `org/name[@revision]` is fetched first (`hub.resolve`)."""
+  A hub id `org/name[@revision]` is fetched first (`hub.resolve`); `random:<preset>` is drawn
+  (`random_weights`)."""
+  if random_weights.is_random(path):
+    return random_weights.load(path, dtype, shardings)
   path = cached(hub.resolve(path), dtype)
   kind = checkpoint_kind(path)
   loader = {"gguf": gguf_file.load_gguf, "hf": load_hf_dir, "converted": load_converted}[kind]
@@ -287,6 +290,8 @@ def load_config(path: str, dtype: str = "float32") -> model.ModelConfig:
   none downloaded for a hub id)."""
   import dataclasses
 
+  if random_weights.is_random(path):
+    return random_weights.config(path, dtype)
   path = hub.resolve(path, weights=False)
   kind = checkpoint_kind(path)
   if kind == "gguf":
@@ -306,6 +311,7 @@ def load_tokenizer(path: str):
   """transformers tokenizer from a HF/converted directory or from GGUF metadata."""
   from transformers import AutoTokenizer
 
+  random_weights.refuse_text(path)
   path = hub.resolve(path)
   path = cached(path, dtype=None) if checkpoint_kind(path) == "gguf" else path
   kind = checkpoint_kind(path)

@@ -197,7 +197,10 @@ def token_bytes(tokenizer, vocab_size: int) -> list[bytes]:
   left, neither able to change a verdict since keywords are ASCII and start with no space: a
   SentencePiece decoder strips the text's first space, and invalid UTF-8 decodes to U+FFFD.
   transformers' clean_up_tokenization_spaces (which it ignores for BPE models) is not modelled.
+  No tokenizer (a random: model): no id adds text, so nothing is ever refused.
   """
+  if tokenizer is None:
+    return [b""] * vocab_size
   n = min(vocab_size, len(tokenizer))
   piece_bytes = _piece_decoder(tokenizer)
   if piece_bytes is None:

@@ -24,8 +24,7 @@ import jax
 import numpy as np
 
 from visage_jax import distributed, engine, errors, model, planner, prompts, rundir, sharding
-from visage_jax.checkpoints import hf_tensors
-from visage_jax.directions import vectors
+from visage_jax.checkpoints import hf_tensors, random_weights
 from visage_jax.measures import registry
 from visage_jax.runs import landscape, pipeline
 
@@ -57,61 +56,87 @@ class _CompileClock:
 
 def load_setup(c, path: str) -> pipeline.Setup:
   """The landscape's own `prepare` in workdir `path`, for the config's 1D random grid with one
-  direction (what every method decodes; load time reported separately)."""
+  direction (what every method decodes; load time reported separately). Rows are read as token
+  ids, so a random: model is allowed."""
   c = c.copy_and_resolve_references()
   c.landscape.update(vis_type="1D_random", num_directions=1)
-  return pipeline.prepare(c, path)
+  return pipeline.prepare(c, path, text=False)
 
 
 # ------------------------------------------------------------------ the reference (PyTorch)
 
 
-def _torch_model(s: pipeline.Setup, dtype):
-  """transformers' own model with our (dequantized) weights, so both sides start from one theta."""
+def _torch_model(cfg: model.ModelConfig, dtype, device, pad_id: int):
+  """transformers' own model of this architecture in `dtype` on `device` (weights loaded per point)."""
   import torch
   import transformers
 
-  cfg = s.model.cfg
   hf_cfg = dict(model.config_to_hf(cfg))
   hf_cfg.pop("rope_parameters", None)
   config = transformers.AutoConfig.for_model(**hf_cfg)
-  with torch.device("cpu"):
-    net = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-  state = {k: torch.from_numpy(np.array(v, np.float32))   # to_host: every process, params may span them
-           for k, v in hf_tensors.to_hf_tensors(sharding.to_host(s.model.params), cfg).items()}
-  if cfg.tie_word_embeddings:
-    state["lm_head.weight"] = state["model.embed_tokens.weight"]
-  net.load_state_dict(state, strict=True)
+  with torch.device(device):
+    net = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
   net.generation_config.eos_token_id = None  # fixed length: decode past EOS like the others
-  net.generation_config.pad_token_id = s.prompts.pad_id
-  return net.to(dtype), state
+  net.generation_config.pad_token_id = pad_id
+  return net
 
 
-def run_reference(s: pipeline.Setup, direction: dict, *, batch_size: int, points: list[int],
-                  max_new_tokens: int, dtype: str):
-  """The published loop: per point, theta + alpha d in a float32 state_dict, load, generate."""
+def _on_torch(leaf, device):
+  """`leaf` as a torch tensor on `device`: a view of its buffer (dlpack) where it lies on one
+  device, else a float32 host copy (to_host: every process, the leaf may span them)."""
   import torch
 
-  torch_dtype = getattr(torch, dtype)
-  net, state = _torch_model(s, torch_dtype)
-  cfg, ids_all, pad_id = s.model.cfg, s.prompts.ids, s.prompts.pad_id
-  dirs = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in hf_tensors.to_hf_tensors(direction, cfg).items()}
+  if isinstance(leaf, jax.Array) and len(leaf.sharding.device_set) == 1:
+    return torch.from_dlpack(leaf).to(device)
+  return torch.from_numpy(np.asarray(sharding.to_host(leaf), np.float32)).to(device)
+
+
+def torch_device() -> str:
+  """Where the reference runs: the GPU when JAX runs on one, else the CPU."""
+  return "cuda" if jax.devices()[0].platform == "gpu" else "cpu"
+
+
+def run_reference(s: pipeline.Setup, *, batch_size: int, points: list[int], max_new_tokens: int,
+                  dtype: str, n_prompts: int = 0):
+  """The published loop on direction 0: per point, theta + alpha d in a float32 state_dict, loaded
+  into transformers' model in `dtype` (on `torch_device()`), then `generate` in batches of
+  `batch_size` over the first `n_prompts` prompts (0: all), after one untimed warm-up call.
+  theta and d are read in place (views of our arrays). -> (tokens [points, prompts, new], load
+  seconds, generate seconds)."""
+  import torch
+
+  torch_dtype, device = getattr(torch, dtype), torch.device(torch_device())
+  sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+  cfg, pad_id = s.model.cfg, s.prompts.pad_id
+  ids_all = s.prompts.ids[:n_prompts or None]
+  net = _torch_model(cfg, torch_dtype, device, pad_id)
+  theta = hf_tensors.hf_views(s.model.params, cfg, lambda leaf: _on_torch(leaf, device))
+  dirs = hf_tensors.hf_views(s.stacked, cfg, lambda leaf: _on_torch(leaf, device)[0, 0])
   if cfg.tie_word_embeddings:
-    dirs["lm_head.weight"] = dirs["model.embed_tokens.weight"]
+    theta["lm_head.weight"], dirs["lm_head.weight"] = theta["model.embed_tokens.weight"], dirs["model.embed_tokens.weight"]
+
+  def load(alpha):
+    net.load_state_dict({k: (v.float() + alpha * dirs[k].float()).to(torch_dtype) for k, v in theta.items()})
+    sync()
+
+  def generate(rows, n_new):  # the same token ids as ours, left-padded
+    ids, mask = prompts.left_pad(rows, max(map(len, rows)), pad_id)
+    out = net.generate(input_ids=torch.from_numpy(ids).long().to(device),
+                       attention_mask=torch.from_numpy(mask).long().to(device),
+                       max_new_tokens=n_new, do_sample=False)
+    return out[:, ids.shape[1]:].cpu().numpy()
+
   tokens = np.zeros((len(points), len(ids_all), max_new_tokens), np.int32)
   t_load, t_gen = 0.0, 0.0
   with torch.no_grad():
+    load(float(s.xs[points[0]]))
+    generate(ids_all[:batch_size], 2)  # warm-up: kernels chosen and loaded, not timed
     for i, p in enumerate(points):
       t0 = time.perf_counter()
-      alpha = float(s.xs[p])
-      net.load_state_dict({k: (v + alpha * dirs[k]).to(torch_dtype) for k, v in state.items()})
+      load(float(s.xs[p]))
       t1 = time.perf_counter()
       for start in range(0, len(ids_all), batch_size):
-        rows = ids_all[start:start + batch_size]  # the same token ids as ours, left-padded
-        ids, mask = prompts.left_pad(rows, max(map(len, rows)), pad_id)
-        out = net.generate(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
-                           max_new_tokens=max_new_tokens, do_sample=False)
-        tokens[i, start:start + batch_size] = out[:, ids.shape[1]:].numpy()
+        tokens[i, start:start + batch_size] = generate(ids_all[start:start + batch_size], max_new_tokens)
       t_load, t_gen = t_load + (t1 - t0), t_gen + (time.perf_counter() - t1)
   return tokens, t_load, t_gen
 
@@ -119,8 +144,9 @@ def run_reference(s: pipeline.Setup, direction: dict, *, batch_size: int, points
 # ------------------------------------------------------------------ ours
 
 
-def run_fixed(s: pipeline.Setup, *, mode: str, points: list[int]):
-  """One engine mode at fixed length (no EOS or refusal stop) on the landscape's setup."""
+def run_fixed(s: pipeline.Setup, *, mode: str, points: list[int], batch: int = 0):
+  """One engine mode at fixed length (no EOS or refusal stop) on the landscape's setup, in chunks of
+  `batch` rows (0: the setup's). -> (tokens [points, prompts, new], wall, compile seconds)"""
   spec = dataclasses.replace(s.spec, stop_at_refusal=False, fixed_length=True)
   n_prompts = len(s.prompts.goals)
   out = np.full((s.n_points, n_prompts, spec.max_new_tokens), s.prompts.pad_id, np.int32)
@@ -128,7 +154,7 @@ def run_fixed(s: pipeline.Setup, *, mode: str, points: list[int]):
     t0 = time.perf_counter()
     work = engine.Workload(s.model.params, s.model.cfg, s.stacked, s.coefs, s.prompts.tokens,
                            s.prompts.mask, s.tables, spec, points=points, mesh=s.mesh)
-    for ch in engine.evaluate(work, mode=mode, max_batch=s.batch):
+    for ch in engine.evaluate(work, mode=mode, max_batch=batch or s.batch):
       out[ch.points, ch.prompts] = ch.tokens[0]
     wall = time.perf_counter() - t0
   return out[points], wall, clock.seconds
@@ -166,7 +192,10 @@ def run(c, out_path: str, log=print) -> dict:
   for m in c.bench.methods:
     if m not in METHODS:
       raise errors.UserError(f"bench.methods: {m!r} is not one of {', '.join(METHODS)}.")
-  with _scratch(out_path) as path:
+  if random_weights.is_random(c.model.path) and "default_real" in c.bench.methods:
+    raise errors.UserError(f"bench.methods: default_real scores text, and model.path {c.model.path!r} "
+                           "has no tokenizer; leave default_real out.")
+  with scratch(out_path) as path:
     t0 = time.perf_counter()
     s = load_setup(c, path)
     load_seconds = time.perf_counter() - t0
@@ -178,7 +207,7 @@ def run(c, out_path: str, log=print) -> dict:
 
 
 @contextlib.contextmanager
-def _scratch(out_path: str):
+def scratch(out_path: str):
   """The landscape workdir the bench times in: a temporary directory, or with several processes
   one they all see, next to `out_path` (process 0 makes it empty and removes it)."""
   if jax.process_count() == 1:
@@ -200,8 +229,8 @@ def _scratch(out_path: str):
 def _run_methods(c, s: pipeline.Setup, path: str, load_seconds: float, log) -> dict:
   """The report: each method of c.bench.methods timed on the setup, in that order."""
   n_points, n_prompts, n_new = s.n_points, len(s.prompts.goals), s.spec.max_new_tokens
-  ref_points = _subset(n_points, c.bench.reference_points)
-  our_points = sorted(set(_subset(n_points, c.bench.our_points)) | set(ref_points))
+  ref_points = subset(n_points, c.bench.reference_points)
+  our_points = sorted(set(subset(n_points, c.bench.our_points)) | set(ref_points))
   report = dict(
       machine=dict(platform=jax.devices()[0].platform, device=str(jax.devices()[0].device_kind),
                    cpu_count=os.cpu_count(), python=platform.python_version(), jax=jax.__version__),
@@ -209,7 +238,7 @@ def _run_methods(c, s: pipeline.Setup, path: str, load_seconds: float, log) -> d
       work_generated_tokens=n_points * n_prompts * n_new, load_seconds=round(load_seconds, 2), methods={},
       batch=s.batch)
   tokens_by_method = {}
-  roofline = functools.partial(_roofline, s)
+  floor_of = functools.partial(roofline, s)
 
   def record(name, wall, compile_s, tokens_done, extrapolated_from=None, **extra):
     scale = n_points / len(extrapolated_from) if extrapolated_from else 1.0
@@ -226,16 +255,15 @@ def _run_methods(c, s: pipeline.Setup, path: str, load_seconds: float, log) -> d
     if name in ("reference_published", "reference_batched"):
       batch = 4 if name == "reference_published" else n_prompts
       dtype = "float32" if name == "reference_published" or jax.devices()[0].platform == "cpu" else "bfloat16"
-      direction = vectors.load_safetensors(os.path.join(path, "directions.safetensors"), s.model.cfg)[0]
-      toks, t_load, t_gen = run_reference(s, direction, batch_size=batch, points=ref_points,
-                                          max_new_tokens=n_new, dtype=dtype)
+      toks, t_load, t_gen = run_reference(s, batch_size=batch, points=ref_points, max_new_tokens=n_new,
+                                          dtype=dtype)
       import torch
       report["machine"]["torch_threads"] = torch.get_num_threads()
       tokens_by_method[name] = (ref_points, toks)
       record(name, t_load + t_gen, 0.0, len(ref_points) * n_prompts * n_new,
              extrapolated_from=ref_points if len(ref_points) < n_points else None,
              batch_size=batch, dtype=dtype, reload_seconds=round(t_load, 3),
-             roofline=roofline("materialized", batch, len(ref_points), t_gen, dtype))
+             roofline=floor_of("materialized", batch, len(ref_points), t_gen, dtype))
     elif name in ("default_real", "engine_real"):  # real work varies per point: never extrapolated
       if c.engine.mode == "auto":
         report["auto_mode"] = dict(mode=s.mode, reason=s.mode_reason)
@@ -249,7 +277,7 @@ def _run_methods(c, s: pipeline.Setup, path: str, load_seconds: float, log) -> d
       record(name, wall - comp, comp, done,
              extrapolated_from=our_points if len(our_points) < n_points else None,
              mode=name, generated_tokens=done, equal_work=True, wall_seconds_including_compile=round(wall, 3),
-             roofline=roofline(name, s.batch, len(our_points), wall - comp, s.model.cfg.param_dtype))
+             roofline=floor_of(name, s.batch, len(our_points), wall - comp, s.model.cfg.param_dtype))
 
   _compare(report, tokens_by_method, s.xs)
   _overhead(report)
@@ -264,8 +292,9 @@ def _overhead(report: dict) -> None:
         m["default_real"]["wall_seconds"] / max(m["engine_real"]["wall_seconds"], 1e-9) - 1, 4)
 
 
-def _roofline(s: pipeline.Setup, mode: str, batch: int, n_pts: int, decode_wall: float, dtype) -> dict:
-  """Per-step floor (planner.step_roofline) at the mean cache length, and the fraction achieved."""
+def roofline(s: pipeline.Setup, mode: str, batch: int, n_pts: int, decode_wall: float, dtype) -> dict:
+  """Per-step floor (planner.step_roofline) at the mean cache length, the fraction of it achieved,
+  and of the memory-bandwidth roofline (the step's bytes over its time, against the peak)."""
   n_prompts, n_new = len(s.prompts.goals), s.spec.max_new_tokens
   cfg = dataclasses.replace(s.model.cfg, param_dtype=str(dtype), dtype=str(dtype))
   if mode == "materialized":
@@ -277,8 +306,10 @@ def _roofline(s: pipeline.Setup, mode: str, batch: int, n_pts: int, decode_wall:
   if r["floor_seconds_per_step"] is None:
     return dict(r, batch=batch, decode_steps=steps, peaks=f"none for {planner.device_kind()!r}")
   floor = r["floor_seconds_per_step"] * steps
+  bandwidth = r["bytes_per_step"] * steps / max(decode_wall, 1e-9)
   return dict(r, batch=batch, decode_steps=steps, floor_seconds=round(floor, 3),
               fraction_of_floor=round(floor / max(decode_wall, 1e-9), 4),
+              bandwidth_fraction=round(bandwidth / r["peak_bandwidth"], 4),
               peaks="nominal, planner.DEVICE_PEAKS")
 
 
@@ -311,7 +342,7 @@ def _differences(toks: np.ndarray, ref: np.ndarray, points: list[int], alphas: n
   return rows[:limit]
 
 
-def _subset(n_points: int, k: int) -> list[int]:
+def subset(n_points: int, k: int) -> list[int]:
   """k grid points spread over the grid (ends and centre included), or all when k <= 0."""
   if k <= 0 or k >= n_points:
     return list(range(n_points))
@@ -322,7 +353,8 @@ def default_config():
   c = landscape.default_config()
   # reference_points / our_points: grid points timed for the reference methods / our fixed-length
   # modes (0 = all), extrapolated linearly to the full grid and flagged in the JSON.
-  c.bench = dict(methods=METHODS, reference_points=3, our_points=0)
+  # kind: methods (this module) | protocol (bench_protocol: configs/bench_gpu.py).
+  c.bench = dict(kind="methods", methods=METHODS, reference_points=3, our_points=0)
   return c
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from visage_jax import decode, distributed, engine, errors, model, planner, prompts, rundir, sharding
-from visage_jax.checkpoints import loader, lora
+from visage_jax.checkpoints import loader, lora, random_weights
 from visage_jax.directions import grid, vectors
 from visage_jax.measures import keywords, scoring
 
@@ -43,20 +43,23 @@ class Model:
   source: str      # path, "+ lora_path" when an adapter was merged
   cfg: model.ModelConfig
   params: dict
-  tokenizer: object
+  tokenizer: object  # None for a random: model
 
 
-def load_model(path: str, dtype: str, lora_path: str = "", mesh=None) -> Model:
+def load_model(path: str, dtype: str, lora_path: str = "", mesh=None, *, text: bool = True) -> Model:
   """The checkpoint at `path` ("" = embedded SmolLM2) with the LoRA at `lora_path` merged in;
-  with a mesh, each leaf placed in its sharding there as it is read (every process its shards)."""
+  with a mesh, each leaf placed in its sharding there as it is read (every process its shards).
+  `text=False`: the caller reads token ids only (bench), so a random: model (no tokenizer) loads."""
   path = path or loader.default_model_path()
+  if text:
+    random_weights.refuse_text(path)
   cfg, params = loader.load_params(path, dtype, shardings=mesh)
   if lora_path:
     adapter, alpha, rank = lora.load(lora_path, cfg)
     if mesh is not None:
       adapter = sharding.put(adapter, sharding.replicated(mesh))
     params = lora.merge(params, adapter, alpha, rank)
-  tok = loader.load_tokenizer(path)
+  tok = None if random_weights.is_random(path) else loader.load_tokenizer(path)
   return Model(path=path, source=f"{path} + {lora_path}" if lora_path else path, cfg=cfg,
                params=params, tokenizer=tok)
 
@@ -71,11 +74,15 @@ class Prompts:
   pad_id: int
 
 
-def pack_prompts(goals: list[str], tokenizer, template: str, system_prompt: str) -> Prompts:
-  """Goals formatted with the chat template and system prompt, tokenized and packed."""
+def pack_prompts(goals: list[str], tokenizer, template: str, system_prompt: str,
+                 vocab_size: int = 0) -> Prompts:
+  """Goals formatted with the chat template and system prompt, tokenized and packed; with no
+  tokenizer (a random: model), stand-in ids of the texts' lengths below `vocab_size`, pad 0."""
   texts = [prompts.format_prompt(g, tokenizer, template, system_prompt) for g in goals]
-  ids = prompts.tokenize_prompts(texts, tokenizer, template)
-  pad_id = decode.pad_id_of(tokenizer)
+  if tokenizer is None:
+    ids, pad_id = prompts.stand_in_ids(texts, vocab_size), 0
+  else:
+    ids, pad_id = prompts.tokenize_prompts(texts, tokenizer, template), decode.pad_id_of(tokenizer)
   tokens, mask, shared_prefix = prompts.pack(ids, pad_id)
   return Prompts(goals=goals, ids=ids, tokens=tokens, mask=mask, shared_prefix=shared_prefix,
                  pad_id=pad_id)
@@ -228,7 +235,8 @@ class Setup:
 
 def _plan(c, m: Model, p: Prompts, n_points: int, n_dirs: int, mesh) -> tuple:
   """-> (spec, batch, mode, reason): the decode settings and the engine's schedule."""
-  spec = decode.DecodeSpec(max_new_tokens=c.decode.max_new_tokens, eos_ids=decode.eos_ids_of(m.tokenizer),
+  eos_ids = () if m.tokenizer is None else decode.eos_ids_of(m.tokenizer)  # a random: model never ends a row
+  spec = decode.DecodeSpec(max_new_tokens=c.decode.max_new_tokens, eos_ids=eos_ids,
                            pad_id=p.pad_id, stop_at_refusal=c.decode.stop_at_refusal,
                            shared_prefix=p.shared_prefix)
   batch = c.engine.max_batch or engine.choose_batch(
@@ -241,10 +249,11 @@ def _plan(c, m: Model, p: Prompts, n_points: int, n_dirs: int, mesh) -> tuple:
   return spec, batch, mode, why
 
 
-def prepare(c, path: str, *, overwrite: bool = False) -> Setup:
+def prepare(c, path: str, *, overwrite: bool = False, text: bool = True) -> Setup:
   """Everything before decoding, with the workdir `path` claimed (and its directions, resuming).
 
-  Bad input (settings, prompts, model, directions) fails before anything is written."""
+  Bad input (settings, prompts, model, directions) fails before anything is written. `text=False`
+  (bench): the rows are read as token ids, never decoded to text, so a random: model is allowed."""
   validate(c)
   cfg_dict = c.to_dict()
   goals = prompts.load_goals(c.prompts.path, c.prompts.limit)
@@ -253,11 +262,11 @@ def prepare(c, path: str, *, overwrite: bool = False) -> Setup:
   claim(path, cfg_dict, overwrite, write=False)  # refuse early; write once inputs load
 
   t0 = time.time()
-  m = load_model(c.model.path, c.model.dtype, c.model.lora_path, mesh=mesh)
+  m = load_model(c.model.path, c.model.dtype, c.model.lora_path, mesh=mesh, text=text)
   if c.landscape.directions_path and not os.path.exists(c.landscape.directions_path):
     raise errors.MissingFileError(f"landscape.directions_path {c.landscape.directions_path!r}: "
                                   "no such file (expected a safetensors file from export-directions).")
-  p = pack_prompts(goals, m.tokenizer, c.prompts.template, c.prompts.system_prompt)
+  p = pack_prompts(goals, m.tokenizer, c.prompts.template, c.prompts.system_prompt, m.cfg.vocab_size)
   ls = c.landscape
   xs, ys = grid.grid_coords(ls.vis_type, ls.steps, ls.multiplier, ls.extra_steps)
   coefs = grid.grid_points(xs, ys)
