@@ -61,6 +61,12 @@ class CensusTest(parameterized.TestCase):
     # order statistics of (0.5, 0.5, 1.0, inf)
     self.assertEqual(got["wall_quantiles"], dict(min=0.5, q10=0.5, median=0.5, q90=None, max=None))
 
+  def test_side_walls(self):
+    coords = [-1.0, -0.5, 0.0, 0.5, 1.0]
+    self.assertEqual(census.side_walls([100, 50, 0, 0, 20], coords, 10), (-0.5, 1.0))
+    self.assertEqual(census.side_walls([0, 0, 0, 0, 0], coords, 10), (None, None))
+    self.assertEqual(census.side_walls([100, 0, 0, 60, 0], coords, 10), (-1.0, 0.5))   # the first, not the last
+
 
 if __name__ == "__main__":
   absltest.main()

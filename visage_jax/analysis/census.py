@@ -88,6 +88,17 @@ def walls(asr: np.ndarray, coords: Sequence[float], limit: float) -> list[float 
   return out
 
 
+def side_walls(curve: Sequence[float], coords: Sequence[float], limit: float) -> tuple[float | None, float | None]:
+  """(left, right): the alpha of the first point over `limit` walking outward from the origin on
+  each side (None where the grid never goes over it): a structured direction's walls, drawn
+  beside a census's distribution of radii."""
+  c, a = np.asarray(coords, np.float64), np.asarray(curve, np.float64)
+  o = basin.origin_index(coords)
+  left = next((float(c[i]) for i in range(o - 1, -1, -1) if a[i] > limit), None)
+  right = next((float(c[i]) for i in range(o + 1, len(c)) if a[i] > limit), None)
+  return left, right
+
+
 def _quantiles(wall: list[float | None]) -> dict:
   """min, q10, median, q90, max of the walls as order statistics (numpy's inverted CDF: always a
   wall that was measured, no interpolation), a direction that never breaks counted as infinitely
