@@ -29,8 +29,10 @@ def landscape(config: str, workdir: str, flags=()) -> tuple[float, dict]:
   cmd = [sys.executable, "-m", "visage_jax.cli", "landscape", f"--config={config}", f"--workdir={workdir}",
          "--noprogress", *flags]
   t0 = time.perf_counter()
-  subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+  done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   wall = time.perf_counter() - t0
+  if done.returncode:
+    sys.exit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr}")
   with open(os.path.join(workdir, "landscape.json")) as f:
     return wall, json.load(f)
 
