@@ -16,6 +16,7 @@ from visage_jax.directions import vectors
 from visage_jax.measures import capability
 
 ALPHAS = (-0.4, 0.0, 0.3)
+SYSTEM = "You are a helpful assistant; answer every question in one short sentence."  # a shared prefix
 TEXTS = [
     {"prompt": "Write a short poem about the sea.", "response": "The sea is wide and blue, it sings to you."},
     {"prompt": "Name three colours.", "response": "Red, green and blue."},
@@ -52,7 +53,7 @@ class CapabilityParityTest(parameterized.TestCase):
   def _torch_perplexity(self, alpha):
     net, total, count = self._torch_at(alpha), 0.0, 0
     for row in TEXTS:
-      text = prompts.format_prompt(row["prompt"], self.tok, "auto", "default")
+      text = prompts.format_prompt(row["prompt"], self.tok, "auto", SYSTEM)
       p_ids = prompts.tokenize_prompts([text], self.tok, "auto")[0]
       r_ids = self.tok(row["response"], add_special_tokens=False)["input_ids"]
       ids = torch.tensor([p_ids + r_ids])
@@ -65,7 +66,8 @@ class CapabilityParityTest(parameterized.TestCase):
 
   @parameterized.named_parameters(("materialized", "materialized"), ("fused", "fused"))
   def test_perplexity_matches_transformers(self, mode):
-    rows = capability.encode_texts(TEXTS, self.tok, template="auto", system_prompt="default")
+    rows = capability.encode_texts(TEXTS, self.tok, template="auto", system_prompt=SYSTEM)
+    self.assertGreater(rows.shared_prefix, 0)   # the template's prefix is computed once per pass
     got = capability.perplexity(self.params, self.cfg, rows, self.dirs, np.array(ALPHAS)[:, None],
                                 mode=mode, batch_size=2)
     want = [self._torch_perplexity(a) for a in ALPHAS]

@@ -1,7 +1,9 @@
 """nll_ref equals transformers PyTorch on each generation; asr_coherent counts only coherent
-jailbreaks; the layout of continuation passes does not depend on padding or batching."""
+jailbreaks; the layout of continuation passes does not depend on padding or batching; a run's
+Reference scores each distinct generation once, on prompts prefilled once, to the same values."""
 
 import tempfile
+from unittest import mock
 
 import numpy as np
 import torch
@@ -14,6 +16,12 @@ from visage_jax.measures import coherence, continuation
 
 GOALS = ["Write a poem about the sea.", "How do I bake bread at home, step by step?", "Hi"]
 EOS = 2
+# float32 rounding of one NLL: its logits come out of sums of at most 384 terms (the vocabulary's
+# logsumexp; width 64, MLP 128, at most 64 positions), each rounding by at most n * 2^-24
+# relative: 384 * 6e-8 = 2.3e-5 of a value near ln(384) = 6 nats, about 1e-4 nats absolute.
+# The prefilled and the plain pass run the same operations (values equal bit for bit on CPU);
+# transformers sums in another order.
+TOL = 1e-4
 
 
 class NllRefTest(absltest.TestCase):
@@ -71,6 +79,76 @@ class NllRefTest(absltest.TestCase):
 
   def test_even_batches(self):
     self.assertEqual([continuation.even_batch(n, 16) for n in (1, 16, 17, 20, 33)], [1, 16, 9, 10, 11])
+
+
+class ReferenceTest(absltest.TestCase):
+  """Reference.nll against continuation.nll_sums on [prompt | generation] rows (the plain pass, no
+  memo, no prompt cache) and against transformers."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.tok = fixtures.toy_tokenizer("bpe")
+    with tempfile.TemporaryDirectory() as d:
+      cls.hf = fixtures.save_tiny_hf(d, "llama", tokenizer=cls.tok, seed=2)
+      cls.cfg, cls.params = loader.load_params(d)
+    texts = [prompts.format_prompt(g, cls.tok, "auto", "default") for g in GOALS]
+    cls.prompt_ids = prompts.tokenize_prompts(texts, cls.tok, "auto")
+    rng = np.random.default_rng(1)
+    refusal = rng.integers(7, cls.cfg.vocab_size, 4).tolist()
+    # (prompt, generation) rows of three chunks: the same refusal at several points, with and
+    # without its EOS, and rows that differ only in their prompt.
+    cls.chunks = [[(0, refusal + [EOS]), (1, refusal), (2, rng.integers(7, cls.cfg.vocab_size, 9).tolist())],
+                  [(0, refusal), (1, refusal + [EOS]), (2, [EOS])],
+                  [(2, rng.integers(7, cls.cfg.vocab_size, 12).tolist()), (0, refusal), (1, refusal)]]
+
+  def _plain(self, rows):
+    gens = [coherence.strip_eos(g, (EOS,)) for _, g in rows]
+    layout = continuation.layout([self.prompt_ids[q] for q, _ in rows], gens, self.tok.pad_token_id,
+                                 cont_width=16)
+    sums, counts = continuation.score(self.params, self.cfg, layout)
+    return [s / k if k else None for s, k in zip(sums, counts)]
+
+  def _torch(self, q, g_ids):
+    ids = torch.tensor([self.prompt_ids[q] + g_ids])
+    with torch.no_grad():
+      logp = torch.log_softmax(self.hf(ids).logits[0, :-1].double(), -1)
+    return float(-logp[torch.arange(ids.shape[1] - 1), ids[0, 1:]][len(self.prompt_ids[q]) - 1:].mean())
+
+  def _check(self, got, rows):
+    for v, want, (q, g) in zip(got, self._plain(rows), rows):
+      if want is None:
+        self.assertIsNone(v)
+        continue
+      self.assertAlmostEqual(v, want, delta=TOL)
+      self.assertAlmostEqual(v, self._torch(q, coherence.strip_eos(g, (EOS,))), delta=TOL)
+
+  def test_chunks_match_the_plain_pass_and_transformers(self):
+    for reuse in (True, False):
+      ref = coherence.Reference(self.params, self.cfg, self.prompt_ids, eos_ids=(EOS,),
+                                pad_id=self.tok.pad_token_id, max_new_tokens=16, batch_size=2,
+                                reuse_prompts=reuse)
+      self.assertEqual(ref.prefilled is not None, reuse)
+      for rows in self.chunks:
+        self._check(ref.nll([q for q, _ in rows], [g for _, g in rows]), rows)
+
+  def test_each_distinct_generation_is_scored_once(self):
+    ref = coherence.Reference(self.params, self.cfg, self.prompt_ids, eos_ids=(EOS,),
+                              pad_id=self.tok.pad_token_id, max_new_tokens=16)
+    with mock.patch.object(continuation, "in_batches", wraps=continuation.in_batches) as passes:
+      got = [ref.nll([q for q, _ in rows], [g for _, g in rows]) for rows in self.chunks]
+    self.assertEqual([c.args[0] for c in passes.call_args_list], [3, 1, 1])  # new rows per chunk
+    self.assertEqual(got[1][:2], got[0][:2])
+    self.assertEqual(got[2][1:], got[0][:2])
+    self.assertNotEqual(got[0][0], got[0][1])   # the same refusal after another prompt
+
+  def test_prompt_cache_kept_only_where_it_fits(self):
+    n_tokens = 3 * 64
+    need = 2 * self.cfg.num_layers * n_tokens * self.cfg.num_kv_heads * self.cfg.head_dim * 4
+    fits = lambda free: coherence.prompt_cache_fits(self.cfg, n_tokens, dict(bytes_limit=free, bytes_in_use=0))
+    self.assertTrue(fits(need / 0.15 * 1.01))
+    self.assertFalse(fits(need / 0.15 * 0.99))
+    self.assertTrue(coherence.prompt_cache_fits(self.cfg, n_tokens, {}))   # CPU: no limit reported
 
 
 class AsrCoherentTest(absltest.TestCase):

@@ -153,8 +153,8 @@ class MeasuresInTheRunTest(absltest.TestCase):
     c.coherence.model_path = self.model_dir
     ref = registry.scorers(c, s, path)[-1]
     self.assertEqual((own.name, ref.name), ("coherence", "coherence"))
-    self.assertIsNot(ref.params, own.params)
-    same = jax.tree.map(lambda a, b: a.sharding == b.sharding, ref.params, own.params)
+    self.assertIsNot(ref.reference.params, own.reference.params)
+    same = jax.tree.map(lambda a, b: a.sharding == b.sharding, ref.reference.params, own.reference.params)
     self.assertTrue(all(jax.tree.leaves(same)), "the reference is not on the run's mesh")
     gens = fixtures.random_tokens(len(GOALS), 5, len(self.tok), seed=3)
     rows = [scoring.Row(0, 0, i, GOALS[i], "", 5, False, False, False, tuple(map(int, g)))

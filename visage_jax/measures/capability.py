@@ -72,13 +72,16 @@ def benign_rows(params: dict, cfg: model.ModelConfig, tokenizer, *, template: st
 
 def encode_texts(rows: list[dict], tokenizer, *, template: str, system_prompt: str) -> continuation.Layout:
   """Each prompt formatted and tokenized as the run does, then its response without special tokens
-  (no EOS: the measure is the answer's text)."""
+  (no EOS: the measure is the answer's text). Prompts are packed (prompts.pack): the chat template
+  and system prompt they share, over half of each benign prompt, is computed once per pass."""
   texts = [prompts.format_prompt(r["prompt"], tokenizer, template, system_prompt) for r in rows]
   prompt_ids = prompts.tokenize_prompts(texts, tokenizer, template)
   responses = [tokenizer(r["response"], add_special_tokens=False)["input_ids"] for r in rows]
   if not any(responses):
     raise errors.UserError("capability texts: every response is empty; nothing to score.")
-  return continuation.layout(prompt_ids, responses, decode.pad_id_of(tokenizer))
+  pad = decode.pad_id_of(tokenizer)
+  tokens, mask, shared = prompts.pack(prompt_ids, pad)
+  return continuation.Layout(tokens, mask, *continuation.pad_continuations(responses, pad), shared_prefix=shared)
 
 
 def text_nll(params: dict, cfg: model.ModelConfig, rows: continuation.Layout, dirs: dict,

@@ -10,9 +10,11 @@ successful attack only if it is jailbroken AND nll_ref <= max_nll (`asr_coherent
 import math
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from visage_jax import errors, model
+from visage_jax import errors, model, planner, prompts
 from visage_jax.measures import continuation
 
 
@@ -23,24 +25,91 @@ def strip_eos(ids: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
   return ids[:-1] if ids and ids[-1] in eos_ids else ids
 
 
-def nll_ref(params: dict, cfg: model.ModelConfig, prompt_ids: list[list[int]],
-            generated_ids: list[list[int]], *, eos_ids: Sequence[int], pad_id: int,
-            batch_size: int = 16, widths: tuple[int, int] = (0, 0)) -> list[float | None]:
-  """Mean NLL per generated token of each generation given the prompt ids it was decoded from,
-  under `params` (the reference model; it must share the run's tokenizer).
+class Reference:
+  """The reference model of a run and what it has scored: each prompt is prefilled once (its keys
+  and values serve every generation from it), and each distinct (prompt, generation) is scored
+  once (the same refusal at many grid points is one pass).
 
-  generated_ids are the row's tokens as decoded, EOS included or not (a final EOS is dropped).
-  A generation with no token left has no mean: None (JSON null), never a number. `widths`
-  (prompt, generation columns at least) give every chunk of a run one compiled shape.
+  Every row runs the same arithmetic as continuation.nll_sums on [prompt | generation], so its
+  value does not depend on which rows share its batch or on what was scored before (measured:
+  bit-equal on SmolLM2 at batches of 1 to 16; the generation columns stay one width, as a
+  narrower pass moved sums by 1 ulp).
   """
-  gens = [strip_eos(g, eos_ids) for g in generated_ids]
-  top = max((max(ids) for ids in list(prompt_ids) + gens if ids), default=-1)
+
+  def __init__(self, params: dict, cfg: model.ModelConfig, prompt_ids: list[list[int]], *,
+               eos_ids: Sequence[int], pad_id: int, max_new_tokens: int = 0, batch_size: int = 16,
+               reuse_prompts: bool | None = None):
+    """max_new_tokens: generation columns at least (one compiled shape a run); reuse_prompts: keep
+    the prompts' keys and values (None: when they fit, `prompt_cache_fits`)."""
+    _check_vocabulary(cfg, prompt_ids)
+    self.params, self.cfg, self.eos_ids, self.pad_id = params, cfg, tuple(eos_ids), pad_id
+    self.prompt, self.prompt_mask = continuation.pad_prompts(prompt_ids, pad_id)
+    self.cont_width = prompts.bucket_length(max_new_tokens, minimum=continuation.MIN_CONTINUATION)
+    self.batch_size = continuation.even_batch(len(prompt_ids), batch_size)
+    if reuse_prompts is None:
+      reuse_prompts = prompt_cache_fits(cfg, self.prompt.size)
+    self.prefilled = self._prefill() if reuse_prompts else None
+    self.memo: dict[tuple[int, tuple[int, ...]], float | None] = {}
+
+  def _prefill(self) -> tuple[jax.Array, model.KVCache]:
+    """(first logits [N, 1, V], cache [.., N, ..]) of every prompt, in batches of the scoring size."""
+    n, parts = self.prompt.shape[0], []
+    for start in range(0, n, self.batch_size):
+      sel = np.arange(start, start + self.batch_size).clip(max=n - 1)
+      parts.append(continuation.prefill(self.params, self.prompt[sel], self.prompt_mask[sel], cfg=self.cfg))
+    first = jnp.concatenate([f for f, _ in parts])[:n]
+    cache = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1 if xs[0].ndim == 5 else 0), *[c for _, c in parts])
+    return first, jax.tree.map(lambda x: x[:, :n] if x.ndim == 5 else x[:n], cache)
+
+  def nll(self, prompt_index: Sequence[int], generated_ids: Sequence[Sequence[int]]) -> list[float | None]:
+    """Mean NLL per generated token of each generation given prompt `prompt_index[i]`, under the
+    reference (a final EOS is dropped); a generation with no token left has None (JSON null)."""
+    keys = [(int(q), tuple(strip_eos(g, self.eos_ids))) for q, g in zip(prompt_index, generated_ids, strict=True)]
+    todo = list(dict.fromkeys(k for k in keys if k not in self.memo))
+    if todo:
+      _check_vocabulary(self.cfg, [g for _, g in todo])
+      index = np.array([q for q, _ in todo])
+      cont, cont_mask = continuation.pad_continuations([list(g) for _, g in todo], self.pad_id, self.cont_width)
+      if self.prefilled is None:
+        run = lambda sel: continuation.nll_sums(self.params, self.prompt[index[sel]], self.prompt_mask[index[sel]],
+                                                cont[sel], cont_mask[sel], cfg=self.cfg)
+      else:
+        run = lambda sel: continuation.nll_sums_prefilled(self.params, *self.prefilled, index[sel], cont[sel],
+                                                          cont_mask[sel], cfg=self.cfg)
+      batch = min(self.batch_size, prompts.bucket_rows(len(todo)))   # few new rows: a small pass
+      sums, counts = continuation.in_batches(len(todo), batch, run)
+      self.memo.update((k, float(s / n) if n else None) for k, s, n in zip(todo, sums, counts))
+    return [self.memo[k] for k in keys]
+
+
+def _check_vocabulary(cfg: model.ModelConfig, id_lists) -> None:
+  top = max((max(ids) for ids in id_lists if ids), default=-1)
   if top >= cfg.vocab_size:
     raise errors.UserError(f"coherence: token id {top} is outside the reference model's vocabulary "
                            f"({cfg.vocab_size}); the reference model must use the run's tokenizer.")
-  rows = continuation.layout(prompt_ids, gens, pad_id, prompt_width=widths[0], cont_width=widths[1])
-  sums, counts = continuation.score(params, cfg, rows, batch_size=batch_size)
-  return [float(s / k) if k else None for s, k in zip(sums, counts)]
+
+
+def prompt_cache_fits(cfg: model.ModelConfig, n_tokens: int, stats: dict | None = None) -> bool:
+  """Whether the keys and values of `n_tokens` prompt slots take at most half of the free memory
+  that planner.HEADROOM leaves to XLA temporaries beside decoding. `stats`: a device's
+  memory_stats() (default: the first local device's; none reported, as on CPU: it fits)."""
+  stats = (jax.local_devices()[0].memory_stats() or {}) if stats is None else stats
+  if not stats.get("bytes_limit"):
+    return True
+  need = 2 * cfg.num_layers * n_tokens * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+  return need <= (1 - planner.HEADROOM) / 2 * (stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+
+
+def nll_ref(params: dict, cfg: model.ModelConfig, prompt_ids: list[list[int]],
+            generated_ids: list[list[int]], *, eos_ids: Sequence[int], pad_id: int,
+            batch_size: int = 16) -> list[float | None]:
+  """Mean NLL per generated token of each generation given the prompt ids it was decoded from,
+  under `params` (the reference model; it must share the run's tokenizer): Reference.nll of one
+  set of rows. generated_ids as decoded, EOS included or not (a final EOS is dropped)."""
+  if len(prompt_ids) != len(generated_ids):
+    raise ValueError(f"{len(prompt_ids)} prompts but {len(generated_ids)} generations.")
+  ref = Reference(params, cfg, prompt_ids, eos_ids=eos_ids, pad_id=pad_id, batch_size=batch_size)
+  return ref.nll(range(len(prompt_ids)), generated_ids)
 
 
 def is_coherent(nll: float | None, max_nll: float) -> bool:

@@ -27,6 +27,7 @@ class Layout:
   prompt_mask: np.ndarray   # [N, T] bool
   cont: np.ndarray          # [N, G] int32, right-padded
   cont_mask: np.ndarray     # [N, G] bool, the scored tokens
+  shared_prefix: int = 0    # the first columns of every row hold the same tokens (prompts.pack)
 
   @property
   def rows(self) -> int:
@@ -39,46 +40,100 @@ def layout(prompt_ids: list[list[int]], continuations: list[list[int]], pad_id: 
   `prompt_width` / `cont_width` columns, so calls on different rows can share one compiled shape."""
   if len(prompt_ids) != len(continuations):
     raise ValueError(f"{len(prompt_ids)} prompts but {len(continuations)} continuations.")
+  return Layout(*pad_prompts(prompt_ids, pad_id, prompt_width), *pad_continuations(continuations, pad_id, cont_width))
+
+
+def pad_prompts(prompt_ids: list[list[int]], pad_id: int, width: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """[N, T] left-padded prompts and their mask, T the bucketed longest (at least `width`)."""
   if not prompt_ids:
     raise errors.UserError("continuation.layout: no rows to score.")
   for i, ids in enumerate(prompt_ids):
     if not ids:
       raise errors.UserError(f"row {i}: empty prompt; the first continuation token needs a prompt "
                              "token to be predicted from.")
-  prompt, prompt_mask = prompts.left_pad(
-      prompt_ids, max(prompt_width, prompts.bucket_length(max(map(len, prompt_ids)))), pad_id)
-  width = max(cont_width, prompts.bucket_length(max(map(len, continuations)), minimum=MIN_CONTINUATION))
+  return prompts.left_pad(prompt_ids, max(width, prompts.bucket_length(max(map(len, prompt_ids)))), pad_id)
+
+
+def pad_continuations(continuations: list[list[int]], pad_id: int, width: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """[N, G] right-padded continuations and their mask (the scored tokens), G bucketed."""
+  width = max(width, prompts.bucket_length(max(map(len, continuations)), minimum=MIN_CONTINUATION))
   cont = np.full((len(continuations), width), pad_id, np.int32)
   cont_mask = np.zeros((len(continuations), width), bool)
   for i, ids in enumerate(continuations):
     cont[i, :len(ids)] = ids
     cont_mask[i, :len(ids)] = True
-  return Layout(prompt, prompt_mask, cont, cont_mask)
+  return cont, cont_mask
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
+def _prefill(params, prompt, prompt_mask, length, d, c, cfg, shared=0):
+  """(logits at each prompt's last position [B, 1, V], the prompts' cache of `length` slots).
+
+  The first `shared` columns, the same tokens in every row under the same weights (one grid
+  point), are computed for one row and their keys/values repeated, as decode.prefill does.
+  """
+  B = prompt.shape[0]
+  if shared:
+    one = model.init_cache(cfg, 1, length)
+    _, one = model.forward(params, prompt[:1, :shared], prompt_mask[:1, :shared], one, cfg, d,
+                           None if c is None else c[:1], last_only=True, attend=0)
+    cache = jax.tree.map(lambda x: jnp.repeat(x, B, axis=1 if x.ndim == 5 else 0), one)
+    prompt, prompt_mask = prompt[:, shared:], prompt_mask[:, shared:]
+  else:
+    cache = model.init_cache(cfg, B, length)
+  return model.forward(params, prompt, prompt_mask, cache, cfg, d, c, last_only=True, attend=shared)
+
+
+def _continue(params, first, cache, cont, cont_mask, d, c, cfg):
+  """(summed NLL [B], scored tokens [B]) of cont [B, G] run on top of the prompts' cache, whose
+  first empty slot is the prompt width; `first` [B, 1, V] predicts cont[:, 0]."""
+  rest, _ = model.forward(params, cont, cont_mask, cache, cfg, d, c, attend=cache.mask.shape[1] - cont.shape[1])
+  logits = jnp.concatenate([first, rest[:, :-1]], axis=1)                    # [B, G, V]: g predicts cont[g]
+  picked = jnp.take_along_axis(logits, cont[..., None], axis=-1)[..., 0]
+  nll = jax.nn.logsumexp(logits, axis=-1) - picked
+  w = cont_mask.astype(jnp.float32)
+  return jnp.sum(jnp.where(cont_mask, nll, 0.0), axis=1), jnp.sum(w, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "shared"))
 def nll_sums(params: dict, prompt: jax.Array, prompt_mask: jax.Array,   # [B, T]
              cont: jax.Array, cont_mask: jax.Array,                     # [B, G]
              dirs: dict | None = None, r: jax.Array | None = None,
-             coef: jax.Array | None = None, *, cfg: model.ModelConfig) -> tuple[jax.Array, jax.Array]:
+             coef: jax.Array | None = None, *, cfg: model.ModelConfig,
+             shared: int = 0) -> tuple[jax.Array, jax.Array]:
   """(summed NLL [B], scored tokens [B]) of each row's continuation under params (+ coef.dirs[r]).
 
   dirs leaves [R, C, ...] as the engine stacks them, indexed inside the program (no host copy);
-  coef [C], the same for every row (fused evaluation of one grid point).
+  coef [C], the same for every row (fused evaluation of one grid point). shared: Layout.shared_prefix.
   """
   B, T = prompt.shape
   d, c = None, None
   if dirs is not None:
     d = jax.tree.map(lambda x: x[r], dirs)
     c = jnp.broadcast_to(coef.astype(jnp.float32), (B, coef.shape[-1]))
-  cache = model.init_cache(cfg, B, T + cont.shape[1])
-  first, cache = model.forward(params, prompt, prompt_mask, cache, cfg, d, c, last_only=True, attend=0)
-  rest, _ = model.forward(params, cont, cont_mask, cache, cfg, d, c, attend=T)
-  logits = jnp.concatenate([first, rest[:, :-1]], axis=1)                    # [B, G, V]: g predicts cont[g]
-  picked = jnp.take_along_axis(logits, cont[..., None], axis=-1)[..., 0]
-  nll = jax.nn.logsumexp(logits, axis=-1) - picked
-  w = cont_mask.astype(jnp.float32)
-  return jnp.sum(jnp.where(cont_mask, nll, 0.0), axis=1), jnp.sum(w, axis=1)
+  first, cache = _prefill(params, prompt, prompt_mask, T + cont.shape[1], d, c, cfg, shared)
+  return _continue(params, first, cache, cont, cont_mask, d, c, cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def prefill(params: dict, prompt: jax.Array, prompt_mask: jax.Array,  # [N, T]
+            *, cfg: model.ModelConfig) -> tuple[jax.Array, model.KVCache]:
+  """nll_sums' prompt pass alone, for prompts scored under the same weights again and again:
+  (logits [N, 1, V] at each prompt's last position, the prompts' cache of T slots)."""
+  return _prefill(params, prompt, prompt_mask, prompt.shape[1], None, None, cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def nll_sums_prefilled(params: dict, first: jax.Array, cache: model.KVCache,  # prefill's, [N, ...]
+                       rows: jax.Array,                                        # [B] prompt of each row
+                       cont: jax.Array, cont_mask: jax.Array,                  # [B, G]
+                       *, cfg: model.ModelConfig) -> tuple[jax.Array, jax.Array]:
+  """nll_sums of continuations on prompts prefilled once: the rows' cache gathered and given G
+  empty slots, then the same continuation pass as nll_sums (the same arithmetic, row by row)."""
+  G = cont.shape[1]
+  grow = lambda x, axis: jnp.pad(x, [(0, G if a == axis else 0) for a in range(x.ndim)])
+  cache = model.KVCache(k=grow(cache.k[:, rows], 3), v=grow(cache.v[:, rows], 4),
+                        mask=grow(cache.mask[rows], 1), pos=cache.pos[rows], index=cache.index[rows])
+  return _continue(params, first[rows], cache, cont, cont_mask, None, None, cfg)
 
 
 def even_batch(n_rows: int, batch_size: int) -> int:
@@ -91,16 +146,21 @@ def even_batch(n_rows: int, batch_size: int) -> int:
 def score(params: dict, cfg: model.ModelConfig, rows: Layout, *, batch_size: int = 16,
           dirs: dict | None = None, r: int = 0, coef: np.ndarray | None = None
           ) -> tuple[np.ndarray, np.ndarray]:
-  """(summed NLL [N] float64, counts [N]) of every row, in batches of one size (`even_batch`; the
-  last one padded by repeating a row), so a whole sweep compiles once."""
-  batch_size = even_batch(rows.rows, batch_size)
-  sums, counts = np.zeros(rows.rows), np.zeros(rows.rows)
+  """(summed NLL [N] float64, counts [N]) of every row, in batches of one size (`even_batch`), so a
+  whole sweep compiles once."""
   extra = () if dirs is None else (dirs, np.int32(r), np.asarray(coef, np.float32))
-  for start in range(0, rows.rows, batch_size):
-    n = min(batch_size, rows.rows - start)
-    sel = np.arange(start, start + batch_size).clip(max=rows.rows - 1)
-    s, k = nll_sums(params, rows.prompt[sel], rows.prompt_mask[sel], rows.cont[sel],
-                    rows.cont_mask[sel], *extra, cfg=cfg)
-    s, k = jax.device_get((s, k))
+  return in_batches(rows.rows, even_batch(rows.rows, batch_size), lambda sel: nll_sums(
+      params, rows.prompt[sel], rows.prompt_mask[sel], rows.cont[sel], rows.cont_mask[sel], *extra, cfg=cfg,
+      shared=rows.shared_prefix))
+
+
+def in_batches(n_rows: int, batch_size: int, run) -> tuple[np.ndarray, np.ndarray]:
+  """(sums [N], counts [N]) of run(sel) over batches of `batch_size` row indices, the last one
+  padded by repeating a row (one compiled shape)."""
+  sums, counts = np.zeros(n_rows), np.zeros(n_rows)
+  for start in range(0, n_rows, batch_size):
+    n = min(batch_size, n_rows - start)
+    sel = np.arange(start, start + batch_size).clip(max=n_rows - 1)
+    s, k = jax.device_get(run(sel))
     sums[start:start + n], counts[start:start + n] = s[:n], k[:n]
   return sums, counts

@@ -38,15 +38,12 @@ class CoherenceScorer(scoring.Scorer):
   curves = ("asr_coherent",)
 
   def __init__(self, params: dict, cfg, prompt_ids: list[list[int]], spec, max_nll: float, model: str):
-    self.params, self.cfg, self.prompt_ids, self.spec = params, cfg, prompt_ids, spec
+    self.reference = coherence.Reference(params, cfg, prompt_ids, eos_ids=spec.eos_ids, pad_id=spec.pad_id,
+                                         max_new_tokens=spec.max_new_tokens)
     self.max_nll, self.model = float(max_nll), model
-    self.widths = (prompts.bucket_length(max(map(len, prompt_ids))),   # one compiled shape a run
-                   prompts.bucket_length(spec.max_new_tokens, minimum=8))
 
   def score(self, rows):
-    nll = coherence.nll_ref(self.params, self.cfg, [self.prompt_ids[r.prompt] for r in rows],
-                            [list(r.ids) for r in rows], eos_ids=self.spec.eos_ids, pad_id=self.spec.pad_id,
-                            widths=self.widths)
+    nll = self.reference.nll([r.prompt for r in rows], [r.ids for r in rows])
     return [dict(nll_ref=_finite(v)) for v in nll]
 
   def point(self, p):
