@@ -27,7 +27,7 @@ from visage_jax import distributed, engine, errors, model, planner, prompts, run
 from visage_jax.checkpoints import hf_tensors
 from visage_jax.directions import vectors
 from visage_jax.measures import registry
-from visage_jax.runs import landscape, pipeline
+from visage_jax.runs import config_checks, landscape, pipeline
 
 METHODS = ("reference_published", "reference_batched", "fused", "materialized", "continuous",
            "engine_real", "default_real")
@@ -60,6 +60,7 @@ def load_setup(c, path: str) -> pipeline.Setup:
   direction (what every method decodes; load time reported separately)."""
   c = c.copy_and_resolve_references()
   c.landscape.update(vis_type="1D_random", num_directions=1)
+  config_checks.validate(c)
   return pipeline.prepare(c, path)
 
 
