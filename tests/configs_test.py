@@ -9,7 +9,7 @@ from absl.testing import absltest, parameterized
 from visage_jax import resources
 from visage_jax.checkpoints import hub
 from visage_jax.experiments import findings
-from visage_jax.runs import pipeline
+from visage_jax.runs import config_checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The paper's models as hub ids: (chat model, its base model for interpolation).
@@ -36,7 +36,7 @@ class ConfigsTest(parameterized.TestCase):
     c = _load(name).get_config(arg)
     if "interpolation" in c.landscape.vis_type and not c.landscape.target_path:
       c.landscape.target_path = "/some/chat/model"
-    pipeline.validate(c)
+    config_checks.validate(c)
     prompts_path = resources.or_packaged(c.prompts.path, resources.ADVBENCH)   # "": the packaged AdvBench
     self.assertTrue(os.path.exists(prompts_path), prompts_path)
     if c.model.lora_path:

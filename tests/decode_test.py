@@ -71,6 +71,29 @@ class DecodeTest(parameterized.TestCase):
     for i, r in enumerate(rows):
       np.testing.assert_array_equal(got[i], _uncached_greedy(params, np.asarray([r]), cfg, 9)[0])
 
+  def test_verdict_logits_are_each_steps_logits_until_the_row_ends(self):
+    """spec.verdict_ids: the loop keeps those tokens' logits at every step a row is live."""
+    cfg = model.ModelConfig.tiny(num_kv_heads=2)
+    params = model.init(jax.random.key(7), cfg)
+    rows = [[5, 9, 17, 3], [7, 8, 9, 10, 11, 12, 13]]
+    tokens, mask = prompts.left_pad(rows, 8, 0)
+    free = decode.DecodeSpec(max_new_tokens=9, eos_ids=(-1,), pad_id=0, verdict_ids=(3, 11, 4))
+    gen = decode.greedy(params, jnp.asarray(tokens), jnp.asarray(mask), None, None, None, cfg=cfg,
+                        spec=free)
+    for i, r in enumerate(rows):
+      seq = np.asarray([r + np.asarray(gen.tokens)[i].tolist()])
+      want = np.asarray(model.logits(params, jnp.asarray(seq), cfg))[0, len(r) - 1:-1][:, [3, 11, 4]]
+      np.testing.assert_allclose(np.asarray(gen.verdict)[i], want, rtol=1e-5, atol=1e-5)
+    eos = int(np.asarray(gen.tokens)[0, 2])  # row 0 ends at step 2: later steps stay zero
+    ended = decode.greedy(params, jnp.asarray(tokens), jnp.asarray(mask), None, None, None, cfg=cfg,
+                          spec=dataclasses.replace(free, eos_ids=(eos,)))
+    n = int(np.asarray(ended.length)[0])
+    self.assertLessEqual(n, 3)
+    np.testing.assert_array_equal(np.asarray(ended.verdict)[0, :n], np.asarray(gen.verdict)[0, :n])
+    np.testing.assert_array_equal(np.asarray(ended.verdict)[0, n:], 0.0)
+    self.assertIsNone(decode.greedy(params, jnp.asarray(tokens), jnp.asarray(mask), None, None, None,
+                                    cfg=cfg, spec=dataclasses.replace(free, verdict_ids=())).verdict)
+
   def test_greedy_token_is_argmax_also_for_ties_inf_and_nan(self):
     rows = np.random.default_rng(0).standard_normal((8, 50)).astype(np.float32)
     rows[1, [3, 7]] = 9.0                       # tie: the first wins

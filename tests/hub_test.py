@@ -96,7 +96,7 @@ class HubIdTest(parameterized.TestCase):
 
 
 class ResolveTest(absltest.TestCase):
-  """The library: loader.load_* with hub ids, huggingface_hub's settings patched in-process."""
+  """The library: loader.resolve of hub ids, huggingface_hub's settings patched in-process."""
 
   @classmethod
   def setUpClass(cls):
@@ -121,17 +121,18 @@ class ResolveTest(absltest.TestCase):
   def test_offline_cached_snapshot_loads_like_its_directory(self):
     self.assertEqual(hub.resolve(REPO), self.snapshot)
     self.assertEqual(hub.resolve(f"{REPO}@{COMMIT}"), self.snapshot)
-    cfg, params = loader.load_params(REPO)
+    self.assertEqual(loader.resolve(REPO, "float32"), self.snapshot)
+    self.assertEqual(loader.resolve(REPO, weights=False), self.snapshot)
+    m = pipeline.load_model(REPO, "float32")
     want_cfg, want = loader.load_params(self.snapshot)
-    self.assertEqual(cfg, want_cfg)
-    np.testing.assert_array_equal(params["layers"]["q_proj"], want["layers"]["q_proj"])
-    self.assertEqual(loader.load_config(REPO), loader.load_config(self.snapshot))
-    self.assertEqual(loader.load_tokenizer(REPO).get_vocab(), self.tok.get_vocab())
+    self.assertEqual(m.cfg, want_cfg)
+    np.testing.assert_array_equal(m.params["layers"]["q_proj"], want["layers"]["q_proj"])
+    self.assertEqual(m.tokenizer.get_vocab(), self.tok.get_vocab())
 
   def test_interpolation_target_as_an_id(self):
     c = landscape.default_config()
     c.landscape.update(vis_type="1D_interpolation", target_path="org/chat")
-    cfg, params = loader.load_params(REPO)
+    cfg, params = loader.load_params(self.snapshot)
     [[d]] = pipeline.build_directions(c, params, cfg)
     _, chat = loader.load_params(self.chat)
     np.testing.assert_allclose(d["layers"]["q_proj"], chat["layers"]["q_proj"] - params["layers"]["q_proj"],
@@ -140,10 +141,24 @@ class ResolveTest(absltest.TestCase):
   def test_one_hub_call_per_id(self):
     download = huggingface_hub.snapshot_download
     with mock.patch.object(huggingface_hub, "snapshot_download", wraps=download) as sd:
-      loader.load_params(REPO)
-      loader.load_tokenizer(REPO)
-      loader.load_params(REPO)
+      pipeline.load_model(REPO, "float32")
+      loader.resolve(REPO)
     self.assertEqual(sd.call_count, 1)
+
+  def test_a_landscape_resolves_each_model_path_once(self):
+    """The run's model and its coherence reference, both hub ids: one `hub.resolve` each (at the
+    edge: pipeline.load_model), and the config check's look at the reference's config."""
+    c = landscape.default_config()
+    c.model.path = REPO
+    c.coherence.update(enabled=True, model_path="org/chat")
+    c.prompts.path = fixtures.write_text(self.create_tempdir().full_path, "p.jsonl",
+                                         json.dumps({"prompt": "Write a poem"}) + "\n")
+    c.landscape.steps, c.decode.max_new_tokens, c.ci95.resamples = 2, 2, 10
+    with mock.patch.object(hub, "resolve", wraps=hub.resolve) as resolve:
+      result = landscape.run(c, self.create_tempdir().full_path, progress=False)
+    self.assertTrue(result["complete"])
+    calls = [(a[0], kw.get("weights", True)) for a, kw in resolve.call_args_list]
+    self.assertEqual(sorted(calls), [("org/chat", False), ("org/chat", True), (REPO, True)])
 
   def test_cached_snapshot_without_all_weights_is_fetched_again(self):
     """What `plan` cached (config, tokenizer) serves the config, not params; nor does a sharded
@@ -169,23 +184,23 @@ class ResolveTest(absltest.TestCase):
     fixtures.save_tiny_hf(os.path.join(cwd, REPO), "llama", tokenizer=self.tok, seed=1)
     self.addCleanup(os.chdir, os.getcwd())
     os.chdir(cwd)
-    _, local = loader.load_params(REPO)
+    _, local = loader.load_params(loader.resolve(REPO))
     _, cached = loader.load_params(self.snapshot)
     _, want = loader.load_params(os.path.join(cwd, REPO))
     np.testing.assert_array_equal(local["layers"]["q_proj"], want["layers"]["q_proj"])
     self.assertFalse(np.array_equal(local["layers"]["q_proj"], cached["layers"]["q_proj"]))
 
   def test_missing_id_offline_is_one_line_naming_it(self):
-    for load in (loader.load_params, loader.load_config, loader.load_tokenizer):
+    for weights in (True, False):
       with self.assertRaises(errors.UserError) as e:
-        load("org/missing")
+        loader.resolve("org/missing", weights=weights)
       msg = str(e.exception)
       self.assertNotIn("\n", msg)
       self.assertStartsWith(msg, "model 'org/missing': not in the local Hugging Face cache and the hub is "
                             "offline (HF_HUB_OFFLINE=1); download it (hf download org/missing) or pass a "
                             "local directory")
     with self.assertRaisesRegex(errors.UserError, "org/name@v9.*--revision v9"):
-      loader.load_params("org/name@v9")
+      loader.resolve("org/name@v9")
 
   def test_hub_failures_online_are_one_line_user_errors(self):
     import httpx2
@@ -201,12 +216,12 @@ class ResolveTest(absltest.TestCase):
       for exc, want in cases:
         with mock.patch.object(huggingface_hub, "snapshot_download", side_effect=exc):
           with self.assertRaisesRegex(errors.UserError, f"^model 'org/x': .*{want}") as e:
-            loader.load_params("org/x")
+            loader.resolve("org/x")
           self.assertNotIn("\n", str(e.exception))
 
   def test_path_that_is_not_an_id_keeps_its_error(self):
     with self.assertRaisesRegex(loader.CheckpointError, "no/such/dir: no such file or directory"):
-      loader.load_params("no/such/dir")
+      loader.load_params(loader.resolve("no/such/dir"))
 
 
 class ConcurrentResolveTest(absltest.TestCase):

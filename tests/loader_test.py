@@ -241,14 +241,16 @@ class GgufTest(absltest.TestCase):
     gguf_path = loader.default_model_path()
     cache = self.create_tempdir().full_path
     with mock.patch.dict(os.environ, VISAGE_JAX_CACHE="off"):
+      self.assertEqual(loader.resolve(gguf_path, "bfloat16"), gguf_path)
       cfg, params = loader.load_params(gguf_path, "bfloat16")
       tok = loader.load_tokenizer(gguf_path)
     with mock.patch.dict(os.environ, VISAGE_JAX_CACHE=cache):
-      cfg1, params1 = loader.load_params(gguf_path, "bfloat16")
+      cfg1, params1 = loader.load_params(loader.resolve(gguf_path, "bfloat16"), "bfloat16")
       (copy,) = os.listdir(cache)
       self.assertTrue(copy.endswith("-bfloat16"), copy)
+      self.assertEqual(loader.resolve(gguf_path, "bfloat16"), os.path.join(cache, copy))
       with mock.patch.object(gguf_file, "gguf_leaves", side_effect=AssertionError("re-read")):
-        cfg2, params2 = loader.load_params(gguf_path, "bfloat16")
+        cfg2, params2 = loader.load_params(loader.resolve(gguf_path, "bfloat16"), "bfloat16")
         tok2 = loader.load_tokenizer(gguf_path)
     self.assertEqual(cfg, cfg1)
     self.assertEqual(cfg, cfg2)

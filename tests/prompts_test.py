@@ -126,6 +126,9 @@ class DataTest(absltest.TestCase):
     tokens, mask, shared = prompts.pack([head, head + [7]], pad_id=0)
     self.assertEqual(shared, 9)
     self.assertEqual([t[m].tolist() for t, m in zip(tokens, mask)], [head, head + [7]])
+    tokens, mask, shared = prompts.pack(rows, pad_id=0, limit=8)   # capped: the rest is left-padded
+    self.assertEqual(shared, 8)
+    self.assertEqual([t[m].tolist() for t, m in zip(tokens, mask)], rows)
 
   def test_pack_without_a_long_common_prefix_is_left_pad(self):
     rows = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 9]]

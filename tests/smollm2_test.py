@@ -19,8 +19,9 @@ class SmolLM2Test(absltest.TestCase):
     from transformers import AutoModelForCausalLM
     super().setUpClass()
     path = loader.default_model_path()
-    cls.cfg, cls.params = loader.load_params(path)
-    cls.tok = loader.load_tokenizer(path)
+    local = loader.resolve(path, "float32")   # the converted copy, made once
+    cls.cfg, cls.params = loader.load_params(local)
+    cls.tok = loader.load_tokenizer(local)
     cls.hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                   dtype=torch.float32).eval()
     goals = prompts.load_goals(fixtures.advbench_path(), 8)

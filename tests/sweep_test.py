@@ -12,7 +12,7 @@ import numpy as np
 from absl.testing import absltest
 
 import fixtures
-from visage_jax.runs import landscape, pipeline, sweep
+from visage_jax.runs import config_checks, landscape, sweep
 from visage_jax import rundir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,7 +101,7 @@ class ExpandTest(absltest.TestCase):
       self.assertEqual([n for n, _ in runs], ["system_prompt=default", "system_prompt=none",
                                               "system_prompt=aoa", "system_prompt=llama2"])
       for _, over in runs:
-        pipeline.validate(sweep.run_config(c.base, over))
+        config_checks.validate(sweep.run_config(c.base, over))
       self.assertTrue(os.path.exists(c.base.model.lora_path))
     self.assertIs(c.distributed, c.base.distributed)   # --config.distributed.* reaches the runs
 

@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None):
   f = parse_args(argv)
-  cfg, params = loader.load_params(f.model or loader.default_model_path(), "float32")
+  cfg, params = loader.load_params(loader.resolve(f.model or loader.default_model_path(), "float32"), "float32")
   tokens = np.random.default_rng(0).integers(100, 1000, (f.batch, f.prompt_len)).astype(np.int32)
   mask = np.ones_like(tokens, bool)
   spec = decode.DecodeSpec(max_new_tokens=f.max_new_tokens, eos_ids=(-1,), pad_id=0, fixed_length=True)

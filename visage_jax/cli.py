@@ -86,7 +86,8 @@ def cmd_convert() -> None:
     raise errors.UserError("convert needs --out=DIR.")
   path = FLAGS.model or loader.default_model_path()
   logging.info("converting %s", path)
-  loader.convert(path, FLAGS.out, FLAGS.dtype, loader.load_tokenizer(path))
+  local = loader.resolve(path)
+  loader.convert(local, FLAGS.out, FLAGS.dtype, loader.load_tokenizer(local))
   print(json.dumps({"converted": FLAGS.out, "source": path, "dtype": FLAGS.dtype}))
 
 
@@ -250,7 +251,7 @@ def _plan_models(c, dtype: str) -> list[tuple[str, object]]:
   if FLAGS.model:
     if FLAGS.model in planner.MODELS:
       return [(planner.MODELS[FLAGS.model][0], planner.known_model(FLAGS.model, dtype))]
-    return [(FLAGS.model, loader.load_config(FLAGS.model, dtype))]
+    return [(FLAGS.model, loader.load_config(loader.resolve(FLAGS.model, weights=False), dtype))]
   if c is None:
     return [(label, planner.known_model(name, dtype)) for name, (label, _) in planner.MODELS.items()]
   config_name = os.path.basename(config_flags.get_config_filename(FLAGS["config"]))
@@ -258,7 +259,7 @@ def _plan_models(c, dtype: str) -> list[tuple[str, object]]:
            if config_name.startswith(name)]  # configs/llama2_7b_chat.py -> llama2_7b
   path = c.model.path
   if path and not (known and hub.looks_like_hub_id(path) and not os.path.exists(path)):
-    return [(path, loader.load_config(path, dtype))]
+    return [(path, loader.load_config(loader.resolve(path, weights=False), dtype))]
   if known:  # a paper config's hub id: its known architecture, no hub needed to plan
     return [(known[0][0], planner.known_model(known[0][1], dtype))]
   path = loader.default_model_path()

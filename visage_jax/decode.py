@@ -23,6 +23,7 @@ class DecodeState:
   refused: jax.Array    # [B] a refusal keyword has appeared
   nonfinite: jax.Array  # [B] some step produced inf/NaN logits
   coef: jax.Array | None  # [B, C] perturbation coefficients of each row (fused mode)
+  verdict: jax.Array | None  # [B, max_new_tokens, W] logits of spec.verdict_ids at each step
   cache: model.KVCache
 
 
@@ -32,6 +33,7 @@ class Generation:
   length: jax.Array     # [B] tokens generated, EOS included
   refused: jax.Array    # [B] on-device keyword verdict (False when no tables were given)
   nonfinite: jax.Array  # [B]
+  verdict: jax.Array | None  # [B, max_new_tokens, W] logits of spec.verdict_ids (None without them)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +42,8 @@ class DecodeSpec:
 
   A row ends at its first EOS, at max_new_tokens, or at a refusal keyword when
   `stop_at_refusal` (its verdict cannot change after that). `fixed_length` disables
-  EOS and refusal stops (benchmarks: every row does max_new_tokens steps).
+  EOS and refusal stops (benchmarks: every row does max_new_tokens steps). `verdict_ids`: the
+  state also keeps these tokens' logits at every step (a model judge's p_unsafe).
   """
   max_new_tokens: int
   eos_ids: tuple[int, ...]
@@ -48,6 +51,7 @@ class DecodeSpec:
   stop_at_refusal: bool = False
   fixed_length: bool = False
   shared_prefix: int = 0  # the first columns of every row hold the same real tokens (prompts.pack)
+  verdict_ids: tuple[int, ...] = ()
 
 
 def _is_eos(tokens, eos_ids):
@@ -69,6 +73,10 @@ def _finished(spec, tok, refused, length, has_tables):
   if spec.stop_at_refusal and has_tables:
     done |= refused
   return done
+
+
+def _verdict_logits(logits, spec):  # [B, V] -> [B, W]
+  return logits[:, jnp.asarray(spec.verdict_ids, jnp.int32)].astype(jnp.float32)
 
 
 def greedy_token(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -110,13 +118,17 @@ def prefill(params: dict, tokens: jax.Array, mask: jax.Array, tables: KeywordTab
   logits, cache = model.forward(params, tokens, mask, cache, cfg, dirs, coef, last_only=True,
                                 attend=shared)
   first, bad = greedy_token(logits[:, -1])
+  verdict = None
+  if spec.verdict_ids:
+    verdict = jnp.zeros((B, spec.max_new_tokens, len(spec.verdict_ids)), jnp.float32).at[:, 0].set(
+        _verdict_logits(logits[:, -1], spec))
   live = jnp.ones((B,), bool)
   jstate, refused = _judge(tables, jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool), first, live)
   length = jnp.ones((B,), jnp.int32)
   return DecodeState(
       last=first, out=jnp.full((B, spec.max_new_tokens), spec.pad_id, jnp.int32).at[:, 0].set(first),
       done=_finished(spec, first, refused, length, tables is not None), length=length, judge=jstate,
-      refused=refused, nonfinite=bad, coef=coef, cache=cache)
+      refused=refused, nonfinite=bad, coef=coef, verdict=verdict, cache=cache)
 
 
 def step(params: dict, s: DecodeState, tables: KeywordTables | None, dirs: dict | None, *,
@@ -131,8 +143,12 @@ def step(params: dict, s: DecodeState, tables: KeywordTables | None, dirs: dict 
   jstate, refused = _judge(tables, s.judge, s.refused, nxt, live)
   write = jnp.where(live, s.length, spec.max_new_tokens)  # out of range: dropped
   out = s.out.at[jnp.arange(B), write].set(nxt, mode="drop")
+  verdict = s.verdict
+  if spec.verdict_ids:
+    verdict = verdict.at[jnp.arange(B), write].set(_verdict_logits(logits[:, -1], spec), mode="drop")
   length = s.length + live.astype(jnp.int32)
   return s.replace(last=nxt, cache=cache, out=out, length=length, judge=jstate, refused=refused,
+                   verdict=verdict,
                    done=s.done | _finished(spec, nxt, refused, length, tables is not None),
                    nonfinite=s.nonfinite | (bad & live))
 
@@ -156,7 +172,8 @@ def run_steps(params: dict, s: DecodeState, tables: KeywordTables | None, dirs: 
 
 
 def as_generation(s: DecodeState) -> Generation:
-  return Generation(tokens=s.out, length=s.length, refused=s.refused, nonfinite=s.nonfinite)
+  return Generation(tokens=s.out, length=s.length, refused=s.refused, nonfinite=s.nonfinite,
+                    verdict=s.verdict)
 
 
 WINDOW_SEGMENTS = 8      # at most this many attention windows per static batch

@@ -42,19 +42,13 @@ def default_settings() -> dict:
   return dict(coordinator_address="", num_processes=1, process_id=0, auto="detect", initialization_timeout=300)
 
 
-def initialize(c_distributed) -> bool:
-  """Joins the other processes when the config or the environment asks; True if it did.
-
-  Must run before any JAX computation. Explicit `coordinator_address` (with `num_processes`
-  and `process_id`) works anywhere, e.g. several processes on one machine; otherwise
-  `auto` = detect (a launcher from `cluster_env`), always or never decides whether jax's
-  cluster auto-detection (SLURM, Open MPI, TPU pods) is used.
-  """
+def check(c_distributed) -> None:
+  """The `distributed` section (config_checks.validate; `initialize` checks it again, as the CLI
+  calls it before any command runs)."""
   d = dict(c_distributed or {})
   address = str(d.get("coordinator_address", "") or "")
   n, pid = int(d.get("num_processes", 1)), int(d.get("process_id", 0))
   auto = d.get("auto", "detect")
-  timeout = int(d.get("initialization_timeout", 300))
   if auto not in AUTO:
     raise errors.UserError(f"distributed.auto {auto!r} is not one of {', '.join(AUTO)}.")
   if address:
@@ -63,12 +57,29 @@ def initialize(c_distributed) -> bool:
     if n < 1 or not 0 <= pid < n:
       raise errors.UserError(f"distributed.process_id={pid}, num_processes={n}: expected "
                        "0 <= process_id < num_processes.")
+  elif n != 1 or pid != 0:
+    raise errors.UserError(f"distributed.num_processes={n}, process_id={pid} need "
+                     "distributed.coordinator_address (host:port of process 0).")
+
+
+def initialize(c_distributed) -> bool:
+  """Joins the other processes when the config or the environment asks; True if it did.
+
+  Must run before any JAX computation. Explicit `coordinator_address` (with `num_processes`
+  and `process_id`) works anywhere, e.g. several processes on one machine; otherwise
+  `auto` = detect (a launcher from `cluster_env`), always or never decides whether jax's
+  cluster auto-detection (SLURM, Open MPI, TPU pods) is used.
+  """
+  check(c_distributed)
+  d = dict(c_distributed or {})
+  address = str(d.get("coordinator_address", "") or "")
+  n, pid = int(d.get("num_processes", 1)), int(d.get("process_id", 0))
+  auto = d.get("auto", "detect")
+  timeout = int(d.get("initialization_timeout", 300))
+  if address:
     _use_cpu_collectives()
     jax.distributed.initialize(address, n, pid, initialization_timeout=timeout)
     return True
-  if n != 1 or pid != 0:
-    raise errors.UserError(f"distributed.num_processes={n}, process_id={pid} need "
-                     "distributed.coordinator_address (host:port of process 0).")
   if auto == "never" or (auto == "detect" and not cluster_env()):
     return False
   _use_cpu_collectives()

@@ -195,7 +195,8 @@ def bucket_rows(n: int) -> int:
 MIN_SHARED_PREFIX = 8  # shorter common prefixes are not worth a separate prefill
 
 
-def pack(token_lists: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, int]:
+def pack(token_lists: list[list[int]], pad_id: int,
+         limit: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
   """-> tokens [B, P + Ts], mask, P: the prompts' common prefix (P tokens), then left-padded rest.
 
   Prompts built from one chat template and system prompt share their first tokens. Laid out
@@ -203,11 +204,14 @@ def pack(token_lists: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
   decode.prefill computes it once for rows that share weights (DecodeSpec.shared_prefix = P).
   Positions come from the mask, not the column, so the model sees exactly each prompt: the layout
   gives the same tokens as left_pad. P leaves every row at least one token of its own (the last
-  one's logits start decoding); below MIN_SHARED_PREFIX it is 0 and this is left_pad.
+  one's logits start decoding); below MIN_SHARED_PREFIX it is 0 and this is left_pad. `limit`
+  caps P (P is static in decoding: batches of varying prompts then share one program).
   """
   if not token_lists or not all(token_lists):
     raise errors.UserError("pack: every prompt needs at least one token.")
   first, shared = token_lists[0], min(map(len, token_lists)) - 1
+  if limit is not None:
+    shared = min(shared, limit)
   for ids in token_lists[1:]:
     shared = next((i for i in range(shared) if ids[i] != first[i]), shared)
   if shared < MIN_SHARED_PREFIX:

@@ -7,12 +7,13 @@ process at a time (a file lock in the cache), so the processes of a pod download
 """
 
 import contextlib
-import fcntl
 import functools
 import glob
 import json
 import os
 import re
+
+import filelock
 
 from visage_jax import errors
 
@@ -91,18 +92,17 @@ def _cache_lock(repo: str):
   from huggingface_hub import constants
 
   path = os.path.join(constants.HF_HUB_CACHE, ".locks", f"visage_jax-{repo.replace('/', '--')}.lock")
+  lock = filelock.FileLock(path)
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    f = open(path, "a")
+    lock.acquire()
   except OSError:
     yield
     return
-  with f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
+  try:
+    yield
+  finally:
+    lock.release()
 
 
 def _complete(folder: str, weights: bool) -> bool:

@@ -220,7 +220,6 @@ def convert(path: str, out: str, dtype: str = "float32", tokenizer=None, shardin
   gate/up/down are 32 x 11008 x 4096, 2.9 GB in bfloat16 (5.8 GB float32) plus one 90 MB
   tensor, about 3.1 GB against 13.5 GB (27 GB) for the whole model.
   """
-  path = hub.resolve(path)
   kind = checkpoint_kind(path)
   if kind == "converted":
     cfg, params = load_params(path, dtype, shardings)
@@ -267,14 +266,21 @@ def checkpoint_kind(path: str) -> str:
   raise CheckpointError(f"{path}: no such file or directory.")
 
 
+def resolve(path: str, dtype: str | None = None, *, weights: bool = True) -> str:
+  """The local checkpoint a model path names, found once where the path comes in: a hub id
+  `org/name[@revision]` -> its snapshot (`hub.resolve`; config and tokenizer only without
+  `weights`), a GGUF file -> its converted copy in `dtype` (`cached`; none when dtype is None),
+  anything else as given. The load_* functions read only local checkpoints."""
+  path = hub.resolve(path, weights=weights)
+  return cached(path, dtype) if dtype is not None and weights else path
+
+
 def load_params(path: str, dtype: str = "float32", shardings=None) -> tuple[model.ModelConfig, dict]:
-  """Any supported checkpoint -> (ModelConfig, params) stored in `dtype`, each leaf placed in
-  `shardings` (None: default device; a Mesh: `sharding.param_shardings`; or a tree) as it is read.
-  A hub id `org/name[@revision]` is fetched first (`hub.resolve`); `random:<preset>` is drawn
-  (`random_weights`)."""
+  """A local checkpoint (`resolve`) or `random:<preset>` (drawn, `random_weights`) -> (ModelConfig,
+  params) stored in `dtype`, each leaf placed in `shardings` (None: default device; a Mesh:
+  `sharding.param_shardings`; or a tree) as it is read."""
   if random_weights.is_random(path):
     return random_weights.load(path, dtype, shardings)
-  path = cached(hub.resolve(path), dtype)
   kind = checkpoint_kind(path)
   loader = {"gguf": gguf_file.load_gguf, "hf": load_hf_dir, "converted": load_converted}[kind]
   cfg, params = loader(path, dtype, shardings)
@@ -286,13 +292,12 @@ def load_params(path: str, dtype: str = "float32", shardings=None) -> tuple[mode
 
 
 def load_config(path: str, dtype: str = "float32") -> model.ModelConfig:
-  """The architecture of any supported checkpoint from its metadata alone (no weights read, and
-  none downloaded for a hub id)."""
+  """The architecture of a local checkpoint from its metadata alone (no weights read; a hub id:
+  `resolve(path, weights=False)` first)."""
   import dataclasses
 
   if random_weights.is_random(path):
     return random_weights.config(path, dtype)
-  path = hub.resolve(path, weights=False)
   kind = checkpoint_kind(path)
   if kind == "gguf":
     import gguf
@@ -308,11 +313,11 @@ def load_config(path: str, dtype: str = "float32") -> model.ModelConfig:
 
 
 def load_tokenizer(path: str):
-  """transformers tokenizer from a HF/converted directory or from GGUF metadata."""
+  """transformers tokenizer from a HF/converted directory or from GGUF metadata (a GGUF file's
+  converted copy, when one exists, gives the same tokenizer without building it)."""
   from transformers import AutoTokenizer
 
   random_weights.refuse_text(path)
-  path = hub.resolve(path)
   path = cached(path, dtype=None) if checkpoint_kind(path) == "gguf" else path
   kind = checkpoint_kind(path)
   try:

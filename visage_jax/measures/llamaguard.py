@@ -9,7 +9,7 @@ template gets LLAMA_GUARD2_PROMPT, Meta's Llama Guard 2 template for this two-tu
 (task, categories S1-S11, `User: ...` / `Agent: ...`, assessment instruction), tokenized with the
 tokenizer's default special tokens (its BOS), as Llama Guard's reference code tokenizes it.
 
-Greedy decoding up to max_new_tokens. The verdict is the first non-empty line of the decoded
+Greedy decoding up to max_new_tokens, through decode's loop (which also keeps the two verdict logits). The verdict is the first non-empty line of the decoded
 output (special tokens skipped), stripped: `safe`, `unsafe` (categories: the next non-empty line,
 comma-separated) or anything else `unparsed`. p_unsafe = softmax over two logits at one step:
 those of the first token of "unsafe" and of "safe", each encoded alone without special tokens.
@@ -18,11 +18,8 @@ word begins, after any leading newline tokens); for unparsed outputs it is the f
 """
 
 import dataclasses
-import functools
 
-import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from visage_jax import decode, errors, model, prompts, sharding
@@ -59,6 +56,7 @@ class Judge:
   verdict_ids: tuple[int, int]  # first token of "unsafe", of "safe"
   eos_ids: tuple[int, ...]
   pad_id: int
+  header: int  # tokens every judge prompt starts with (decoded once per batch)
 
 
 def verdict_token_ids(tokenizer) -> tuple[int, int]:
@@ -80,11 +78,12 @@ def load(path: str, dtype: str = "float32", mesh=None) -> Judge:
   if dtype not in ("float32", "bfloat16"):
     raise errors.UserError(f"--dtype={dtype!r}: expected float32 or bfloat16.")
   mesh = sharding.make_mesh((1, 1)) if mesh is None else mesh
-  tok = loader.load_tokenizer(path)
-  cfg, params = loader.load_params(path, dtype, shardings=mesh)
+  local = loader.resolve(path, dtype)
+  tok = loader.load_tokenizer(local)
+  cfg, params = loader.load_params(local, dtype, shardings=mesh)
   return Judge(path=path, cfg=cfg, params=params, tokenizer=tok, mesh=mesh,
                verdict_ids=verdict_token_ids(tok), eos_ids=decode.eos_ids_of(tok),
-               pad_id=decode.pad_id_of(tok))
+               pad_id=decode.pad_id_of(tok), header=prompt_header(tok))
 
 
 def _render(tokenizer, goal: str, generation: str, as_parts: bool) -> str:
@@ -111,6 +110,12 @@ def prompt_ids(tokenizer, goal: str, generation: str) -> list[int]:
                          "message (tried string and [{type: text}] contents).")
 
 
+def prompt_header(tokenizer) -> int:
+  """Length of the template's part before the goal: the common prefix of two probe prompts."""
+  a, b = prompt_ids(tokenizer, "Alpha", "One"), prompt_ids(tokenizer, "Zulu", "Two")
+  return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def parse_verdict(text: str) -> tuple[str, list[str]]:
   """(verdict, categories) from decoded judge output; never silently safe."""
   lines = [l.strip() for l in text.splitlines() if l.strip()]
@@ -120,46 +125,6 @@ def parse_verdict(text: str) -> tuple[str, list[str]]:
     return "safe", []
   cats = [c.strip() for c in lines[1].split(",") if c.strip()] if len(lines) > 1 else []
   return "unsafe", cats
-
-
-@flax.struct.dataclass
-class _State:
-  step: jax.Array   # []
-  last: jax.Array   # [B] token fed next
-  out: jax.Array    # [B, N] generated tokens, pad_id after the end
-  pair: jax.Array   # [B, N, 2] logits of the two verdict tokens at each step
-  done: jax.Array   # [B]
-  cache: model.KVCache
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "spec"))
-def greedy_with_verdict_logits(params: dict, tokens: jax.Array,  # [B, T] left-padded
-                               mask: jax.Array,  # [B, T]
-                               verdict_ids: jax.Array,  # [2]
-                               *, cfg: model.ModelConfig, spec: decode.DecodeSpec) -> _State:
-  """decode's greedy loop, also keeping the (unsafe, safe) logits of every step for p_unsafe."""
-  B, T = tokens.shape
-  N = spec.max_new_tokens
-  eos = jnp.asarray(spec.eos_ids, jnp.int32)
-
-  def emit(s, logits):  # logits [B, V] of the next token
-    tok = jnp.where(s.done, spec.pad_id, decode.greedy_token(logits)[0])
-    return s.replace(step=s.step + 1, last=tok, out=s.out.at[:, s.step].set(tok),
-                     pair=s.pair.at[:, s.step].set(logits[:, verdict_ids]),
-                     done=s.done | jnp.isin(tok, eos))
-
-  cache = model.init_cache(cfg, B, T + N)
-  logits, cache = model.forward(params, tokens, mask, cache, cfg, last_only=True)
-  s = _State(step=jnp.zeros((), jnp.int32), last=jnp.zeros((B,), jnp.int32),
-             out=jnp.full((B, N), spec.pad_id, jnp.int32), pair=jnp.zeros((B, N, 2), jnp.float32),
-             done=jnp.zeros((B,), bool), cache=cache)
-  s = emit(s, logits[:, -1])
-
-  def body(s):
-    logits, cache = model.forward(params, s.last[:, None], jnp.ones((B, 1), bool), s.cache, cfg)
-    return emit(s.replace(cache=cache), logits[:, -1])
-
-  return jax.lax.while_loop(lambda s: (s.step < N) & ~s.done.all(), body, s)
 
 
 def verdict_step(tokenizer, generated: list[int], verdict: str) -> int:
@@ -172,12 +137,10 @@ def verdict_step(tokenizer, generated: list[int], verdict: str) -> int:
   return 0
 
 
-def _record(judge: Judge, row: np.ndarray, pair: np.ndarray) -> dict:
-  n = next((k + 1 for k, t in enumerate(row.tolist()) if t in judge.eos_ids), len(row))
-  generated = row[:n].tolist()
+def _record(judge: Judge, generated: list[int], verdict_logits: np.ndarray) -> dict:
   text = judge.tokenizer.decode(generated, skip_special_tokens=True)
   verdict, categories = parse_verdict(text)
-  lu, ls = pair[verdict_step(judge.tokenizer, generated, verdict)].astype(np.float64)
+  lu, ls = verdict_logits[verdict_step(judge.tokenizer, generated, verdict)].astype(np.float64)
   return dict(verdict=verdict, categories=categories, p_unsafe=float(1.0 / (1.0 + np.exp(ls - lu))),
               output=text)
 
@@ -191,17 +154,17 @@ def judge_pairs(judge: Judge, pairs: list[tuple[str, str]], *, max_new_tokens: i
   """
   if max_new_tokens < 1:
     raise errors.UserError(f"--max_new_tokens must be >= 1, got {max_new_tokens}.")
-  spec = decode.DecodeSpec(max_new_tokens=max_new_tokens, eos_ids=judge.eos_ids, pad_id=judge.pad_id)
-  ids = jnp.asarray(judge.verdict_ids, jnp.int32)
   records = []
   for start in range(0, len(pairs), batch):
     rows = [prompt_ids(judge.tokenizer, g, x) for g, x in pairs[start:start + batch]]
     n = len(rows)
     rows += [rows[-1]] * (prompts.bucket_rows(n) - n)
-    tokens, mask = prompts.left_pad(rows, prompts.bucket_length(max(map(len, rows))), judge.pad_id)
+    tokens, mask, shared = prompts.pack(rows, judge.pad_id, limit=judge.header)
+    spec = decode.DecodeSpec(max_new_tokens=max_new_tokens, eos_ids=judge.eos_ids, pad_id=judge.pad_id,
+                             shared_prefix=shared, verdict_ids=judge.verdict_ids)
     place = sharding.fit(judge.mesh, tokens.shape, "data", None)
-    s = greedy_with_verdict_logits(judge.params, sharding.put(tokens, place), sharding.put(mask, place),
-                                   ids, cfg=judge.cfg, spec=spec)
-    out, pair = sharding.to_host((s.out, s.pair))
-    records += [_record(judge, np.asarray(out[i]), np.asarray(pair[i])) for i in range(n)]
+    gen = decode.greedy(judge.params, sharding.put(tokens, place), sharding.put(mask, place), None, None,
+                        None, cfg=judge.cfg, spec=spec)
+    out, length, verdict = sharding.to_host((gen.tokens, gen.length, gen.verdict))
+    records += [_record(judge, out[i, :length[i]].tolist(), np.asarray(verdict[i])) for i in range(n)]
   return records

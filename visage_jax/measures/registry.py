@@ -16,11 +16,11 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from visage_jax import errors, planner, prompts
+from visage_jax import planner, prompts
 from visage_jax.analysis import visage
 from visage_jax.checkpoints import loader
 from visage_jax.measures import capability, coherence, llamaguard, scoring
-from visage_jax.runs import judging, pipeline
+from visage_jax.runs import pipeline
 from visage_jax import rundir
 
 BENIGN_FILE = "capability_texts.jsonl"   # the `benign` answers, saved so a resumed run reuses them
@@ -118,34 +118,11 @@ def judge_placement(c, s: pipeline.Setup, stats: dict | None = None) -> tuple[bo
   stats = (jax.local_devices()[0].memory_stats() or {}) if stats is None else stats
   if not stats.get("bytes_limit"):
     return True, f"inline: {jax.local_devices()[0].platform} reports no device memory limit"
-  cfg = loader.load_config(c.judges.model_path, c.model.dtype)
+  cfg = loader.load_config(loader.resolve(c.judges.model_path, weights=False), c.model.dtype)
   need = planner.param_count(cfg) * jnp.dtype(c.model.dtype).itemsize / s.mesh.shape["model"]
   free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
   gib = f"judge weights {need / 2**30:.2f} GiB per device, {free / 2**30:.2f} GiB free"
   return (True, f"inline: {gib}") if need <= free / 2 else (False, f"after decoding: {gib}")
-
-
-def validate(c) -> None:
-  """Reads every file the measures need before the run writes anything (bad input: one line)."""
-  co, cap = c.coherence, c.capability
-  if co.enabled and not co.max_nll > 0:
-    raise errors.UserError(f"coherence.max_nll must be > 0 (nats per token), got {co.max_nll}.")
-  if co.enabled and co.model_path:
-    loader.load_config(co.model_path)
-  if cap.texts_path not in ("", capability.BENIGN):
-    capability.read_texts(cap.texts_path)
-  if cap.mc_shots < 0:
-    raise errors.UserError(f"capability.mc_shots must be >= 0, got {cap.mc_shots}.")
-  if cap.mc_path:
-    capability.read_mc(cap.mc_path)
-  if cap.mc_shots and not cap.mc_dev_path:
-    raise errors.UserError(f"capability.mc_shots={cap.mc_shots} needs capability.mc_dev_path (the shots).")
-  if cap.mc_dev_path and len(capability.read_mc(cap.mc_dev_path)) < cap.mc_shots:
-    raise errors.UserError(f"{cap.mc_dev_path}: fewer rows than capability.mc_shots={cap.mc_shots}.")
-  if c.judges.model_path:
-    if not judging.NAME_PATTERN.match(c.judges.name or ""):
-      raise errors.UserError(f"judges.name {c.judges.name!r}: expected letters, digits, '_', '.' or '-'.")
-    loader.load_config(c.judges.model_path)
 
 
 def scorers(c, s: pipeline.Setup, path: str, judge_inline: bool = False) -> tuple[scoring.Scorer, ...]:

@@ -26,7 +26,7 @@ import numpy as np
 from visage_jax import distributed, engine, errors, model, planner, prompts, rundir, sharding
 from visage_jax.checkpoints import hf_tensors, random_weights
 from visage_jax.measures import registry
-from visage_jax.runs import landscape, pipeline
+from visage_jax.runs import config_checks, landscape, pipeline
 
 METHODS = ("reference_published", "reference_batched", "fused", "materialized", "continuous",
            "engine_real", "default_real")
@@ -60,6 +60,7 @@ def load_setup(c, path: str) -> pipeline.Setup:
   ids, so a random: model is allowed."""
   c = c.copy_and_resolve_references()
   c.landscape.update(vis_type="1D_random", num_directions=1)
+  config_checks.validate(c)
   return pipeline.prepare(c, path, text=False)
 
 

@@ -27,7 +27,7 @@ from visage_jax import distributed, errors, rundir
 from visage_jax.analysis import basin, uncertainty
 from visage_jax.measures import registry, scoring
 from visage_jax.reports import markdown
-from visage_jax.runs import judging, pipeline
+from visage_jax.runs import config_checks, judging, pipeline
 
 
 # landscape.json fields a complete run of this version has (an older run lacks some; resuming it
@@ -38,8 +38,7 @@ SUMMARY_FIELDS = ("ci95", "basin")
 def run(c, path: str, *, overwrite: bool = False, progress: bool = True, scorers=None) -> dict:
   """Runs (or resumes) the landscape described by config `c` in workdir `path`; returns
   landscape.json. `scorers` say what is measured (default: scoring.default(), the keyword judge)."""
-  registry.validate(c)
-  uncertainty.check(c.ci95.resamples, c.ci95.seed)
+  config_checks.validate(c)
   s = pipeline.prepare(c, path, overwrite=overwrite)
   placement = registry.judge_placement(c, s) if c.judges.model_path else None
   chosen = (registry.scorers(c, s, path, judge_inline=bool(placement and placement[0]))

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visage_jax import decode, distributed, engine, errors, model, planner, prompts, rundir, sharding
+from visage_jax import decode, distributed, engine, errors, model, prompts, rundir, sharding
 from visage_jax.checkpoints import loader, lora, random_weights
 from visage_jax.directions import grid, vectors
 from visage_jax.measures import keywords, scoring
@@ -53,13 +53,14 @@ def load_model(path: str, dtype: str, lora_path: str = "", mesh=None, *, text: b
   path = path or loader.default_model_path()
   if text:
     random_weights.refuse_text(path)
-  cfg, params = loader.load_params(path, dtype, shardings=mesh)
+  local = loader.resolve(path, dtype)   # the one lookup of the path (hub, GGUF cache)
+  cfg, params = loader.load_params(local, dtype, shardings=mesh)
   if lora_path:
     adapter, alpha, rank = lora.load(lora_path, cfg)
     if mesh is not None:
       adapter = sharding.put(adapter, sharding.replicated(mesh))
     params = lora.merge(params, adapter, alpha, rank)
-  tok = None if random_weights.is_random(path) else loader.load_tokenizer(path)
+  tok = None if random_weights.is_random(path) else loader.load_tokenizer(local)
   return Model(path=path, source=f"{path} + {lora_path}" if lora_path else path, cfg=cfg,
                params=params, tokenizer=tok)
 
@@ -89,32 +90,6 @@ def pack_prompts(goals: list[str], tokenizer, template: str, system_prompt: str,
 
 
 # ------------------------------------------------------------------ the landscape's settings
-
-
-def validate(c) -> None:
-  """Fails before any work on settings that cannot produce a landscape."""
-  ls = c.landscape
-  grid.grid_coords(ls.vis_type, ls.steps, ls.multiplier, ls.get("extra_steps", 0))
-  if ls.num_directions < 1:
-    raise errors.UserError(f"landscape.num_directions must be >= 1, got {ls.num_directions}.")
-  if ls.vis_type != "1D_random" and ls.num_directions != 1:
-    raise errors.UserError(f"landscape.num_directions={ls.num_directions}: only 1D_random draws several "
-                     f"directions; {ls.vis_type} uses exactly one (a line or a plane).")
-  if "interpolation" in ls.vis_type and not ls.target_path:
-    raise errors.UserError(f"{ls.vis_type} needs landscape.target_path (the checkpoint at alpha = 1).")
-  if ls.vis_type == "2D_interpolation" and not ls.target2_path:
-    raise errors.UserError("2D_interpolation needs landscape.target2_path (the third checkpoint).")
-  refine = ls.get("refine", 0)
-  if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
-    raise errors.UserError(f"landscape.refine must be an integer >= 0 (bisection rounds per basin wall), "
-                           f"got {refine!r}.")
-  if refine and not ls.vis_type.startswith("1D"):
-    raise errors.UserError(f"landscape.refine={refine}: only 1D basin walls are bisected; {ls.vis_type} "
-                           "needs landscape.refine=0.")
-  if c.decode.max_new_tokens < 1:
-    raise errors.UserError(f"decode.max_new_tokens must be >= 1, got {c.decode.max_new_tokens}.")
-  if c.engine.mode not in ("auto",) + planner.MODES:
-    raise errors.UserError(f"engine.mode {c.engine.mode!r} is not one of auto, {', '.join(planner.MODES)}.")
 
 
 def comparable(cfg_dict: dict) -> dict:
@@ -151,7 +126,7 @@ def build_directions(c, params, cfg, mesh=None) -> list[list[dict]]:
                                        blacklist=blacklist, shardings=shardings, dtype=as_dtype)
 
   def interp(path, as_dtype=dtype):  # theta_B placed like theta_A: the difference is taken shard by shard
-    _, other = loader.load_params(path, cfg.param_dtype, shardings=shardings)
+    _, other = loader.load_params(loader.resolve(path, cfg.param_dtype), cfg.param_dtype, shardings=shardings)
     vectors.check_matches(other, params, path)
     return vectors.interpolation_direction(params, other, as_dtype)
 
@@ -252,9 +227,9 @@ def _plan(c, m: Model, p: Prompts, n_points: int, n_dirs: int, mesh) -> tuple:
 def prepare(c, path: str, *, overwrite: bool = False, text: bool = True) -> Setup:
   """Everything before decoding, with the workdir `path` claimed (and its directions, resuming).
 
-  Bad input (settings, prompts, model, directions) fails before anything is written. `text=False`
-  (bench): the rows are read as token ids, never decoded to text, so a random: model is allowed."""
-  validate(c)
+  Bad input (prompts, model, directions) fails before anything is written; the settings were
+  checked by config_checks.validate. `text=False` (bench): the rows are read as token ids, never
+  decoded to text, so a random: model is allowed."""
   cfg_dict = c.to_dict()
   goals = prompts.load_goals(c.prompts.path, c.prompts.limit)
   writer = distributed.is_writer()
