@@ -81,8 +81,10 @@ def tokenize_prompts(texts: list[str], tokenizer, template: str) -> list[list[in
   return [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts]
 
 
-def read_jsonl(path: str, fields: tuple[str, ...]) -> list[dict]:
-  """JSON objects, one a line, each with non-empty string `fields`; errors name file:line."""
+def load_rows(path: str, fields: tuple[str, ...]) -> list[dict]:
+  """The rows of a user's JSONL data file (prompts, texts, training pairs): JSON objects, one a
+  line, each with non-empty string `fields`; errors name file:line. (A run's own append-only files
+  are read by rundir.read_jsonl, which drops a torn last line instead.)"""
   if not os.path.exists(path):
     raise errors.MissingFileError(f"{path}: no such file.")
   rows = []
@@ -111,7 +113,7 @@ def load_goals(path: str, limit: int | None = None) -> list[str]:
   if not os.path.exists(path):
     raise errors.MissingFileError(f"prompts.path {path!r}: no such file.")
   if path.endswith(".jsonl"):
-    goals = [r["prompt"] for r in read_jsonl(path, ("prompt",))]
+    goals = [r["prompt"] for r in load_rows(path, ("prompt",))]
   else:
     with open(path, newline="", encoding="utf-8") as f:
       reader = csv.DictReader(f)
