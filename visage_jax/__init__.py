@@ -7,6 +7,8 @@ a ConfigDict (runs.landscape.default_config() or a configs/ file) and returns th
 
 from visage_jax.result import Result, load_run
 
+__all__ = ["Result", "load_run", "run_landscape"]
+
 
 def __getattr__(name: str):
   """run_landscape imports JAX and the models only when used: `import visage_jax` stays cheap."""

@@ -224,10 +224,10 @@ class Result:
 
   def judge_section(self, name: str) -> tuple[dict | None, dict | None]:
     """(judges[name], ci95.judges[name]) as in the file; None where absent."""
-    ci = self._json.get("ci95")
-    judges = ci.get("judges") if isinstance(ci, dict) else None
-    return (copy.deepcopy(self._json.get("judges", {}).get(name)),
-            copy.deepcopy(judges.get(name) if isinstance(judges, dict) else None))
+    ci, judges = self._json.get("ci95"), self._json.get("judges")
+    ci_judges = ci.get("judges") if isinstance(ci, dict) else None
+    return (copy.deepcopy(judges.get(name) if isinstance(judges, dict) else None),
+            copy.deepcopy(ci_judges.get(name) if isinstance(ci_judges, dict) else None))
 
   def with_judge(self, name: str, section: dict, ci: dict, ci_header: dict) -> "Result":
     """judges[name] and ci95.judges[name] set (a run without ci95 gets `ci_header` as its ci95),
