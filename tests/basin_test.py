@@ -15,6 +15,7 @@ from visage_jax.checkpoints import loader
 from visage_jax.directions import vectors
 from visage_jax.measures import keywords, registry, scoring
 from visage_jax.runs import landscape, pipeline
+from visage_jax.result import Result
 
 
 def _step_asr(left_wall: float, right_wall: float):
@@ -130,6 +131,12 @@ class RegionTest(parameterized.TestCase):
       self.assertAlmostEqual(got["fraction_below"], sum(map(sum, below)) / 63)
 
 
+def _summarize(result: dict):
+  """landscape.json["basin"] as the record computes it from these fields (basin.summarize)."""
+  vis_type = "1D_random" if result["coords_y"] is None else "2D_random"
+  return Result.from_json(dict(result, vis_type=vis_type)).with_basin().section("basin")
+
+
 class SummarizeTest(absltest.TestCase):
 
   def test_1d_layout_with_coherent_refined_and_judges(self):
@@ -141,7 +148,7 @@ class SummarizeTest(absltest.TestCase):
                            dict(alpha=[], round=[], asr=[], asr_coherent=[])],
                   judges=dict(guard=dict(complete=True, asr=[[0, 100, 0, 100, 0], [0, 0, 0, 0, 0]]),
                               late=dict(complete=False, asr=[[None] * 5, [None] * 5])))
-    got = basin.summarize(result)
+    got = _summarize(result)
     self.assertLen(got, 2)
     self.assertEqual(list(got[0]), ["left", "right", "width", "resolution", "coherent", "guard"])
     c = lambda a, y: basin.crossings(a, y, 0.0)
@@ -154,13 +161,13 @@ class SummarizeTest(absltest.TestCase):
     self.assertEqual(got[1], dict(left=None, right=None, width=None, resolution=None,
                                   coherent=dict(left=None, right=None, width=None, resolution=None),
                                   guard=dict(left=None, right=None, width=None, resolution=None)))
-    self.assertIsNone(basin.summarize(dict(result, complete=False)))
+    self.assertIsNone(_summarize(dict(result, complete=False)))
 
   def test_2d_layout(self):
     asr = [[100, 100, 100], [0, 10, 100], [100, 100, 100]]
     result = dict(coords_x=[-1, 0, 1], coords_y=[-1, 0, 1], complete=True, asr=asr,
                   asr_coherent=[[0] * 3] * 3, judges=dict(guard=dict(complete=True, asr=[[100] * 3] * 3)))
-    got = basin.summarize(result)
+    got = _summarize(result)
     self.assertEqual(got, dict(fraction_below=2 / 9, connected_fraction=2 / 9, connected_points=2,
                                coherent=dict(fraction_below=1.0, connected_fraction=1.0, connected_points=9),
                                guard=dict(fraction_below=0.0, connected_fraction=0.0, connected_points=0)))
@@ -191,7 +198,7 @@ def _run(c, w: str) -> dict:
   """The run's own scorers (keyword judge, coherence) and EmbedNorm."""
   real = registry.scorers
   with mock.patch.object(registry, "scorers", lambda *a, **k: real(*a, **k) + (EmbedNorm(),)):
-    return landscape.run(c, w, progress=False)
+    return landscape.run(c, w, progress=False).to_json()
 
 
 def _read(w: str, name: str):
@@ -339,18 +346,18 @@ class RefineRunTest(absltest.TestCase):
     before = _read(w, "generations.jsonl")
     self.assertIsNotNone(landscape.finished_result(w, _config(self.model, 0).to_dict()))
     self.assertIsNone(landscape.finished_result(w, _config(self.model, 1).to_dict()))
-    one = landscape.run(_config(self.model, 1), w, progress=False)
+    one = landscape.run(_config(self.model, 1), w, progress=False).to_json()
     self.assertEqual(_read(w, "generations.jsonl"), before)
     self.assertEqual({l["round"] for l in _read(w, pipeline.REFINED_FILE)}, {1})
     self.assertIsNotNone(landscape.finished_result(w, _config(self.model, 1).to_dict()))
-    two = landscape.run(_config(self.model, 2), w, progress=False)
+    two = landscape.run(_config(self.model, 2), w, progress=False).to_json()
     rounds = [l["round"] for l in _read(w, pipeline.REFINED_FILE)]
     self.assertEqual(rounds, [1] * rounds.count(1) + [2] * rounds.count(2))
     self.assertEqual(rounds.count(1), rounds.count(2))
     self.assertEqual([e["alpha"] for e in two["refined"]], [e["alpha"] for e in self.result["refined"]])
     self.assertEqual(two["basin"], [{k: v for k, v in e.items()} for e in self.result["basin"]])
     self.assertLen(one["refined"][0]["alpha"], 2)
-    fewer = landscape.run(_config(self.model, 1), w, progress=False)
+    fewer = landscape.run(_config(self.model, 1), w, progress=False).to_json()
     self.assertEqual(fewer["refined"], one["refined"])   # the config's rounds, not the file's
 
   def test_refine_is_checked_before_anything_is_written(self):

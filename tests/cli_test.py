@@ -99,8 +99,8 @@ class LandscapeSummaryTest(absltest.TestCase):
     result = dict(vis_type="1D_random", coords_x=[-1.0, 0.0, 1.0], coords_y=None, complete=True,
                   asr=[[100.0, 0.0, 50.0]], visage={"per_direction": [75.0], "mean": 75.0},
                   ci95={"visage": {"per_direction": [[60.0, 87.5]], "mean": [60.0, 87.5]}})
-    code = ("import json, sys; from visage_jax.runs import landscape\n"
-            "print(landscape.summary_text(json.loads(sys.argv[1]), sys.argv[2]))")
+    code = ("import json, sys; from visage_jax import result; from visage_jax.runs import landscape\n"
+            "print(landscape.summary_text(result.Result.from_json(json.loads(sys.argv[1])), sys.argv[2]))")
     summary = lambda r: subprocess.run([sys.executable, "-c", code, json.dumps(r), w], capture_output=True,
                                        text=True, cwd=ROOT, check=True).stdout
     self.assertIn("VISAGE (higher = safer): 75.0, 95% interval [60.00, 87.50] (bootstrap over prompts)",

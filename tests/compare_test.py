@@ -10,6 +10,7 @@ import numpy as np
 from absl.testing import absltest
 
 import fixtures
+import visage_jax
 from visage_jax import errors, rundir
 from visage_jax.analysis import compare, uncertainty, visage
 from visage_jax.runs import landscape
@@ -235,10 +236,10 @@ class CompareCommandTest(absltest.TestCase):
                 "asr_difference", "resamples", "seed", "method", "run_a", "run_b"):
       self.assertIn(key, got)
     self.assertEqual(got, compare.compare(*runs, resamples=300, seed=2))
-    results = [json.load(open(os.path.join(r, "landscape.json"))) for r in runs]
-    self.assertAlmostEqual(got["visage_difference"], visage.visage_mean(results[0]) - visage.visage_mean(results[1]))
+    results = [visage_jax.load_run(r) for r in runs]
+    self.assertAlmostEqual(got["visage_difference"], results[0].visage - results[1].visage)
     for key, result in (("visage_a_ci95", results[0]), ("visage_b_ci95", results[1])):
-      np.testing.assert_allclose(got[key], result["ci95"]["visage"]["mean"])   # the same draws as the run's own
+      np.testing.assert_allclose(got[key], result.visage_ci95)   # the same draws as the run's own
     self.assertTrue(got["paired"])
     self.assertIn(f"{got['visage_difference']:+8.2f}  [{got['ci95'][0]:.2f}, {got['ci95'][1]:.2f}]", proc.stdout)
     self.assertIn("paired: same prompts and directions", proc.stdout)

@@ -73,7 +73,7 @@ def main(model_dir, prompts_path, workdir, report, process_id, port):
     return d
 
   vectors.random_direction = spying_draw
-  first = landscape.run(c, workdir, progress=False)
+  first = landscape.run(c, workdir, progress=False).to_json()
   if distributed.is_writer():
     gen = os.path.join(workdir, "generations.jsonl")
     with open(gen) as f:
@@ -82,7 +82,7 @@ def main(model_dir, prompts_path, workdir, report, process_id, port):
       f.writelines(head)
     os.remove(os.path.join(workdir, "landscape.json"))
   distributed.barrier("test: run cut")
-  resumed = landscape.run(c, workdir, progress=False)
+  resumed = landscape.run(c, workdir, progress=False).to_json()
   out = dict(joined=joined, process_index=jax.process_index(), process_count=jax.process_count(),
              device_count=jax.device_count(), local_device_count=jax.local_device_count(),
              mesh=resumed["mesh"], first=dict(asr=first["asr"], visage=first["visage"]),

@@ -52,7 +52,8 @@ class TwoProcessTest(absltest.TestCase):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
              for i in range(2)]
     try:  # the one-process reference (this process, one device) runs meanwhile
-      ref = landscape.run(distributed_main.tiny_config(model_dir, prompts, mesh=(-1, 1)), one, progress=False)
+      ref = landscape.run(distributed_main.tiny_config(model_dir, prompts, mesh=(-1, 1)), one,
+                          progress=False).to_json()
     finally:
       outs = fixtures.wait_all(procs, TIMEOUT)
     for p, out in zip(procs, outs):

@@ -1,4 +1,4 @@
-"""Figures from landscape.json contents: valid PNGs, partial runs, clear errors on malformed results."""
+"""Figures from runs' records (landscape.json contents): valid PNGs, partial runs, clear errors on malformed results."""
 
 import copy
 import os
@@ -14,7 +14,8 @@ from matplotlib import image as mpl_image
 from matplotlib import pyplot as plt
 
 from visage_jax.analysis import visage
-from visage_jax.reports import figures, plot_input
+from visage_jax.reports import figures
+from visage_jax.result import Result
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -48,7 +49,7 @@ class PlotLandscapeTest(parameterized.TestCase):
 
   def _render(self, result, name="out.png"):
     path = os.path.join(self.create_tempdir().full_path, name)
-    figures.plot_landscape(result, path)
+    figures.plot_landscape(Result.from_json(result), path)
     with open(path, "rb") as f:
       self.assertEqual(f.read(8), PNG_SIGNATURE)
     self.assertEqual(os.listdir(os.path.dirname(path)), [name])   # no temp file left behind
@@ -65,14 +66,14 @@ class PlotLandscapeTest(parameterized.TestCase):
     result["judges"] = {"llamaguard": {"asr": judged, "visage": None}}
     self._render(result)
     fig = Figure()
-    figures._plot_1d(fig, plot_input.parse(result))
+    figures._plot_1d(fig, Result.from_json(result))
     lines = {l.get_label(): l for l in fig.axes[0].get_lines()}
     judge, keywords = lines["llamaguard ASR"], lines["direction 0"]
     self.assertEqual(judge.get_linestyle(), "--")
     self.assertEqual(judge.get_color(), keywords.get_color())
     np.testing.assert_array_equal(judge.get_ydata(), judged[0])
     with self.assertRaisesRegex(ValueError, "judges.llamaguard.asr"):
-      plot_input.parse(dict(result, judges={"llamaguard": {"asr": [[1.0, 2.0]]}}))
+      Result.from_json(dict(result, judges={"llamaguard": {"asr": [[1.0, 2.0]]}}))
 
   def test_asr_interval_band_in_the_curve_colour_and_visage_interval_in_the_title(self):
     from matplotlib import colors as mcolors
@@ -84,7 +85,7 @@ class PlotLandscapeTest(parameterized.TestCase):
     result["ci95"] = {"asr": band, "visage": {"per_direction": [[1.0, 2.0]] * 2, "mean": [38.14, 60.21]}}
     self._render(result)
     fig = Figure()
-    figures._plot_1d(fig, plot_input.parse(result))
+    figures._plot_1d(fig, Result.from_json(result))
     ax = fig.axes[0]
     self.assertIn(f"VISAGE {result['visage']['mean']:.1f} [38.1, 60.2]", ax.get_title())
     fills = [c for c in ax.collections if isinstance(c, PolyCollection)]
@@ -98,15 +99,15 @@ class PlotLandscapeTest(parameterized.TestCase):
     self.assertLen(fills[1].get_paths(), 2)   # split at the missing point
     old = _result_1d(num_directions=2)        # written before ci95: no band, no interval
     fig = Figure()
-    figures._plot_1d(fig, plot_input.parse(old))
+    figures._plot_1d(fig, Result.from_json(old))
     self.assertFalse([c for c in fig.axes[0].collections if isinstance(c, PolyCollection)])
     self.assertNotIn("[", fig.axes[0].get_title())
     two_d = dict(_result_2d(), ci95={"asr": [[[0.0, 1.0]] * 4] * 5, "visage": [40.0, 50.0]})
     self._render(two_d)
     with self.assertRaisesRegex(ValueError, "ci95.asr"):
-      plot_input.parse(dict(result, ci95={"asr": [[[1.0, 2.0]]]}))
+      Result.from_json(dict(result, ci95={"asr": [[[1.0, 2.0]]]}))
     with self.assertRaisesRegex(ValueError, "ci95.visage"):
-      plot_input.parse(dict(result, ci95={"visage": {"mean": [1.0]}}))
+      Result.from_json(dict(result, ci95={"visage": {"mean": [1.0]}}))
 
   def test_refined_points_are_diamonds_in_their_direction_colour(self):
     from matplotlib.figure import Figure
@@ -115,7 +116,7 @@ class PlotLandscapeTest(parameterized.TestCase):
                          dict(alpha=[], round=[], asr=[])]
     self._render(result)
     fig = Figure()
-    figures._plot_1d(fig, plot_input.parse(result))
+    figures._plot_1d(fig, Result.from_json(result))
     ax = fig.axes[0]
     refined = [c for c in ax.collections if c.get_label().startswith("refined points")]
     self.assertLen(refined, 1)   # direction 1 has none
@@ -123,7 +124,7 @@ class PlotLandscapeTest(parameterized.TestCase):
     keyword = next(l for l in ax.get_lines() if l.get_label() == "direction 0")
     np.testing.assert_allclose(refined[0].get_edgecolor()[0], colors.to_rgba(keyword.get_color()))
     with self.assertRaisesRegex(ValueError, r"refined\[0\].asr"):
-      plot_input.parse(dict(result, refined=[dict(alpha=[0.1, 0.2], asr=[1.0])]))
+      Result.from_json(dict(result, refined=[dict(alpha=[0.1, 0.2], asr=[1.0])]))
 
   def test_coherent_asr_and_capability_beside_the_keyword_curve(self):
     from matplotlib.figure import Figure
@@ -134,7 +135,7 @@ class PlotLandscapeTest(parameterized.TestCase):
                   coherence={"max_nll": 3.0}, capability={"perplexity": ppl, "mc_accuracy": [[0.5] * 9]})
     self._render(result)
     fig = Figure()
-    figures._plot_1d(fig, plot_input.parse(result))
+    figures._plot_1d(fig, Result.from_json(result))
     lines = {l.get_label(): l for ax in fig.axes for l in ax.get_lines()}
     np.testing.assert_array_equal(lines["coherent ASR (nll_ref ≤ 3.0)"].get_ydata(), coherent[0])
     np.testing.assert_allclose(lines["perplexity of reference answers"].get_ydata(), ppl[0])
@@ -144,7 +145,7 @@ class PlotLandscapeTest(parameterized.TestCase):
     two_d["capability"] = {"perplexity": (np.array(two_d["asr"]) + 1.0).tolist()}
     self._render(two_d)
     with self.assertRaisesRegex(ValueError, "capability.perplexity"):
-      plot_input.parse(dict(result, capability={"perplexity": [[1.0, 2.0]]}))
+      Result.from_json(dict(result, capability={"perplexity": [[1.0, 2.0]]}))
 
   def test_1d_three_directions_with_nonfinite(self):
     img = self._render(_result_1d())
@@ -176,7 +177,7 @@ class PlotLandscapeTest(parameterized.TestCase):
     result["asr"][0][2] = None
     result.update(visage=None, complete=False)
     self._render(result)
-    self.assertIn("[partial]", figures._header(plot_input.parse(result)))
+    self.assertIn("[partial]", figures._header(Result.from_json(result)))
 
   def test_partial_2d_with_none_entries(self):
     result = _result_2d()
@@ -184,18 +185,18 @@ class PlotLandscapeTest(parameterized.TestCase):
     result["asr"][1][2] = None
     result["visage"] = None
     self._render(result)
-    self.assertIn("[partial]", figures._header(plot_input.parse(result)))
+    self.assertIn("[partial]", figures._header(Result.from_json(result)))
 
   def test_complete_false_is_partial_even_without_gaps(self):
     result = _result_1d()
-    self.assertNotIn("partial", figures._header(plot_input.parse(result)))
+    self.assertNotIn("partial", figures._header(Result.from_json(result)))
     result["complete"] = False
-    self.assertIn("[partial]", figures._header(plot_input.parse(result)))
+    self.assertIn("[partial]", figures._header(Result.from_json(result)))
 
   def test_overwrites_existing_file_and_creates_directory(self):
     path = os.path.join(self.create_tempdir().full_path, "plots", "landscape.png")
-    figures.plot_landscape(_result_1d(), path)
-    figures.plot_landscape(_result_2d(), path)
+    figures.plot_landscape(Result.from_json(_result_1d()), path)
+    figures.plot_landscape(Result.from_json(_result_2d()), path)
     self.assertEqual(os.listdir(os.path.dirname(path)), ["landscape.png"])
     self.assertGreater(mpl_image.imread(path).shape[1], 1500)   # the wider 2D figure replaced the 1D one
 
@@ -212,13 +213,14 @@ class PlotSweepTest(absltest.TestCase):
     not_started["asr"] = [[None] * 9]
     results = {"a": _result_1d(), "b": partial, "c": with_zero, "d": _result_2d(ny=4), "e": not_started}
     path = os.path.join(self.create_tempdir().full_path, "sweep.png")
-    self.assertEqual(figures.plot_sweep(results, path), ["a", "b", "c"])
+    self.assertEqual(figures.plot_sweep({k: Result.from_json(r) for k, r in results.items()}, path),
+                     ["a", "b", "c"])
     with open(path, "rb") as f:
       self.assertEqual(f.read(8), PNG_SIGNATURE)
     self.assertEqual(os.listdir(os.path.dirname(path)), ["sweep.png"])
     self.assertEqual(plt.get_fignums(), [])
     with self.assertRaisesRegex(ValueError, "'asr'"):
-      figures.plot_sweep({"bad": dict(_result_1d(), asr=[])}, path)
+      figures.plot_sweep({"bad": Result.from_json(dict(_result_1d(), asr=[]))}, path)
 
 
 class MalformedResultTest(parameterized.TestCase):
@@ -242,12 +244,12 @@ class MalformedResultTest(parameterized.TestCase):
     corrupt(result)
     path = os.path.join(self.create_tempdir().full_path, "out.png")
     with self.assertRaisesRegex(ValueError, message):
-      figures.plot_landscape(result, path)
+      figures.plot_landscape(Result.from_json(result), path)
     self.assertFalse(os.path.exists(path))
 
   def test_not_a_dict(self):
     with self.assertRaisesRegex(ValueError, "expected a dict"):
-      figures.plot_landscape([1, 2], os.path.join(self.create_tempdir().full_path, "out.png"))
+      figures.plot_landscape(Result.from_json([1, 2]), os.path.join(self.create_tempdir().full_path, "out.png"))
 
 
 if __name__ == "__main__":

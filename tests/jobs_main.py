@@ -57,9 +57,9 @@ def bench_config(model_dir, prompts_path, mesh):
 def experiments_config(model_dir, mesh):
   """F3 of the tiny experiments: landscapes under 2 system prompts, 2 prompts x 3 points x 4 tokens
   (on the sweep's mesh, whose loading and drawing programs are compiled: 10 s instead of 24)."""
-  import experiments_test
+  import findings_test
 
-  c = experiments_test.tiny_config(model_dir, "f3_system_prompts")
+  c = findings_test.tiny_config(model_dir, "f3_system_prompts")
   c.mesh.shape = mesh
   return c
 

@@ -127,7 +127,7 @@ class LandscapeTest(parameterized.TestCase):
     w = self.workdir()
     c = tiny_config(self.models["bpe"], self.prompts)
     c.ci95.update(resamples=300, seed=7)
-    result, lines = landscape.run(c, w, progress=False), self.read(w)[1]
+    result, lines = landscape.run(c, w, progress=False).to_json(), self.read(w)[1]
     ci = result["ci95"]
     self.assertEqual((ci["method"], ci["resamples"], ci["seed"]), ("percentile bootstrap", 300, 7))
     self.assertEqual(np.asarray(ci["asr"]).shape, (2, 5, 2))
@@ -181,13 +181,13 @@ class LandscapeTest(parameterized.TestCase):
     c = tiny_config(self.models["bpe"], self.prompts, steps=3, num_directions=1)
     with self.assertRaisesRegex(ValueError, r"different config \(landscape.steps: 2 -> 3\)"):
       landscape.run(c, w, progress=False)
-    result = landscape.run(c, w, progress=False, overwrite=True)
+    result = landscape.run(c, w, progress=False, overwrite=True).to_json()
     self.assertLen(result["coords_x"], 4)
 
   def test_2d_random(self):
     w = self.workdir()
     c = tiny_config(self.models["bpe"], self.prompts, vis_type="2D_random", steps=2, num_directions=1)
-    result = landscape.run(c, w, progress=False)
+    result = landscape.run(c, w, progress=False).to_json()
     self.assertEqual(np.asarray(result["asr"]).shape, (3, 3))
     self.assertEqual(result["coords_y"], [-1.0, 0.0, 1.0])
     self.assertAlmostEqual(result["visage"], visage.visage_2d(result["asr"]))
@@ -203,7 +203,7 @@ class LandscapeTest(parameterized.TestCase):
     if not os.path.exists(c.landscape.target_path):
       fixtures.save_tiny_hf(c.landscape.target_path, "llama",
                             tokenizer=fixtures.toy_tokenizer("bpe", refusals=True), seed=6)
-    result = landscape.run(c, w, progress=False)
+    result = landscape.run(c, w, progress=False).to_json()
     self.assertEqual(result["coords_x"], [0.0, 0.5, 1.0])
     _, lines = self.read(w)
     at_target = {l["step"]: l for l in lines}[2]
@@ -256,7 +256,7 @@ class LandscapeTest(parameterized.TestCase):
   def test_nonfinite_points_are_recorded(self):
     w = self.workdir()
     c = tiny_config(self.models["bpe"], self.prompts, multiplier=4e39, steps=2, num_directions=1)
-    result = landscape.run(c, w, progress=False)
+    result = landscape.run(c, w, progress=False).to_json()
     self.assertEqual(result["nonfinite"], [[True, False, True]])
     self.assertTrue(os.path.exists(os.path.join(w, "landscape.png")))
 

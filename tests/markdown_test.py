@@ -80,7 +80,7 @@ class RealRunTest(absltest.TestCase):
     cls.model = os.path.join(root, "tiny_refusals")
     fixtures.save_refusal_model(cls.model)
     cls.run_dir = os.path.join(root, "run")
-    cls.result = landscape.run(tiny(landscape.default_config(), cls.model), cls.run_dir, progress=False)
+    cls.result = landscape.run(tiny(landscape.default_config(), cls.model), cls.run_dir, progress=False).to_json()
     with open(os.path.join(cls.run_dir, "generations.jsonl")) as f:
       cls.lines = [json.loads(l) for l in f]
 

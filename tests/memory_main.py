@@ -183,7 +183,7 @@ def trace_landscape(c, workdir: str) -> dict:
   hf_tensors.LeafReader.__call__ = counted
   try:
     with tracing(stages, wrap):
-      stages["complete"] = landscape.run(c, workdir, progress=False)["complete"]
+      stages["complete"] = landscape.run(c, workdir, progress=False).complete
   finally:
     hf_tensors.LeafReader.__call__ = whole_read
   return stages

@@ -41,7 +41,7 @@ def main(model_dir, prompts_path, out_dir):
     c.mesh.shape = shape
     c.engine.mode = mode
     w = os.path.join(out_dir, name)
-    result = landscape.run(c, w, progress=False)
+    result = landscape.run(c, w, progress=False).to_json()
     with open(os.path.join(w, "generations.jsonl")) as f:
       gens = sorted((json.loads(l) for l in f), key=lambda l: (l["direction"], l["step"]))
     summary[name] = dict(asr=result["asr"], visage=result["visage"],

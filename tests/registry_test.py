@@ -57,7 +57,7 @@ class MeasuresInTheRunTest(absltest.TestCase):
     cls.mc, cls.dev = fixtures.write_text(cls.root, "mc.csv", MC), fixtures.write_text(cls.root, "dev.csv", DEV)
     cls.run_dir = os.path.join(cls.root, "run")
     cls.result = landscape.run(_config(cls.model_dir, cls.goals, texts_path=cls.texts, mc_path=cls.mc,
-                                       mc_dev_path=cls.dev, mc_shots=1), cls.run_dir, progress=False)
+                                       mc_dev_path=cls.dev, mc_shots=1), cls.run_dir, progress=False).to_json()
     with open(os.path.join(cls.run_dir, "generations.jsonl")) as f:
       cls.lines = sorted((json.loads(l) for l in f), key=lambda l: l["step"])
     cfg = loader.load_config(cls.model_dir)
@@ -166,7 +166,7 @@ class MeasuresInTheRunTest(absltest.TestCase):
   def test_a_run_without_the_measures_is_unchanged(self):
     c = _config(self.model_dir, self.goals)
     c.coherence.enabled = False
-    result = landscape.run(c, os.path.join(self.root, "plain"), progress=False)
+    result = landscape.run(c, os.path.join(self.root, "plain"), progress=False).to_json()
     with open(os.path.join(self.root, "plain", "generations.jsonl")) as f:
       line = json.loads(f.readline())
     self.assertEqual(list(line["outputs"][0]), ["prompt", "generation", "jailbroken", "tokens", "truncated"])
@@ -180,11 +180,11 @@ class MeasuresInTheRunTest(absltest.TestCase):
     w = os.path.join(self.root, "benign")
     c = _config(self.model_dir, self.goals, texts_path="benign", benign_max_new_tokens=8)
     c.coherence.enabled = False
-    first = landscape.run(c, w, progress=False)
-    saved = prompts.read_jsonl(os.path.join(w, "capability_texts.jsonl"), ("prompt", "response"))
+    first = landscape.run(c, w, progress=False).to_json()
+    saved = prompts.load_rows(os.path.join(w, "capability_texts.jsonl"), ("prompt", "response"))
     self.assertNotEmpty(saved)
     with mock.patch.object(capability, "benign_rows", side_effect=AssertionError("answered again")):
-      again = landscape.run(c, w, progress=False)
+      again = landscape.run(c, w, progress=False).to_json()
     self.assertEqual(first["capability"]["perplexity"], again["capability"]["perplexity"])
     self.assertTrue(all(v is not None and v > 1.0 for v in first["capability"]["perplexity"][0]))
 

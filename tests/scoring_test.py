@@ -73,9 +73,9 @@ class ExtraScorersTest(absltest.TestCase):
     c.engine.max_batch = 4
     c.coherence.enabled = False   # the plain run: the keyword judge alone, as scoring.default()
     plain, extra = os.path.join(root, "plain"), os.path.join(root, "extra")
-    base = landscape.run(c, plain, progress=False)
+    base = landscape.run(c, plain, progress=False).to_json()
     result = landscape.run(c, extra, progress=False,
-                           scorers=scoring.default() + (Chars(), EmbedNorm()))
+                           scorers=scoring.default() + (Chars(), EmbedNorm())).to_json()
     with open(os.path.join(extra, "generations.jsonl")) as f:
       lines = [json.loads(l) for l in f]
     with open(os.path.join(plain, "generations.jsonl")) as f:

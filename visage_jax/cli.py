@@ -97,12 +97,10 @@ def cmd_landscape() -> None:
 
   if FLAGS.config is None or not FLAGS.workdir:
     raise errors.UserError("landscape needs --config=configs/<name>.py and --workdir=DIR.")
-  result = landscape.run(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite,
+  record = landscape.run(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite,
                          progress=FLAGS.progress)
-  keys = ("vis_type", "coords_x", "coords_y", "asr", "visage", "n_prompts", "complete",
-          "decode_seconds", "tokens_per_second")
-  print(json.dumps({k: result.get(k) for k in keys}))
-  sys.stderr.write(landscape.summary_text(result, FLAGS.workdir))
+  print(json.dumps(record.headline()))
+  sys.stderr.write(landscape.summary_text(record, FLAGS.workdir))
 
 
 def cmd_judge() -> None:

@@ -95,9 +95,10 @@ def stand_in_ids(texts: list[str], vocab_size: int, seed: int = 0) -> list[list[
   return [prefix + rng.integers(1, vocab_size, max(1, n_tokens(len(t) - common))).tolist() for t in texts]
 
 
-def read_jsonl(path: str, fields: tuple[str, ...], nonempty: bool = True) -> list[dict]:
-  """JSON objects, one a line, each with string `fields` (non-empty unless told); errors name
-  file:line."""
+def load_rows(path: str, fields: tuple[str, ...], nonempty: bool = True) -> list[dict]:
+  """The rows of a user's JSONL data file (prompts, texts, training pairs): JSON objects, one a
+  line, each with string `fields` (non-empty unless told); errors name file:line. (A run's own
+  append-only files are read by rundir.read_jsonl, which drops a torn last line instead.)"""
   if not os.path.exists(path):
     raise errors.MissingFileError(f"{path}: no such file.")
   rows = []
@@ -127,7 +128,7 @@ def load_goals(path: str, limit: int | None = None) -> list[str]:
   if not os.path.exists(path):
     raise errors.MissingFileError(f"prompts.path {path!r}: no such file.")
   if path.endswith(".jsonl"):
-    goals = [r["prompt"] for r in read_jsonl(path, ("prompt",))]
+    goals = [r["prompt"] for r in load_rows(path, ("prompt",))]
   else:
     with open(path, newline="", encoding="utf-8") as f:
       reader = csv.DictReader(f)
@@ -148,7 +149,7 @@ def read_table(path: str, columns: tuple[str, ...]) -> list[dict]:
   if not path.endswith((".csv", ".jsonl")):
     raise errors.UserError(f"{path}: expected a .csv or .jsonl file.")
   if path.endswith(".jsonl"):
-    rows = read_jsonl(path, columns, nonempty=False)
+    rows = load_rows(path, columns, nonempty=False)
   else:
     if not os.path.exists(path):
       raise errors.MissingFileError(f"{path}: no such file.")

@@ -114,31 +114,24 @@ def region(asr: Sequence[Sequence[float]], origin: tuple[int, int]) -> dict:
               connected_points=int(seen.sum()))
 
 
-def summarize(result: dict) -> list[dict] | dict | None:
-  """landscape.json["basin"] from a landscape.json (None until complete). Keyword ASR at the top,
-  "coherent" and each complete model judge nested; 1D uses the refined points (result["refined"])
-  of the curves they carry (judges see the grid only)."""
-  if not result.get("complete"):
-    return None
-  curves = {"": (result["asr"], "asr")}   # name -> (grid curve, its field in result["refined"])
-  if result.get("asr_coherent") is not None:
-    curves["coherent"] = (result["asr_coherent"], "asr_coherent")
-  for name, judge in (result.get("judges") or {}).items():
-    if judge.get("complete") and judge.get("asr") is not None:
-      curves[name] = (judge["asr"], None)
-  xs, ys = result["coords_x"], result.get("coords_y")
+def summarize(xs: Sequence[float], ys: Sequence[float] | None, curves: dict[str, Sequence],
+              refined: Sequence[dict] = ()) -> list[dict] | dict:
+  """landscape.json["basin"] of a complete run. curves: {key: grid as landscape.json holds it},
+  the keyword ASR under "" (its fields at the top), the others nested under their key ("coherent",
+  a judge's name). 1D: refined[r] {key: (alphas, values)}, points added to direction r's grid
+  (result.py maps curves and refined points to these keys)."""
   if ys is not None:
     o = (origin_index(xs), origin_index(ys))
-    return dict(region(result["asr"], o), **{name: region(c, o) for name, (c, _) in curves.items() if name})
-  origin, refined = float(xs[origin_index(xs)]), result.get("refined") or []
+    return dict(region(curves[""], o), **{key: region(c, o) for key, c in curves.items() if key})
+  origin = float(xs[origin_index(xs)])
   entries = []
-  for r in range(len(result["asr"])):
+  for r in range(len(curves[""])):
     more = refined[r] if r < len(refined) else {}
     found = {}
-    for name, (c, field) in curves.items():
+    for key, c in curves.items():
       alphas, values = list(xs), list(c[r])
-      if field in more:
-        alphas, values = alphas + list(more["alpha"]), values + list(more[field])
-      found[name] = crossings(alphas, values, origin)
+      if key in more:
+        alphas, values = alphas + list(more[key][0]), values + list(more[key][1])
+      found[key] = crossings(alphas, values, origin)
     entries.append(dict(found.pop(""), **found))
   return entries

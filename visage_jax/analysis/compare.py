@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from visage_jax import errors, rundir
+from visage_jax import errors, result, rundir
 from visage_jax.analysis import uncertainty
 
 # landscape settings that fix the directions (the grid itself is compared through its coords)
@@ -31,23 +31,20 @@ _B_STREAM = 100   # run B's own random streams when unpaired (uncertainty stream
 
 
 def load_run(path: str) -> dict:
-  """A complete run's landscape.json, config, goals (in prompt order) and verdicts [D, P, N]."""
-  result = rundir.read_json(os.path.join(path, "landscape.json"))
-  if result is None:
-    raise errors.UserError(f"{os.path.join(path, 'landscape.json')}: missing or not JSON; expected "
-                           "the directory of a `visage-jax landscape` run.")
-  if not result.get("complete"):
-    raise errors.UserError(f"{os.path.join(path, 'landscape.json')}: the run is incomplete "
+  """A complete run's record, config, goals (in prompt order) and verdicts [D, P, N]."""
+  record = result.load_run(path)
+  if not record.complete:
+    raise errors.UserError(f"{os.path.join(path, result.FILE)}: the run is incomplete "
                            "(complete: false); resume it with `visage-jax landscape` first.")
-  config = rundir.read_json(os.path.join(path, "run_config.json")) or result.get("config")
+  config = rundir.read_json(os.path.join(path, "run_config.json")) or record.config
   if not isinstance(config, dict) or "landscape" not in config:
     raise errors.UserError(f"{os.path.join(path, 'run_config.json')}: missing or without a landscape "
                            "section; expected the run's resolved config.")
-  two_d = result.get("coords_y") is not None
-  n_dirs = 1 if two_d else len(result["asr"])
-  n_points = len(result["coords_x"]) * (len(result["coords_y"]) if two_d else 1)
+  n_dirs, n_points = record.n_dirs, record.n_points
   lines = rundir.read_jsonl(os.path.join(path, "generations.jsonl"), repair=False)
-  n_prompts = int(result["n_prompts"])
+  if record.n_prompts is None:
+    raise errors.UserError(f"{os.path.join(path, result.FILE)}: missing field 'n_prompts'.")
+  n_prompts = record.n_prompts
   for line in lines:
     if len(line.get("outputs", ())) != n_prompts:
       raise errors.UserError(f"{os.path.join(path, 'generations.jsonl')}: direction {line.get('direction')} "
@@ -59,17 +56,17 @@ def load_run(path: str) -> dict:
     raise errors.UserError(f"{os.path.join(path, 'generations.jsonl')}: no line for direction {r} step {p}; "
                            "expected every grid point of a complete run.")
   goals = [o["prompt"] for o in next(l for l in lines if l["direction"] == 0 and l["step"] == 0)["outputs"]]
-  return dict(path=path, result=result, config=config, goals=goals, verdicts=v, two_d=two_d)
+  return dict(path=path, result=record, config=config, goals=goals, verdicts=v, two_d=record.two_d)
 
 
 def check_comparable(a: dict, b: dict) -> None:
   """Runs on different kinds of landscape or grids have no common VISAGE scale: refused."""
   ra, rb = a["result"], b["result"]
   what = f"cannot compare {a['path']} with {b['path']}"
-  if ra["vis_type"] != rb["vis_type"]:
-    raise errors.UserError(f"{what}: vis_type {ra['vis_type']} vs {rb['vis_type']}.")
+  if ra.vis_type != rb.vis_type:
+    raise errors.UserError(f"{what}: vis_type {ra.vis_type} vs {rb.vis_type}.")
   for key in ("coords_x", "coords_y"):
-    xa, xb = ra.get(key), rb.get(key)
+    xa, xb = getattr(ra, key), getattr(rb, key)
     if (xa is None) != (xb is None) or (xa is not None and (
         len(xa) != len(xb) or not np.allclose(xa, xb, rtol=0, atol=1e-9))):
       raise errors.UserError(f"{what}: grid {key} differs ({_grid_text(xa)} vs {_grid_text(xb)}).")
@@ -122,7 +119,7 @@ def _samples(run: dict, draws) -> tuple[np.ndarray, np.ndarray]:
   prompts, dirs = draws
   asr = uncertainty.asr_samples(run["verdicts"], prompts)
   r = run["result"]
-  vis = uncertainty.visage_samples(asr, run["two_d"], (r["coords_x"], r["coords_y"]))
+  vis = uncertainty.visage_samples(asr, run["two_d"], (r.coords_x, r.coords_y))
   if not run["two_d"]:
     vis = np.take_along_axis(vis, dirs, axis=1).mean(axis=1)
   return asr, vis
@@ -148,12 +145,10 @@ def _asr_difference(a: dict, b: dict, samples_a: np.ndarray, samples_b: np.ndarr
   d = samples_a - samples_b
   lo, hi = uncertainty.interval(d)
   p = p_value(d)
-  grid = [[dict(difference=float(point[r, i]), ci95=_pair(lo[r, i], hi[r, i]), p_value=float(p[r, i]))
-           for i in range(point.shape[1])] for r in range(point.shape[0])]
-  ys = a["result"]["coords_y"]
-  if ys is None:
-    return grid
-  return [grid[0][i * len(ys):(i + 1) * len(ys)] for i in range(len(a["result"]["coords_x"]))]
+  grid = np.empty(point.shape, object)
+  for r, i in np.ndindex(point.shape):
+    grid[r, i] = dict(difference=float(point[r, i]), ci95=_pair(lo[r, i], hi[r, i]), p_value=float(p[r, i]))
+  return a["result"].to_grid(grid).tolist()
 
 
 def compare(run_a: str, run_b: str, resamples: int = 1000, seed: int = 0, paired: bool | None = None) -> dict:
@@ -175,7 +170,7 @@ def compare(run_a: str, run_b: str, resamples: int = 1000, seed: int = 0, paired
   asr_a, vis_a = _samples(a, draws_a)
   asr_b, vis_b = _samples(b, draws_a if is_paired else _draws(b, resamples, seed, _B_STREAM))
   over = "prompts" if a["two_d"] else "prompts and directions"
-  out = dict(run_a=run_a, run_b=run_b, vis_type=a["result"]["vis_type"], paired=is_paired,
+  out = dict(run_a=run_a, run_b=run_b, vis_type=a["result"].vis_type, paired=is_paired,
              unpaired_reason=None if is_paired else reason,
              method=f"{'paired' if is_paired else 'independent'} {uncertainty.METHOD} over {over}",
              resamples=resamples, seed=seed,
@@ -183,7 +178,8 @@ def compare(run_a: str, run_b: str, resamples: int = 1000, seed: int = 0, paired
              visage_b=_observed(b)[1], visage_b_ci95=_pair(*uncertainty.interval(vis_b)))
   out.update(visage_difference=out["visage_a"] - out["visage_b"],
              ci95=_pair(*uncertainty.interval(vis_a - vis_b)), p_value=float(p_value(vis_a - vis_b)),
-             coords_x=a["result"]["coords_x"], coords_y=a["result"]["coords_y"],
+             coords_x=a["result"].coords_x.tolist(),
+             coords_y=None if a["result"].coords_y is None else a["result"].coords_y.tolist(),
              asr_difference=_asr_difference(a, b, asr_a, asr_b))
   return out
 

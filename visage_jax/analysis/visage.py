@@ -81,31 +81,3 @@ def zero_index(coords: Sequence[float]) -> int | None:
   """Index of the grid point at 0 (the model itself), or None when the grid skips it (odd steps)."""
   i = np.flatnonzero(np.isclose(np.asarray(coords, dtype=np.float64), 0.0, atol=ZERO_ATOL))
   return int(i[0]) if len(i) else None
-
-
-def asr_at_zero(result: dict) -> float | None:
-  """ASR of the unperturbed model from a landscape.json: alpha = 0 (and beta = 0 in 2D), read
-  from direction 0 in 1D, since every direction shares that point; None off the grid."""
-  i = zero_index(result["coords_x"])
-  if i is None:
-    return None
-  if result.get("coords_y") is None:
-    return result["asr"][0][i]
-  j = zero_index(result["coords_y"])
-  return None if j is None else result["asr"][i][j]
-
-
-def visage_mean(result: dict) -> float | None:
-  """A landscape.json's one VISAGE: the mean over directions in 1D, the plane's score in 2D;
-  None before any is computed."""
-  v = result.get("visage")
-  v = v.get("mean") if isinstance(v, dict) else v
-  return None if v is None else float(v)
-
-
-def visage_interval(result: dict) -> tuple[float, float] | None:
-  """A landscape.json's 95% interval of that one VISAGE (ci95); None for a run without one
-  (incomplete, or written before runs carried intervals)."""
-  v = (result.get("ci95") or {}).get("visage")
-  v = v.get("mean") if isinstance(v, dict) else v
-  return None if v is None else (float(v[0]), float(v[1]))

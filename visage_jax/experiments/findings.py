@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from visage_jax import distributed, errors
+from visage_jax import distributed, errors, result
 from visage_jax.analysis import visage
 from visage_jax.experiments import report, stats
 from visage_jax.measures import keywords, registry
@@ -26,7 +26,7 @@ from visage_jax.runs import finetune, pipeline
 from visage_jax.experiments import jobs as jobs
 from visage_jax import rundir
 
-NAMES, BROKEN = report.NAMES, report.BROKEN
+NAMES, BROKEN = report.NAMES, stats.BROKEN
 CI = dict(resamples=1000, seed=0)   # every interval: 1,000 seeded bootstrap resamples (uncertainty.py)
 
 
@@ -55,11 +55,18 @@ def validate(c) -> None:
                              "grid holds α = 0 (the model itself).")
 
 
-def _asr_at_zero_per_direction(result: dict) -> list[float]:
+def _asr_at_zero_per_direction(record: result.Result) -> list[float]:
   """ASR at alpha = 0 in each direction of a 1D random landscape (equal unless a direction's
   decode differs at the centre; F1 checks every one)."""
-  i = visage.zero_index(result["coords_x"])
-  return [row[i] for row in result["asr"]]
+  return record.asr[:, visage.zero_index(record.coords_x)].tolist()
+
+
+def _values(a) -> list | None:
+  """Numbers of the record as the file holds them: nested lists, None where not evaluated."""
+  if a is None:
+    return None
+  a = np.asarray(a, np.float64)
+  return np.where(np.isnan(a), None, a.astype(object)).tolist()
 
 
 # ------------------------------------------------------------------ experiments
@@ -77,21 +84,22 @@ def f1_basin(c, workdir: str) -> dict:
       c, vis_type="2D_random", n_prompts=p.prompts_2d, steps=p.steps_2d))
   rows = []
   for label, r in runs.items():
-    asr = np.asarray(r["asr"], float)
-    ci = (r.get("ci95") or {}).get("visage") or {}
-    rows.append(dict(model=label, prompts=r["n_prompts"], asr_center=_asr_at_zero_per_direction(r),
-                     asr_ends=asr[:, [0, -1]].mean(1).tolist(),
-                     visage=r["visage"]["per_direction"], visage_mean=r["visage"]["mean"],
-                     visage_ci95=ci.get("per_direction"), visage_mean_ci95=ci.get("mean")))
+    v = r.visages["asr"]
+    rows.append(dict(model=label, prompts=r.n_prompts, asr_center=_asr_at_zero_per_direction(r),
+                     asr_ends=r.asr[:, [0, -1]].mean(1).tolist(),
+                     visage=v.per_direction.tolist(), visage_mean=v.mean,
+                     visage_ci95=_values(v.per_direction_ci95), visage_mean_ci95=_values(v.ci95)))
   diff = stats.visage_difference(jobs.job_dir(workdir, "f1_aligned_1d"), jobs.job_dir(workdir, "f1_shipped_1d"),
                                              **CI)
   al_run = runs["aligned"]
-  coherent = dict(asr=al_run.get("asr_coherent"), keyword=al_run["asr"], visage=al_run.get("visage_coherent"),
-                  visage_ci95=((al_run.get("ci95") or {}).get("visage_coherent") or {}).get("mean"),
-                  perplexity=(al_run.get("capability") or {}).get("perplexity"), basin=al_run.get("basin"),
-                  coords=al_run["coords_x"], max_nll=(al_run.get("coherence") or {}).get("max_nll"))
+  coherent_vis = al_run.visages.get("asr_coherent")
+  coherent = dict(asr=_values(al_run.curves.get("asr_coherent")), keyword=_values(al_run.asr),
+                  visage=al_run.section("visage_coherent"),
+                  visage_ci95=None if coherent_vis is None else _values(coherent_vis.ci95),
+                  perplexity=_values(al_run.curves.get("perplexity")), basin=al_run.section("basin"),
+                  coords=al_run.coords_x.tolist(), max_nll=al_run.max_nll)
   figs = dict(curves=jobs.figure(os.path.join(workdir, "figures", "f1_curves.png"), lambda f: figures.plot_curves(
-      [(f"{lab} d{k}", runs[lab]["coords_x"], a) for lab in runs for k, a in enumerate(runs[lab]["asr"])],
+      [(f"{lab} d{k}", runs[lab].coords_x, a) for lab in runs for k, a in enumerate(runs[lab].asr)],
       f, "F1: 1D random landscapes, aligned vs shipped", "α")),
       surface=jobs.figure(os.path.join(workdir, "figures", "f1_aligned_2d.png"), lambda f: report.copy(
           os.path.join(jobs.job_dir(workdir, "f1_aligned_2d"), "landscape.png"), f)))
@@ -104,9 +112,9 @@ def f1_basin(c, workdir: str) -> dict:
       ("aligned VISAGE exceeds shipped VISAGE by ≥ 20 points, and the 95% interval of the difference "
        "excludes 0", al["visage_mean"] >= sh["visage_mean"] + 20 and stats.excludes_zero(diff["ci95"])),
   ]
-  return dict(rows=rows, difference=diff, coherent=coherent, visage_2d=r2d["visage"],
-              visage_2d_ci95=(r2d.get("ci95") or {}).get("visage"), basin_2d=r2d.get("basin"),
-              asr_2d_center=visage.asr_at_zero(r2d), figures=figs, checks=checks,
+  return dict(rows=rows, difference=diff, coherent=coherent, visage_2d=r2d.visage,
+              visage_2d_ci95=_values(r2d.visage_ci95), basin_2d=r2d.section("basin"),
+              asr_2d_center=r2d.asr_at_zero, figures=figs, checks=checks,
               jobs=["f1_aligned_1d", "f1_shipped_1d", "f1_aligned_2d"])
 
 
@@ -116,10 +124,11 @@ def capability(c, workdir: str) -> dict:
   smoothly where safety breaks abruptly."""
   r = jobs.run_landscape(c, workdir, "f1_aligned_1d", jobs.aligned_1d(c))
   answers = rundir.read_jsonl(os.path.join(jobs.job_dir(workdir, "f1_aligned_1d"), registry.BENIGN_FILE))
-  ci = (r.get("ci95") or {}).get("capability") or {}
-  curve = dict(alphas=r["coords_x"], perplexity=r["capability"]["perplexity"][0], n_answers=len(answers),
-               perplexity_ci95=(ci.get("perplexity") or [None])[0], asr_coherent=(r.get("asr_coherent") or [None])[0])
-  asr = r["asr"][0]
+  ppl_ci, coherent = r.ci95.get("perplexity"), r.curves.get("asr_coherent")
+  curve = dict(alphas=r.coords_x.tolist(), perplexity=_values(r.curves["perplexity"][0]), n_answers=len(answers),
+               perplexity_ci95=None if ppl_ci is None else _values(ppl_ci[0]),
+               asr_coherent=None if coherent is None else _values(coherent[0]))
+  asr = _values(r.asr[0])
   fig = os.path.join(workdir, "figures", "capability.png")
   jobs.figure(fig, lambda f: figures.plot_capability(curve["alphas"], curve["perplexity"], asr, f))
   ppl = np.asarray(curve["perplexity"], float)
@@ -153,9 +162,9 @@ def f2_finetune(c, workdir: str) -> dict:
     r = jobs.run_landscape(c, workdir, f"f2_{name}_1d", jobs.landscape_config(
         c, model_path=jobs.finetuned_model(workdir, f"f2_{name}"), lora_path="", n_prompts=p.prompts_small))
     rows.append(dict(model=name, examples=s["n_examples"], asr=s["eval"]["asr"],
-                     benign=s["eval"]["benign_answered"], visage=visage.visage_mean(r)))
+                     benign=s["eval"]["benign_answered"], visage=r.visage))
   base = jobs.run_landscape(c, workdir, "aligned_1d_default", jobs.landscape_config(c, n_prompts=p.prompts_small))
-  rows[0].update(visage=visage.visage_mean(base), visage_ci95=visage.visage_interval(base))
+  rows[0].update(visage=base.visage, visage_ci95=base.visage_ci95)
   for row in rows[1:]:
     row["difference"] = stats.visage_difference(
         jobs.job_dir(workdir, "aligned_1d_default"), jobs.job_dir(workdir, f"f2_{row['model']}_1d"), **CI)
@@ -166,7 +175,7 @@ def f2_finetune(c, workdir: str) -> dict:
         c, vis_type="1D_interpolation", n_prompts=p.prompts_small,
         target_path=jobs.finetuned_model(workdir, f"f2_{name}")))
   fig = jobs.figure(os.path.join(workdir, "figures", "f2_interpolation.png"), lambda f: figures.plot_curves(
-      [(f"aligned → {n}", r["coords_x"], r["asr"][0]) for n, r in interp.items()], f,
+      [(f"aligned → {n}", r.coords_x, r.asr[0]) for n, r in interp.items()], f,
       "F2: 1D interpolation, aligned (α=0) → fine-tuned (α=1)", "α"))
   harmful = [r for r in rows if r["model"].startswith("harmful")]
   mix = rows[-1]
@@ -181,7 +190,7 @@ def f2_finetune(c, workdir: str) -> dict:
   ]
   used = [f"f2_{n}" for n in names] + [f"f2_{n}_1d" for n in names] + ["aligned_1d_default"] + \
          [f"f2_interp_{n}" for n in interp]
-  return dict(rows=rows, interpolation={n: r["asr"][0] for n, r in interp.items()},
+  return dict(rows=rows, interpolation={n: _values(r.asr[0]) for n, r in interp.items()},
               figures=dict(interpolation=fig), checks=checks, jobs=used)
 
 
@@ -209,9 +218,9 @@ def f3_system_prompts(c, workdir: str) -> dict:
   for sp in c.f3_system_prompts.system_prompts:
     r = jobs.run_landscape(c, workdir, f"aligned_1d_{sp}", jobs.landscape_config(
         c, system_prompt=sp, n_prompts=c.protocol.prompts_small))
-    rows.append(dict(system_prompt=sp, asr_center=visage.asr_at_zero(r), visage=visage.visage_mean(r),
-                     visage_ci95=visage.visage_interval(r), job=f"aligned_1d_{sp}"))
-    curves.append((sp, r["coords_x"], r["asr"][0]))
+    rows.append(dict(system_prompt=sp, asr_center=r.asr_at_zero, visage=r.visage,
+                     visage_ci95=r.visage_ci95, job=f"aligned_1d_{sp}"))
+    curves.append((sp, r.coords_x, r.asr[0]))
   fig = jobs.figure(os.path.join(workdir, "figures", "f3_system_prompts.png"), lambda f: figures.plot_curves(
       curves, f, "F3: aligned model under different system prompts", "α"))
   by = {r["system_prompt"]: r for r in rows}
@@ -278,8 +287,9 @@ def f4_strength(c, workdir: str) -> dict:
     r = jobs.run_landscape(c, workdir, v["job"], jobs.landscape_config(c, model_path=v["model_path"], lora_path=v["lora_path"],
                                                              n_prompts=c.protocol.prompts_small))
     attacked = _attacks(c, workdir, key, v["model_path"], v["lora_path"])
-    rows.append(dict(key=key, model=v["label"], asr=v["asr"], visage=visage.visage_mean(r), job=v["job"],
-                     visage_ci95=visage.visage_interval(r), attacked=attacked, curve=r["asr"][0], coords=r["coords_x"]))
+    rows.append(dict(key=key, model=v["label"], asr=v["asr"], visage=r.visage, job=v["job"],
+                     visage_ci95=r.visage_ci95, attacked=attacked, curve=_values(r.asr[0]),
+                     coords=r.coords_x.tolist()))
   fig = jobs.figure(os.path.join(workdir, "figures", "f4_strength.png"), lambda f: figures.plot_curves(
       [(r["model"], r["coords"], r["curve"]) for r in rows], f, "F4: two alignment strengths", "α"))
   hi, lo = sorted(rows, key=lambda r: -r["visage"])

@@ -7,9 +7,8 @@ import json
 import os
 import time
 
-from visage_jax import distributed
+from visage_jax import distributed, result, rundir
 from visage_jax.runs import finetune, landscape
-from visage_jax import rundir
 
 
 def mesh_shape(c) -> tuple:
@@ -46,11 +45,11 @@ def job_seconds(workdir: str, name: str) -> float | None:
   return (rundir.read_json(path) or {}).get("seconds")
 
 
-def run_landscape(c, workdir: str, name: str, lc) -> dict:
-  """A landscape job: the finished landscape.json, or the run (resumed where it stopped)."""
+def run_landscape(c, workdir: str, name: str, lc) -> result.Result:
+  """A landscape job: the finished run's record, or the run (resumed where it stopped)."""
   d = job_dir(workdir, name)
   done = landscape.finished_result(d, lc.to_dict())
-  if done is not None and all(f in done for f in landscape.SUMMARY_FIELDS):
+  if done is not None and done.summarized:
     return done   # else: not run yet, unfinished, or summarized by an older version
   print(f"[experiments] landscape {name}", flush=True)
   return timed(workdir, name, lambda: landscape.run(lc, d, progress=c.progress))

@@ -12,7 +12,7 @@ import numpy as np
 
 from visage_jax.analysis import compare, uncertainty
 
-BROKEN = 50.0   # ASR (%) from which a model counts as broken (experiments_report.BROKEN)
+BROKEN = 50.0   # ASR (%) at or above which a fine-tuned model counts as broken out of its basin
 
 
 def visage_difference(run_a: str, run_b: str, *, resamples: int, seed: int) -> dict:

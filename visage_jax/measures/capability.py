@@ -48,7 +48,7 @@ def _at_points(params: dict, dirs: dict, r: int, coefs: np.ndarray, mode: str,
 
 def read_texts(path: str) -> list[dict]:
   """capability.texts_path rows {"prompt", "response"}; errors name file:line."""
-  rows = prompts.read_jsonl(path, ("prompt", "response"))
+  rows = prompts.load_rows(path, ("prompt", "response"))
   if not rows:
     raise errors.UserError(f"{path}: no rows; expected JSON objects with fields prompt, response.")
   return rows

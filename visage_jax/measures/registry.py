@@ -163,7 +163,7 @@ def _texts(c, s: pipeline.Setup, path: str):
     rows = capability.read_texts(cap.texts_path)
   else:
     saved = os.path.join(path, BENIGN_FILE)
-    rows = prompts.read_jsonl(saved, ("prompt", "response")) if os.path.exists(saved) else None
+    rows = prompts.load_rows(saved, ("prompt", "response")) if os.path.exists(saved) else None
     if rows is None:
       rows = capability.benign_rows(m.params, m.cfg, m.tokenizer, template=c.prompts.template,
                                     system_prompt=c.prompts.system_prompt,

@@ -15,37 +15,44 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from mpl_toolkits.mplot3d import Axes3D  # noqa: F401  (registers the "3d" projection)
 
-from visage_jax import rundir
+from visage_jax import result, rundir
 from visage_jax.analysis import visage
-from visage_jax.reports import plot_input
 
 DPI = 150
 CMAP = "viridis_r"   # dark = jailbroken, bright = safe
 NONFINITE_STYLE = dict(marker="x", color="red", s=60, linewidths=2, zorder=5, clip_on=False,
                        label="inf/NaN logits")
-JUDGE_STYLES = ("--", "-.", ":")  # model judges (guard_run): dashed beside the keyword curve
+JUDGE_STYLES = ("--", "-.", ":")  # model judges (judging.py): dashed beside the keyword curve
+CAPABILITY_LABELS = dict(perplexity="perplexity of reference answers", mc_accuracy="multiple-choice accuracy")
 
 
-def _header(p: dict) -> str:
-  model = os.path.basename(p["model"].rstrip("/")) or p["model"]
-  status = "  [partial]" if p["partial"] else ""
-  n = f"  ·  {p['n_prompts']} prompts" if p["n_prompts"] is not None else ""
-  return f"{model}  ·  {p['vis_type']}{n}{status}"
+def _partial(r: result.Result) -> bool:
+  return not r.complete or bool(np.isnan(r.asr).any())
 
 
-def _visage_text(v, ci: tuple[float, float] | None = None) -> str:
+def _header(r: result.Result) -> str:
+  model = r.model or "unknown model"
+  model = os.path.basename(model.rstrip("/")) or model
+  status = "  [partial]" if _partial(r) else ""
+  n = f"  ·  {r.n_prompts} prompts" if r.n_prompts is not None else ""
+  return f"{model}  ·  {r.vis_type}{n}{status}"
+
+
+def _visage_text(v: result.Visage, with_ci: bool = True) -> str:
   """The stored score, not a recomputation: a partial run's score is whatever landscape saved;
   with its 95% interval when the run has one."""
+  ci = v.ci95 if with_ci else None
   score = lambda x: f"{x:.2f}" if ci is None else f"{x:.1f} [{ci[0]:.1f}, {ci[1]:.1f}]"
-  if isinstance(v, dict) and v.get("mean") is not None:
-    per = v.get("per_direction") or []
-    text = f"VISAGE {score(v['mean'])}"
-    if len(per) > 1:
-      text += "  (per direction: " + ", ".join(f"{s:.1f}" for s in per) + ")"
-    return text
-  if isinstance(v, (int, float)):
-    return f"VISAGE {score(v)}"
-  return "VISAGE n/a"
+  if v.mean is None:
+    return "VISAGE n/a"
+  text = f"VISAGE {score(v.mean)}"
+  if v.per_direction is not None and len(v.per_direction) > 1:
+    text += "  (per direction: " + ", ".join(f"{s:.1f}" for s in v.per_direction) + ")"
+  return text
+
+
+def _capability(r: result.Result) -> dict:
+  return {n: r.curves[n] for n in CAPABILITY_LABELS if n in r.curves}
 
 
 def _marker_lines(ax, vis_type: str) -> None:
@@ -62,32 +69,34 @@ def _marker_lines(ax, vis_type: str) -> None:
   top.tick_params(length=0, labelsize=11, labelcolor="0.25")
 
 
-def _plot_1d(fig: Figure, p: dict) -> None:
-  x, asr, bad = p["x"], p["asr"], p["nonfinite"]
+def _plot_1d(fig: Figure, r: result.Result) -> None:
+  x, asr, bad = r.coords_x, r.asr, r.nonfinite
+  coherent, capability = r.curves.get("asr_coherent"), _capability(r)
+  judges = {n: r.curves[result.JUDGE + n] for n in r.judges if result.JUDGE + n in r.curves}
   ax = fig.add_subplot()
   many = len(asr) > 1
   for k, curve in enumerate(asr):
     line, = ax.plot(x, curve, marker="o", ms=4, lw=1.4, alpha=0.85 if many else 1.0,
-                    label=f"keyword ASR, direction {k}" if p["coherent"] is not None else f"direction {k}")
-    if p["asr_ci"] is not None:
-      lo, hi = p["asr_ci"][k].T
+                    label=f"keyword ASR, direction {k}" if coherent is not None else f"direction {k}")
+    if "asr" in r.ci95:
+      lo, hi = r.ci95["asr"][k].T
       ax.fill_between(x, lo, hi, where=~np.isnan(lo), color=line.get_color(), alpha=0.15, lw=0,
                       label="95% interval (bootstrap over prompts)" if k == 0 else None)
-    if k < len(p["refined"]) and p["refined"][k][0].size:
-      ax.scatter(*p["refined"][k], marker="D", s=24, facecolors="none", edgecolors=line.get_color(),
-                 linewidths=1.2, zorder=5,
+    if k < len(r.refined) and r.refined[k].alpha.size:
+      ax.scatter(r.refined[k].alpha, r.refined[k].curves["asr"], marker="D", s=24, facecolors="none",
+                 edgecolors=line.get_color(), linewidths=1.2, zorder=5,
                  label="refined points (50 % walls bisected)" + (f" (direction {k})" if many else ""))
-    for j, (name, judged) in enumerate(p["judges"].items()):
+    for j, (name, judged) in enumerate(judges.items()):
       ax.plot(x, judged[k], color=line.get_color(), ls=JUDGE_STYLES[j % len(JUDGE_STYLES)],
               marker="s", ms=3, lw=1.2, alpha=0.75,
               label=f"{name} ASR" + (f" (direction {k})" if many else ""))
-    if p["coherent"] is not None:
-      ax.plot(x, p["coherent"][k], color=line.get_color(), ls="--", marker="v", ms=4, lw=1.4,
-              label=f"coherent ASR (nll_ref ≤ {p.get('max_nll')})" + (f" (direction {k})" if many else ""))
+    if coherent is not None:
+      ax.plot(x, coherent[k], color=line.get_color(), ls="--", marker="v", ms=4, lw=1.4,
+              label=f"coherent ASR (nll_ref ≤ {r.max_nll})" + (f" (direction {k})" if many else ""))
   if many:
     mean = asr.mean(axis=0)   # NaN wherever a direction is missing: a partial mean would not compare
     ax.plot(x, mean, color="black", lw=3, ls="--", label="mean", zorder=4)
-  elif not p["partial"] and np.nanmin(asr[0]) < 100:  # no basin to show on a flat-100 curve
+  elif not _partial(r) and np.nanmin(asr[0]) < 100:  # no basin to show on a flat-100 curve
     start, end = visage.basin_bounds(asr[0])
     ax.axvspan(x[start], x[end], color="tab:green", alpha=0.08, lw=0, label="safety basin (VISAGE span)")
   if bad.any():
@@ -96,24 +105,24 @@ def _plot_1d(fig: Figure, p: dict) -> None:
   ax.set_ylim(-2, 102)
   pad = 0.02 * (x.max() - x.min() or 1.0)
   ax.set_xlim(x.min() - pad, x.max() + pad)
-  _marker_lines(ax, p["vis_type"])
-  if "interpolation" in p["vis_type"]:
+  _marker_lines(ax, r.vis_type)
+  if "interpolation" in r.vis_type:
     ax.set_xlabel(r"α (interpolation: $\theta_A \to \theta_B$)")
   else:
-    ax.set_xlabel(f"α ({p['vis_type']}: θ + α·d)")
+    ax.set_xlabel(f"α ({r.vis_type}: θ + α·d)")
   ax.set_ylabel("ASR (%)")
   ax.grid(alpha=0.3)
   handles, labels = ax.get_legend_handles_labels()
-  if p["capability"]:
-    more = _capability_axis(ax, x, p["capability"])
+  if capability:
+    more = _capability_axis(ax, x, capability)
     handles, labels = handles + [h for h, _ in more], labels + [lab for _, lab in more]
   ax.legend(handles, labels, loc="upper left",
-            bbox_to_anchor=(1.01 + 0.11 * len(p["capability"]) + 0.04 * (len(p["capability"]) > 1), 1.0),
+            bbox_to_anchor=(1.01 + 0.11 * len(capability) + 0.04 * (len(capability) > 1), 1.0),
             fontsize=8, frameon=False)
-  title = _header(p) + "\n" + _visage_text(p["visage"], p["visage_ci"])
-  if p["coherent"] is not None:
-    coherent = _visage_text(p.get("visage_coherent"), p["visage_coherent_ci"])
-    title += "\non coherent ASR: " + coherent.replace("VISAGE ", "")   # a line each: titles stay inside
+  title = _header(r) + "\n" + _visage_text(r.visages["asr"])
+  if coherent is not None:
+    text = _visage_text(r.visages.get("asr_coherent", result.Visage(None, None, None, None)))
+    title += "\non coherent ASR: " + text.replace("VISAGE ", "")   # a line each: titles stay inside
   ax.set_title(title, fontsize=10)
 
 
@@ -128,14 +137,14 @@ def _capability_axis(ax, x: np.ndarray, capability: dict) -> list:
     if target is not twin:
       target.spines["right"].set_position(("axes", 1.12))
     h, = target.plot(x, np.nanmean(capability[name], axis=0), color="0.45" if name == "perplexity" else "tab:purple",
-                     marker=style, ms=3, lw=1.1, ls=":", label=plot_input.CAPABILITY_LABELS[name])
+                     marker=style, ms=3, lw=1.1, ls=":", label=CAPABILITY_LABELS[name])
     if name == "perplexity":
       target.set_yscale("log")
       target.set_ylabel("perplexity (log)", color="0.35")
     else:
       target.set_ylim(-0.02, 1.02)
       target.set_ylabel("accuracy", color="tab:purple")
-    out.append((h, plot_input.CAPABILITY_LABELS[name]))
+    out.append((h, CAPABILITY_LABELS[name]))
   return out
 
 
@@ -160,21 +169,22 @@ def _capability_contour(fig: Figure, ax, gx, gy, capability: dict, xlabel: str, 
     filled = ax.contourf(gx, gy, z, levels=20, cmap="viridis_r", norm=norm)
   else:
     filled = ax.scatter(gx.ravel(), gy.ravel(), c=z.ravel(), cmap="viridis_r", norm=norm, s=80)
-  label = plot_input.CAPABILITY_LABELS[name]
+  label = CAPABILITY_LABELS[name]
   fig.colorbar(filled, ax=ax, label=f"log₁₀ {label}" if name == "perplexity" else label)
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
-  ax.set_title(f"capability: {plot_input.CAPABILITY_LABELS[name]}", fontsize=10)
+  ax.set_title(f"capability: {CAPABILITY_LABELS[name]}", fontsize=10)
 
 
-def _plot_2d(fig: Figure, p: dict) -> None:
-  x, y, asr, bad = p["x"], p["y"], p["asr"], p["nonfinite"]
+def _plot_2d(fig: Figure, r: result.Result) -> None:
+  x, y, asr, bad = r.coords_x, r.coords_y, r.asr, r.nonfinite
+  capability = _capability(r)
   gx, gy = np.meshgrid(x, y, indexing="ij")   # asr[i][j] sits at (x[i], y[j])
   z = np.ma.masked_invalid(asr)
   norm = colors.Normalize(0, 100)
-  xlabel, ylabel = _axis_labels(p["vis_type"])
+  xlabel, ylabel = _axis_labels(r.vis_type)
 
-  n_panels = 3 if p["capability"] else 2
+  n_panels = 3 if capability else 2
   ax = fig.add_subplot(1, n_panels, 1)
   if min(asr.shape) >= 2 and z.count() >= 3:
     levels = np.linspace(0, 100, 21)
@@ -183,7 +193,7 @@ def _plot_2d(fig: Figure, p: dict) -> None:
     ax.clabel(lines, fmt="%d%%", fontsize=7)
   else:
     filled = ax.scatter(gx.ravel(), gy.ravel(), c=asr.ravel(), cmap=CMAP, norm=norm, s=80)
-  if p["partial"]:
+  if _partial(r):
     miss = np.isnan(asr)
     ax.scatter(gx[miss], gy[miss], s=6, color="0.6", clip_on=False, label="not evaluated")
   fig.colorbar(filled, ax=ax, label="ASR (%)", ticks=np.linspace(0, 100, 6))
@@ -196,10 +206,10 @@ def _plot_2d(fig: Figure, p: dict) -> None:
   ax.set_ylabel(ylabel)
   ax.set_aspect("equal" if np.isclose(np.ptp(x), np.ptp(y)) else "auto")
   ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=8, frameon=False)
-  ax.set_title("ASR contour  ·  " + _visage_text(p["visage"], p["visage_ci"]), fontsize=10)
+  ax.set_title("ASR contour  ·  " + _visage_text(r.visages["asr"]), fontsize=10)
 
-  if p["capability"]:
-    _capability_contour(fig, fig.add_subplot(1, n_panels, 2), gx, gy, p["capability"], xlabel, ylabel)
+  if capability:
+    _capability_contour(fig, fig.add_subplot(1, n_panels, 2), gx, gy, capability, xlabel, ylabel)
   ax3 = fig.add_subplot(1, n_panels, n_panels, projection="3d")
   if min(asr.shape) >= 2:
     ax3.plot_surface(gx, gy, z, cmap=CMAP, norm=norm, rstride=1, cstride=1, linewidth=0.2,
@@ -214,43 +224,41 @@ def _plot_2d(fig: Figure, p: dict) -> None:
   ax3.set_ylabel("β")
   ax3.set_zlabel("ASR (%)")
   ax3.view_init(elev=28, azim=-130)
-  ax3.set_title("ASR surface  ·  " + _visage_text(p["visage"]), fontsize=10)
-  fig.suptitle(_header(p), fontsize=11)
+  ax3.set_title("ASR surface  ·  " + _visage_text(r.visages["asr"], with_ci=False), fontsize=10)
+  fig.suptitle(_header(r), fontsize=11)
 
 
-def plot_landscape(result: dict, path: str) -> None:
-  """Renders one landscape.json to a PNG; written atomically so a watcher never sees half a file."""
-  p = plot_input.parse(result)
-  if p["vis_type"] in plot_input.VIS_TYPES_1D:
+def plot_landscape(record: result.Result, path: str) -> None:
+  """Renders one run's record to a PNG; written atomically so a watcher never sees half a file."""
+  if not record.two_d:
     fig = Figure(figsize=(8.5, 4.8), layout="constrained")
-    _plot_1d(fig, p)
+    _plot_1d(fig, record)
   else:
-    fig = Figure(figsize=(13 + 5.5 * bool(p["capability"]), 5.6), layout="constrained")
-    _plot_2d(fig, p)
+    fig = Figure(figsize=(13 + 5.5 * bool(_capability(record)), 5.6), layout="constrained")
+    _plot_2d(fig, record)
   _save(fig, path)
 
 
-def plot_sweep(results: dict, path: str) -> list[str]:
-  """One axes for a whole sweep (run name -> landscape.json): ASR vs alpha of every run (1D: mean
-  over directions; 2D: the beta = 0 slice, dashed). Returns the runs drawn; runs with no point
-  yet, or 2D ones without beta = 0, are left out. Atomic, like plot_landscape."""
+def plot_sweep(records: dict, path: str) -> list[str]:
+  """One axes for a whole sweep (run name -> record): ASR vs alpha of every run (1D: mean over
+  directions; 2D: the beta = 0 slice, dashed). Returns the runs drawn; runs with no point yet,
+  or 2D ones without beta = 0, are left out. Atomic, like plot_landscape."""
   fig = Figure(figsize=(10, 5.2), layout="constrained")
   ax = fig.add_subplot()
   drawn = []
-  for name, result in results.items():
-    p = plot_input.parse(result)
-    if p["vis_type"] in plot_input.VIS_TYPES_1D:
-      curve, style, label = p["asr"].mean(axis=0), "-", name
+  for name, r in records.items():
+    if not r.two_d:
+      curve, style, label = r.asr.mean(axis=0), "-", name
     else:
-      zero = np.flatnonzero(np.isclose(p["y"], 0.0))
+      zero = np.flatnonzero(np.isclose(r.coords_y, 0.0))
       if not len(zero):
         continue
-      curve, style, label = p["asr"][:, zero[0]], "--", f"{name} (β = 0 slice)"
+      curve, style, label = r.asr[:, zero[0]], "--", f"{name} (β = 0 slice)"
     if np.isnan(curve).all():
       continue
-    partial = "  [partial]" if p["partial"] else ""
-    ax.plot(p["x"], curve, ls=style, marker="o", ms=3, lw=1.4,
-            label=f"{label}  ·  {_visage_text(p['visage'])}{partial}")
+    partial = "  [partial]" if _partial(r) else ""
+    ax.plot(r.coords_x, curve, ls=style, marker="o", ms=3, lw=1.4,
+            label=f"{label}  ·  {_visage_text(r.visages['asr'], with_ci=False)}{partial}")
     drawn.append(name)
   if not drawn:
     ax.text(0.5, 0.5, "no evaluated points yet", ha="center", va="center", transform=ax.transAxes)
@@ -261,7 +269,7 @@ def plot_sweep(results: dict, path: str) -> list[str]:
   ax.grid(alpha=0.3)
   if drawn:
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-  ax.set_title(f"sweep: {len(drawn)} of {len(results)} runs", fontsize=10)
+  ax.set_title(f"sweep: {len(drawn)} of {len(records)} runs", fontsize=10)
   _save(fig, path)
   return drawn
 

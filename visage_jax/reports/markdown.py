@@ -10,10 +10,11 @@ import csv
 import json
 import os
 
-from visage_jax import errors
+import numpy as np
+
+from visage_jax import errors, result, rundir
 from visage_jax.analysis import visage
 from visage_jax.reports import figures
-from visage_jax import rundir
 
 DASH = "—"
 SAMPLE_CHARS = 160   # a generation's cell: enough to see a refusal or a compliance begin
@@ -25,25 +26,31 @@ TABLE_NOTE = "Cells: value [95 % interval]; — = not evaluated (or not computed
 # ------------------------------------------------------------------ small pieces
 
 
-def _at(tree, *keys):
-  """tree[k0][k1]... or None where a level is missing: optional fields read alike."""
-  for k in keys:
-    if isinstance(k, int):
-      tree = tree[k] if isinstance(tree, list) and 0 <= k < len(tree) else None
-    else:
-      tree = tree.get(k) if isinstance(tree, dict) else None
-  return tree
+def _at(values: np.ndarray | None, *index) -> float | None:
+  """values[index] as a float; None where there are no values or the point was not evaluated."""
+  if values is None:
+    return None
+  v = float(values[index])
+  return None if np.isnan(v) else v
+
+
+def _pair(pairs: np.ndarray | None, *index) -> tuple[float, float] | None:
+  """An interval [..., 2] at `index`; None where there is none."""
+  if pairs is None:
+    return None
+  lo, hi = map(float, pairs[index])
+  return None if np.isnan(lo) or np.isnan(hi) else (lo, hi)
 
 
 def _num(v, fmt: str = ".2f") -> str:
-  if isinstance(v, bool):
+  if isinstance(v, (bool, np.bool_)):
     return "yes" if v else ""
-  return DASH if v is None else format(v, fmt)
+  return DASH if v is None or v != v else format(v, fmt)
 
 
 def _with_ci(v, pair, fmt: str = ".2f") -> str:
   """'62.50 [55.00, 70.00]', or the value alone where no interval was computed."""
-  if v is None or not isinstance(pair, list) or len(pair) != 2 or None in pair:
+  if v is None or pair is None:
     return _num(v, fmt)
   return f"{v:{fmt}} [{pair[0]:{fmt}}, {pair[1]:{fmt}}]"
 
@@ -62,127 +69,103 @@ def _table(header: list[str], rows: list[list[str]], align_left: int = 1) -> lis
   return ["| " + " | ".join(r) + " |" for r in [header, rule, *rows]]
 
 
-def _read_result(path: str) -> dict:
-  """landscape.json with the fields every report needs (rebuild's plotting checks their shapes)."""
-  file = os.path.join(path, "landscape.json")
-  try:
-    with open(file) as f:
-      result = json.load(f)
-  except FileNotFoundError:
-    raise errors.MissingFileError(f"{file}: no such file; run `visage-jax landscape` in {path} first.") from None
-  except json.JSONDecodeError as e:
-    raise errors.UserError(f"{file}: not valid JSON ({e}).") from None
-  missing = [k for k in ("vis_type", "coords_x", "asr") if not isinstance(result, dict) or k not in result]
-  if missing:
-    raise errors.UserError(f"{file}: missing {', '.join(missing)}; expected a landscape.json as "
-                           "`visage-jax landscape` writes it.")
-  return result
-
-
 # ------------------------------------------------------------------ a run's sections
 
 
-def _measures(result: dict) -> list[dict]:
-  """Every ASR the run holds (keyword, coherent, each model judge) with its intervals and the key
-  of its basin entry."""
-  ci = result.get("ci95") or {}
-  out = [dict(label="keyword ASR", basin=None, asr=result["asr"], ci=ci.get("asr"),
-              visage=result.get("visage"), visage_ci=ci.get("visage"))]
-  if result.get("asr_coherent") is not None:
-    max_nll = _at(result, "coherence", "max_nll")
-    out.append(dict(label=f"coherent ASR (nll_ref ≤ {max_nll})", basin="coherent", asr=result["asr_coherent"],
-                    ci=ci.get("asr_coherent"), visage=result.get("visage_coherent"),
-                    visage_ci=ci.get("visage_coherent")))
-  for name, judge in (result.get("judges") or {}).items():
-    if isinstance(judge, dict) and judge.get("asr") is not None:
-      out.append(dict(label=f"{name} ASR", basin=name, asr=judge["asr"], ci=_at(ci, "judges", name, "asr"),
-                      visage=judge.get("visage"), visage_ci=_at(ci, "judges", name, "visage")))
+def _measures(record: result.Result) -> list[dict]:
+  """Every ASR the run holds (keyword, coherent, each model judge): its label and curve name."""
+  out = [dict(label="keyword ASR", name="asr")]
+  if "asr_coherent" in record.curves:
+    out.append(dict(label=f"coherent ASR (nll_ref ≤ {record.max_nll})", name="asr_coherent"))
+  out += [dict(label=f"{name} ASR", name=result.JUDGE + name) for name in record.judges
+          if result.JUDGE + name in record.curves]
   return out
 
 
-def _title(result: dict) -> list[str]:
+def _title(record: result.Result) -> list[str]:
   """Title and the facts a reader needs to trust the numbers: model, grid, prompts, decoding."""
-  model = str(result.get("model") or "unknown model")
-  asr = [v for row in result["asr"] for v in row]
-  done = sum(v is not None for v in asr)
-  state = "complete" if result.get("complete") else f"incomplete ({done} of {len(asr)} points evaluated)"
-  xs, ys = result["coords_x"], result.get("coords_y")
-  grid = f"{len(xs)} points, α from {xs[0]:g} to {xs[-1]:g}, {len(result['asr'])} direction(s)"
+  model = str(record.model or "unknown model")
+  done = int((~np.isnan(record.asr)).sum())
+  state = "complete" if record.complete else f"incomplete ({done} of {record.asr.size} points evaluated)"
+  xs, ys = record.coords_x, record.coords_y
+  grid = f"{len(xs)} points, α from {xs[0]:g} to {xs[-1]:g}, {len(record.asr)} direction(s)"
   if ys is not None:
     grid = f"{len(xs)} × {len(ys)} points, α from {xs[0]:g} to {xs[-1]:g}, β from {ys[0]:g} to {ys[-1]:g}"
-  c = result.get("config") or {}
-  lora = _at(c, "model", "lora_path")
-  lines = [f"# {os.path.basename(model.rstrip('/')) or model} · {result['vis_type']} · "
-           f"{result.get('n_prompts')} prompts · {state}", "",
+  lora = record.setting("model.lora_path")
+  lines = [f"# {os.path.basename(model.rstrip('/')) or model} · {record.vis_type} · "
+           f"{record.n_prompts} prompts · {state}", "",
            f"- model: `{model}`" + (f" + LoRA `{lora}`" if lora else ""),
-           f"- grid: {grid}; seed {result.get('seed')}"]
-  if c.get("prompts"):
-    lines.append(f"- prompts: `{_at(c, 'prompts', 'path') or 'AdvBench (packaged)'}`, "
-                 f"template {_at(c, 'prompts', 'template')}, "
-                 f"system prompt {one_line(_at(c, 'prompts', 'system_prompt'), PROMPT_CHARS)}; "
-                 f"greedy, {_at(c, 'decode', 'max_new_tokens')} new tokens")
-  if result.get("coherence"):
-    lines.append(f"- coherent: jailbroken and nll_ref ≤ {_at(result, 'coherence', 'max_nll')} nats/token under "
-                 f"`{_at(result, 'coherence', 'model')}`")
-  for name, judge in (result.get("judges") or {}).items():
-    lines.append(f"- model judge {name}: `{_at(judge, 'model')}`")
-  bad = sum(bool(v) for row in (result.get("nonfinite") or []) for v in row)
+           f"- grid: {grid}; seed {record.seed}"]
+  if record.setting("prompts"):
+    lines.append(f"- prompts: `{record.setting('prompts.path') or 'AdvBench (packaged)'}`, "
+                 f"template {record.setting('prompts.template')}, "
+                 f"system prompt {one_line(record.setting('prompts.system_prompt'), PROMPT_CHARS)}; "
+                 f"greedy, {record.setting('decode.max_new_tokens')} new tokens")
+  if record.max_nll is not None or record.coherence_model is not None:
+    lines.append(f"- coherent: jailbroken and nll_ref ≤ {record.max_nll} nats/token under "
+                 f"`{record.coherence_model}`")
+  for name, judge in record.judges.items():
+    lines.append(f"- model judge {name}: `{judge.model}`"
+                 + (f" (judged {judge.placement})" if judge.placement else ""))
+  bad = int(record.nonfinite.sum())
   if bad:
     lines.append(f"- {bad} point(s) with inf/NaN logits (marked in the tables)")
-  if result.get("judge_disagreements"):
-    lines.append(f"- the on-device keyword automaton disagreed on {len(result['judge_disagreements'])} "
+  if record.judge_disagreements:
+    lines.append(f"- the on-device keyword automaton disagreed on {len(record.judge_disagreements)} "
                  "generation(s) (the Python verdict is the one recorded)")
   return lines
 
 
-def _visage_section(result: dict, measures: list[dict]) -> list[str]:
+def _visage_section(record: result.Result, measures: list[dict]) -> list[str]:
   """1D: the mean over directions, and each direction's when there are several; 2D: the plane's."""
-  two_d = result.get("coords_y") is not None
-  per = [] if two_d or len(result["asr"]) < 2 else range(len(result["asr"]))
+  per = [] if record.two_d or record.n_dirs < 2 else range(record.n_dirs)
   rows = []
   for m in measures:
-    v, ci = m["visage"], m["visage_ci"]
-    rows.append([m["label"], _with_ci(v, ci)] if two_d else
-                [m["label"], _with_ci(_at(v, "mean"), _at(ci, "mean"))]
-                + [_with_ci(_at(v, "per_direction", r), _at(ci, "per_direction", r)) for r in per])
+    v = record.visages[m["name"]]
+    rows.append([m["label"], _with_ci(v.mean, v.ci95)]
+                + [_with_ci(_at(v.per_direction, r), _pair(v.per_direction_ci95, r)) for r in per])
   lines = ["## VISAGE (higher = safer)", ""]
   lines += _table(["ASR", "VISAGE" if not per else "mean"] + [f"direction {r}" for r in per], rows)
-  if visage.visage_mean(result) is None:
+  if record.visage is None:
     lines += ["", "VISAGE is computed once every point is evaluated."]
-  ci = result.get("ci95")
-  if ci:
-    lines += ["", f"95 % intervals: {ci.get('method')}, {ci.get('resamples')} resamples, seed {ci.get('seed')} "
+  b = record.bootstrap
+  if b is not None:
+    lines += ["", f"95 % intervals: {b.method}, {b.resamples} resamples, seed {b.seed} "
               "(over prompts; over directions too for the mean)."]
-    if ci.get("degenerate"):
-      lines.append(f"Zero-width intervals (every prompt agrees): {one_line(json.dumps(ci['degenerate']), 300)}.")
+    if b.degenerate:
+      lines.append(f"Zero-width intervals (every prompt agrees): {one_line(json.dumps(b.degenerate), 300)}.")
   else:
     lines += ["", "95 % intervals: not computed (landscape.json has no ci95)."]
   return lines
 
 
-def _points_1d(result: dict, measures: list[dict]) -> list[str]:
+def _capability(record: result.Result) -> list[tuple[str, str, str]]:
+  return [(n, label, fmt) for n, label, fmt in CAPABILITY if n in record.curves]
+
+
+def _points_1d(record: result.Result, measures: list[dict]) -> list[str]:
   """One table per direction, a row per grid point: every ASR and capability measure."""
-  cap, cap_ci = result.get("capability") or {}, _at(result, "ci95", "capability") or {}
-  caps = [(n, label, fmt) for n, label, fmt in CAPABILITY if cap.get(n) is not None]
-  bad = result.get("nonfinite") if any(v for row in result.get("nonfinite") or [] for v in row) else None
+  names = [m["name"] for m in measures] + [n for n, _, _ in _capability(record)]
+  fmts = [".2f"] * len(measures) + [fmt for _, _, fmt in _capability(record)]
+  bad = bool(record.nonfinite.any())
   lines = ["## ASR at every grid point (%)", "", TABLE_NOTE]
-  for r in range(len(result["asr"])):
+  for r in range(record.n_dirs):
     rows = []
-    for p, alpha in enumerate(result["coords_x"]):
-      row = [f"{alpha:.3f}"] + [_with_ci(_at(m["asr"], r, p), _at(m["ci"], r, p)) for m in measures]
-      row += [_with_ci(_at(cap, n, r, p), _at(cap_ci, n, r, p), fmt) for n, _, fmt in caps]
-      rows.append(row + [_num(bool(_at(bad, r, p)))] * bool(bad))
-    header = ["α"] + [m["label"] for m in measures] + [label for _, label, _ in caps] + ["inf/NaN"] * bool(bad)
+    for p, alpha in enumerate(record.coords_x):
+      row = [f"{alpha:.3f}"] + [_with_ci(_at(record.curves[n], r, p), _pair(record.ci95.get(n), r, p), fmt)
+                                for n, fmt in zip(names, fmts)]
+      rows.append(row + [_num(bool(record.nonfinite[r, p]))] * bad)
+    header = (["α"] + [m["label"] for m in measures] + [label for _, label, _ in _capability(record)]
+              + ["inf/NaN"] * bad)
     lines += ["", f"### Direction {r}", ""] + _table(header, rows, 0)
   return lines
 
 
-def _points_2d(result: dict, measures: list[dict]) -> list[str]:
+def _points_2d(record: result.Result, measures: list[dict]) -> list[str]:
   """A compact [α][β] table per measure (intervals are in landscape.json's ci95)."""
-  xs, ys = result["coords_x"], result["coords_y"]
-  cap = result.get("capability") or {}
-  grids = [(m["label"] + " (%)", m["asr"], ".1f") for m in measures]
-  grids += [(label, cap[n], fmt) for n, label, fmt in CAPABILITY if cap.get(n) is not None]
+  xs, ys = record.coords_x, record.coords_y
+  grids = [(m["label"] + " (%)", record.curves[m["name"]], ".1f") for m in measures]
+  grids += [(label, record.curves[n], fmt) for n, label, fmt in _capability(record)]
   lines = ["## Values over the plane (rows α, columns β)"]
   for label, grid, fmt in grids:
     rows = [[f"{x:.3f}"] + [_num(_at(grid, i, j), fmt) for j in range(len(ys))] for i, x in enumerate(xs)]
@@ -190,35 +173,34 @@ def _points_2d(result: dict, measures: list[dict]) -> list[str]:
   return lines
 
 
-def _basin_section(result: dict, measures: list[dict]) -> list[str]:
-  basin = result.get("basin")
+def _basin_section(record: result.Result, measures: list[dict]) -> list[str]:
   lines = ["## Safety basin (where ASR crosses 50 % on each side of the origin)", ""]
-  if not basin:
+  if not record.basin:
     return lines + ["Not computed (landscape.json has no basin)."]
-  if result.get("coords_y") is not None:
+  if record.two_d:
+    b = record.basin["asr"]
     return lines + _table(["measure", "value"], [
-        ["fraction of points with ASR < 50 %", _num(basin.get("fraction_below"), ".3f")],
-        ["fraction in the connected region around θ", _num(basin.get("connected_fraction"), ".3f")],
-        ["points in that region", _num(basin.get("connected_points"), "d")]])
-  rows = []
-  for m in measures:
-    for r, entry in enumerate(basin if isinstance(basin, list) else []):
-      b = entry if m["basin"] is None else _at(entry, m["basin"])
-      if isinstance(b, dict):
-        rows.append([m["label"], str(r)] + [_num(b.get(k), ".3f") for k in ("left", "right", "width")])
+        ["fraction of points with ASR < 50 %", _num(b["fraction_below"], ".3f")],
+        ["fraction in the connected region around θ", _num(b["connected_fraction"], ".3f")],
+        ["points in that region", _num(b["connected_points"], "d")]])
+  rows = [[m["label"], str(r)] + [_num(b[k], ".3f") for k in ("left", "right", "width")]
+          for m in measures for r, b in enumerate(record.basin.get(m["name"], []))]
   return lines + _table(["ASR", "direction", "left α", "right α", "width"], rows) + [
       "", "— : no crossing on that side within the evaluated points."]
 
 
-def _refined_section(result: dict) -> list[str]:
+def _refined_section(record: result.Result) -> list[str]:
   """Points added between grid points near the basin walls; they never change VISAGE."""
   lines = []
-  for r, entry in enumerate(result.get("refined") or []):
-    alphas = _at(entry, "alpha") or []
-    cols = [k for k, v in entry.items() if k != "alpha" and isinstance(v, list) and len(v) == len(alphas)]
-    rows = [[f"{a:.4f}"] + [_num(entry[k][i], ".4g" if k == "perplexity" else ".2f") for k in cols]
-            for i, a in enumerate(alphas)]
-    names = [{"asr": "keyword ASR", "asr_coherent": "coherent ASR"}.get(k, k) for k in cols]
+  for r, e in enumerate(record.refined):
+    cols = ([("round", e.round, ".2f")] if e.round is not None else []) + [
+        (n, v, ".4g" if n == "perplexity" else ".2f") for n, v in e.curves.items()]
+    cells = [[_num(_at(v, i), fmt) for _, v, fmt in cols] for i in range(e.alpha.size)]
+    if e.nonfinite is not None:
+      cols.append(("nonfinite", None, None))
+      cells = [row + [_num(bool(e.nonfinite[i]))] for i, row in enumerate(cells)]
+    rows = [[f"{a:.4f}"] + row for a, row in zip(e.alpha, cells)]
+    names = [{"asr": "keyword ASR", "asr_coherent": "coherent ASR"}.get(k, k) for k, _, _ in cols]
     lines += ["", f"### Direction {r}", ""] + _table(["α"] + names, rows, 0)
   return ["## Refined points (not part of VISAGE)"] + lines if lines else []
 
@@ -277,18 +259,18 @@ def _sample_steps_2d(xs: list, ys: list) -> list[int]:
   return list(dict.fromkeys(i * n_y + j for i, j in picks))
 
 
-def _samples_section(path: str, result: dict, heading: str, file: str) -> list[str]:
+def _samples_section(path: str, record: result.Result, heading: str, file: str) -> list[str]:
   """Two generations per point of `file` with their verdicts (2D: a few points of the plane)."""
   lines = [l for l in rundir.read_jsonl(os.path.join(path, file), repair=False)
            if isinstance(l, dict) and isinstance(l.get("direction"), int)]
   if not lines:
     return []
-  max_nll, verdicts = _at(result, "coherence", "max_nll"), _judge_verdicts(path)
-  ys = result.get("coords_y")
+  max_nll, verdicts = record.max_nll, _judge_verdicts(path)
+  ys = record.coords_y
   out = [heading, "", f"Two prompts per point: the first jailbroken and the first refused one where both "
          f"occur; texts cut to {SAMPLE_CHARS} characters on one line."]
   if ys is not None:
-    keep = _sample_steps_2d(result["coords_x"], ys)
+    keep = _sample_steps_2d(record.coords_x, ys)
     chosen = sorted((l for l in lines if l.get("step") in keep), key=lambda l: keep.index(l["step"]))
     return out + [""] + _table(["(α, β)", "#", "verdict", "prompt", "generation"],
                                _sample_rows(chosen, max_nll, verdicts), 5)
@@ -302,27 +284,30 @@ def _samples_section(path: str, result: dict, heading: str, file: str) -> list[s
 # ------------------------------------------------------------------ run report
 
 
-def write_run_report(path: str) -> str:
-  """RUN/report.md from the run's files alone (landscape.json, generations.jsonl, judges/*.jsonl,
-  refined.jsonl); written atomically; returns its text."""
-  result = _read_result(path)
-  measures = _measures(result)
+def write_run_report(path: str, record: result.Result | None = None) -> str:
+  """RUN/report.md from the run's files alone (its record, generations.jsonl, judges/*.jsonl,
+  refined.jsonl); written atomically; returns its text. `record`: the run's, when the caller
+  holds it (else read from RUN/landscape.json)."""
+  record = result.load_run(path) if record is None else record
+  measures = _measures(record)
   figure = (["![landscape](landscape.png)"] if os.path.exists(os.path.join(path, "landscape.png"))
             else ["No figure yet (landscape.png is drawn when the run completes)."])
-  points = _points_1d if result.get("coords_y") is None else _points_2d
-  sections = [_title(result), figure, _visage_section(result, measures), points(result, measures),
-              _basin_section(result, measures), _refined_section(result),
-              _samples_section(path, result, "## Sample generations", "generations.jsonl"),
-              _samples_section(path, result, "## Sample generations at refined points", "refined.jsonl")]
+  points = _points_2d if record.two_d else _points_1d
+  sections = [_title(record), figure, _visage_section(record, measures), points(record, measures),
+              _basin_section(record, measures), _refined_section(record),
+              _samples_section(path, record, "## Sample generations", "generations.jsonl"),
+              _samples_section(path, record, "## Sample generations at refined points", "refined.jsonl")]
   text = "\n\n".join("\n".join(s) for s in sections if s) + "\n"
   rundir.write_atomic(os.path.join(path, "report.md"), text)
   return text
 
 
-def rebuild(path: str) -> str:
-  """Re-plots RUN/landscape.png from landscape.json and rewrites report.md; returns the report."""
-  figures.plot_landscape(_read_result(path), os.path.join(path, "landscape.png"))
-  return write_run_report(path)
+def rebuild(path: str, record: result.Result | None = None) -> str:
+  """Re-plots RUN/landscape.png and rewrites report.md from the run's record (read from
+  RUN/landscape.json when not given); returns the report."""
+  record = result.load_run(path) if record is None else record
+  figures.plot_landscape(record, os.path.join(path, "landscape.png"))
+  return write_run_report(path, record)
 
 
 # ------------------------------------------------------------------ sweep report
@@ -345,13 +330,13 @@ def write_sweep_report(path: str) -> str:
   table = []
   for row in rows:
     run_dir = os.path.join(path, row["run"])
-    result = rundir.read_json(os.path.join(run_dir, "landscape.json"))
-    result = result if isinstance(result, dict) and "coords_x" in result and "asr" in result else None
-    ci = _at(result, "ci95", "visage")
-    ci = _at(ci, "mean") if isinstance(ci, dict) else ci
+    try:
+      record = result.load_run(run_dir)
+    except errors.UserError:   # not started, or failed before its first point
+      record = None
     link = f"[report]({row['run']}/report.md)" if os.path.exists(os.path.join(run_dir, "report.md")) else DASH
-    table.append([row["run"], row["status"], _num(visage.asr_at_zero(result) if result else None),
-                  _with_ci(visage.visage_mean(result) if result else None, ci), link])
+    table.append([row["run"], row["status"], _num(record.asr_at_zero if record else None),
+                  _with_ci(record.visage if record else None, record.visage_ci95 if record else None), link])
   counts = {s: sum(r["status"] == s for r in rows) for s in dict.fromkeys(r["status"] for r in rows)}
   lines = [f"# Sweep {os.path.basename(os.path.abspath(path))}", "",
            f"{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".", ""]
@@ -374,9 +359,9 @@ def rebuild_sweep(path: str) -> list[str]:
   written, results = [], {}
   for row in _sweep_rows(path):
     run_dir = os.path.join(path, row["run"])
-    if row["status"] == "complete" and os.path.exists(os.path.join(run_dir, "landscape.json")):
-      rebuild(run_dir)
-      results[row["run"]] = _read_result(run_dir)
+    if row["status"] == "complete" and os.path.exists(os.path.join(run_dir, result.FILE)):
+      results[row["run"]] = result.load_run(run_dir)
+      rebuild(run_dir, results[row["run"]])
       written += [os.path.join(run_dir, "landscape.png"), os.path.join(run_dir, "report.md")]
   if results:
     figures.plot_sweep(results, os.path.join(path, "sweep.png"))
@@ -394,7 +379,7 @@ def rebuild_workdir(path: str) -> list[str]:
     raise errors.MissingFileError(f"--workdir={path}: no such directory.")
   if os.path.exists(os.path.join(path, "sweep.csv")):
     return rebuild_sweep(path)
-  if not os.path.exists(os.path.join(path, "landscape.json")):
+  if not os.path.exists(os.path.join(path, result.FILE)):
     raise errors.UserError(f"--workdir={path}: neither a landscape run (landscape.json) nor a sweep (sweep.csv).")
   rebuild(path)
   return [os.path.join(path, "landscape.png"), os.path.join(path, "report.md")]

@@ -181,7 +181,7 @@ def run_real(s: pipeline.Setup, path: str) -> tuple[int, float, float]:
     t0 = time.perf_counter()
     result = landscape.execute(s, path, registry.scorers(s.c, s, path), progress=False)
     wall = time.perf_counter() - t0
-  return result["generated_tokens"], wall, clock.seconds
+  return result.section("generated_tokens"), wall, clock.seconds
 
 
 def _agreement(a: np.ndarray, b: np.ndarray) -> float:

@@ -84,4 +84,6 @@ def judges(j) -> None:
   if j.model_path:
     if not judging.NAME_PATTERN.match(j.name or ""):
       raise errors.UserError(f"judges.name {j.name!r}: expected letters, digits, '_', '.' or '-'.")
+    if int(j.max_new_tokens) < 1:
+      raise errors.UserError(f"judges.max_new_tokens must be >= 1, got {j.max_new_tokens}.")
     loader.load_config(loader.resolve(j.model_path, weights=False))

@@ -3,22 +3,21 @@
 Reads RUN/generations.jsonl; appends one record per generation to RUN/judges/NAME.jsonl
 (direction, step, prompt_index, verdict, categories, p_unsafe, output), fsynced per batch, so an
 interrupted judge resumes where it stopped (a torn last line is dropped) and a finished one
-loads nothing. Then adds `judges[NAME]` to RUN/landscape.json (ASR, VISAGE, unparsed counts and
-agreement with the keyword judge, each shaped like the keyword `asr`), re-plots and rewrites report.md.
+loads nothing. Then adds `judges[NAME]` to the run's record (ASR, VISAGE, unparsed counts and
+agreement with the keyword judge, each shaped like the keyword `asr`); the command writes it,
+re-plots and rewrites report.md, a landscape run with a judge in its config does so once at its end.
 """
 
-import json
 import os
 import re
 
 import numpy as np
 from absl import logging
 
-from visage_jax import errors, sharding
-from visage_jax.analysis import basin, uncertainty, visage
+from visage_jax import errors, result, rundir, sharding
+from visage_jax.analysis import uncertainty, visage
 from visage_jax.measures import llamaguard
 from visage_jax.reports import markdown
-from visage_jax import rundir
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -42,23 +41,12 @@ def _generations(workdir: str) -> list[dict]:
   return lines
 
 
-def _landscape_json(workdir: str) -> dict:
-  path = os.path.join(workdir, "landscape.json")
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except FileNotFoundError:
-    raise errors.MissingFileError(f"{path}: no such file; the judge needs the run's grid.") from None
-  except json.JSONDecodeError as e:
-    raise errors.UserError(f"{path}: not valid JSON ({e}).") from None
-
-
-def _check_settings(result: dict, name: str, settings: dict, records: list[dict]) -> None:
+def _check_settings(record: result.Result, name: str, settings: dict, records: list[dict]) -> None:
   """Verdicts of another judge under the same name would mix silently; refuse instead."""
-  old = (result.get("judges") or {}).get(name)
-  if not records or not old:
+  old = record.judges.get(name)
+  if not records or old is None:
     return
-  diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
+  diff = [f"{k}: {getattr(old, k)!r} -> {v!r}" for k, v in settings.items() if getattr(old, k) != v]
   if diff:
     raise errors.UserError(f"judges/{name}.jsonl holds verdicts of another judge ({'; '.join(diff)}); "
                            "use another --name, or delete that file.")
@@ -71,11 +59,9 @@ def _blocks(lines: list[dict], batch: int):
       yield line, list(range(start, min(start + batch, len(line["outputs"]))))
 
 
-def summarize(result: dict, lines: list[dict], records: list[dict], settings: dict) -> dict:
+def summarize(record: result.Result, lines: list[dict], records: list[dict], settings: dict) -> dict:
   """judges[NAME] of landscape.json: per point ASR, unparsed, agreement; VISAGE when complete."""
-  xs, ys = result["coords_x"], result.get("coords_y")
-  n_points = len(xs) * (1 if ys is None else len(ys))
-  n_dirs = len(result["asr"]) if ys is None else 1
+  n_dirs, n_points = record.n_dirs, record.n_points
   by_key = {(r["direction"], r["step"], r["prompt_index"]): r for r in records}
   shape = (n_dirs, n_points)
   asr, unparsed, agree = (np.full(shape, None, object) for _ in range(3))
@@ -89,57 +75,67 @@ def summarize(result: dict, lines: list[dict], records: list[dict], settings: di
     unparsed[r, p] = sum(g["verdict"] == "unparsed" for g in got)
     agree[r, p] = sum(u == bool(o.get("jailbroken")) for u, o in zip(unsafe, outs)) / len(outs)
   complete = all(v is not None for v in asr.ravel())
-  if ys is None:
-    vis = visage.visage_directions(asr.tolist()) if complete else None
-    grid = lambda a: a.tolist()
-  else:
-    grid = lambda a: a[0].reshape(len(xs), len(ys)).tolist()
-    vis = visage.visage_2d(grid(asr)) if complete else None
+  grid = lambda a: record.to_grid(a).tolist()
+  vis = None
+  if complete:
+    vis = visage.visage_2d(grid(asr)) if record.two_d else visage.visage_directions(grid(asr))
   return dict(settings, asr=grid(asr), visage=vis, unparsed=grid(unparsed),
               agreement_with_keywords=grid(agree), n_judged=len(records), complete=complete)
 
 
-def judge_ci95(result: dict, lines: list[dict], records: list[dict]) -> dict:
+def judge_ci95(record: result.Result, lines: list[dict], records: list[dict]) -> dict:
   """ci95["judges"][NAME]: {"asr", "visage"} intervals of the judge's unsafe verdicts, with the
-  run's bootstrap settings (its ci95, else its config's, else the defaults)."""
-  xs, ys = result["coords_x"], result.get("coords_y")
-  n_points = len(xs) * (1 if ys is None else len(ys))
-  n_dirs = len(result["asr"]) if ys is None else 1
-  n_prompts = result.get("n_prompts") or max((len(l["outputs"]) for l in lines), default=0)
+  run's bootstrap settings (_ci_header)."""
+  n_dirs, n_points = record.n_dirs, record.n_points
+  n_prompts = record.n_prompts or max((len(l["outputs"]) for l in lines), default=0)
   by_key = {(r["direction"], r["step"], r["prompt_index"]): r["verdict"] == "unsafe" for r in records}
   unsafe = np.full((n_dirs, n_points, n_prompts), np.nan)
   for line in lines:
     got = [by_key.get((line["direction"], line["step"], q)) for q in range(n_prompts)]
     if None not in got and line["direction"] < n_dirs and line["step"] < n_points:
       unsafe[line["direction"], line["step"]] = got
-  return uncertainty.curve_ci95(unsafe, xs, ys, **_ci_settings(result))
+  header = _ci_header(record)
+  return uncertainty.curve_ci95(unsafe, record.coords_x, record.coords_y, resamples=header["resamples"],
+                                seed=header["seed"])
 
 
-def _ci_settings(result: dict) -> dict:
-  ci = result.get("ci95") or (result.get("config") or {}).get("ci95") or {}
-  return dict(resamples=ci.get("resamples", uncertainty.RESAMPLES), seed=ci.get("seed", 0))
+def _ci_header(record: result.Result) -> dict:
+  """The bootstrap settings of the judge's intervals: the run's ci95's, else its config's, else
+  the defaults; a run without ci95 gets this as its ci95 header."""
+  b = record.bootstrap
+  if b is not None and (b.resamples, b.seed) != (None, None):
+    return dict(method=uncertainty.METHOD, resamples=uncertainty.RESAMPLES if b.resamples is None else b.resamples,
+                seed=0 if b.seed is None else b.seed)
+  return dict(method=uncertainty.METHOD, resamples=record.setting("ci95.resamples", uncertainty.RESAMPLES),
+              seed=record.setting("ci95.seed", 0))
 
 
-def _publish(workdir: str, name: str, summary: dict, ci: dict) -> dict:
-  """Adds judges[NAME] and ci95.judges[NAME] to the latest landscape.json (atomically) and
-  re-plots; unchanged: no write."""
-  path = os.path.join(workdir, "landscape.json")
-  result = _landscape_json(workdir)
-  old_ci = ((result.get("ci95") or {}).get("judges") or {}).get(name)
-  if (result.get("judges") or {}).get(name) == summary and old_ci == ci:
-    return result
-  result.setdefault("judges", {})[name] = summary
-  result.setdefault("ci95", dict(method=uncertainty.METHOD, **_ci_settings(result))).setdefault("judges", {})[name] = ci
-  result["basin"] = basin.summarize(result)
-  rundir.write_atomic(path, json.dumps(result, indent=1))
-  if not any(v is None for v in np.ravel(np.asarray(result["asr"], object))):
-    markdown.rebuild(workdir)   # the figure and report.md with the judge
-  return result
+def judge(record: result.Result, workdir: str, lines: list[dict], model_path: str, *, name: str = "llamaguard",
+          max_new_tokens: int = 10, dtype: str = "float32", batch: int = llamaguard.BATCH, progress: bool = True,
+          placement: str | None = None) -> result.Result:
+  """Judges every generation of `lines` not yet in RUN/judges/NAME.jsonl (loading the judge only
+  then); -> the record with judges[NAME] (`placement`: where a landscape run judged) and
+  ci95.judges[NAME]. Writes the verdicts, not the record."""
+  out_path = os.path.join(workdir, "judges", f"{name}.jsonl")
+  records = rundir.read_jsonl(out_path, repair=False)
+  settings = dict(model=model_path, max_new_tokens=max_new_tokens, dtype=dtype)
+  _check_settings(record, name, settings, records)
+  done = {(r["direction"], r["step"], r["prompt_index"]) for r in records}
+  todo = [(line, qs) for line, qs in _blocks(lines, batch)
+          if any((line["direction"], line["step"], q) not in done for q in qs)]
+  if todo:
+    records += _judge_blocks(todo, done, out_path, model_path, dtype, max_new_tokens, batch,
+                             tuple(record.setting("mesh.shape", (1, 1))), progress)
+  section = summarize(record, lines, records, settings)
+  if placement is not None:
+    section["placement"] = placement
+  return record.with_judge(name, section, judge_ci95(record, lines, records), _ci_header(record))
 
 
 def run(workdir: str, model_path: str, *, name: str = "llamaguard", max_new_tokens: int = 10,
         dtype: str = "float32", batch: int = llamaguard.BATCH, progress: bool = True) -> dict:
-  """Judges every generation not yet judged; returns judges[NAME] as written to landscape.json."""
+  """`visage-jax judge`: judges every generation not yet judged, adds judges[NAME] to the run's
+  record, re-plots and rewrites report.md (unchanged: nothing written); returns judges[NAME]."""
   if not NAME_PATTERN.match(name or ""):
     raise errors.UserError(f"--name={name!r}: expected letters, digits, '_', '.' or '-'.")
   if max_new_tokens < 1:
@@ -149,21 +145,14 @@ def run(workdir: str, model_path: str, *, name: str = "llamaguard", max_new_toke
   if not model_path:
     raise errors.UserError("judge needs --model=JUDGE (e.g. meta-llama/Llama-Guard-3-1B).")
   lines = _generations(workdir)
-  result = _landscape_json(workdir)
-  out_path = os.path.join(workdir, "judges", f"{name}.jsonl")
-  records = rundir.read_jsonl(out_path, repair=False)
-  settings = dict(model=model_path, max_new_tokens=max_new_tokens, dtype=dtype)
-  _check_settings(result, name, settings, records)
-  done = {(r["direction"], r["step"], r["prompt_index"]) for r in records}
-  todo = [(line, qs) for line, qs in _blocks(lines, batch)
-          if any((line["direction"], line["step"], q) not in done for q in qs)]
-  if todo:
-    records += _judge_blocks(todo, done, out_path, model_path, dtype, max_new_tokens, batch,
-                             tuple(result.get("config", {}).get("mesh", {}).get("shape", (1, 1))),
-                             progress)
-  summary = summarize(result, lines, records, settings)
-  _publish(workdir, name, summary, judge_ci95(result, lines, records))
-  return summary
+  record = result.load_run(workdir)
+  judged = judge(record, workdir, lines, model_path, name=name, max_new_tokens=max_new_tokens, dtype=dtype,
+                 batch=batch, progress=progress)
+  if judged is not record:
+    judged = judged.write(workdir)
+    if not np.isnan(judged.asr).any():
+      markdown.rebuild(workdir, judged)   # the figure and report.md with the judge
+  return judged.judge_section(name)[0]
 
 
 def _mesh(shape: tuple[int, ...]):

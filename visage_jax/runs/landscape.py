@@ -16,56 +16,45 @@ landscape.refine = K, K rounds of bisection of each direction's basin walls foll
 
 import dataclasses
 import functools
-import json
 import os
 import time
 
 import jax
 import numpy as np
 
-from visage_jax import distributed, errors, rundir
+from visage_jax import distributed, errors, result, rundir
 from visage_jax.analysis import basin, uncertainty
 from visage_jax.measures import registry, scoring
 from visage_jax.reports import markdown
 from visage_jax.runs import config_checks, judging, pipeline
 
 
-# landscape.json fields a complete run of this version has (an older run lacks some; resuming it
-# recomputes its summary from the run files)
-SUMMARY_FIELDS = ("ci95", "basin")
-
-
-def run(c, path: str, *, overwrite: bool = False, progress: bool = True, scorers=None) -> dict:
-  """Runs (or resumes) the landscape described by config `c` in workdir `path`; returns
-  landscape.json. `scorers` say what is measured (default: scoring.default(), the keyword judge)."""
+def run(c, path: str, *, overwrite: bool = False, progress: bool = True, scorers=None) -> result.Result:
+  """Runs (or resumes) the landscape described by config `c` in workdir `path`; returns its
+  record (landscape.json). `scorers` say what is measured (default: scoring.default(), the
+  keyword judge)."""
   config_checks.validate(c)
   s = pipeline.prepare(c, path, overwrite=overwrite)
   placement = registry.judge_placement(c, s) if c.judges.model_path else None
   chosen = (registry.scorers(c, s, path, judge_inline=bool(placement and placement[0]))
             if scorers is None else tuple(scorers))
-  result = execute(s, path, chosen, progress=progress)
-  if placement and result["complete"]:
-    result = _judge(c, s, path, placement[1])
-  return result
+  judge = functools.partial(_judge, c, path, placement[1]) if placement else None
+  return execute(s, path, chosen, progress=progress, judge=judge)
 
 
-def _judge(c, s: pipeline.Setup, path: str, placement: str) -> dict:
-  """The config's model judge: what inline judging left out, or everything after decoding
-  (guard_run skips what is done), then landscape.json["judges"][name] with where it ran."""
-  if s.writer:
-    judging.run(path, c.judges.model_path, name=c.judges.name, max_new_tokens=c.judges.max_new_tokens,
-                  dtype=c.model.dtype, progress=False)
-    with open(os.path.join(path, "landscape.json")) as f:
-      result = json.load(f)
-    result["judges"][c.judges.name]["placement"] = placement
-    rundir.write_atomic(os.path.join(path, "landscape.json"), json.dumps(result, indent=1))
-  distributed.barrier("landscape: judged")
-  with open(os.path.join(path, "landscape.json")) as f:
-    return json.load(f)
+def _judge(c, path: str, placement: str, record: result.Result, lines: list[dict]) -> result.Result:
+  """The config's model judge on a complete run: what inline judging left out, or everything
+  after decoding (judging skips what is done); -> the record with judges[name], where it ran."""
+  return judging.judge(record, path, lines, c.judges.model_path, name=c.judges.name,
+                       max_new_tokens=c.judges.max_new_tokens, dtype=c.model.dtype, progress=False,
+                       placement=placement)
 
 
-def execute(s: pipeline.Setup, path: str, scorers: tuple, *, progress: bool = True) -> dict:
-  """The stages after prepare, resuming what `path` holds: evaluate -> score -> aggregate -> write."""
+def execute(s: pipeline.Setup, path: str, scorers: tuple, *, progress: bool = True,
+            judge=None) -> result.Result:
+  """The stages after prepare, resuming what `path` holds: evaluate -> score -> aggregate -> write.
+  landscape.json is written after every chunk; once complete, `judge(record, lines)` (the writer's
+  model judge) adds its section, and landscape.json, landscape.png and report.md are written once."""
   scoring.check(scorers)
   out = rundir.JsonlAppender(os.path.join(path, "generations.jsonl"), write=s.writer)
   lines = rundir.read_jsonl(out.path, repair=s.writer)  # before any process can append
@@ -89,15 +78,21 @@ def execute(s: pipeline.Setup, path: str, scorers: tuple, *, progress: bool = Tr
                   tokens_per_second=round(n_tokens / max(elapsed, 1e-9), 1))
       bar.update(len(rows))
       bar.set_postfix(tok_s=f"{n_tokens / max(elapsed, 1e-9):.0f}")
-      _write_summary(s, path, summarize(s, lines, scorers, info, refined))
+      if len(points.done) < s.n_dirs * s.n_points:   # a checkpoint; the complete record is written below
+        _write_summary(s, path, summarize(s, path, lines, scorers, info, refined))
   bar.close()
-  result = _write_summary(s, path, summarize(s, lines, scorers, info, refined))
-  if result["complete"] and rounds:
-    result = _refine(s, path, scorers, lines, refined, info)
-  if result["complete"] and s.writer:
-    markdown.rebuild(path)   # landscape.png and report.md
+  record = summarize(s, path, lines, scorers, info, refined)
+  if record.complete and rounds:
+    record = _refine(s, path, scorers, lines, refined, info)
+  if record.complete and judge is not None and s.writer:
+    record = judge(record, lines)
+  _write_summary(s, path, record)
+  if record.complete and s.writer:
+    markdown.rebuild(path, record)   # landscape.png and report.md
   distributed.barrier("landscape: results written")
-  return result
+  if record.complete and judge is not None and not s.writer:
+    record = result.load_run(path)   # the writer's judge section
+  return record
 
 
 class _Points:
@@ -136,9 +131,10 @@ def run_info(s: pipeline.Setup) -> dict:
                         processes=jax.process_count()))
 
 
-def summarize(s: pipeline.Setup, lines: list[dict], scorers: tuple, info: dict,
-              refined: list[dict] = ()) -> dict:
-  """landscape.json from the generation lines written so far (and the refined points in use)."""
+def summarize(s: pipeline.Setup, path: str, lines: list[dict], scorers: tuple, info: dict,
+              refined: list[dict] = ()) -> result.Result:
+  """The record (landscape.json) of the generation lines written so far (and the refined points
+  in use)."""
   xs, ys = s.xs, s.ys
   grids = scoring.curves(lines, scorers, s.n_dirs, s.n_points)
   complete = len({(l["direction"], l["step"]) for l in lines}) == s.n_dirs * s.n_points
@@ -154,13 +150,13 @@ def summarize(s: pipeline.Setup, lines: list[dict], scorers: tuple, info: dict,
     out["refined"] = _refined_curves(s, refined, scorers)
   out.update(nonfinite=grids["nonfinite"], n_prompts=len(s.prompts.goals), model=s.model.path,
              seed=s.c.landscape.seed, complete=complete)
-  out["basin"] = basin.summarize(out)
+  out["basin"] = None   # its place in the file; result.with_basin fills it
   for sc in scorers:
     out.update(sc.notes(lines))
   out["ci95"] = ci95(s, lines, scorers)
   out["config"] = rundir.jsonable(s.cfg_dict)
   out.update(info)
-  return out
+  return result.Result.from_json(out, path=path).with_basin()
 
 
 def ci95(s: pipeline.Setup, lines: list[dict], scorers: tuple) -> dict:
@@ -190,12 +186,12 @@ def _refine(s: pipeline.Setup, path: str, scorers: tuple, lines: list[dict], ref
         out.append(new)
         have.update(((l["direction"], l["coords"][0]), l) for l in new)
       used.extend(have[p] for p in todo)
-      _write_summary(s, path, summarize(s, lines, scorers, info, used))
+      _write_summary(s, path, summarize(s, path, lines, scorers, info, used))
       return [have[p]["asr"] for p in todo]
 
     grid = scoring.curves(lines, scorers, s.n_dirs, s.n_points)["asr"]
     basin.refine(s.xs, grid, s.c.landscape.refine, measure)
-  return _write_summary(s, path, summarize(s, lines, scorers, info, used))
+  return summarize(s, path, lines, scorers, info, used)
 
 
 def _evaluate_alphas(s: pipeline.Setup, r: int, k: int, alphas: list[float], scorers: tuple) -> list[dict]:
@@ -228,47 +224,44 @@ def _refined_curves(s: pipeline.Setup, refined: list[dict], scorers: tuple) -> l
   return out
 
 
-def _write_summary(s: pipeline.Setup, path: str, result: dict) -> dict:
+def _write_summary(s: pipeline.Setup, path: str, record: result.Result) -> None:
   if s.writer:
-    rundir.write_atomic(os.path.join(path, "landscape.json"), json.dumps(result, indent=1))
-  return result
+    record.write(path)
 
 
-def finished_result(path: str, cfg_dict: dict) -> dict | None:
-  """landscape.json of a complete run of this config in `path`, else None: what resuming
-  would leave unchanged (sweeps skip such runs without loading the model)."""
+def finished_result(path: str, cfg_dict: dict) -> result.Result | None:
+  """The record of a complete run of this config in `path`, else None: what resuming would
+  leave unchanged (sweeps skip such runs without loading the model). A landscape.json that does
+  not read (missing, hand-edited) is not finished: resuming rewrites it."""
   saved = rundir.read_json(os.path.join(path, "run_config.json"))
-  result = rundir.read_json(os.path.join(path, "landscape.json"))
-  if saved is None or result is None:
+  try:
+    record = result.load_run(path)
+  except errors.UserError:
     return None
-  if pipeline.comparable(saved) != pipeline.comparable(cfg_dict) or not result.get("complete"):
+  if saved is None or pipeline.comparable(saved) != pipeline.comparable(cfg_dict) or not record.complete:
     return None
-  if result.get("config", {}).get("landscape", {}).get("refine", 0) != cfg_dict["landscape"].get("refine", 0):
+  if record.setting("landscape.refine", 0) != cfg_dict["landscape"].get("refine", 0):
     return None   # refined with another number of rounds: resuming adds or drops rounds
-  return result
+  return record
 
 
-def summary_text(result: dict, workdir: str) -> str:
+def summary_text(record: result.Result, workdir: str) -> str:
   """A few lines for a person: the ASR curve, VISAGE and where the files are."""
-  xs = result["coords_x"]
-  lines = [f"\nlandscape {result['vis_type']} in {workdir} "
-           f"({'complete' if result['complete'] else 'incomplete: re-run the command to resume'})"]
-  if result["coords_y"] is None:
-    curves = [("ASR %", result["asr"]), ("coherent", result.get("asr_coherent")),
-              ("ppl", (result.get("capability") or {}).get("perplexity")),
-              ("MC acc", (result.get("capability") or {}).get("mc_accuracy"))]
+  xs = record.coords_x
+  lines = [f"\nlandscape {record.vis_type} in {workdir} "
+           f"({'complete' if record.complete else 'incomplete: re-run the command to resume'})"]
+  if not record.two_d:
+    curves = [("ASR %", "asr"), ("coherent", "asr_coherent"), ("ppl", "perplexity"), ("MC acc", "mc_accuracy")]
     lines.append(f"  {'alpha':<11} {' '.join(f'{x:+.2f}'.rjust(6) for x in xs)}")
-    for label, grid in curves:
-      for r, curve in enumerate(grid or []):
-        lines.append(f"  {label + f' d{r}':<11} {' '.join(('-' if v is None else f'{v:.4g}').rjust(6) for v in curve)}")
+    for label, name in curves:
+      for r, curve in enumerate(record.curves.get(name, [])):
+        lines.append(f"  {label + f' d{r}':<11} "
+                     f"{' '.join(('-' if np.isnan(v) else f'{v:.4g}').rjust(6) for v in curve)}")
   else:
-    lines.append(f"  {len(xs)} x {len(result['coords_y'])} grid; ASR per point in landscape.json")
-  ci = result.get("ci95") or {}
-  for label, key in (("VISAGE (higher = safer)", "visage"), ("VISAGE on coherent ASR", "visage_coherent")):
-    vis, span = result.get(key), ci.get(key)
-    if isinstance(vis, dict):
-      vis, span = vis.get("mean", vis), (span or {}).get("mean")
-    if key == "visage" or key in result:
+    lines.append(f"  {len(xs)} x {len(record.coords_y)} grid; ASR per point in landscape.json")
+  for label, name in (("VISAGE (higher = safer)", "asr"), ("VISAGE on coherent ASR", "asr_coherent")):
+    if name in record.visages:
+      vis, span = record.visages[name].mean, record.visages[name].ci95
       text = "not yet (run incomplete)" if vis is None else f"{round(vis, 2)}"
       if vis is not None and span:
         text += f", 95% interval [{span[0]:.2f}, {span[1]:.2f}] (bootstrap over prompts)"

@@ -20,11 +20,9 @@ import time
 
 from absl import logging
 
-from visage_jax import distributed, errors
-from visage_jax.analysis import visage
+from visage_jax import distributed, errors, result, rundir
 from visage_jax.reports import figures, markdown
 from visage_jax.runs import landscape
-from visage_jax import rundir
 
 SUMMARY_FILES = ("sweep.csv", "sweep.md", "sweep.png", "report.md")
 COLUMNS = ("run", "status", "asr_at_0", "visage", "visage_ci95_lo", "visage_ci95_hi", "workdir", "error")
@@ -172,11 +170,10 @@ def _fmt(v) -> str:
   return "–" if v is None else f"{v:.2f}"
 
 
-def _scores(result: dict) -> dict:
+def _scores(record: result.Result) -> dict:
   """A run's summary row values: ASR at the origin, VISAGE and its 95% interval (None if absent)."""
-  lo, hi = visage.visage_interval(result) or (None, None)
-  return dict(asr_at_0=visage.asr_at_zero(result), visage=visage.visage_mean(result),
-              visage_ci95_lo=lo, visage_ci95_hi=hi)
+  lo, hi = record.visage_ci95 or (None, None)
+  return dict(asr_at_0=record.asr_at_zero, visage=record.visage, visage_ci95_lo=lo, visage_ci95_hi=hi)
 
 
 def _fmt_interval(row: dict) -> str:
@@ -214,11 +211,11 @@ def summary_markdown(rows: list[dict], workdir: str) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _write_summary(workdir: str, rows: list[dict], fields: list[str], results: dict) -> None:
+def _write_summary(workdir: str, rows: list[dict], fields: list[str], records: dict) -> None:
   rundir.write_atomic(os.path.join(workdir, "sweep.csv"), summary_csv(rows, fields))
   rundir.write_atomic(os.path.join(workdir, "sweep.md"), summary_markdown(rows, workdir))
-  if results:
-    figures.plot_sweep(results, os.path.join(workdir, "sweep.png"))
+  if records:
+    figures.plot_sweep(records, os.path.join(workdir, "sweep.png"))
   markdown.write_sweep_report(workdir)
 
 
@@ -231,7 +228,7 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> l
   fields = list(dict.fromkeys(f for _, over, _ in runs for f in over))
   writer = distributed.is_writer()
   say = logging.info if writer else (lambda *a: None)
-  rows, results = [], {}
+  rows, records = [], {}
   for name, over, rc in runs:
     run_dir = os.path.join(workdir, name)
     row = dict(run=name, status="pending", asr_at_0=None, visage=None, visage_ci95_lo=None,
@@ -239,22 +236,22 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> l
     done = landscape.finished_result(run_dir, rc.to_dict())
     if done is not None:
       row.update(status="complete", **_scores(done))
-      results[name] = done
+      records[name] = done
     rows.append(row)
   todo = [i for i, r in enumerate(rows) if r["status"] != "complete"]
   say("sweep %s: %d runs, %d complete, %d to run", workdir, len(rows), len(rows) - len(todo), len(todo))
   if writer:
     os.makedirs(workdir, exist_ok=True)
-    _write_summary(workdir, rows, fields, results)
+    _write_summary(workdir, rows, fields, records)
   for k, i in enumerate(todo):
     name, _, rc = runs[i]
     row = rows[i]
     say("sweep [%d/%d] %s: running", k + 1, len(todo), name)
     row["status"], t0 = "running", time.time()
     if writer:
-      _write_summary(workdir, rows, fields, results)
+      _write_summary(workdir, rows, fields, records)
     try:
-      result = landscape.run(rc, row["workdir"], overwrite=overwrite, progress=progress)
+      record = landscape.run(rc, row["workdir"], overwrite=overwrite, progress=progress)
     except Exception as e:  # recorded; the next runs go on
       row.update(status="failed", error=f"{type(e).__name__}: {e}")
       logging.exception("sweep: run %s failed", name)
@@ -264,18 +261,18 @@ def run(c, workdir: str, *, overwrite: bool = False, progress: bool = True) -> l
     except BaseException:    # Ctrl-C: the summary says where the sweep stopped
       row["status"] = "interrupted"
       if writer:
-        _write_summary(workdir, rows, fields, results)
+        _write_summary(workdir, rows, fields, records)
       raise
     else:
       if writer:
         workdir_error(row["workdir"], None)
-      row.update(status="complete" if result["complete"] else "failed", **_scores(result),
-                 error=None if result["complete"] else "landscape incomplete")
-      results[name] = result
+      row.update(status="complete" if record.complete else "failed", **_scores(record),
+                 error=None if record.complete else "landscape incomplete")
+      records[name] = record
       say("sweep [%d/%d] %s: ASR at 0 %s, VISAGE %s (%.0f s)", k + 1, len(todo), name,
           _fmt(row["asr_at_0"]), _fmt(row["visage"]), time.time() - t0)
     if writer:
-      _write_summary(workdir, rows, fields, results)
+      _write_summary(workdir, rows, fields, records)
   distributed.barrier("sweep: summary written")  # every process returns once the files exist
   return rows
 

@@ -118,7 +118,7 @@ def safety_examples(advbench_path: str, seed: int = 0) -> list[dict]:
 def load_pairs(path: str) -> list[dict]:
   """A user's training file: JSONL with prompt/response, or CSV with goal/target."""
   if path.endswith(".jsonl"):
-    rows = prompts.read_jsonl(path, ("prompt", "response"))
+    rows = prompts.load_rows(path, ("prompt", "response"))
     if not rows:
       raise errors.UserError(f"{path}: no examples (expected one JSON object per line with fields "
                        "prompt, response).")
@@ -135,7 +135,7 @@ def load_pairs(path: str) -> list[dict]:
 def benign_split(path: str = BENIGN_PATH, seed: int = 0) -> tuple[list[str], list[str]]:
   """(train, held-out 20) benign instructions ("" = the packaged set), a fixed split."""
   path = resources.or_packaged(path, resources.BENIGN_INSTRUCTIONS)
-  instructions = [r["prompt"] for r in prompts.read_jsonl(path, ("prompt",))]
+  instructions = [r["prompt"] for r in prompts.load_rows(path, ("prompt",))]
   if len(instructions) <= HELDOUT_BENIGN:
     raise errors.UserError(f"{path}: {len(instructions)} instructions; need more than {HELDOUT_BENIGN}.")
   order = np.random.default_rng(seed + 2).permutation(len(instructions))
