@@ -156,7 +156,7 @@ class ResolveTest(absltest.TestCase):
     c.landscape.steps, c.decode.max_new_tokens, c.ci95.resamples = 2, 2, 10
     with mock.patch.object(hub, "resolve", wraps=hub.resolve) as resolve:
       result = landscape.run(c, self.create_tempdir().full_path, progress=False)
-    self.assertTrue(result["complete"])
+    self.assertTrue(result.complete)
     calls = [(a[0], kw.get("weights", True)) for a, kw in resolve.call_args_list]
     self.assertEqual(sorted(calls), [("org/chat", False), ("org/chat", True), (REPO, True)])
 
