@@ -108,10 +108,7 @@ class LandscapeTest(parameterized.TestCase):
     partial, partial_lines = self.read(broken)
     self.assertFalse(partial["complete"])
     self.assertNotEmpty(partial_lines)
-    evaluated = {(l["direction"], l["step"]) for l in partial_lines}
-    for r, curve in enumerate(partial["ci95"]["asr"]):
-      self.assertEqual([ci is not None for ci in curve], [(r, p) in evaluated for p in range(5)])
-    self.assertIsNone(partial["ci95"]["visage"])
+    self.assertIsNone(partial["ci95"])   # the bootstrap runs once the run completes, not per chunk
     with open(os.path.join(broken, "generations.jsonl"), "a") as f:
       f.write('{"direction": 1, "step": 4, "asr"')  # a torn line, as if killed mid-write
     landscape.run(c, broken, progress=False)

@@ -153,7 +153,7 @@ def summarize(s: pipeline.Setup, path: str, lines: list[dict], scorers: tuple, i
   out["basin"] = None   # its place in the file; result.with_basin fills it
   for sc in scorers:
     out.update(sc.notes(lines))
-  out["ci95"] = ci95(s, lines, scorers)
+  out["ci95"] = ci95(s, lines, scorers) if complete else None   # the bootstrap runs once, at the end
   out["config"] = rundir.jsonable(s.cfg_dict)
   out.update(info)
   return result.Result.from_json(out, path=path).with_basin()
