@@ -8,7 +8,7 @@ VENV := .venv
 endif
 PY := $(VENV)/bin/python
 
-.PHONY: install install-test demo test experiments
+.PHONY: install install-test demo test test-fast experiments
 
 $(VENV)/bin/python:
 	@$(PYTHON) -m venv $(VENV) || { echo "could not create $(VENV) with '$(PYTHON) -m venv' (on Debian/Ubuntu: apt install python3-venv)"; exit 1; }
@@ -31,3 +31,7 @@ experiments: install
 
 test: install-test
 	$(PY) -m pytest -q --durations=25 tests
+
+# The unit tests for the inner loop (under 2 minutes): tests/conftest.py's SLOW are left out.
+test-fast: install-test
+	$(PY) -m pytest -q -m "not slow" tests
