@@ -350,8 +350,11 @@ class FinetuneTest(parameterized.TestCase):
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     ref = out["(1, 1)"]
-    np.testing.assert_allclose(out["(2, 2)"]["losses"], ref["losses"], rtol=1e-5)
-    np.testing.assert_allclose(out["(2, 2)"]["q"], ref["q"], atol=1e-5)
+    # The meshes add float32 sums of one term per token in another order: up to tokens * eps32 of
+    # the values' scale.
+    rel = np.load(batch_file)["tokens"].size * np.finfo(np.float32).eps
+    np.testing.assert_allclose(out["(2, 2)"]["losses"], ref["losses"], rtol=rel)
+    np.testing.assert_allclose(out["(2, 2)"]["q"], ref["q"], atol=rel * np.abs(ref["q"]).max())
     self.assertIn("model", out["(2, 2)"]["spec"])  # Adam and params stayed sharded
 
 
