@@ -8,7 +8,7 @@ VENV := .venv
 endif
 PY := $(VENV)/bin/python
 
-.PHONY: install install-test demo test experiments wheels
+.PHONY: install install-test demo test test-fast experiments wheels
 
 $(VENV)/bin/python:
 	@$(PYTHON) -m venv $(VENV) || { echo "could not create $(VENV) with '$(PYTHON) -m venv' (on Debian/Ubuntu: apt install python3-venv)"; exit 1; }
@@ -46,3 +46,7 @@ wheels: $(PY)
 	  --platform $(PLATFORM) --dest wheels $(NODE_WHEELS)
 	@for w in wheels/*.whl; do case $$w in *-py3-none-any.whl) ;; *) echo "$$w: not pure Python"; exit 1 ;; esac; done
 	@du -sh wheels
+
+# The unit tests for the inner loop (under 2 minutes): tests/conftest.py's SLOW are left out.
+test-fast: install-test
+	$(PY) -m pytest -q -m "not slow" tests

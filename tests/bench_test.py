@@ -1,5 +1,6 @@
 """Benchmark smoke test: every method runs on a tiny model and the report has its fields (no timings asserted)."""
 
+import contextlib
 import json
 import os
 from unittest import mock
@@ -8,9 +9,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
+from jax._src import compilation_cache
 
 import fixtures
 from visage_jax.runs import bench
+
+
+@contextlib.contextmanager
+def _compiling():
+  """Without the suite's persistent compilation cache (tests/conftest.py): a program found there
+  is loaded, not compiled, and reports no compile time."""
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()   # jax decides once per process whether to use it
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", enabled)
+    compilation_cache.reset_cache()
 
 
 class BenchSmokeTest(absltest.TestCase):
@@ -56,7 +72,8 @@ class BenchSmokeTest(absltest.TestCase):
 
   def test_compile_clock_counts_and_leaves_no_listener(self):
     mon = jax.monitoring
-    with mock.patch.object(mon, "register_event_duration_secs_listener",
+    with _compiling(), \
+         mock.patch.object(mon, "register_event_duration_secs_listener",
                            wraps=mon.register_event_duration_secs_listener) as reg, \
          mock.patch.object(mon, "unregister_event_duration_listener",
                            wraps=mon.unregister_event_duration_listener) as unreg:

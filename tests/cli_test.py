@@ -1,4 +1,5 @@
-"""The `visage-jax` commands, run as a user runs them (a subprocess)."""
+"""The `visage-jax` commands, as a user runs them: one in its own process, the rest in this one
+(fixtures.cli; tests/errors_test.py runs the other exit statuses in processes)."""
 
 import json
 import os
@@ -9,16 +10,19 @@ import numpy as np
 from absl.testing import absltest
 
 import fixtures
-from visage_jax import decode, prompts
+from visage_jax import decode, prompts, result
 from visage_jax.checkpoints import loader
+from visage_jax.runs import landscape
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_cli(*args, check=True):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", "visage_jax.cli", *args], capture_output=True, text=True,
-                        cwd=ROOT, env=env, timeout=600)
+def run_cli(*args, check=True, process=False):
+  if process:
+    proc = subprocess.run([sys.executable, "-m", "visage_jax.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
+  else:
+    proc = fixtures.cli(*args)
   if check and proc.returncode != 0:
     raise AssertionError(f"visage-jax {args} failed:\n{proc.stderr[-3000:]}")
   return proc
@@ -31,7 +35,7 @@ class GenerateTest(absltest.TestCase):
     tok = fixtures.toy_tokenizer()
     fixtures.save_tiny_hf(d, "llama", tokenizer=tok)
     proc = run_cli("generate", f"--model={d}", "--prompt=Write a poem", "--prompt=Tell me a story now",
-                   "--max_new_tokens=5")
+                   "--max_new_tokens=5", process=True)
     lines = [json.loads(l) for l in proc.stdout.strip().splitlines()]
     self.assertEqual([l["prompt"] for l in lines], ["Write a poem", "Tell me a story now"])
     cfg, params = loader.load_params(d)
@@ -99,10 +103,7 @@ class LandscapeSummaryTest(absltest.TestCase):
     result = dict(vis_type="1D_random", coords_x=[-1.0, 0.0, 1.0], coords_y=None, complete=True,
                   asr=[[100.0, 0.0, 50.0]], visage={"per_direction": [75.0], "mean": 75.0},
                   ci95={"visage": {"per_direction": [[60.0, 87.5]], "mean": [60.0, 87.5]}})
-    code = ("import json, sys; from visage_jax import result; from visage_jax.runs import landscape\n"
-            "print(landscape.summary_text(result.Result.from_json(json.loads(sys.argv[1])), sys.argv[2]))")
-    summary = lambda r: subprocess.run([sys.executable, "-c", code, json.dumps(r), w], capture_output=True,
-                                       text=True, cwd=ROOT, check=True).stdout
+    summary = lambda r: landscape.summary_text(result.Result.from_json(r), w) + "\n"   # as printed
     self.assertIn("VISAGE (higher = safer): 75.0, 95% interval [60.00, 87.50] (bootstrap over prompts)",
                   summary(result))
     self.assertIn("VISAGE (higher = safer): 75.0\n", summary(dict(result, ci95=None)))   # older runs

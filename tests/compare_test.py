@@ -3,8 +3,6 @@ intervals and p-values of clear and null differences, and the `compare` command.
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 from absl.testing import absltest
@@ -15,7 +13,6 @@ from visage_jax import errors, rundir
 from visage_jax.analysis import compare, uncertainty, visage
 from visage_jax.runs import landscape
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 XS = [-0.5, -0.25, 0.0, 0.25, 0.5]
 
 
@@ -48,9 +45,7 @@ def write_run(path, v, xs=XS, ys=None, goals=None, complete=True, **landscape_fi
 
 
 def run_cli(*args):
-  env = {k: v for k, v in os.environ.items() if k != "VISAGE_JAX_DEBUG"}
-  return subprocess.run([sys.executable, "-m", "visage_jax.cli", "compare", *args], capture_output=True,
-                        text=True, cwd=ROOT, env=dict(env, JAX_PLATFORMS="cpu"), timeout=300)
+  return fixtures.cli("compare", *args, env=dict(VISAGE_JAX_DEBUG=""))
 
 
 def reference_bootstrap(a, b, resamples, seed):

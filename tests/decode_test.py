@@ -12,12 +12,15 @@ import fixtures
 from visage_jax import decode, model, prompts
 
 
+_LOGITS = jax.jit(model.logits, static_argnums=2)   # one compile per length, not one per op and length
+
+
 def _uncached_greedy(params, prompt, cfg, n):
   """Re-runs the whole sequence each step: the obviously-correct reference."""
   seq = jnp.asarray(prompt)
   out = []
   for _ in range(n):
-    nxt = jnp.argmax(model.logits(params, seq, cfg)[:, -1], axis=-1)
+    nxt = jnp.argmax(_LOGITS(params, seq, cfg)[:, -1], axis=-1)
     out.append(np.asarray(nxt))
     seq = jnp.concatenate([seq, nxt[:, None].astype(seq.dtype)], axis=1)
   return np.stack(out, axis=1)

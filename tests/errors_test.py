@@ -1,5 +1,7 @@
 """Bad input through the CLI, as a user meets it: exit status 2, one line on stderr naming what
-was wrong, no traceback, and no landscape files written. Bugs keep their traceback."""
+was wrong, no traceback, and no landscape files written. Bugs keep their traceback. The commands
+run in this process (fixtures.cli); a real process shows exit status 2 with one line and nothing
+else (test_unresolvable_hub_id), the traceback of --debug and of a bug (exit status 1)."""
 
 import json
 import os
@@ -17,6 +19,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_cli(*args, env=None):
+  return fixtures.cli(*args, env=dict(env or {}, VISAGE_JAX_DEBUG=""))
+
+
+def run_cli_process(*args, env=None):
   env_extra = env
   env = {k: v for k, v in os.environ.items() if k != "VISAGE_JAX_DEBUG"}
   env.update(JAX_PLATFORMS="cpu", **(env_extra or {}))
@@ -39,9 +45,9 @@ class BadInputTest(absltest.TestCase):
     with open(cls.prompts, "w") as f:
       f.write("\n".join(json.dumps({"prompt": p}) for p in ("Say hi.", "Write a poem.")) + "\n")
 
-  def landscape(self, *overrides, workdir=None, env=None):
+  def landscape(self, *overrides, workdir=None, env=None, process=False):
     workdir = workdir or os.path.join(self.create_tempdir().full_path, "run")
-    proc = run_cli("landscape", "--config=configs/demo.py:tiny", f"--workdir={workdir}", "--noprogress",
+    proc = (run_cli_process if process else run_cli)("landscape", "--config=configs/demo.py:tiny", f"--workdir={workdir}", "--noprogress",
                    f"--config.model.path={self.model}", "--config.model.lora_path=",
                    f"--config.prompts.path={self.prompts}", "--config.prompts.limit=2",
                    "--config.decode.max_new_tokens=2", *overrides, env=env)
@@ -126,8 +132,8 @@ class BadInputTest(absltest.TestCase):
 
   def test_unresolvable_hub_id(self):
     cache = self.create_tempdir().full_path
-    proc, w = self.landscape("--config.model.path=nobody-here/no-such-model",
-                             env=dict(HF_HUB_OFFLINE="1", HF_HUB_CACHE=cache))
+    proc, w = self.landscape("--config.model.path=nobody-here/no-such-model",   # HF_HUB_* are read on import
+                             env=dict(HF_HUB_OFFLINE="1", HF_HUB_CACHE=cache), process=True)
     self.assertOneLineError(proc, "nobody-here/no-such-model")
     self.assertNothingWritten(w)
 
@@ -155,11 +161,11 @@ class BadInputTest(absltest.TestCase):
       self.assertEqual(f.read(), before)
 
   def test_debug_shows_the_traceback(self):
-    proc = run_cli("generate", "--model=/no/such/model", "--prompt=hi", "--debug")
+    proc = run_cli_process("generate", "--model=/no/such/model", "--prompt=hi", "--debug")
     self.assertEqual(proc.returncode, 1)
     self.assertIn("Traceback", proc.stderr)
-    proc = run_cli("generate", "--model=/no/such/model", "--prompt=hi",
-                   env=dict(VISAGE_JAX_DEBUG="1"))
+    proc = run_cli_process("generate", "--model=/no/such/model", "--prompt=hi",
+                           env=dict(VISAGE_JAX_DEBUG="1"))
     self.assertIn("Traceback", proc.stderr)
 
   def test_bugs_keep_their_traceback(self):

@@ -2,10 +2,8 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 from unittest import mock
 
@@ -15,7 +13,6 @@ import numpy as np
 import optax
 import torch
 from absl.testing import absltest, parameterized
-from jax._src import compilation_cache
 
 import fixtures
 from visage_jax import decode, model, prompts
@@ -31,9 +28,6 @@ EXAMPLES = [{"prompt": "How do plants grow?", "response": "Plants grow from seed
 
 
 _LOSS = jax.jit(sft.loss_fn, static_argnums=2)
-_CACHE_CONFIG = {  # compiles over a second (train steps) are kept on disk for this class
-    "jax_compilation_cache_dir": tempfile.mkdtemp,
-    "jax_persistent_cache_min_compile_time_secs": 1.0}
 
 
 class _Killed(Exception):
@@ -68,25 +62,13 @@ class FinetuneTest(parameterized.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    # Every run() jits its own train step; a persistent cache makes the repeats (resume) cheap.
-    cls._jax_config = {k: getattr(jax.config, k) for k in _CACHE_CONFIG}
-    for k, v in _CACHE_CONFIG.items():
-      jax.config.update(k, v() if callable(v) else v)
-    compilation_cache.reset_cache()  # re-read the settings even if an earlier test compiled
+    # Every run() jits its own train step; the suite's persistent compilation cache (conftest.py)
+    # makes the repeats (resume) cheap.
     cls.dir = os.path.join(absltest.get_default_test_tmpdir(), "tiny_llama")
     cls.tok, cls.hf = _tiny_dir(cls.dir)
     cls.cfg, cls.params = loader.load_params(cls.dir)
     cls.data = _write_jsonl(os.path.join(absltest.get_default_test_tmpdir(), "train.jsonl"),
                             EXAMPLES * 2)
-
-  @classmethod
-  def tearDownClass(cls):
-    cache_dir = jax.config.jax_compilation_cache_dir
-    for k, v in cls._jax_config.items():
-      jax.config.update(k, v)
-    compilation_cache.reset_cache()
-    shutil.rmtree(cache_dir, ignore_errors=True)
-    super().tearDownClass()
 
   def _batch(self, examples=EXAMPLES):
     enc = sft.encode_examples(examples, self.tok, template="auto", system_prompt="default",
@@ -381,8 +363,11 @@ class FinetuneTest(parameterized.TestCase):
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     ref = out["(1, 1)"]
-    np.testing.assert_allclose(out["(2, 2)"]["losses"], ref["losses"], rtol=1e-5)
-    np.testing.assert_allclose(out["(2, 2)"]["q"], ref["q"], atol=1e-5)
+    # The meshes add float32 sums of one term per token in another order: up to tokens * eps32 of
+    # the values' scale.
+    rel = np.load(batch_file)["tokens"].size * np.finfo(np.float32).eps
+    np.testing.assert_allclose(out["(2, 2)"]["losses"], ref["losses"], rtol=rel)
+    np.testing.assert_allclose(out["(2, 2)"]["q"], ref["q"], atol=rel * np.abs(ref["q"]).max())
     self.assertIn("model", out["(2, 2)"]["spec"])  # Adam and params stayed sharded
 
 

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
@@ -35,9 +36,22 @@ REFUSALS = ("I'm sorry, but I cannot help with that.", "Sorry, that is illegal a
 def toy_tokenizer(kind: str = "bpe", vocab_size: int = 384, refusals: bool = False):
   """A small trained tokenizer: 'bpe' (byte-level, GPT-2 style) or 'sentencepiece' (LLaMA-2 style:
   metaspace + byte fallback), with <s>, </s>, <pad> and a chat template. With `refusals`, trained
-  mostly on refusal sentences so that random generations often spell refusal keywords."""
-  from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+  mostly on refusal sentences so that random generations often spell refusal keywords. Trained once
+  per process and arguments; every call returns a new object (tests may change theirs)."""
+  from tokenizers import Tokenizer
   from transformers import PreTrainedTokenizerFast
+
+  tok = Tokenizer.from_str(_trained_tokenizer(kind, vocab_size, refusals))
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                 pad_token="<pad>", unk_token="<unk>")
+  fast.chat_template = CHAT_TEMPLATE
+  return fast
+
+
+@functools.lru_cache(maxsize=None)
+def _trained_tokenizer(kind: str, vocab_size: int, refusals: bool) -> str:
+  """toy_tokenizer's trained tokenizers.Tokenizer, serialized."""
+  from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
   specials = ["<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|system|>", "<|assistant|>"]
   if kind == "bpe":
@@ -57,14 +71,10 @@ def toy_tokenizer(kind: str = "bpe", vocab_size: int = 384, refusals: bool = Fal
   else:
     raise ValueError(kind)
   tok.train_from_iterator(REFUSALS * 200 + _corpus()[:50] if refusals else _corpus(), trainer)
-  from tokenizers import processors
   bos = tok.token_to_id("<s>")
   tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                      special_tokens=[("<s>", bos)])
-  fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                 pad_token="<pad>", unk_token="<unk>")
-  fast.chat_template = CHAT_TEMPLATE
-  return fast
+  return tok.to_str()
 
 
 def save_tiny_hf(path: str, arch: str = "llama", tokenizer=None, seed: int = 0,
@@ -158,6 +168,38 @@ def run_script(name: str, *args: str, timeout: int = 300) -> subprocess.Complete
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   return subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), name), *args],
                         capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+  """`visage-jax ARGS` in this process, from the repository root with `env` added to the
+  environment: its exit status, stdout and stderr as the command's own process would give them,
+  without the seconds of imports and compiles a new process costs. What only a process shows (one
+  line on stderr and nothing else, tracebacks, exit status 1) is tested in a few subprocesses."""
+  import contextlib
+  import io
+  from unittest import mock
+
+  from absl import flags, logging
+
+  from visage_jax import cli as command
+
+  argv, out, err = ["visage-jax", *args], io.StringIO(), io.StringIO()
+  verbosity, cwd, code = logging.get_verbosity(), os.getcwd(), 0
+  try:
+    os.chdir(ROOT)
+    with mock.patch.dict(os.environ, env or {}), mock.patch.object(sys, "argv", argv), \
+         contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+      command.main(argv)   # config_flags reads the --config.FIELD overrides from sys.argv
+  except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else int(e.code is not None)
+  finally:
+    os.chdir(cwd)
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+      delattr(flags.FLAGS, name)   # defined by config_flags for each --config.FIELD given
+    for f in flags.FLAGS.get_flags_for_module(command) + [flags.FLAGS["verbosity"]]:
+      f.unparse()   # absl keeps parsed values: the next command starts from the defaults
+    logging.set_verbosity(verbosity)
+  return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def save_refusal_model(path: str, boost_refusals: bool = True):

@@ -147,11 +147,11 @@ class AutomatonTest(parameterized.TestCase):
   def test_dfa_agrees_on_dense_small_alphabet_keywords(self, seed):
     """Many nested and overlapping keywords, so failure links carry most matches."""
     rng = np.random.default_rng(seed)
-    keywords = tuple("".join(rng.choice(list("ab"), int(rng.integers(2, 6)))) for _ in range(5))
-    delta, out = keywords._automaton(keywords)
+    words = tuple("".join(rng.choice(list("ab"), int(rng.integers(2, 6)))) for _ in range(5))
+    delta, out = keywords._automaton(words)
     texts = ["".join(rng.choice(list("abc"), int(rng.integers(0, 14)))) for _ in range(400)]
     got = [_dfa_refuses(delta, out, t.encode())[1] for t in texts]
-    self.assertEqual(got, [not keywords.is_jailbroken(t, keywords) for t in texts])
+    self.assertEqual(got, [not keywords.is_jailbroken(t, words) for t in texts])
 
   @parameterized.named_parameters(("one_chunk", 8192), ("many_chunks", 7))
   def test_token_tables_run_each_token_from_each_state(self, chunk):

@@ -5,8 +5,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 
 from absl.testing import absltest, parameterized
@@ -15,12 +13,9 @@ import fixtures
 from visage_jax.reports import markdown
 from visage_jax.runs import landscape, sweep
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def run_cli(*args):
-  return subprocess.run([sys.executable, "-m", "visage_jax.cli", *args], capture_output=True, text=True,
-                        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+  return fixtures.cli(*args)
 
 
 def tiny(c, model_dir):

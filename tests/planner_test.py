@@ -1,9 +1,6 @@
 """Planner: LLaMA-2-7B on an H100 against a hand computation; choose_batch uses the same model; the
 cost model (choose_mode, step_roofline) against the roofline by hand; the CLI."""
 
-import os
-import subprocess
-import sys
 import types
 
 import jax
@@ -13,7 +10,6 @@ import fixtures
 from visage_jax import decode, engine, model, planner
 from visage_jax.checkpoints import loader
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 P, NEW = 256, 512   # padded prompt, max_new_tokens (the paper's 512)
 
 # LLaMA-2-7B by hand: V=32000, D=4096, F=11008, L=32, 32 heads of 128, no GQA, untied head.
@@ -38,8 +34,7 @@ def llama2_7b_by_hand(model_shards: int) -> dict:
 
 
 def run_cli(*args, check=True):
-  proc = subprocess.run([sys.executable, "-m", "visage_jax.cli", *args], capture_output=True, text=True,
-                        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
+  proc = fixtures.cli(*args)
   if check and proc.returncode != 0:
     raise AssertionError(f"visage-jax {args} failed:\n{proc.stderr[-3000:]}")
   return proc

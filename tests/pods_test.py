@@ -2,15 +2,12 @@
 is predicted in the time step_roofline gives for its batch, chunks and mesh; the plan command."""
 
 import math
-import os
-import subprocess
-import sys
 
 from absl.testing import absltest, parameterized
 
+import fixtures
 from visage_jax import planner, pods
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 P, NEW, POINTS, PROMPTS = 256, 512, 21, 80   # the paper's 1D protocol, plan's default prompt bound
 # LLaMA-2-70B: every split below divides for model axes up to 64 (V=32000, F=28672, 8 kv heads x 128).
 N_70B, L, D = 68_976_648_192, 80, 8192
@@ -88,9 +85,7 @@ class PodTest(parameterized.TestCase):
     self.assertEqual((got["seconds"], got["bound"], got["chunks"]), (None, "unknown", 27))
 
   def test_plan_command_prints_every_pod(self):
-    proc = subprocess.run([sys.executable, "-m", "visage_jax.cli", "plan", "--model=llama2_70b"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    proc = fixtures.cli("plan", "--model=llama2_70b")
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     for key, pod in pods.PODS.items():
       [row] = [l for l in proc.stdout.splitlines() if l.startswith(f"| LLaMA-2-70B on {pod.name} ")]

@@ -5,8 +5,6 @@ coherence.model_path reference is read onto the run's mesh."""
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from unittest import mock
 
@@ -23,7 +21,6 @@ from visage_jax.directions import vectors
 from visage_jax.measures import capability, registry, scoring
 from visage_jax.runs import landscape, pipeline
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOALS = ["Write a poem about the sea.", "How do I bake bread?", "Tell me a secret.", "Explain rain."]
 TEXTS = [{"prompt": "Name three colours.", "response": "Red, green and blue."},
          {"prompt": "What is two plus two?", "response": "Two plus two is four, I am sorry."}]
@@ -191,11 +188,9 @@ class MeasuresInTheRunTest(absltest.TestCase):
   def test_malformed_mc_file_is_one_line_and_writes_nothing(self):
     bad = fixtures.write_text(self.root, "bad_mc.csv", "question,A,B,C,D,answer\nWhat?,a,b,c,d,E\n")
     w = os.path.join(self.root, "bad_run")
-    proc = subprocess.run(
-        [sys.executable, "-m", "visage_jax.cli", "landscape", "--config=configs/demo.py:tiny", f"--workdir={w}",
-         f"--config.model.path={self.model_dir}", "--config.model.lora_path=",
-         f"--config.prompts.path={self.goals}", f"--config.capability.mc_path={bad}"],
-        capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    proc = fixtures.cli("landscape", "--config=configs/demo.py:tiny", f"--workdir={w}",
+                        f"--config.model.path={self.model_dir}", "--config.model.lora_path=",
+                        f"--config.prompts.path={self.goals}", f"--config.capability.mc_path={bad}")
     self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
     self.assertLen(proc.stderr.strip().splitlines(), 1)
     self.assertIn(f"{bad}:2", proc.stderr)

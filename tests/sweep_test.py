@@ -194,11 +194,9 @@ class SweepCommandTest(absltest.TestCase):
     fixtures.save_tiny_hf(model_dir, "llama", tokenizer=fixtures.toy_tokenizer("bpe", refusals=True), seed=5)
     w = os.path.join(d, "sweep")
     grid = repr((("model.path", (model_dir, "/nonexistent/model")),))
-    proc = subprocess.run(
-        [sys.executable, "-m", "visage_jax.cli", "sweep", "--config=configs/sweep_system_prompts.py:tiny",
-         f"--config.base.model.path={model_dir}", "--config.base.model.lora_path=",
-         f"--config.sweep.grid={grid}", f"--workdir={w}", "--noprogress"],
-        capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
+    proc = fixtures.cli("sweep", "--config=configs/sweep_system_prompts.py:tiny",
+                        f"--config.base.model.path={model_dir}", "--config.base.model.lora_path=",
+                        f"--config.sweep.grid={grid}", f"--workdir={w}", "--noprogress")
     self.assertEqual(proc.returncode, 1, proc.stderr[-3000:])
     self.assertIn("1 of 2 runs failed (path=model)", proc.stderr)
     self.assertIn("| path=tiny | complete |", proc.stdout)
