@@ -100,13 +100,13 @@ class LandscapeSummaryTest(absltest.TestCase):
 
   def test_visage_printed_with_its_interval(self):
     w = self.create_tempdir().full_path
-    result = dict(vis_type="1D_random", coords_x=[-1.0, 0.0, 1.0], coords_y=None, complete=True,
-                  asr=[[100.0, 0.0, 50.0]], visage={"per_direction": [75.0], "mean": 75.0},
-                  ci95={"visage": {"per_direction": [[60.0, 87.5]], "mean": [60.0, 87.5]}})
+    run = dict(vis_type="1D_random", coords_x=[-1.0, 0.0, 1.0], coords_y=None, complete=True,
+               asr=[[100.0, 0.0, 50.0]], visage={"per_direction": [75.0], "mean": 75.0},
+               ci95={"visage": {"per_direction": [[60.0, 87.5]], "mean": [60.0, 87.5]}})
     summary = lambda r: landscape.summary_text(result.Result.from_json(r), w) + "\n"   # as printed
     self.assertIn("VISAGE (higher = safer): 75.0, 95% interval [60.00, 87.50] (bootstrap over prompts)",
-                  summary(result))
-    self.assertIn("VISAGE (higher = safer): 75.0\n", summary(dict(result, ci95=None)))   # older runs
+                  summary(run))
+    self.assertIn("VISAGE (higher = safer): 75.0\n", summary(dict(run, ci95=None)))   # older runs
 
 
 if __name__ == "__main__":
