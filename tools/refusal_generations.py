@@ -50,7 +50,7 @@ def main(_):
     m = loaded[name]
     params = m.params
     if alpha:
-      (d,), = pipeline.build_directions(c, m.params, m.cfg)
+      ((d,),), _ = pipeline.build_directions(c, m, [])
       params = jax.tree.map(lambda p, v: p + alpha * v, m.params, d)
     goals = [g for _, g in items]
     p = pipeline.pack_prompts(goals, m.tokenizer, c.prompts.template, c.prompts.system_prompt)

@@ -122,8 +122,8 @@ def load_rows(path: str, fields: tuple[str, ...], nonempty: bool = True) -> list
 
 
 def load_goals(path: str, limit: int | None = None) -> list[str]:
-  """Prompts from a CSV with a `goal` column (AdvBench) or JSONL with a `prompt` field; first `limit`.
-  An empty path is the packaged AdvBench."""
+  """Prompts from a CSV with a `goal` (AdvBench) or `prompt` column, or a JSONL with a `prompt`
+  field; first `limit`. An empty path is the packaged AdvBench."""
   path = resources.or_packaged(path, resources.ADVBENCH)
   if not os.path.exists(path):
     raise errors.MissingFileError(f"prompts.path {path!r}: no such file.")
@@ -132,10 +132,11 @@ def load_goals(path: str, limit: int | None = None) -> list[str]:
   else:
     with open(path, newline="", encoding="utf-8") as f:
       reader = csv.DictReader(f)
-      if not reader.fieldnames or "goal" not in reader.fieldnames:
-        raise errors.UserError(f"{path}: expected a CSV with a 'goal' column, found columns "
+      column = next((k for k in ("goal", "prompt") if k in (reader.fieldnames or [])), None)
+      if column is None:
+        raise errors.UserError(f"{path}: expected a CSV with a 'goal' or 'prompt' column, found columns "
                          f"{reader.fieldnames or []}.")
-      goals = [row["goal"] for row in reader]
+      goals = [row[column] for row in reader]
   if limit is not None and limit > 0:
     goals = goals[:limit]
   if not goals:

@@ -25,12 +25,14 @@ import numpy as np
 
 from visage_jax import errors, rundir
 from visage_jax.analysis import basin as basin_lib
+from visage_jax.analysis import census as census_lib
 from visage_jax.analysis import visage as visage_lib
+from visage_jax.directions import grid
 
 SCHEMA = 1
 FILE = "landscape.json"
-VIS_TYPES_1D = ("1D_random", "1D_interpolation")
-VIS_TYPES_2D = ("2D_random", "2D_interpolation", "2D_interpolation-random")
+VIS_TYPES_1D = tuple(v for v in grid.VIS_TYPES if v.startswith("1D"))
+VIS_TYPES_2D = tuple(v for v in grid.VIS_TYPES if v.startswith("2D"))
 SECTIONS = ("capability",)          # sections that hold curves only (scoring.Scorer.section)
 SUMMARY_FIELDS = ("ci95", "basin")  # what a complete run of this version has; older ones lack some
 JUDGE = "judge:"                    # curve name prefix of a model judge's ASR
@@ -222,6 +224,34 @@ class Result:
       value = basin_lib.summarize(xs, ys, {key(n): self.curves[n].tolist() for n in names}, refined)
     return self._with(dict(self._json, basin=value))
 
+  def with_census(self) -> "Result":
+    """A complete 1D_random run of N >= 2 directions with its `census` (analysis/census.py): per
+    ASR curve (keywords, coherent, each complete judge), the fraction of directions safe up to each
+    radius with Clopper-Pearson intervals and the walls, under the saved census settings. Any other
+    run: itself."""
+    if not (self.complete and self.vis_type == "1D_random" and self.n_dirs >= 2):
+      return self
+    tolerance = float(self.setting("census.tolerance", census_lib.DEFAULT_TOLERANCE))
+    max_asr = self.setting("census.max_asr", None)
+    max_asr = None if max_asr is None or float(max_asr) < 0 else float(max_asr)
+    names = [n for n in ("asr", "asr_coherent") if n in self.curves]
+    names += [JUDGE + j for j, v in self.judges.items() if v.complete and JUDGE + j in self.curves]
+    value = {n: census_lib.census(self.curves[n], self.coords_x, tolerance=tolerance, max_asr=max_asr)
+             for n in names}
+    return self._with(dict(self._json, census=value))
+
+  @property
+  def census(self) -> dict | None:
+    """landscape.json["census"] as written (a census run, once complete), else None."""
+    value = self._json.get("census")
+    return copy.deepcopy(value) if isinstance(value, dict) else None
+
+  @property
+  def direction_source(self) -> dict | None:
+    """What a gradient or refusal direction was made from (loss, layer, norm ratios), else None."""
+    value = self._json.get("direction_source")
+    return copy.deepcopy(value) if isinstance(value, dict) else None
+
   def judge_section(self, name: str) -> tuple[dict | None, dict | None]:
     """(judges[name], ci95.judges[name]) as in the file; None where absent."""
     ci, judges = self._json.get("ci95"), self._json.get("judges")
@@ -241,7 +271,7 @@ class Result:
     if not isinstance(d.get("ci95"), dict):
       d["ci95"] = dict(ci_header)
     d["ci95"].setdefault("judges", {})[name] = ci
-    return self._with(d).with_basin()
+    return self._with(d).with_basin().with_census()
 
 
 def load_run(path: str) -> Result:

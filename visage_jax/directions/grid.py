@@ -4,7 +4,8 @@ import numpy as np
 
 from visage_jax import errors
 
-VIS_TYPES = ("1D_random", "1D_interpolation", "2D_random", "2D_interpolation", "2D_interpolation-random")
+VIS_TYPES = ("1D_random", "1D_interpolation", "2D_random", "2D_interpolation", "2D_interpolation-random",
+             "1D_gradient", "1D_refusal", "2D_gradient-random", "2D_refusal-random")
 
 
 def _random_axis(steps: int, multiplier: float) -> np.ndarray:
@@ -31,6 +32,10 @@ def grid_coords(vis_type: str, steps: int, multiplier: float = 1.0,
       "2D_random": (rand, rand),
       "2D_interpolation": (interp, interp),
       "2D_interpolation-random": (interp, rand),
+      "1D_gradient": (rand, None),           # alpha as along a random direction (same norm rule)
+      "1D_refusal": (rand, None),            # alpha = 1 is the directional ablation: multiplier >= 2
+      "2D_gradient-random": (rand, rand),
+      "2D_refusal-random": (rand, rand),
   }[vis_type]
 
 

@@ -36,7 +36,9 @@ def mean_stream(params: dict, tokens: np.ndarray, mask: np.ndarray, cfg: model.M
 def refusal_directions(params: dict, cfg: model.ModelConfig, harmful: tuple, harmless: tuple) -> np.ndarray:
   """r_l / |r_l| for every layer l, [L, D] float32; `harmful` and `harmless` are (tokens, mask)."""
   r = mean_stream(params, *harmful, cfg) - mean_stream(params, *harmless, cfg)
-  return (r / np.linalg.norm(r, axis=1, keepdims=True)).astype(np.float32)
+  norm = np.linalg.norm(r, axis=1, keepdims=True)
+  # zero where the two means agree (e.g. layer 0 when every prompt ends in the same template token)
+  return np.where(norm > 0, r / np.where(norm > 0, norm, 1.0), 0.0).astype(np.float32)
 
 
 def ablation_direction(params: dict, r: np.ndarray, dtype: str = "float32") -> dict:
@@ -102,12 +104,15 @@ def select_layer(params: dict, cfg: model.ModelConfig, directions: np.ndarray, r
   base = np.asarray(_logprobs(params, *map(jnp.asarray, harmless), cfg=cfg))
   rows = []
   for layer in candidate_layers(cfg.num_layers):
+    if not np.any(directions[layer]):
+      rows.append(dict(layer=layer, refusal_score=None, kl=None))   # no direction at this layer
+      continue
     edited = jax.tree.map(lambda p, d: (p.astype(jnp.float32) + d.astype(jnp.float32)).astype(p.dtype),
                           params, ablation_direction(params, directions[layer]))
     score = float(np.mean(refusal_score(_logprobs(edited, *map(jnp.asarray, validation), cfg=cfg),
                                         refusal_tokens)))
     moved = kl(base, _logprobs(edited, *map(jnp.asarray, harmless), cfg=cfg))
     rows.append(dict(layer=layer, refusal_score=score, kl=moved))
-  allowed = [r for r in rows if r["kl"] < KL_LIMIT]
+  allowed = [r for r in rows if r["kl"] is not None and r["kl"] < KL_LIMIT and np.isfinite(r["refusal_score"])]
   chosen = min(allowed, key=lambda r: r["refusal_score"])["layer"] if allowed else None
   return dict(layer=chosen, candidates=rows)

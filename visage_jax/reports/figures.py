@@ -153,6 +153,10 @@ def _axis_labels(vis_type: str) -> tuple[str, str]:
     return "α (d₁)", "β (d₂)"
   if vis_type == "2D_interpolation-random":
     return r"α (interpolation: $\theta_A \to \theta_B$)", "β (random d)"
+  if vis_type == "2D_gradient-random":
+    return "α (−∇ compliance loss)", "β (random d)"
+  if vis_type == "2D_refusal-random":
+    return "α (refusal ablation; α = 1 ablates)", "β (random d)"
   return "α (interpolation)", "β (interpolation)"
 
 

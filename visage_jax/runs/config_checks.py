@@ -6,12 +6,15 @@ line naming the field and what was expected (errors.UserError, exit 2). The mesh
 where it is made (sharding.make_mesh): whether a shape fits depends on this machine's devices.
 """
 
+import os
+
 from visage_jax import distributed, errors, planner
 from visage_jax.analysis import uncertainty
 from visage_jax.checkpoints import loader
-from visage_jax.directions import grid
+from visage_jax.directions import gradient, grid
 from visage_jax.measures import capability
 from visage_jax.runs import judging
+from visage_jax.training import trainsets
 
 
 def validate(c) -> None:
@@ -24,6 +27,11 @@ def validate(c) -> None:
   coherence(c.coherence)
   capability_section(c.capability)
   judges(c.judges)
+  if "gradient" in c.landscape.vis_type:
+    gradient_section(c.gradient)
+  if "refusal" in c.landscape.vis_type:
+    refusal_section(c.refusal)
+  census_section(c.get("census"))
 
 
 def landscape(ls) -> None:
@@ -87,3 +95,28 @@ def judges(j) -> None:
     if int(j.max_new_tokens) < 1:
       raise errors.UserError(f"judges.max_new_tokens must be >= 1, got {j.max_new_tokens}.")
     loader.load_config(loader.resolve(j.model_path, weights=False))
+
+
+def gradient_section(g) -> None:
+  """The gradient direction's examples: rows of a goal,target CSV."""
+  n = len(trainsets.read_advbench(g.prompts_path))
+  gradient.row_range(g.rows, n, "gradient.rows")
+
+
+def refusal_section(r) -> None:
+  """The refusal direction's prompt rows, harmless prompts and layer."""
+  n = len(trainsets.read_advbench(""))
+  gradient.row_range(r.harmful_rows, n, "refusal.harmful_rows")
+  gradient.row_range(r.validation_rows, n, "refusal.validation_rows")
+  if r.harmless_path and not os.path.exists(r.harmless_path):
+    raise errors.MissingFileError(f"refusal.harmless_path {r.harmless_path!r}: no such file (expected a JSONL "
+                                  "with 'prompt' or a CSV with a 'prompt' or 'goal' column).")
+  if isinstance(r.layer, bool) or not isinstance(r.layer, int) or r.layer < -1:
+    raise errors.UserError(f"refusal.layer {r.layer!r}: expected -1 (chosen automatically) or a layer index >= 0.")
+  if int(r.harmless_limit) < 0:
+    raise errors.UserError(f"refusal.harmless_limit must be >= 0 (0 = all), got {r.harmless_limit}.")
+
+
+def census_section(c) -> None:
+  if c is not None and float(c.tolerance) < 0:
+    raise errors.UserError(f"census.tolerance must be >= 0 (ASR points), got {c.tolerance}.")

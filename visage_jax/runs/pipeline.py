@@ -17,21 +17,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visage_jax import decode, distributed, engine, errors, model, prompts, rundir, sharding
+from visage_jax import decode, distributed, engine, errors, model, planner, prompts, rundir, sharding
 from visage_jax.checkpoints import loader, lora, random_weights
 from visage_jax.directions import grid, vectors
 from visage_jax.measures import keywords, scoring
+from visage_jax.runs import direction_sources
 
 RUN_FILES = ("run_config.json", "directions.safetensors", "generations.jsonl", "landscape.json",
              "landscape.png", "report.md")
 REFINED_FILE = "refined.jsonl"   # only when landscape.refine > 0 (landscape._refine)
+SOURCE_FILE = "direction_source.json"   # what a gradient or refusal direction was made from
+SAVE_AT_MOST = 4                   # landscape.save_directions=None saves at most this many directions
+CPU_DIRECTIONS_BYTES = 4 << 30     # directions held at a time on a host without memory stats
 # Settings that never change a grid point's generations: engine sizes, the refinement points
 # added after the grid (landscape.refine), whether directions are saved (else drawn again from the
 # seed on resume), how many processes compute it, judges and bootstrap intervals (ci95) added to a
 # finished run.
 _IGNORED_FOR_RESUME = (("engine", "max_batch"), ("engine", "refill_every"), ("landscape", "refine"),
-                       ("landscape", "save_directions"))
-_IGNORED_SECTIONS = ("distributed", "judges", "ci95")
+                       ("landscape", "save_directions"), ("landscape", "direction_group"))
+_IGNORED_SECTIONS = ("distributed", "judges", "ci95", "census")
 
 
 # ------------------------------------------------------------------ stages any command uses
@@ -99,22 +103,29 @@ def comparable(cfg_dict: dict) -> dict:
     out.get(section, {}).pop(key, None)
   for section in _IGNORED_SECTIONS:
     out.pop(section, None)
+  vis_type = out.get("landscape", {}).get("vis_type", "")
+  for source in ("gradient", "refusal"):   # settings of a direction source the run does not use
+    if source not in vis_type:
+      out.pop(source, None)
   return out
 
 
 def claim(path: str, cfg_dict: dict, overwrite: bool, write: bool = True) -> None:
   """The landscape's claim on its workdir: refused for another config unless `overwrite`."""
   rundir.claim(path, cfg_dict, comparable=comparable, overwrite=overwrite, write=write,
-                run_files=RUN_FILES + (REFINED_FILE,))
+                run_files=RUN_FILES + (REFINED_FILE, SOURCE_FILE))
 
 
-def build_directions(c, params, cfg, mesh=None) -> list[list[dict]]:
-  """The C components of the perturbation for each of R directions: [[d_c for c] for r], in the
-  params' dtype.
+def build_directions(c, m: Model, goals: list[str], mesh=None,
+                     indices: range | None = None) -> tuple[list[list[dict]], dict | None]:
+  """(The C components of the perturbation for each direction in `indices` (default: all of
+  them), [[d_c for c] for r] in the params' dtype; what the record keeps of a gradient or
+  refusal direction, else None).
 
   With a mesh, random directions are drawn straight into the params' sharding on it (every
   process its own shards), interpolation targets are read into it. A direction is cast to the
   params' dtype leaf by leaf as it is made; only an orthogonalized pair is whole in float32."""
+  params, cfg = m.params, m.cfg
   ls = c.landscape
   key = jax.random.key(ls.seed)
   blacklist = tuple(ls.blacklist)
@@ -134,49 +145,91 @@ def build_directions(c, params, cfg, mesh=None) -> list[list[dict]]:
     d2 = vectors.orthogonalize(d2, d1) if ls.orthogonalize else d2
     return [vectors.cast(d1, dtype), vectors.cast(d2, dtype)]
 
+  def structured(as_dtype):
+    source = (direction_sources.gradient_direction(c, m, goals, as_dtype) if "gradient" in ls.vis_type
+              else direction_sources.refusal_direction(c, m, as_dtype))
+    return source[0], direction_sources.info_json(source[1])
+
   if ls.vis_type == "1D_random":
-    return [[rand(i)] for i in range(ls.num_directions)]
+    return [[rand(i)] for i in (indices or range(ls.num_directions))], None
   orth_dtype = "float32" if ls.orthogonalize else dtype
   if ls.vis_type == "2D_random":
-    return [pair(rand(0, orth_dtype), rand(1, orth_dtype))]
+    return [pair(rand(0, orth_dtype), rand(1, orth_dtype))], None
   if ls.vis_type == "1D_interpolation":
-    return [[interp(ls.target_path)]]
+    return [[interp(ls.target_path)]], None
   if ls.vis_type == "2D_interpolation":
-    return [[interp(ls.target_path), interp(ls.target2_path)]]
-  return [pair(interp(ls.target_path, orth_dtype), rand(1, orth_dtype))]
+    return [[interp(ls.target_path), interp(ls.target2_path)]], None
+  if ls.vis_type in ("1D_gradient", "1D_refusal"):
+    d, info = structured(dtype)
+    return [[d]], info
+  if ls.vis_type in ("2D_gradient-random", "2D_refusal-random"):
+    d, info = structured(orth_dtype)
+    return [pair(d, rand(1, orth_dtype))], info
+  return [pair(interp(ls.target_path, orth_dtype), rand(1, orth_dtype))], None
 
 
 def _regroup(flat: list[dict], n_comp: int) -> list[list[dict]]:
   return [flat[i:i + n_comp] for i in range(0, len(flat), n_comp)]
 
 
-def run_directions(c, path: str, cfg_dict: dict, overwrite: bool, params, cfg, n_comp: int,
-                   writer: bool, mesh=None) -> list[list[dict]]:
-  """The workdir's directions when resuming; else drawn (or imported) and saved.
+def run_directions(c, path: str, cfg_dict: dict, overwrite: bool, m: Model, goals: list[str], n_comp: int,
+                   writer: bool, mesh=None, indices: range | None = None) -> tuple[list[list[dict]], dict | None]:
+  """The workdir's directions when resuming; else drawn (or imported) and saved; with what the
+  record keeps of a gradient or refusal direction (SOURCE_FILE beside them).
 
   Every process builds (or reads) them where they live, its own shards only; the workdir is
   claimed (run_config.json written) only once they exist, so bad input leaves no files behind.
   The writer saves them streaming (vectors.save_safetensors), unless
   landscape.save_directions is off: then a resumed run draws them again from the config's seed.
+  `indices`: only these random directions (a group of a census, never saved).
   """
+  params, cfg = m.params, m.cfg
   dir_file = os.path.join(path, "directions.safetensors")
   saved = rundir.read_json(os.path.join(path, "run_config.json"))
   fresh = not (os.path.exists(dir_file) and saved is not None and comparable(saved) == comparable(cfg_dict))
   distributed.barrier("landscape: directions looked up")  # before any process writes
   where = None if mesh is None else sharding.param_shardings(params, mesh)  # read slices of these
+  info = None
   if not fresh:
     dirs = _regroup(vectors.load_safetensors(dir_file, cfg, shardings=where, dtype=cfg.param_dtype), n_comp)
+    info = rundir.read_json(os.path.join(path, SOURCE_FILE))
   elif c.landscape.directions_path:
     n = c.landscape.num_directions * n_comp
     dirs = _regroup(vectors.load_safetensors(c.landscape.directions_path, cfg, n, shardings=where,
                                                 dtype=cfg.param_dtype), n_comp)
   else:
-    dirs = build_directions(c, params, cfg, mesh)
+    dirs, info = build_directions(c, m, goals, mesh, indices)
   claim(path, cfg_dict, overwrite, write=writer)
-  if fresh and c.landscape.get("save_directions", True):
+  if fresh and c.landscape.save_directions:
     vectors.save_safetensors(dir_file, [d for comps in dirs for d in comps], cfg, write=writer)
+  if fresh and info is not None and writer:
+    rundir.write_atomic(os.path.join(path, SOURCE_FILE), json.dumps(info, indent=1))
   distributed.barrier("landscape: directions saved")
-  return dirs
+  return dirs, info
+
+
+def direction_group(c, cfg: model.ModelConfig, mesh) -> int:
+  """How many directions are drawn, held and decoded at a time: all of them, except for random
+  directions that are drawn from the seed and not saved (a census), where it is
+  landscape.direction_group, or (0) as many as a quarter of a device's free memory holds
+  (on CPU, CPU_DIRECTIONS_BYTES)."""
+  ls = c.landscape
+  n = ls.num_directions
+  if ls.vis_type != "1D_random" or ls.directions_path or ls.save_directions:
+    return n
+  if ls.get("direction_group", 0) > 0:
+    return min(n, int(ls.direction_group))
+  per = planner.params_per_device(cfg, mesh.shape["model"]) * jnp.dtype(cfg.param_dtype).itemsize
+  stats = jax.local_devices()[0].memory_stats() or {}
+  budget = (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) // 4 if "bytes_limit" in stats else CPU_DIRECTIONS_BYTES
+  return max(1, min(n, int(budget // per)))
+
+
+def resolved_save_directions(c) -> bool:
+  """landscape.save_directions, None meaning: saved for at most SAVE_AT_MOST directions (a census
+  of more is drawn again from its seed on resume, and run_config.json says so)."""
+  ls = c.landscape
+  return ls.num_directions <= SAVE_AT_MOST if ls.get("save_directions") is None else bool(ls.save_directions)
 
 
 # ------------------------------------------------------------------ prepare
@@ -192,8 +245,8 @@ class Setup:
   xs: np.ndarray             # grid coordinates (grid.grid_coords)
   ys: np.ndarray | None
   coefs: np.ndarray          # [n_points, C]
-  stacked: dict              # directions, leaves [R, C, ...] in the params' dtype, sharded
-  n_dirs: int
+  stacked: dict              # the group's directions, leaves [R, C, ...] in the params' dtype, sharded
+  n_dirs: int                # directions in the run
   tables: decode.KeywordTables
   spec: decode.DecodeSpec
   mesh: object
@@ -202,6 +255,9 @@ class Setup:
   mode_reason: str
   load_seconds: float
   writer: bool               # this process writes the files (process 0)
+  group: tuple[int, int] = (0, 0)   # [start, stop): the directions in `stacked` (direction_group)
+  goals_for_sources: tuple = ()     # the run's goals, for building a later group's directions
+  direction_source: dict | None = None   # landscape.json["direction_source"]: a gradient or refusal direction
 
   @property
   def n_points(self) -> int:
@@ -230,6 +286,8 @@ def prepare(c, path: str, *, overwrite: bool = False, text: bool = True) -> Setu
   Bad input (prompts, model, directions) fails before anything is written; the settings were
   checked by config_checks.validate. `text=False` (bench): the rows are read as token ids, never
   decoded to text, so a random: model is allowed."""
+  c = c.copy_and_resolve_references()
+  c.landscape.save_directions = resolved_save_directions(c)   # run_config.json says which
   cfg_dict = c.to_dict()
   goals = prompts.load_goals(c.prompts.path, c.prompts.limit)
   writer = distributed.is_writer()
@@ -245,19 +303,42 @@ def prepare(c, path: str, *, overwrite: bool = False, text: bool = True) -> Setu
   ls = c.landscape
   xs, ys = grid.grid_coords(ls.vis_type, ls.steps, ls.multiplier, ls.extra_steps)
   coefs = grid.grid_points(xs, ys)
-  dirs = run_directions(c, path, cfg_dict, overwrite, m.params, m.cfg, coefs.shape[1], writer, mesh)
+  n_dirs = ls.num_directions if ls.vis_type == "1D_random" else 1
+  size = direction_group(c, m.cfg, mesh)
+  if size < n_dirs and (c.capability.texts_path or c.capability.mc_path or ls.get("refine", 0)):
+    raise errors.UserError(f"landscape.num_directions={n_dirs} in groups of {size}: capability and "
+                           "landscape.refine read every direction at once; set landscape.direction_group="
+                           f"{n_dirs} (memory permitting) or turn them off.")
+  dirs, source = run_directions(c, path, cfg_dict, overwrite, m, goals, coefs.shape[1], writer, mesh,
+                                indices=range(size) if size < n_dirs else None)
   for r, comps in enumerate(dirs):
     for d in comps:
       vectors.check_matches(d, m.params, f"direction {r}")
   load_seconds = time.time() - t0
 
-  stacked, n_dirs = vectors.stack_grouped(dirs, mesh), len(dirs)
+  stacked = vectors.stack_grouped(dirs, mesh)
   del dirs   # the stacked copy is the one decoding reads
   m = dataclasses.replace(m, params=sharding.shard_params(m.params, mesh))
-  spec, batch, mode, why = _plan(c, m, p, len(coefs), n_dirs, mesh)
+  spec, batch, mode, why = _plan(c, m, p, len(coefs), size, mesh)
   return Setup(c=c, cfg_dict=cfg_dict, model=m, prompts=p, xs=xs, ys=ys, coefs=coefs, stacked=stacked,
                n_dirs=n_dirs, tables=keywords.build_keyword_tables(m.tokenizer, m.cfg.vocab_size), spec=spec, mesh=mesh,
-               batch=batch, mode=mode, mode_reason=why, load_seconds=load_seconds, writer=writer)
+               batch=batch, mode=mode, mode_reason=why, load_seconds=load_seconds, writer=writer,
+               group=(0, size), goals_for_sources=tuple(goals), direction_source=source)
+
+
+def groups(s: Setup) -> list[tuple[int, int]]:
+  """The [start, stop) groups of directions a run decodes in turn (one for all but a census)."""
+  size = s.group[1] - s.group[0]
+  return [(a, min(a + size, s.n_dirs)) for a in range(0, s.n_dirs, size)]
+
+
+def with_group(s: Setup, group: tuple[int, int]) -> Setup:
+  """`s` with the random directions [start, stop) drawn and stacked in place of its group's; the
+  caller drops the old Setup first, so memory holds one group."""
+  if group == s.group:
+    return s
+  dirs, _ = build_directions(s.c, s.model, list(s.goals_for_sources), s.mesh, indices=range(*group))
+  return dataclasses.replace(s, stacked=vectors.stack_grouped(dirs, s.mesh), group=group)
 
 
 # ------------------------------------------------------------------ evaluate
@@ -277,7 +358,7 @@ def evaluate(s: Setup, points: list[int]) -> Iterator[list[scoring.Row]]:
         ids = chunk.tokens[ri, b, :n].tolist()
         refused = bool(chunk.refused[ri, b])
         stopped = n < spec.max_new_tokens and (not ids or ids[-1] not in spec.eos_ids)
-        rows.append(scoring.Row(direction=r, point=int(chunk.points[b]), prompt=q, goal=s.prompts.goals[q],
+        rows.append(scoring.Row(direction=r + s.group[0], point=int(chunk.points[b]), prompt=q, goal=s.prompts.goals[q],
                                 text=tok.decode(ids, skip_special_tokens=True), n_tokens=n,
                                 refused=refused, truncated=refused and stopped,
                                 nonfinite=bool(chunk.nonfinite[ri, b]), ids=tuple(ids)))
@@ -290,4 +371,4 @@ def params_at(s: Setup, direction: int, point: int) -> dict:
   with np.errstate(over="ignore"):
     coef = np.asarray(s.coefs[point], np.float32)
   return engine.materialize(jax.tree.map(jnp.copy, s.model.params), s.model.params, s.stacked,
-                            sharding.put(np.int32(direction), rep), sharding.put(coef, rep))
+                            sharding.put(np.int32(direction - s.group[0]), rep), sharding.put(coef, rep))
