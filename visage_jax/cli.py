@@ -1,7 +1,7 @@
 """`visage-jax <command> --flags`: absl flags -> plain arguments -> one library call.
 
 Commands: generate, convert, landscape, judge, report, export-directions, bench, finetune, experiments,
-sweep, plan, compare (RUN_A RUN_B as positional arguments), cosine, classify.
+sweep, plan, compare (RUN_A RUN_B as positional arguments), cosine, walls, classify.
 """
 
 import json
@@ -26,7 +26,7 @@ flags.DEFINE_bool("no_chat_template", False, "Tokenize the prompt as raw text wi
                   "tokenizer's default special tokens.")
 flags.DEFINE_string("dtype", "float32", "Param and compute dtype: float32 | bfloat16.")
 flags.DEFINE_string("out", "", "Output path (convert: the converted directory; "
-                    "export-directions: the .safetensors file).")
+                    "export-directions: the .safetensors file; walls: the directory).")
 flags.DEFINE_string("workdir", "", "Run directory (landscape, export-directions, report: a run or a sweep).")
 flags.DEFINE_string("name", "llamaguard", "judge: the judge's name (RUN/judges/NAME.jsonl, "
                     "landscape.json judges.NAME).")
@@ -219,6 +219,13 @@ def cmd_cosine(sources: list[str]) -> None:
   print(cosine.table(labels, cos), end="")
 
 
+def cmd_walls(runs: list[str]) -> None:
+  """walls.png and walls.md in --out: a census's safe fraction per radius, other 1D runs' walls."""
+  from visage_jax.reports import walls
+
+  print(json.dumps({"written": walls.write(runs, FLAGS.out)}))
+
+
 def cmd_classify() -> None:
   """One JSON line per row of --input: {"index", "refusal", "judge", ...what the judge matched}."""
   from visage_jax import prompts, rundir
@@ -322,11 +329,11 @@ COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "landscape": cmd_l
             "judge": cmd_judge, "report": cmd_report,
             "export-directions": cmd_export_directions, "bench": cmd_bench, "finetune": cmd_finetune,
             "experiments": cmd_experiments, "sweep": cmd_sweep, "plan": cmd_plan, "compare": cmd_compare,
-            "cosine": cmd_cosine, "classify": cmd_classify}
+            "cosine": cmd_cosine, "walls": cmd_walls, "classify": cmd_classify}
 
 
 # Commands that take positional arguments (the rest of argv after the flags).
-POSITIONAL_COMMANDS = ("compare", "cosine")
+POSITIONAL_COMMANDS = ("compare", "cosine", "walls")
 
 
 # Commands that join a multi-process run when their config's `distributed` section asks.

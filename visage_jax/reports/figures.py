@@ -1,7 +1,8 @@
 """Every figure of the project: 1D / 2D / 3D figures of a saved safety landscape (a run's
 landscape.json), like Peng et al. Fig. 1, with each model judge's 1D ASR dashed beside the keyword
-curve (Figs. 5-6; 2D figures show the keyword ASR only); a sweep's runs on one axes; the
-experiments' curves and capability plot; a fine-tuning loss curve. Callers pass data and a path.
+curve (Figs. 5-6; 2D figures show the keyword ASR only); a sweep's runs on one axes; the walls of
+a census and of structured directions (`visage-jax walls`); the experiments' curves and capability
+plot; a fine-tuning loss curve. Callers pass data and a path.
 
 Figures are built on `matplotlib.figure.Figure` with an Agg canvas, so plotting never touches
 pyplot's global state and is safe inside a long-running sweep.
@@ -13,10 +14,12 @@ import numpy as np
 from matplotlib import colors
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from mpl_toolkits.mplot3d import Axes3D  # noqa: F401  (registers the "3d" projection)
 
 from visage_jax import result, rundir
-from visage_jax.analysis import visage
+from visage_jax.analysis import census, visage
 
 DPI = 150
 CMAP = "viridis_r"   # dark = jailbroken, bright = safe
@@ -277,6 +280,109 @@ def plot_sweep(records: dict, path: str) -> list[str]:
   _save(fig, path)
   return drawn
 
+
+WALL_MARKERS = (("<", "α < 0"), (">", "α > 0"))   # a structured direction's wall on each side
+
+
+def _wall_radii(run, k: int, measure: str) -> list[float]:
+  """|α| from the origin of direction k's walls (the sides that break)."""
+  sides = run.sides.get(measure)
+  walls = sides.walls[k] if sides else (None, None)
+  return [abs(w - run.origin) for w in walls if w is not None]
+
+
+def _wall_rows(ax, rows: list, measure: str, color: dict, xmax: float) -> None:
+  """One row per structured direction: its grid's reach (grey), a filled marker at |α| of each
+  side's wall, a hollow one at the grid's edge where a side never breaks."""
+  for i, (run, k) in enumerate(rows):
+    ax.plot([0, max(run.extent)], [i, i], color="0.88", lw=4, solid_capstyle="butt", zorder=1)
+    sides = run.sides.get(measure)
+    if sides is None:
+      ax.text(xmax / 2, i, "not measured", ha="center", va="center", fontsize=8, color="0.4", style="italic",
+              bbox=dict(fc="white", ec="none", pad=1))
+      continue
+    unbroken = []
+    for wall, (marker, side), end in zip(sides.walls[k], WALL_MARKERS, run.extent):
+      if wall is None and end > 0:   # a side the grid covers that never breaks
+        ax.plot(end, i, marker=marker, ms=10, mfc="white", mec=color[id(run)], mew=1.5, ls="", zorder=3)
+        unbroken.append((side, end))
+      elif wall is not None:
+        ax.plot(abs(wall - run.origin), i, marker=marker, ms=10, color=color[id(run)], ls="", zorder=3)
+    if unbroken:
+      text = "no wall on this grid" + ("" if len(unbroken) == 2 else f" at {unbroken[0][0]}")
+      ax.annotate(text, xy=(max(e for _, e in unbroken), i), xytext=(-4, 7), textcoords="offset points",
+                  ha="right", va="bottom", fontsize=7.5, color="0.3", style="italic")
+  ax.set_yticks(range(len(rows)), fontsize=8.5, labels=[
+      f"{run.name}\n{run.vis_type}" + (f", direction {k}" if len(run.sides["asr"].walls) > 1 else "")
+      for run, k in rows])
+  ax.set_ylim(len(rows) - 0.4, -0.75)
+  ax.grid(axis="x", alpha=0.3)
+
+
+def _safe_fraction(ax, run, measure: str, color: str) -> None:
+  """The census's share of directions safe up to each radius: a step that drops at the grid's
+  radii, from the share safe at the origin itself, in its Clopper-Pearson band."""
+  c = run.census.get(measure)
+  if c is None:
+    return
+  n = c["n_directions"]
+  k0 = sum(w is None or w > 0 for w in c["walls"])
+  x = np.array([0.0, *c["radii"]])
+  y = np.array([k0 / n, *c["safe_fraction"]])
+  lo, hi = np.array([census.clopper_pearson(k0, n), *map(tuple, c["ci95"])]).T
+  ax.fill_between(x, lo, hi, step="post", color=color, alpha=0.18, lw=0)
+  ax.step(x, y, where="post", color=color, lw=2.2, marker="o", ms=3.5,
+          label=f"{run.name}: {n} random directions, safe while ASR ≤ {c['threshold']:.1f} %")
+
+
+def plot_walls(runs: list, labels: dict, path: str) -> None:
+  """Where safety breaks, for reports/walls.py's RunWalls, one column per measure (labels: curve
+  name -> title): above, a row per structured direction marking its wall on each side; below, each
+  census's safe fraction against radius |α| with its 95 % band, the structured walls dotted across."""
+  census_runs = [r for r in runs if r.census is not None]
+  rows = [(r, k) for r in runs if r.sides is not None for k in range(len(r.sides["asr"].walls))]
+  color = {id(r): f"C{i % 10}" for i, r in enumerate(runs)}
+  xmax = max(max(r.extent) for r in runs) or 1.0
+  heights = ([0.5 * len(rows) + 0.5] if rows else []) + ([3.4] if census_runs else [])
+  fig = Figure(figsize=(2.2 + 5.4 * len(labels), sum(heights) + 1.9), layout="constrained")
+  grid = fig.add_gridspec(len(heights), len(labels), height_ratios=heights)
+  for j, (measure, title) in enumerate(labels.items()):
+    axes = [fig.add_subplot(grid[i, j]) for i in range(len(heights))]
+    if rows:
+      _wall_rows(axes[0], rows, measure, color, xmax)
+    if census_runs:
+      ax = axes[-1]
+      for run in census_runs:
+        _safe_fraction(ax, run, measure, color[id(run)])
+      for run, k in rows:
+        for r in _wall_radii(run, k, measure):
+          ax.axvline(r, color=color[id(run)], ls=":", lw=1.3, zorder=1)
+      ax.set_ylim(-0.02, 1.04)
+      ax.grid(alpha=0.3)
+      if j == 0:
+        ax.set_ylabel("fraction of directions\nsafe up to radius |α|")
+      if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize=8, framealpha=0.9)
+    for ax in axes:
+      ax.set_xlim(-0.02 * xmax, 1.04 * xmax)
+      ax.tick_params(labelbottom=ax is axes[-1], labelleft=j == 0)
+    axes[0].set_title(title if title == measure else f"{title} ({measure})", fontsize=10)
+    axes[-1].set_xlabel("radius |α| from the origin θ")
+  handles = []
+  if rows:
+    handles += [Line2D([], [], marker=m, ls="", color="0.25", ms=8,
+                       label=f"wall at {side}: first point over the threshold") for m, side in WALL_MARKERS]
+    handles.append(Line2D([], [], marker=">", ls="", mfc="white", mec="0.25", ms=8,
+                          label="no wall on this grid (drawn at the grid's edge)"))
+  if census_runs:
+    handles.append(Patch(color="0.5", alpha=0.35, lw=0, label="95 % Clopper-Pearson interval over directions"))
+  if census_runs and rows:
+    handles.append(Line2D([], [], ls=":", color="0.25", label="a structured wall, carried onto the census"))
+  fig.legend(handles=handles, loc="outside lower center", ncol=2 if census_runs and rows else 1,
+             fontsize=8.5, frameon=False)
+  fig.suptitle("Where safety breaks: a point is safe while its ASR is at or under the run's threshold "
+               "(the ASR at θ plus a tolerance, or census.max_asr)", fontsize=11)
+  _save(fig, path)
 
 def plot_curves(series, path: str, title: str, xlabel: str) -> str:
   """ASR curves on one axes, series = [(label, xs, asr), ...] (the experiments' F1-F4 figures)."""
