@@ -49,9 +49,7 @@ def _read_json(path: str) -> dict:
 def _hf_dir_leaves(path: str, dtype: str):
   """(cfg, leaves) of a `save_pretrained` directory: config.json + model.safetensors or a sharded
   index; tensors are read one at a time with pread (no file mapping grows the process), or by the
-  blocks a process's devices hold (`safetensors_file`) when the leaves are placed on a mesh."""
-  from safetensors import safe_open
-
+  blocks a process's devices hold when the leaves are placed on a mesh (`safetensors_file`)."""
   cfg = model.config_from_hf(_read_json(os.path.join(path, "config.json")), dtype=dtype,
                              source=os.path.join(path, "config.json"))
   index_path = os.path.join(path, "model.safetensors.index.json")
@@ -65,27 +63,22 @@ def _hf_dir_leaves(path: str, dtype: str):
     if not files:
       raise CheckpointError(f"{path}: no *.safetensors files and no model.safetensors.index.json "
                             "(pickled .bin checkpoints are not loaded, by design).")
-  handles, fds, entries, owner = {}, {}, {}, {}
+  fds, entries, owner = {}, {}, {}
   try:
     for fname in files:
       fpath = os.path.join(path, fname)
       if not os.path.exists(fpath):
         raise CheckpointError(f"{fpath}: shard listed in the index is missing.")
-      try:
-        handles[fname] = safe_open(fpath, framework="numpy", backend="pread")
-      except Exception as e:  # safetensors raises its own error types
-        raise CheckpointError(f"{fpath}: not a readable safetensors file ({e}).") from None
-      fds[fname] = os.open(fpath, os.O_RDONLY)
       for name, entry in safetensors_file.read_header(fpath).items():
         owner[name], entries[name] = fname, entry
+      fds[fname] = os.open(fpath, os.O_RDONLY)
     if cfg.tie_word_embeddings:
       owner.pop("lm_head.weight", None)
     block = lambda name, index: safetensors_file.read_block(
         fds[owner[name]], entries[name], index, f"{os.path.join(path, owner[name])}: tensor {name!r}")
-    yield cfg, hf_tensors.leaf_readers(lambda name: handles[owner[name]].get_tensor(name),
-                                    {n: entries[n][1] for n in owner}, cfg, path, get_block=block)
+    yield cfg, hf_tensors.leaf_readers(lambda name: block(name, ()), {n: entries[n][1] for n in owner}, cfg,
+                                       path, get_block=block)
   finally:
-    handles.clear()
     for fd in fds.values():
       os.close(fd)
 

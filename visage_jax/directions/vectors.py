@@ -301,48 +301,41 @@ def save_safetensors(path: str, directions: list[dict], cfg: model.ModelConfig, 
       "count": str(len(directions)), "format": "visage_jax.directions"})
 
 
-def _read_direction(f, i: int, cfg: model.ModelConfig, shardings, source: str) -> dict:
-  """Direction `i` of an open file: read whole (one tensor at a time), or into `shardings`, each
-  process reading from `f` only the blocks of its shards."""
-  key = lambda name: f"{i}/{name}"
-  names = {k.split("/", 1)[1] for k in f.keys() if k.startswith(f"{i}/")}
-  if shardings is None:
-    return hf_tensors.from_hf_tensors(lambda n: f.get_tensor(key(n)), names, cfg, source=source)
-  shapes = {n: tuple(f.get_slice(key(n)).get_shape()) for n in names}
-  leaves = hf_tensors.leaf_readers(lambda n: f.get_tensor(key(n)), shapes, cfg, source,
-                                get_block=lambda n, index: f.get_slice(key(n))[index])
-  return hf_tensors.assemble(leaves, shardings)
-
-
 def load_safetensors(path: str, cfg: model.ModelConfig, count: int | None = None,
                      shardings=None, dtype: str = "float32") -> list[dict]:
   """Reads `save_safetensors` files (or any PyTorch tool writing the same keys); checks every tensor.
 
   With `shardings` (params-shaped), each leaf is placed there and every process reads only the
-  slices of its own shards, so no host holds a whole direction. Leaves are `dtype`, cast one
-  tensor at a time as they are read.
+  blocks of its own shards (`safetensors_file.read_block`, as checkpoints are read), so no host
+  holds a whole direction. Leaves are `dtype`, cast one tensor at a time as they are read.
   """
-  from safetensors import safe_open
-
   if not os.path.exists(path):
     raise errors.MissingFileError(f"{path}: directions file not found.")
+  entries = safetensors_file.read_header(path)
+  tensors: dict[int, dict[str, tuple]] = {}   # direction index -> {HF name: entry}
+  for key, entry in entries.items():
+    index, _, name = key.partition("/")
+    if index.isdigit():
+      tensors.setdefault(int(index), {})[name] = entry
+  indices = sorted(tensors)
+  if not indices:
+    raise errors.UserError(f"{path}: no tensors named '<direction index>/<HF tensor name>'.")
+  if count is not None and len(indices) < count:
+    raise errors.UserError(f"{path}: holds {len(indices)} direction(s), the landscape needs {count}.")
+  as_read = dataclasses.replace(cfg, param_dtype=dtype)
+  known = {n for names in hf_tensors.hf_tensor_names(cfg).values() for n in names}
+  fd = os.open(path, os.O_RDONLY)
   try:
-    f = safe_open(path, framework="numpy")
-  except Exception as e:
-    raise errors.UserError(f"{path}: not a readable safetensors file ({e}).") from None
-  with f:
-    keys = set(f.keys())
-    indices = sorted({int(k.split("/", 1)[0]) for k in keys if k.split("/", 1)[0].isdigit()})
-    if not indices:
-      raise errors.UserError(f"{path}: no tensors named '<direction index>/<HF tensor name>'.")
-    if count is not None and len(indices) < count:
-      raise errors.UserError(f"{path}: holds {len(indices)} direction(s), the landscape needs {count}.")
-    as_read = dataclasses.replace(cfg, param_dtype=dtype)
-    known = {n for names in hf_tensors.hf_tensor_names(cfg).values() for n in names}
     out = []
     for i in indices[:count]:
-      extra = {k.split("/", 1)[1] for k in keys if k.startswith(f"{i}/")} - known
+      extra = set(tensors[i]) - known
       if extra:
         raise errors.UserError(f"{path}: direction {i} has tensors the model lacks: {sorted(extra)[:5]}.")
-      out.append(_read_direction(f, i, as_read, shardings, f"{path} (direction {i})"))
+      block = lambda name, index, own=tensors[i], i=i: safetensors_file.read_block(
+          fd, own[name], index, f"{path}: tensor {f'{i}/{name}'!r}")
+      leaves = hf_tensors.leaf_readers(lambda name: block(name, ()), {n: e[1] for n, e in tensors[i].items()},
+                                       as_read, f"{path} (direction {i})", get_block=block)
+      out.append(hf_tensors.assemble(leaves, shardings))
+  finally:
+    os.close(fd)
   return out
