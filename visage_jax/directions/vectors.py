@@ -20,6 +20,7 @@ import zlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from visage_jax import errors, model, sharding
@@ -166,7 +167,7 @@ def random_direction(seed: int | jax.Array, params: dict, cfg: model.ModelConfig
     if all(black):
       hf_tensors.set_leaf(out, path, _stage(_zeros, target, shape=tuple(theta.shape), dtype=dtype)())
       continue
-    transposed, stacked = hf_tensors.HF_NAMES[path][1], path[0] == "layers"
+    transposed, stacked = hf_tensors.HF_NAMES[path][1], hf_tensors.is_stacked(path)
     ours = tuple(theta.shape[1:] if stacked else theta.shape)
     crcs = np.array([zlib.crc32(n.encode()) for n in names], np.uint32)
     draw = _stage(_draw, target, impl=impl, hf_shape=ours[::-1] if transposed else ours,
@@ -178,7 +179,7 @@ def random_direction(seed: int | jax.Array, params: dict, cfg: model.ModelConfig
 def _normalized_leaf(z, theta, target, path, black, norm: str, dtype: str):
   """One leaf of a direction: `z` (float32, our layout; consumed) scaled per HF tensor as `norm`
   says, blacklisted tensors zero, cast to `dtype` once normalized (one float32 leaf at a time)."""
-  transposed, stacked = hf_tensors.HF_NAMES[path][1], path[0] == "layers"
+  transposed, stacked = hf_tensors.HF_NAMES[path][1], hf_tensors.is_stacked(path)
   z_sq, t_sq = _stage(_squares, target)(z, jax.device_put(theta, target))
   d = _stage(_normalize, target, norm=norm,
              transposed=transposed, black=black, stacked=stacked, sharding=target)(z, z_sq, t_sq)
@@ -256,9 +257,10 @@ def check_matches(direction: dict, params: dict, what: str) -> None:
   p_struct, d_struct = jax.tree.structure(params), jax.tree.structure(direction)
   if p_struct != d_struct:
     raise errors.UserError(f"{what}: direction tree {d_struct} does not match the model's params {p_struct}.")
-  for (path, p), d in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(direction)):
+  for path, p in traverse_util.flatten_dict(params).items():
+    d = hf_tensors.get_leaf(direction, path)
     if p.shape != d.shape:
-      raise errors.UserError(f"{what}: {jax.tree_util.keystr(path)} has shape {d.shape}, the model's is {p.shape}.")
+      raise errors.UserError(f"{what}: {'/'.join(path)} has shape {d.shape}, the model's is {p.shape}.")
 
 
 def stack(directions: list[dict]) -> dict:
@@ -281,8 +283,7 @@ def stack_grouped(groups: list[list[dict]], mesh) -> dict:
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(shape + x.shape, x.dtype), flat[0])
   targets = sharding.param_shardings(abstract, mesh)
   out = {}
-  for keys, a in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-    path = tuple(k.key for k in keys)
+  for path, a in traverse_util.flatten_dict(abstract).items():
     parts = [hf_tensors.pop_leaf(d, path) for d in flat]
     hf_tensors.set_leaf(out, path, _stage(_stack_grid, hf_tensors.get_leaf(targets, path), shape=a.shape)(*parts))
     del parts

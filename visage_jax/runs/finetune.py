@@ -23,6 +23,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from visage_jax import decode, distributed, errors, model, prompts, sharding
 from visage_jax.checkpoints import hf_tensors, loader, lora, safetensors_file
@@ -313,8 +314,7 @@ def _init_state(c, params: dict, cfg: model.ModelConfig, mesh) -> _RunState:
     decay_mask = None
   else:
     frozen, trainable = None, sharding.shard_params(params, mesh)
-    decay_mask = jax.tree_util.tree_map_with_path(
-        lambda p, _: "norm" not in jax.tree_util.keystr(p), params)
+    decay_mask = traverse_util.path_aware_map(lambda path, _: "norm" not in path[-1], params)
   opt, sched = sft.make_optimizer(lr=t.lr, steps=t.steps, warmup_steps=t.warmup_steps,
                                        schedule=t.schedule, weight_decay=t.weight_decay,
                                        clip_norm=t.clip_norm, decay_mask=decay_mask)
