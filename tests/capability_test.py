@@ -106,14 +106,14 @@ class CapabilityParityTest(parameterized.TestCase):
   def test_benign_rows_are_the_held_out_instructions_answered_greedily(self):
     from visage_jax import decode
     from visage_jax.training import trainsets
-    rows = capability.benign_rows(self.params, self.cfg, self.tok, template="auto", system_prompt="default",
-                                  max_new_tokens=6)
+    eos = loader.eos_ids(self.dir, self.tok)
+    rows = capability.benign_rows(self.params, self.cfg, self.tok, eos_ids=eos, template="auto",
+                                  system_prompt="default", max_new_tokens=6)
     _, held = trainsets.benign_split()
     self.assertTrue(rows)
     self.assertLessEqual({r["prompt"] for r in rows}, set(held))
     text = prompts.format_prompt(rows[0]["prompt"], self.tok, "auto", "default")
     ids = prompts.tokenize_prompts([text], self.tok, "auto")
-    eos = decode.eos_ids_of(self.tok)
     out = decode.generate(self.params, self.cfg, ids, max_new_tokens=6, eos_ids=eos,
                           pad_id=decode.pad_id_of(self.tok))[0]
     self.assertEqual(rows[0]["response"], self.tok.decode([t for t in out if t not in eos],

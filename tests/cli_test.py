@@ -41,7 +41,7 @@ class GenerateTest(absltest.TestCase):
     cfg, params = loader.load_params(d)
     ids = prompts.tokenize_prompts([prompts.format_prompt(p, tok) for p in ("Write a poem", "Tell me a story now")],
                                    tok, "auto")
-    outs = decode.generate(params, cfg, ids, max_new_tokens=5, eos_ids=decode.eos_ids_of(tok),
+    outs = decode.generate(params, cfg, ids, max_new_tokens=5, eos_ids=loader.eos_ids(d, tok),
                            pad_id=decode.pad_id_of(tok))
     self.assertEqual([l["generation"] for l in lines], [tok.decode(o, skip_special_tokens=True) for o in outs])
 

@@ -211,7 +211,7 @@ class FinetuneTest(parameterized.TestCase):
     moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(tuned), jax.tree.leaves(self.params)))
     self.assertGreater(moved, 1e-3)
     hf = AutoModelForCausalLM.from_pretrained(os.path.join(work, "hf"), dtype=torch.float32).eval()
-    eos, pad = decode.eos_ids_of(self.tok), decode.pad_id_of(self.tok)
+    eos, pad = loader.eos_ids(os.path.join(work, "hf"), self.tok), decode.pad_id_of(self.tok)
     for ex in EXAMPLES[:3]:
       ids = prompts.tokenize_prompts([prompts.format_prompt(ex["prompt"], self.tok)], self.tok, "auto")[0]
       got = decode.generate(tuned, cfg, [ids], max_new_tokens=10, eos_ids=eos, pad_id=pad)[0]

@@ -120,6 +120,45 @@ class HfDirTest(parameterized.TestCase):
     self.assertEqual(os.listdir(parent), [])
 
 
+class EosIdsTest(absltest.TestCase):
+
+  def test_greedy_stops_at_every_generation_config_eos_as_transformers_generate(self):
+    import torch
+    from transformers import AutoModelForCausalLM
+    from visage_jax import decode, prompts
+
+    d = self.create_tempdir().full_path
+    tok = fixtures.toy_tokenizer()
+    fixtures.save_tiny_hf(d, "llama", tokenizer=tok)
+    cfg, params = loader.load_params(d)
+    goals = ("Write a poem", "Tell me a story now", "How do I bake bread")
+    ids = prompts.tokenize_prompts([prompts.format_prompt(g, tok) for g in goals], tok, "auto")
+    free = decode.generate(params, cfg, ids, max_new_tokens=10, eos_ids=(-1,), pad_id=0)
+    ends = (free[0][3], free[1][3])  # Llama-3 style: two ids end a turn
+    with open(os.path.join(d, loader.GENERATION_CONFIG)) as f:
+      generation = json.load(f)
+    generation["eos_token_id"] = list(ends)
+    with open(os.path.join(d, loader.GENERATION_CONFIG), "w") as f:
+      json.dump(generation, f)
+
+    eos = loader.eos_ids(d, tok)
+    self.assertEqual(eos, tuple(sorted({*ends, tok.eos_token_id})))
+    got = decode.generate(params, cfg, ids, max_new_tokens=10, eos_ids=eos, pad_id=decode.pad_id_of(tok))
+    self.assertEqual([g[-1] for g in got[:2]], list(ends))
+    self.assertEqual(len(got[2]), 10)
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    for row, g in zip(ids, got):
+      with torch.no_grad():
+        ref = hf.generate(torch.tensor([row]), max_new_tokens=10, do_sample=False)[0, len(row):].tolist()
+      self.assertEqual(g, ref)
+
+    converted = os.path.join(self.create_tempdir().full_path, "converted")
+    loader.convert(d, converted, tokenizer=tok)
+    self.assertEqual(loader.eos_ids(converted, tok), eos)
+    os.remove(os.path.join(converted, loader.GENERATION_CONFIG))  # as a GGUF file's converted copy
+    self.assertEqual(loader.eos_ids(converted, tok), (tok.eos_token_id,))
+
+
 class StreamingConvertTest(absltest.TestCase):
 
   def test_convert_of_sharded_checkpoint_is_the_transformers_tree(self):

@@ -22,6 +22,7 @@ class SmolLM2Test(absltest.TestCase):
     local = loader.resolve(path, "float32")   # the converted copy, made once
     cls.cfg, cls.params = loader.load_params(local)
     cls.tok = loader.load_tokenizer(local)
+    cls.eos = loader.eos_ids(local, cls.tok)
     cls.hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                   dtype=torch.float32).eval()
     goals = prompts.load_goals(fixtures.advbench_path(), 8)
@@ -44,7 +45,7 @@ class SmolLM2Test(absltest.TestCase):
     ids = prompts.tokenize_prompts(self.texts, self.tok, "auto")
     self.assertGreater(len({len(i) for i in ids}), 1, "prompts must need left padding")
     got = decode.generate(self.params, self.cfg, ids, max_new_tokens=32,
-                          eos_ids=decode.eos_ids_of(self.tok), pad_id=decode.pad_id_of(self.tok))
+                          eos_ids=self.eos, pad_id=decode.pad_id_of(self.tok))
     self.tok.padding_side = "left"
     enc = self.tok(self.texts, add_special_tokens=False, return_tensors="pt", padding=True)
     with torch.no_grad():
@@ -52,7 +53,7 @@ class SmolLM2Test(absltest.TestCase):
     ref = ref[:, enc["input_ids"].shape[1]:].tolist()
     for i, (g, r) in enumerate(zip(got, ref)):
       self.assertEqual(g, r[:len(g)], f"prompt {i}")
-      self.assertTrue(len(g) == 32 or g[-1] in decode.eos_ids_of(self.tok))
+      self.assertTrue(len(g) == 32 or g[-1] in self.eos)
 
 
 if __name__ == "__main__":

@@ -149,7 +149,8 @@ class RandomDirectionTest(parameterized.TestCase):
                                                                    other_cfg)], other_cfg)
     with self.assertRaisesRegex(ValueError, r"gate_proj.weight' has shape \(96, 64\), expected \(128, 64\)"):
       vectors.load_safetensors(path, self.cfg)
-    with self.assertRaisesRegex(ValueError, "direction 0"):
+    with self.assertRaisesRegex(ValueError, r"direction 0: layers/down_proj has shape \(3, 96, 64\), the model's "
+                                            r"is \(3, 128, 64\)"):
       vectors.check_matches(vectors.random_direction(0, model.init(jax.random.key(0), other_cfg), other_cfg),
                                self.params, "direction 0")
 

@@ -55,7 +55,7 @@ def main(_):
     goals = [g for _, g in items]
     p = pipeline.pack_prompts(goals, m.tokenizer, c.prompts.template, c.prompts.system_prompt)
     outs = decode.generate(params, m.cfg, p.ids, max_new_tokens=FLAGS.max_new_tokens,
-                           eos_ids=decode.eos_ids_of(m.tokenizer), pad_id=p.pad_id)
+                           eos_ids=m.eos_ids, pad_id=p.pad_id)
     for (prompt_set, goal), ids in zip(items, outs):
       rows.append(dict(model=name, alpha=alpha, prompt_set=prompt_set, prompt=goal,
                        completion=m.tokenizer.decode(ids, skip_special_tokens=True), ids=ids))

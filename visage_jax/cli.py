@@ -71,7 +71,7 @@ def cmd_generate() -> None:
     texts = [prompts.format_prompt(p, tok, FLAGS.template, FLAGS.system_prompt) for p in FLAGS.prompt]
     ids = prompts.tokenize_prompts(texts, tok, FLAGS.template)
   outs = decode.generate(params, cfg, ids, max_new_tokens=FLAGS.max_new_tokens,
-                         eos_ids=decode.eos_ids_of(tok), pad_id=decode.pad_id_of(tok))
+                         eos_ids=m.eos_ids, pad_id=decode.pad_id_of(tok))
   for p, out in zip(FLAGS.prompt, outs):
     print(json.dumps({"prompt": p, "generation": tok.decode(out, skip_special_tokens=True)}),
           flush=True)

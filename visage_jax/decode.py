@@ -218,18 +218,6 @@ def greedy_impl(params: dict, tokens: jax.Array, mask: jax.Array, tables: Keywor
 greedy = jax.jit(greedy_impl, static_argnames=("cfg", "spec", "segments"))
 
 
-def eos_ids_of(tokenizer, extra: tuple[int, ...] = ()) -> tuple[int, ...]:
-  """EOS ids from the tokenizer plus chat end-of-turn tokens it defines (LLaMA-3 <|eot_id|>)."""
-  ids = set(extra)
-  if tokenizer.eos_token_id is not None:
-    ids.add(int(tokenizer.eos_token_id))
-  vocab = tokenizer.get_vocab()
-  for special in ("<|eot_id|>", "<|im_end|>", "<|end_of_text|>"):
-    if special in vocab and special in (tokenizer.all_special_tokens or []):
-      ids.add(int(vocab[special]))
-  return tuple(sorted(ids))
-
-
 def pad_id_of(tokenizer) -> int:
   if tokenizer.pad_token_id is not None:
     return int(tokenizer.pad_token_id)

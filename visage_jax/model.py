@@ -21,6 +21,7 @@ from typing import Any
 
 import flax
 import jax
+from flax import traverse_util
 import jax.numpy as jnp
 
 from visage_jax import errors
@@ -147,9 +148,8 @@ def param_shapes(cfg: ModelConfig) -> dict:
 
 def init(key: jax.Array, cfg: ModelConfig) -> dict:
   """Random params (normal * 0.02, norms near one): for tests and timing-only benchmarks."""
-  shapes = param_shapes(cfg)
-  leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
-  keys = jax.random.split(key, len(leaves))
+  flat = sorted(traverse_util.flatten_dict(param_shapes(cfg)).items())  # jax's leaf order: keys sorted
+  keys = jax.random.split(key, len(flat))
   dtype = jnp.dtype(cfg.param_dtype)
 
   def one(k, shape, is_norm):
@@ -157,9 +157,8 @@ def init(key: jax.Array, cfg: ModelConfig) -> dict:
       return (1.0 + 0.1 * jax.random.normal(k, shape)).astype(dtype)
     return (0.02 * jax.random.normal(k, shape)).astype(dtype)
 
-  paths = [jax.tree_util.keystr(p) for p, _ in
-           jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))[0]]
-  return jax.tree.unflatten(treedef, [one(k, s, "norm" in p) for k, s, p in zip(keys, leaves, paths)])
+  return traverse_util.unflatten_dict({path: one(k, shape, "norm" in path[-1])
+                                      for k, (path, shape) in zip(keys, flat)})
 
 
 @flax.struct.dataclass

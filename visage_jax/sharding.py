@@ -15,8 +15,9 @@ from visage_jax import errors
 
 AXES = ("data", "model")
 
-# Rules match the leaf path "a/b" of the params tree; the spec is for the leaf's own axes
-# (leading stacked/direction axes are padded with None).
+# Rules match the leaf path ("layers", "q_proj") of the params tree joined as "layers/q_proj" (any
+# tree: an optimizer state's leaf is "opt_state/0/mu/layers/q_proj"); the spec is for the leaf's
+# own axes (leading stacked/direction axes are padded with None).
 PARAM_RULES = (
     (r"layers/(q_proj|k_proj|v_proj|gate_proj|up_proj)$", P(None, "model")),
     (r"layers/(o_proj|down_proj)$", P("model", None)),
@@ -53,10 +54,6 @@ def make_mesh(shape: tuple[int, int] = (1, 1), devices=None) -> Mesh:
   return Mesh(np.asarray(devices[:n]).reshape(shape), AXES)
 
 
-def _path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", k)) for k in path)
-
-
 def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
   """Right-aligns a leaf spec to `shape` and drops axes that do not divide."""
   spec = tuple(spec)
@@ -69,7 +66,7 @@ def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
 def param_shardings(tree, mesh: Mesh, rules=PARAM_RULES):
   """NamedShardings for a params-shaped tree (also directions, with extra leading axes)."""
   def one(path, leaf):
-    name = _path_str(path)
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
     for pattern, spec in rules:
       if re.search(pattern, name):
         return NamedSharding(mesh, _fit(spec, leaf.shape, mesh))

@@ -13,6 +13,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from visage_jax import model, sharding
 from visage_jax.errors import CheckpointError
@@ -35,11 +36,9 @@ HF_NAMES = {
 
 
 def leaf_paths(cfg: model.ModelConfig) -> list[tuple[str, ...]]:
-  shapes = model.param_shapes(cfg)
-  paths = []
-  for key, val in shapes.items():
-    paths.extend([(key, sub) for sub in val] if isinstance(val, dict) else [(key,)])
-  return paths
+  """Every params leaf path, ("layers", "q_proj"): the form of a leaf's name across the package
+  (`flax.traverse_util.flatten_dict`'s keys; "/"-joined where a string is needed)."""
+  return list(traverse_util.flatten_dict(model.param_shapes(cfg)))
 
 
 def is_stacked(path) -> bool:

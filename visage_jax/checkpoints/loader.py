@@ -28,6 +28,7 @@ from visage_jax.checkpoints import gguf_file, hf_tensors, hub, random_weights, s
 from visage_jax.errors import CheckpointError
 
 CONVERTED_MARKER = "visage_jax.json"
+GENERATION_CONFIG = "generation_config.json"  # kept by a converted dir from its source (`eos_ids`)
 _PARAMS_DIR = "params"
 _FORMAT = 2  # params/<leaf path a.b>: one orbax checkpoint per leaf (1: one for the whole tree)
 
@@ -48,9 +49,7 @@ def _read_json(path: str) -> dict:
 def _hf_dir_leaves(path: str, dtype: str):
   """(cfg, leaves) of a `save_pretrained` directory: config.json + model.safetensors or a sharded
   index; tensors are read one at a time with pread (no file mapping grows the process), or by the
-  blocks a process's devices hold (`safetensors_file`) when the leaves are placed on a mesh."""
-  from safetensors import safe_open
-
+  blocks a process's devices hold when the leaves are placed on a mesh (`safetensors_file`)."""
   cfg = model.config_from_hf(_read_json(os.path.join(path, "config.json")), dtype=dtype,
                              source=os.path.join(path, "config.json"))
   index_path = os.path.join(path, "model.safetensors.index.json")
@@ -64,27 +63,22 @@ def _hf_dir_leaves(path: str, dtype: str):
     if not files:
       raise CheckpointError(f"{path}: no *.safetensors files and no model.safetensors.index.json "
                             "(pickled .bin checkpoints are not loaded, by design).")
-  handles, fds, entries, owner = {}, {}, {}, {}
+  fds, entries, owner = {}, {}, {}
   try:
     for fname in files:
       fpath = os.path.join(path, fname)
       if not os.path.exists(fpath):
         raise CheckpointError(f"{fpath}: shard listed in the index is missing.")
-      try:
-        handles[fname] = safe_open(fpath, framework="numpy", backend="pread")
-      except Exception as e:  # safetensors raises its own error types
-        raise CheckpointError(f"{fpath}: not a readable safetensors file ({e}).") from None
-      fds[fname] = os.open(fpath, os.O_RDONLY)
       for name, entry in safetensors_file.read_header(fpath).items():
         owner[name], entries[name] = fname, entry
+      fds[fname] = os.open(fpath, os.O_RDONLY)
     if cfg.tie_word_embeddings:
       owner.pop("lm_head.weight", None)
     block = lambda name, index: safetensors_file.read_block(
         fds[owner[name]], entries[name], index, f"{os.path.join(path, owner[name])}: tensor {name!r}")
-    yield cfg, hf_tensors.leaf_readers(lambda name: handles[owner[name]].get_tensor(name),
-                                    {n: entries[n][1] for n in owner}, cfg, path, get_block=block)
+    yield cfg, hf_tensors.leaf_readers(lambda name: block(name, ()), {n: entries[n][1] for n in owner}, cfg,
+                                       path, get_block=block)
   finally:
-    handles.clear()
     for fd in fds.values():
       os.close(fd)
 
@@ -132,8 +126,10 @@ def _leaf_writer():
                                                       type_handler_registry=registry))
 
 
-def save_converted(path: str, cfg: model.ModelConfig, params, tokenizer=None, source: str = "") -> None:
-  """Writes params with orbax plus config and tokenizer, atomically (temp dir, then rename).
+def save_converted(path: str, cfg: model.ModelConfig, params, tokenizer=None, source: str = "",
+                   generation_dir: str = "") -> None:
+  """Writes params with orbax plus config, tokenizer and the generation config of `generation_dir`
+  (a checkpoint directory; none if it has none), atomically (temp dir, then rename).
 
   `params` is a tree or an iterable of (leaf path, array or a function reading it) written as
   they come (streaming conversion): one orbax checkpoint per leaf, params/<a.b>. Sharded arrays
@@ -164,6 +160,7 @@ def save_converted(path: str, cfg: model.ModelConfig, params, tokenizer=None, so
         json.dump({"format": _FORMAT, "source": source, "param_dtype": cfg.param_dtype}, f, indent=2)
       if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+      copy_generation_config(generation_dir, tmp)
       if os.path.exists(path):
         shutil.rmtree(path)
       os.replace(tmp, path)
@@ -223,13 +220,13 @@ def convert(path: str, out: str, dtype: str = "float32", tokenizer=None, shardin
   kind = checkpoint_kind(path)
   if kind == "converted":
     cfg, params = load_params(path, dtype, shardings)
-    save_converted(out, cfg, params, tokenizer, source=path)
+    save_converted(out, cfg, params, tokenizer, source=path, generation_dir=path)
     return cfg
   opener = _hf_dir_leaves if kind == "hf" else gguf_file.gguf_leaves
   with opener(path, dtype) as (cfg, leaves):
     targets = hf_tensors.resolve_shardings(shardings, cfg)
     save_converted(out, cfg, leaves if targets is None else hf_tensors.placed(leaves, targets), tokenizer,
-                   source=path)
+                   source=path, generation_dir=path)
   return cfg
 
 
@@ -310,6 +307,43 @@ def load_config(path: str, dtype: str = "float32") -> model.ModelConfig:
     source = os.path.join(path, "config.json")
     cfg = model.config_from_hf(_read_json(source), dtype=dtype, source=source)
   return dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
+
+
+def eos_ids(path: str, tokenizer) -> tuple[int, ...]:
+  """The ids that end a generation of the local checkpoint at `path` (`resolve`d). Where it keeps
+  a generation_config.json (a HF directory, or one converted from it), its eos_token_id (an int or
+  a list, what transformers' `generate` stops at) with the tokenizer's EOS; otherwise (GGUF files
+  keep none) the tokenizer's EOS plus the chat end-of-turn tokens it defines (LLaMA-3 <|eot_id|>)."""
+  ids = set() if tokenizer.eos_token_id is None else {int(tokenizer.eos_token_id)}
+  generation = _generation_eos_ids(path)
+  if generation:
+    return tuple(sorted(ids | generation))
+  vocab = tokenizer.get_vocab()
+  for special in ("<|eot_id|>", "<|im_end|>", "<|end_of_text|>"):
+    if special in vocab and special in (tokenizer.all_special_tokens or []):
+      ids.add(int(vocab[special]))
+  return tuple(sorted(ids))
+
+
+def copy_generation_config(source_dir: str, out_dir: str) -> None:
+  """A checkpoint made from `source_dir` (converted, fine-tuned) ends generations where it does:
+  its generation_config.json is copied, when it has one."""
+  source = os.path.join(source_dir, GENERATION_CONFIG) if source_dir else ""
+  if os.path.isfile(source):
+    shutil.copyfile(source, os.path.join(out_dir, GENERATION_CONFIG))
+
+
+def _generation_eos_ids(path: str) -> set[int]:
+  """eos_token_id of the generation_config.json in directory `path`; empty when there is none."""
+  source = os.path.join(path, GENERATION_CONFIG)
+  if not os.path.isfile(source):
+    return set()
+  from transformers import GenerationConfig
+  try:
+    eos = GenerationConfig.from_pretrained(path, local_files_only=True).eos_token_id
+  except Exception as e:  # transformers raises its own error types
+    raise CheckpointError(f"{source}: not a readable generation config ({type(e).__name__}: {e}).") from None
+  return set() if eos is None else {int(e) for e in ([eos] if isinstance(eos, int) else eos)}
 
 
 def load_tokenizer(path: str):

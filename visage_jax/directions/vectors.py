@@ -20,6 +20,7 @@ import zlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from visage_jax import errors, model, sharding
@@ -166,7 +167,7 @@ def random_direction(seed: int | jax.Array, params: dict, cfg: model.ModelConfig
     if all(black):
       hf_tensors.set_leaf(out, path, _stage(_zeros, target, shape=tuple(theta.shape), dtype=dtype)())
       continue
-    transposed, stacked = hf_tensors.HF_NAMES[path][1], path[0] == "layers"
+    transposed, stacked = hf_tensors.HF_NAMES[path][1], hf_tensors.is_stacked(path)
     ours = tuple(theta.shape[1:] if stacked else theta.shape)
     crcs = np.array([zlib.crc32(n.encode()) for n in names], np.uint32)
     draw = _stage(_draw, target, impl=impl, hf_shape=ours[::-1] if transposed else ours,
@@ -178,7 +179,7 @@ def random_direction(seed: int | jax.Array, params: dict, cfg: model.ModelConfig
 def _normalized_leaf(z, theta, target, path, black, norm: str, dtype: str):
   """One leaf of a direction: `z` (float32, our layout; consumed) scaled per HF tensor as `norm`
   says, blacklisted tensors zero, cast to `dtype` once normalized (one float32 leaf at a time)."""
-  transposed, stacked = hf_tensors.HF_NAMES[path][1], path[0] == "layers"
+  transposed, stacked = hf_tensors.HF_NAMES[path][1], hf_tensors.is_stacked(path)
   z_sq, t_sq = _stage(_squares, target)(z, jax.device_put(theta, target))
   d = _stage(_normalize, target, norm=norm,
              transposed=transposed, black=black, stacked=stacked, sharding=target)(z, z_sq, t_sq)
@@ -256,9 +257,10 @@ def check_matches(direction: dict, params: dict, what: str) -> None:
   p_struct, d_struct = jax.tree.structure(params), jax.tree.structure(direction)
   if p_struct != d_struct:
     raise errors.UserError(f"{what}: direction tree {d_struct} does not match the model's params {p_struct}.")
-  for (path, p), d in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(direction)):
+  for path, p in traverse_util.flatten_dict(params).items():
+    d = hf_tensors.get_leaf(direction, path)
     if p.shape != d.shape:
-      raise errors.UserError(f"{what}: {jax.tree_util.keystr(path)} has shape {d.shape}, the model's is {p.shape}.")
+      raise errors.UserError(f"{what}: {'/'.join(path)} has shape {d.shape}, the model's is {p.shape}.")
 
 
 def stack(directions: list[dict]) -> dict:
@@ -281,8 +283,7 @@ def stack_grouped(groups: list[list[dict]], mesh) -> dict:
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(shape + x.shape, x.dtype), flat[0])
   targets = sharding.param_shardings(abstract, mesh)
   out = {}
-  for keys, a in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-    path = tuple(k.key for k in keys)
+  for path, a in traverse_util.flatten_dict(abstract).items():
     parts = [hf_tensors.pop_leaf(d, path) for d in flat]
     hf_tensors.set_leaf(out, path, _stage(_stack_grid, hf_tensors.get_leaf(targets, path), shape=a.shape)(*parts))
     del parts
@@ -301,48 +302,41 @@ def save_safetensors(path: str, directions: list[dict], cfg: model.ModelConfig, 
       "count": str(len(directions)), "format": "visage_jax.directions"})
 
 
-def _read_direction(f, i: int, cfg: model.ModelConfig, shardings, source: str) -> dict:
-  """Direction `i` of an open file: read whole (one tensor at a time), or into `shardings`, each
-  process reading from `f` only the blocks of its shards."""
-  key = lambda name: f"{i}/{name}"
-  names = {k.split("/", 1)[1] for k in f.keys() if k.startswith(f"{i}/")}
-  if shardings is None:
-    return hf_tensors.from_hf_tensors(lambda n: f.get_tensor(key(n)), names, cfg, source=source)
-  shapes = {n: tuple(f.get_slice(key(n)).get_shape()) for n in names}
-  leaves = hf_tensors.leaf_readers(lambda n: f.get_tensor(key(n)), shapes, cfg, source,
-                                get_block=lambda n, index: f.get_slice(key(n))[index])
-  return hf_tensors.assemble(leaves, shardings)
-
-
 def load_safetensors(path: str, cfg: model.ModelConfig, count: int | None = None,
                      shardings=None, dtype: str = "float32") -> list[dict]:
   """Reads `save_safetensors` files (or any PyTorch tool writing the same keys); checks every tensor.
 
   With `shardings` (params-shaped), each leaf is placed there and every process reads only the
-  slices of its own shards, so no host holds a whole direction. Leaves are `dtype`, cast one
-  tensor at a time as they are read.
+  blocks of its own shards (`safetensors_file.read_block`, as checkpoints are read), so no host
+  holds a whole direction. Leaves are `dtype`, cast one tensor at a time as they are read.
   """
-  from safetensors import safe_open
-
   if not os.path.exists(path):
     raise errors.MissingFileError(f"{path}: directions file not found.")
+  entries = safetensors_file.read_header(path)
+  tensors: dict[int, dict[str, tuple]] = {}   # direction index -> {HF name: entry}
+  for key, entry in entries.items():
+    index, _, name = key.partition("/")
+    if index.isdigit():
+      tensors.setdefault(int(index), {})[name] = entry
+  indices = sorted(tensors)
+  if not indices:
+    raise errors.UserError(f"{path}: no tensors named '<direction index>/<HF tensor name>'.")
+  if count is not None and len(indices) < count:
+    raise errors.UserError(f"{path}: holds {len(indices)} direction(s), the landscape needs {count}.")
+  as_read = dataclasses.replace(cfg, param_dtype=dtype)
+  known = {n for names in hf_tensors.hf_tensor_names(cfg).values() for n in names}
+  fd = os.open(path, os.O_RDONLY)
   try:
-    f = safe_open(path, framework="numpy")
-  except Exception as e:
-    raise errors.UserError(f"{path}: not a readable safetensors file ({e}).") from None
-  with f:
-    keys = set(f.keys())
-    indices = sorted({int(k.split("/", 1)[0]) for k in keys if k.split("/", 1)[0].isdigit()})
-    if not indices:
-      raise errors.UserError(f"{path}: no tensors named '<direction index>/<HF tensor name>'.")
-    if count is not None and len(indices) < count:
-      raise errors.UserError(f"{path}: holds {len(indices)} direction(s), the landscape needs {count}.")
-    as_read = dataclasses.replace(cfg, param_dtype=dtype)
-    known = {n for names in hf_tensors.hf_tensor_names(cfg).values() for n in names}
     out = []
     for i in indices[:count]:
-      extra = {k.split("/", 1)[1] for k in keys if k.startswith(f"{i}/")} - known
+      extra = set(tensors[i]) - known
       if extra:
         raise errors.UserError(f"{path}: direction {i} has tensors the model lacks: {sorted(extra)[:5]}.")
-      out.append(_read_direction(f, i, as_read, shardings, f"{path} (direction {i})"))
+      block = lambda name, index, own=tensors[i], i=i: safetensors_file.read_block(
+          fd, own[name], index, f"{path}: tensor {f'{i}/{name}'!r}")
+      leaves = hf_tensors.leaf_readers(lambda name: block(name, ()), {n: e[1] for n, e in tensors[i].items()},
+                                       as_read, f"{path} (direction {i})", get_block=block)
+      out.append(hf_tensors.assemble(leaves, shardings))
+  finally:
+    os.close(fd)
   return out

@@ -145,12 +145,6 @@ def capability(c, workdir: str) -> dict:
               jobs=["f1_aligned_1d"])
 
 
-def _aligned_model(c):
-  """(cfg, params, tokenizer) of the aligned model: the base checkpoint with the safety LoRA merged."""
-  m = pipeline.load_model(c.model.path, c.model.dtype, c.model.aligned_lora)
-  return m.cfg, m.params, m.tokenizer
-
-
 def f2_finetune(c, workdir: str) -> dict:
   """F2: harmful fine-tuning drags the aligned model out of its basin; mixing in safety data
   keeps it inside. Table 1 analog + the 1D interpolation aligned -> fine-tuned (Fig. 1B)."""
@@ -199,9 +193,9 @@ def _aligned_eval(c, workdir: str) -> dict:
   path = os.path.join(jobs.job_dir(workdir, "aligned_eval"), "eval.json")
   if not os.path.exists(path):
     def go():
-      cfg, params, tok = _aligned_model(c)
-      ev = finetune.evaluate_alignment(params, cfg, tok,
-                                       c.protocol.max_new_tokens, advbench_path=c.data.advbench_path,
+      m = pipeline.load_model(c.model.path, c.model.dtype, c.model.aligned_lora)  # base + safety LoRA
+      ev = finetune.evaluate_alignment(m.params, m.cfg, m.tokenizer, c.protocol.max_new_tokens,
+                                       eos_ids=m.eos_ids, advbench_path=c.data.advbench_path,
                                        benign_path=c.data.benign_path)
       distributed.barrier("experiments: aligned_eval computed")   # all looked for eval.json before it exists
       if distributed.is_writer():

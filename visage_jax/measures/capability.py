@@ -54,7 +54,7 @@ def read_texts(path: str) -> list[dict]:
   return rows
 
 
-def benign_rows(params: dict, cfg: model.ModelConfig, tokenizer, *, template: str,
+def benign_rows(params: dict, cfg: model.ModelConfig, tokenizer, *, eos_ids: tuple[int, ...], template: str,
                 system_prompt: str, max_new_tokens: int, path: str = "") -> list[dict]:
   """The held-out benign instructions (trainsets.benign_split; "" = packaged) answered greedily at
   `params`. Held out because the shipped safety LoRA was distilled on the other split's answers.
@@ -62,10 +62,9 @@ def benign_rows(params: dict, cfg: model.ModelConfig, tokenizer, *, template: st
   _, held = trainsets.benign_split(path)
   texts = [prompts.format_prompt(g, tokenizer, template, system_prompt) for g in held]
   ids = prompts.tokenize_prompts(texts, tokenizer, template)
-  eos = decode.eos_ids_of(tokenizer)
-  outs = decode.generate(params, cfg, ids, max_new_tokens=max_new_tokens, eos_ids=eos,
+  outs = decode.generate(params, cfg, ids, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                          pad_id=decode.pad_id_of(tokenizer))
-  rows = [dict(prompt=g, response=tokenizer.decode([t for t in o if t not in eos], skip_special_tokens=True))
+  rows = [dict(prompt=g, response=tokenizer.decode([t for t in o if t not in eos_ids], skip_special_tokens=True))
           for g, o in zip(held, outs)]
   return [r for r in rows if r["response"].strip()]
 

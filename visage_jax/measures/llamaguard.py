@@ -82,7 +82,7 @@ def load(path: str, dtype: str = "float32", mesh=None) -> Judge:
   tok = loader.load_tokenizer(local)
   cfg, params = loader.load_params(local, dtype, shardings=mesh)
   return Judge(path=path, cfg=cfg, params=params, tokenizer=tok, mesh=mesh,
-               verdict_ids=verdict_token_ids(tok), eos_ids=decode.eos_ids_of(tok),
+               verdict_ids=verdict_token_ids(tok), eos_ids=loader.eos_ids(local, tok),
                pad_id=decode.pad_id_of(tok), header=prompt_header(tok))
 
 

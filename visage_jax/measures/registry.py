@@ -165,7 +165,7 @@ def _texts(c, s: pipeline.Setup, path: str):
     saved = os.path.join(path, BENIGN_FILE)
     rows = prompts.load_rows(saved, ("prompt", "response")) if os.path.exists(saved) else None
     if rows is None:
-      rows = capability.benign_rows(m.params, m.cfg, m.tokenizer, template=c.prompts.template,
+      rows = capability.benign_rows(m.params, m.cfg, m.tokenizer, eos_ids=m.eos_ids, template=c.prompts.template,
                                     system_prompt=c.prompts.system_prompt,
                                     max_new_tokens=cap.benign_max_new_tokens)
       if s.writer:

@@ -23,6 +23,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from visage_jax import decode, distributed, errors, model, prompts, sharding
 from visage_jax.checkpoints import hf_tensors, loader, lora, safetensors_file
@@ -35,8 +36,10 @@ from visage_jax import rundir
 # ------------------------------------------------------------------ HF export
 
 
-def export_hf(path: str, params: dict, cfg: model.ModelConfig, tokenizer, write: bool = True) -> None:
-  """A transformers directory: model.safetensors (the params' dtype) + config.json + the tokenizer.
+def export_hf(path: str, params: dict, cfg: model.ModelConfig, tokenizer, write: bool = True,
+              generation_dir: str = "") -> None:
+  """A transformers directory: model.safetensors (the params' dtype) + config.json + the tokenizer
+  + the generation config of `generation_dir` (the base checkpoint's; none if it has none).
 
   The weights stream one HF tensor at a time from params on any mesh, so no host holds the model.
   Every process calls it (the gathers are collective); only `write` ones write.
@@ -51,19 +54,19 @@ def export_hf(path: str, params: dict, cfg: model.ModelConfig, tokenizer, write:
       hf[key] = int(getattr(tokenizer, key))
   rundir.write_atomic(os.path.join(path, "config.json"), json.dumps(hf, indent=2))
   tokenizer.save_pretrained(path)
+  loader.copy_generation_config(generation_dir, path)
 
 
 # ------------------------------------------------------------------ evaluation
 
 
-def _greedy_texts(params, cfg, tokenizer, goals, *, template, system_prompt, max_new_tokens,
+def _greedy_texts(params, cfg, tokenizer, goals, *, eos_ids, template, system_prompt, max_new_tokens,
                   batch=160, mesh=None) -> tuple[list[str], list[bool]]:
   """Greedy answers (decoded text) and whether each ended with EOS within the budget; the
   evaluation's 100 prompts and the 152 distilled ones are one batch (one compile) each; params
   on `mesh` stay there."""
   texts = [prompts.format_prompt(g, tokenizer, template, system_prompt) for g in goals]
   ids = prompts.tokenize_prompts(texts, tokenizer, template)
-  eos_ids = decode.eos_ids_of(tokenizer)
   out = []
   for i in range(0, len(ids), batch):
     out += decode.generate(params, cfg, ids[i:i + batch], max_new_tokens=max_new_tokens,
@@ -74,7 +77,7 @@ def _greedy_texts(params, cfg, tokenizer, goals, *, template, system_prompt, max
 
 
 def evaluate_alignment(params: dict, cfg: model.ModelConfig, tokenizer, max_new_tokens: int = 64, *,
-                       advbench_path: str = "",
+                       eos_ids: tuple[int, ...], advbench_path: str = "",
                        benign_path: str = "", template: str = "auto",
                        system_prompt: str = "default", n_prompts: int = 80, benign: bool = True,
                        mesh: jax.sharding.Mesh | None = None) -> dict:
@@ -83,7 +86,7 @@ def evaluate_alignment(params: dict, cfg: model.ModelConfig, tokenizer, max_new_
   when not `benign`), greedy, the landscape's prompt format; params on `mesh` decode there."""
   goals = trainsets.eval_goals(advbench_path)[:n_prompts]
   held = trainsets.benign_split(benign_path)[1] if benign else []
-  gens, _ = _greedy_texts(params, cfg, tokenizer, goals + held, template=template,
+  gens, _ = _greedy_texts(params, cfg, tokenizer, goals + held, eos_ids=eos_ids, template=template,
                           system_prompt=system_prompt, max_new_tokens=max_new_tokens, mesh=mesh)
   harmful, benign = gens[:len(goals)], gens[len(goals):]
   jailbroken = [keywords.is_jailbroken(g) for g in harmful]
@@ -205,7 +208,7 @@ def _comparable(cfg_dict: dict) -> dict:
   return out
 
 
-def _distilled_benign(c, params, cfg, tok, workdir: str, mesh) -> list[dict]:
+def _distilled_benign(c, m, workdir: str, mesh) -> list[dict]:
   """The model's own greedy answers to the benign training instructions, generated once."""
   path = os.path.join(workdir, "benign_responses.jsonl")
   train, _ = trainsets.benign_split(c.data.benign_path)
@@ -214,8 +217,8 @@ def _distilled_benign(c, params, cfg, tok, workdir: str, mesh) -> list[dict]:
     with open(path) as f:
       rows = [json.loads(l) for l in f if l.strip()]
   if [r["prompt"] for r in rows] != train:
-    texts, finished = _greedy_texts(params, cfg, tok, train, template=c.prompts.template,
-                                    system_prompt=c.prompts.system_prompt,
+    texts, finished = _greedy_texts(m.params, m.cfg, m.tokenizer, train, eos_ids=m.eos_ids,
+                                    template=c.prompts.template, system_prompt=c.prompts.system_prompt,
                                     max_new_tokens=c.data.distill_tokens, mesh=mesh)
     rows = [dict(prompt=p, response=t, eos=f, kept=bool(t.strip()) and keywords.is_jailbroken(t))
             for p, t, f in zip(train, texts, finished)]
@@ -224,12 +227,12 @@ def _distilled_benign(c, params, cfg, tok, workdir: str, mesh) -> list[dict]:
   return [dict(prompt=r["prompt"], response=r["response"], eos=r["eos"]) for r in rows if r["kept"]]
 
 
-def _examples(c, params, cfg, tok, workdir: str, from_file: list[dict] | None, mesh) -> list[dict]:
+def _examples(c, m, workdir: str, from_file: list[dict] | None, mesh) -> list[dict]:
   d = c.data
   if from_file is not None:
     examples = from_file
   else:
-    benign = _distilled_benign(c, params, cfg, tok, workdir, mesh) if d.name == "align" else None
+    benign = _distilled_benign(c, m, workdir, mesh) if d.name == "align" else None
     examples = trainsets.build(d.name, d.advbench_path, benign, d.seed, d.benign_repeat)
   return examples[:d.limit] if d.limit > 0 else examples
 
@@ -260,7 +263,7 @@ def run(c, workdir: str, progress: bool = True, max_steps_this_run: int | None =
   t0 = time.time()
   mesh = sharding.make_mesh(tuple(c.mesh.shape))
   m = pipeline.load_model(c.model.path, c.model.dtype, c.model.lora_path, mesh=mesh)  # each process its shards
-  examples = _examples(c, m.params, m.cfg, m.tokenizer, workdir, from_file, mesh)
+  examples = _examples(c, m, workdir, from_file, mesh)
   data = sft.encode_examples(examples, m.tokenizer, template=c.prompts.template,
                                   system_prompt=c.prompts.system_prompt, max_length=c.train.max_length)
   prepare_seconds = time.time() - t0
@@ -311,8 +314,7 @@ def _init_state(c, params: dict, cfg: model.ModelConfig, mesh) -> _RunState:
     decay_mask = None
   else:
     frozen, trainable = None, sharding.shard_params(params, mesh)
-    decay_mask = jax.tree_util.tree_map_with_path(
-        lambda p, _: "norm" not in jax.tree_util.keystr(p), params)
+    decay_mask = traverse_util.path_aware_map(lambda path, _: "norm" not in path[-1], params)
   opt, sched = sft.make_optimizer(lr=t.lr, steps=t.steps, warmup_steps=t.warmup_steps,
                                        schedule=t.schedule, weight_decay=t.weight_decay,
                                        clip_norm=t.clip_norm, decay_mask=decay_mask)
@@ -420,13 +422,13 @@ def _export(c, workdir: str, rs: _RunState, m, summary: dict) -> None:
     final = rs.state["trainable"]
   if c.export.model:  # every process: each writes the shards it holds
     paths["model"] = os.path.join(workdir, "model")
-    loader.save_converted(paths["model"], cfg, final, tok, source=m.source)
+    loader.save_converted(paths["model"], cfg, final, tok, source=m.source, generation_dir=m.local)
   if c.export.hf:  # streamed from the mesh: no process gathers the model
     paths["hf"] = os.path.join(workdir, "hf")
-    export_hf(paths["hf"], final, cfg, tok, write=writer)
+    export_hf(paths["hf"], final, cfg, tok, write=writer, generation_dir=m.local)
   if c.eval.alignment:
     tic = time.time()
-    ev = evaluate_alignment(final, cfg, tok, c.eval.max_new_tokens,
+    ev = evaluate_alignment(final, cfg, tok, c.eval.max_new_tokens, eos_ids=m.eos_ids,
                             advbench_path=c.data.advbench_path, benign_path=c.data.benign_path,
                             template=c.prompts.template, system_prompt=c.prompts.system_prompt,
                             n_prompts=c.eval.prompts, benign=c.eval.benign, mesh=rs.mesh)

@@ -44,10 +44,12 @@ _IGNORED_SECTIONS = ("distributed", "judges", "ci95", "census")
 @dataclasses.dataclass(frozen=True)
 class Model:
   path: str        # the checkpoint (resolved: the embedded SmolLM2 when none was given)
+  local: str       # where it was read (`loader.resolve`: a hub snapshot, a GGUF file's converted copy)
   source: str      # path, "+ lora_path" when an adapter was merged
   cfg: model.ModelConfig
   params: dict
   tokenizer: object  # None for a random: model
+  eos_ids: tuple[int, ...]  # `loader.eos_ids`; none for a random: model, which never ends a row
 
 
 def load_model(path: str, dtype: str, lora_path: str = "", mesh=None, *, text: bool = True) -> Model:
@@ -65,8 +67,8 @@ def load_model(path: str, dtype: str, lora_path: str = "", mesh=None, *, text: b
       adapter = sharding.put(adapter, sharding.replicated(mesh))
     params = lora.merge(params, adapter, alpha, rank)
   tok = None if random_weights.is_random(path) else loader.load_tokenizer(local)
-  return Model(path=path, source=f"{path} + {lora_path}" if lora_path else path, cfg=cfg,
-               params=params, tokenizer=tok)
+  return Model(path=path, local=local, source=f"{path} + {lora_path}" if lora_path else path, cfg=cfg,
+               params=params, tokenizer=tok, eos_ids=() if tok is None else loader.eos_ids(local, tok))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,8 +268,7 @@ class Setup:
 
 def _plan(c, m: Model, p: Prompts, n_points: int, n_dirs: int, mesh) -> tuple:
   """-> (spec, batch, mode, reason): the decode settings and the engine's schedule."""
-  eos_ids = () if m.tokenizer is None else decode.eos_ids_of(m.tokenizer)  # a random: model never ends a row
-  spec = decode.DecodeSpec(max_new_tokens=c.decode.max_new_tokens, eos_ids=eos_ids,
+  spec = decode.DecodeSpec(max_new_tokens=c.decode.max_new_tokens, eos_ids=m.eos_ids,
                            pad_id=p.pad_id, stop_at_refusal=c.decode.stop_at_refusal,
                            shared_prefix=p.shared_prefix)
   batch = c.engine.max_batch or engine.choose_batch(
