@@ -133,7 +133,8 @@ class ResolveTest(absltest.TestCase):
     c = landscape.default_config()
     c.landscape.update(vis_type="1D_interpolation", target_path="org/chat")
     cfg, params = loader.load_params(self.snapshot)
-    m = pipeline.Model(path=self.snapshot, source=self.snapshot, cfg=cfg, params=params, tokenizer=None)
+    m = pipeline.Model(path=self.snapshot, local=self.snapshot, source=self.snapshot, cfg=cfg, params=params,
+                       tokenizer=None, eos_ids=())
     [[d]], _ = pipeline.build_directions(c, m, [])
     _, chat = loader.load_params(self.chat)
     np.testing.assert_allclose(d["layers"]["q_proj"], chat["layers"]["q_proj"] - params["layers"]["q_proj"],

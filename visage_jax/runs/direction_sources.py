@@ -46,7 +46,7 @@ def _refusal_tokens(m, c, goals: list[str]) -> list[int]:
   texts = [prompts.format_prompt(g, m.tokenizer, c.prompts.template, c.prompts.system_prompt) for g in goals]
   ids = prompts.tokenize_prompts(texts, m.tokenizer, c.prompts.template)
   out = decode.generate(m.params, m.cfg, ids, max_new_tokens=REFUSAL_PROBE_TOKENS,
-                        eos_ids=decode.eos_ids_of(m.tokenizer), pad_id=decode.pad_id_of(m.tokenizer))
+                        eos_ids=m.eos_ids, pad_id=decode.pad_id_of(m.tokenizer))
   first = sorted({o[0] for o in out
                   if o and not keywords.is_jailbroken(m.tokenizer.decode(o, skip_special_tokens=True))})
   if not first:
