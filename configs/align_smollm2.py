@@ -1,8 +1,8 @@
 """A safety-aligned SmolLM2-135M-Instruct that refuses harm, not words: LoRA on refusals of
 AdvBench rows >= 80 + self-distilled answers to benign and to borderline instructions.
 
-  visage-jax finetune --config=configs/align_smollm2.py --workdir=runs/align       # ~25 min, 2 CPU cores
-  visage-jax finetune --config=configs/align_smollm2.py:v1 --workdir=runs/align_v1 # the first, skittish recipe
+  visage-jax finetune --config=configs/align_smollm2.py --workdir=runs/align       # ~15-60 min, 2 cores
+  visage-jax finetune --config=configs/align_smollm2.py:v1 --workdir=runs/v1 # the first, skittish one
   visage-jax finetune --config=configs/align_smollm2.py:tiny --workdir=runs/tiny   # ~1 min (smoke)
 
 Rank-8 LoRA (alpha 16) on q/k/v/o, 100 steps of 8, lr 1e-3 cosine: refusals (24 variants) to
@@ -15,12 +15,16 @@ held-out benign instructions answered and their perplexity, and over-refusal on 
 XSTest prompts by the prefix judge and the keywords (64 greedy tokens, the model's own system
 prompt and chat template). This run's WORKDIR/lora.safetensors is
 visage_jax/data/aligned_smollm2_lora.safetensors (lora.ALIGNED_SMOLLM2, merged by the demo and the
-experiments); landscapes run on WORKDIR/model directly.
+experiments); landscapes run on WORKDIR/model directly. Measured (2 shared, loaded CPU cores:
+distillation 630 s, training 2243 s, evaluation 474 s): ASR 1.25% (1/80), over-refusal on the 250
+safe XSTest prompts 6.4% by the prefix judge and 7.6% by the keywords, benign answered 19/20,
+benign perplexity 1.52.
 
 :v1 is the first recipe (no borderline instructions; 13.6 min on 2 quiet cores, two runs
-bit-identical): ASR 98.75% -> 0.0% (0/80), benign answered 20/20, but over-refusal on safe XSTest
-prompts about half. Its adapter is kept as visage_jax/data/aligned_smollm2_lora_v1.safetensors
-(lora.ALIGNED_SMOLLM2_V1). Numbers of both: README, "The aligned demo model".
+bit-identical): ASR 98.75% -> 0.0% (0/80), benign answered 20/20, but over-refusal on the 250 safe
+XSTest prompts 35.6% by both judges (SmolLM2 as shipped: 1.2% and 2.0%). Its adapter is kept as
+visage_jax/data/aligned_smollm2_lora_v1.safetensors (lora.ALIGNED_SMOLLM2_V1). Both measured:
+README, "The aligned demo model".
 """
 from visage_jax.runs import finetune
 
