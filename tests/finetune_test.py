@@ -318,11 +318,12 @@ class FinetuneTest(parameterized.TestCase):
     with mock.patch.object(finetune, "_greedy_texts", side_effect=AssertionError("regenerated")):
       finetune.run(c, work, progress=False)
 
-  def test_shipped_aligned_adapter(self):
-    self.assertLessEqual(os.path.getsize(lora.ALIGNED_SMOLLM2), 5 * 2**20)
+  @parameterized.parameters(lora.ALIGNED_SMOLLM2, lora.ALIGNED_SMOLLM2_V1)
+  def test_shipped_aligned_adapter(self, path):
+    self.assertLessEqual(os.path.getsize(path), 5 * 2**20)
     smollm2 = model.ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
                                 num_heads=9, num_kv_heads=3, head_dim=64, tie_word_embeddings=True)
-    adapter, alpha, rank = lora.load(lora.ALIGNED_SMOLLM2, smollm2)
+    adapter, alpha, rank = lora.load(path, smollm2)
     self.assertEqual((rank, alpha, set(adapter)), (8, 16.0, {"q_proj", "k_proj", "v_proj", "o_proj"}))
     self.assertGreater(float(jnp.abs(adapter["o_proj"]["b"]).max()), 0.0)
     self.assertTrue(all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(adapter)))
