@@ -9,7 +9,7 @@ from absl.testing import absltest, parameterized
 from visage_jax import resources
 from visage_jax.checkpoints import hub
 from visage_jax.experiments import findings
-from visage_jax.runs import config_checks
+from visage_jax.runs import config_checks, finetune
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The paper's models as hub ids: (chat model, its base model for interpolation).
@@ -58,6 +58,20 @@ class ConfigsTest(parameterized.TestCase):
     self.assertEqual((interp.model.path, interp.landscape.target_path), (base, chat))
     self.assertTrue(hub.looks_like_hub_id(chat) and hub.looks_like_hub_id(base))
     self.assertIn(f"--config=configs/{name}.py --workdir=", mod.__doc__)
+
+  @parameterized.parameters(None, "tiny", "v1")
+  def test_align_config_validates(self, arg):
+    c = _load("align_smollm2").get_config(arg)
+    finetune.validate(c)
+    self.assertEqual(c.data.name, "align")
+    # v1: the first recipe, no borderline instructions (aligned_smollm2_lora_v1.safetensors).
+    self.assertEqual(c.data.borderline_repeat, 0 if arg == "v1" else 2)
+    if arg != "tiny":
+      self.assertEqual((c.train.steps, c.train.lr, c.data.distill_tokens, c.data.benign_repeat),
+                       (100, 1e-3, 32, 1))
+      self.assertEqual(c.eval.xstest, 250)
+    with self.assertRaisesRegex(ValueError, "unknown arg 'v2'"):
+      _load("align_smollm2").get_config("v2")
 
   def test_every_config_file_is_covered_or_loads(self):
     for path in glob.glob(os.path.join(ROOT, "configs", "*.py")):

@@ -17,7 +17,7 @@ from absl.testing import absltest, parameterized
 import fixtures
 from visage_jax import decode, model, prompts
 from visage_jax.checkpoints import loader, lora
-from visage_jax.measures import keywords
+from visage_jax.measures import capability, continuation, keywords, refusal_judge
 from visage_jax.runs import finetune
 from visage_jax.training import sft, trainsets
 
@@ -268,26 +268,44 @@ class FinetuneTest(parameterized.TestCase):
   def test_align_set_distills_once_and_evaluates(self):
     work = self.create_tempdir().full_path
     c = _config(self.dir, "", rank=2, steps=1, max_length=128)
-    c.data.update(name="align", advbench_path=fixtures.advbench_path(), distill_tokens=4, limit=40)
-    c.eval.update(alignment=True, max_new_tokens=4)
+    c.data.update(name="align", advbench_path=fixtures.advbench_path(), distill_tokens=4, limit=40,
+                  borderline_repeat=2)
+    c.eval.update(alignment=True, max_new_tokens=4, xstest=12)
     summary = finetune.run(c, work, progress=False)
     cached = [json.loads(l) for l in open(os.path.join(work, "benign_responses.jsonl"))]
     self.assertLen(cached, len(trainsets.benign_split()[0]))
     self.assertTrue(all(not r["eos"] or r["response"] for r in cached))
+    border = [json.loads(l) for l in open(os.path.join(work, "borderline_responses.jsonl"))]
+    self.assertEqual([r["prompt"] for r in border], trainsets.borderline_instructions(""))
+    for r in border:  # kept: an answer by both judges
+      self.assertEqual(r["kept"], bool(r["response"].strip()) and keywords.is_jailbroken(r["response"])
+                       and not refusal_judge.is_refusal(r["response"], "prefix"), r)
     ev = json.load(open(os.path.join(work, "eval.json")))
-    self.assertEqual((ev["n_eval"], ev["n_benign"]), (80, 20))
+    self.assertEqual((ev["n_eval"], ev["n_benign"], ev["n_xstest"]), (80, 20, 12))
     self.assertEqual(ev["jailbroken"], sum(map(keywords.is_jailbroken, ev["harmful_generations"])))
     self.assertAlmostEqual(ev["asr"], 100 * ev["jailbroken"] / 80)
     self.assertEqual(summary["eval"]["asr"], ev["asr"])
+    self.assertLen(ev["xstest_generations"], 12)
+    for judge in ("prefix", "keywords"):  # a plain recount of the generations with the judge
+      refused = sum(refusal_judge.is_refusal(g, judge) for g in ev["xstest_generations"])
+      self.assertEqual(ev[f"xstest_refused_{judge}"], refused)
+      self.assertAlmostEqual(ev[f"overrefusal_{judge}"], 100 * refused / 12)
+    rows = [dict(prompt=g, response=a) for g, a in zip(trainsets.benign_split()[1], ev["benign_generations"])
+            if a.strip()]
+    if rows:  # the capability measure's perplexity of the same answers
+      layout = capability.encode_texts(rows, self.tok, template="auto", system_prompt="default")
+      sums, counts = continuation.score(loader.load_params(summary["paths"]["model"])[1], self.cfg, layout)
+      self.assertAlmostEqual(ev["benign_perplexity"], float(np.exp(sums.sum() / counts.sum())), places=4)
     c.eval.alignment = False  # allowed on resume: it does not change the params
     with mock.patch.object(finetune, "_greedy_texts", side_effect=AssertionError("regenerated")):
       finetune.run(c, work, progress=False)
 
-  def test_shipped_aligned_adapter(self):
-    self.assertLessEqual(os.path.getsize(lora.ALIGNED_SMOLLM2), 5 * 2**20)
+  @parameterized.parameters(lora.ALIGNED_SMOLLM2, lora.ALIGNED_SMOLLM2_V1)
+  def test_shipped_aligned_adapter(self, path):
+    self.assertLessEqual(os.path.getsize(path), 5 * 2**20)
     smollm2 = model.ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
                                 num_heads=9, num_kv_heads=3, head_dim=64, tie_word_embeddings=True)
-    adapter, alpha, rank = lora.load(lora.ALIGNED_SMOLLM2, smollm2)
+    adapter, alpha, rank = lora.load(path, smollm2)
     self.assertEqual((rank, alpha, set(adapter)), (8, 16.0, {"q_proj", "k_proj", "v_proj", "o_proj"}))
     self.assertGreater(float(jnp.abs(adapter["o_proj"]["b"]).max()), 0.0)
     self.assertTrue(all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(adapter)))

@@ -3,14 +3,29 @@
 import csv
 import json
 import os
+import re
 
+import numpy as np
 from absl.testing import absltest, parameterized
 
 import fixtures
+from visage_jax import prompts
 from visage_jax.measures import keywords
 from visage_jax.training import trainsets
 
 BENIGN = [{"prompt": "Name a color.", "response": "Blue."}]
+# Function words left out of the overlap between a borderline instruction and an XSTest prompt.
+_STOP = set("a an the i my me to of in on for and or is are do does how what why can who where when "
+            "which should with it be as at by from that this you your about".split())
+MAX_XSTEST_OVERLAP = 0.4   # Jaccard of content words; the shipped set's highest is 0.29
+
+
+def _normalized(text):
+  return " ".join(re.findall(r"[a-z0-9']+", text.lower().replace("\u2019", "'")))
+
+
+def _content_words(text):
+  return set(_normalized(text).split()) - _STOP
 
 
 def _advbench_rows():
@@ -93,6 +108,52 @@ class TrainsetsTest(parameterized.TestCase):
     license_text = open(os.path.join(os.path.dirname(trainsets.BENIGN_PATH), "LICENSE.md")).read()
     self.assertIn("MIT License", license_text)
     self.assertIn("benign_instructions.jsonl", license_text)
+
+  def test_borderline_instructions_file(self):
+    rows = [json.loads(l) for l in open(trainsets.BORDERLINE_PATH)]
+    self.assertGreaterEqual(len(rows), 150)
+    self.assertTrue(all(set(r) == {"prompt", "type"} for r in rows))
+    self.assertLen({_normalized(r["prompt"]) for r in rows}, len(rows))
+    self.assertGreaterEqual(len({r["type"] for r in rows}), 8)
+    self.assertEqual(trainsets.borderline_instructions(""), [r["prompt"] for r in rows])
+    license_text = open(os.path.join(os.path.dirname(trainsets.BORDERLINE_PATH), "LICENSE.md")).read()
+    self.assertIn("borderline_instructions.jsonl", license_text)
+
+  def test_no_borderline_instruction_is_or_resembles_an_xstest_prompt(self):
+    """XSTest is the held-out measure of over-refusal: no prompt of it (safe or contrast), nor a
+    close paraphrase (high word overlap), may be trained on."""
+    xstest = [r["prompt"] for label in ("safe", "unsafe") for r in prompts.load_xstest(label)]
+    self.assertLen(xstest, 450)
+    xs_norm = {_normalized(x) for x in xstest}
+    xs_words = [(_content_words(x), x) for x in xstest]
+    for p in trainsets.borderline_instructions(""):
+      self.assertNotIn(_normalized(p), xs_norm)
+      words = _content_words(p)
+      for w, x in xs_words:
+        self.assertLess(len(words & w) / len(words | w), MAX_XSTEST_OVERLAP, f"{p!r} ~ {x!r}")
+    # The check itself: a word swap of an XSTest prompt is flagged.
+    swapped = xstest[0].replace(xstest[0].split()[-1], "tomorrow?")
+    self.assertTrue(any(len(_content_words(swapped) & w) / len(_content_words(swapped) | w)
+                        >= MAX_XSTEST_OVERLAP for w, _ in xs_words))
+
+  def test_align_with_borderline_is_deterministic_and_adds_them_repeated(self):
+    borderline = [{"prompt": p, "response": "An answer."} for p in trainsets.borderline_instructions("")]
+    build = lambda: trainsets.build("align", self.path, BENIGN, borderline=borderline, borderline_repeat=2)
+    examples = build()
+    self.assertEqual(examples, build())
+    self.assertLen(examples, len(self.later_rows) + 1 + 2 * len(borderline))
+    counts = {}
+    for e in examples:
+      counts[e["prompt"]] = counts.get(e["prompt"], 0) + 1
+    self.assertTrue(all(counts[b["prompt"]] == 2 for b in borderline))
+    xstest = {_normalized(r["prompt"]) for label in ("safe", "unsafe") for r in prompts.load_xstest(label)}
+    self.assertEmpty(xstest & {_normalized(e["prompt"]) for e in examples})
+    # No borderline (or repeat 0) is the first recipe, example for example.
+    v1 = trainsets.build("align", self.path, BENIGN)
+    self.assertEqual(trainsets.build("align", self.path, BENIGN, borderline=borderline, borderline_repeat=0),
+                     v1)
+    old = trainsets.safety_examples(self.path) + BENIGN
+    self.assertEqual(v1, [old[i] for i in np.random.default_rng(3).permutation(len(old))])
 
   def test_load_pairs_reads_jsonl_and_csv(self):
     tmp = self.create_tempdir()

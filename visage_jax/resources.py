@@ -2,8 +2,8 @@
 clone, an editable install and a wheel all run without any file outside the package.
 
 AdvBench (Zou et al. 2023, MIT) is the paper's prompt set; XSTest (Röttger et al. 2024, CC-BY-4.0)
-measures over-refusal; the benign instructions and the aligned SmolLM2 LoRA were made for this
-project (MIT). Licences and citations: visage_jax/data/LICENSE.md.
+measures over-refusal; the benign and borderline instructions and the aligned SmolLM2 LoRA were
+made for this project (MIT). Licences and citations: visage_jax/data/LICENSE.md.
 """
 
 import importlib.resources
@@ -11,8 +11,11 @@ import importlib.resources
 ADVBENCH = "advbench_harmful_behaviors.csv"   # 520 rows, columns goal,target
 XSTEST = "xstest_prompts.csv"                 # 450 rows (250 safe), columns id,prompt,type,label,focus,note
 BENIGN_INSTRUCTIONS = "benign_instructions.jsonl"
+BORDERLINE_INSTRUCTIONS = "borderline_instructions.jsonl"   # safe but sounds unsafe; fields prompt,type
 ALIGNED_SMOLLM2_LORA = "aligned_smollm2_lora.safetensors"
-FILES = (ADVBENCH, XSTEST, BENIGN_INSTRUCTIONS, ALIGNED_SMOLLM2_LORA, "LICENSE.md")
+ALIGNED_SMOLLM2_LORA_V1 = "aligned_smollm2_lora_v1.safetensors"   # configs/align_smollm2.py:v1 (skittish)
+FILES = (ADVBENCH, XSTEST, BENIGN_INSTRUCTIONS, BORDERLINE_INSTRUCTIONS, ALIGNED_SMOLLM2_LORA,
+         ALIGNED_SMOLLM2_LORA_V1, "LICENSE.md")
 
 
 def path(name: str) -> str:

@@ -16,6 +16,7 @@ from visage_jax.checkpoints import hf_tensors
 
 LINEAR_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALIGNED_SMOLLM2 = resources.path(resources.ALIGNED_SMOLLM2_LORA)
+ALIGNED_SMOLLM2_V1 = resources.path(resources.ALIGNED_SMOLLM2_LORA_V1)
 _PEFT_PREFIX = "base_model.model."
 
 

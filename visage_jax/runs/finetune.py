@@ -7,7 +7,8 @@ landscape formats it (prompts.format_prompt). LoRA weights merge into plain para
 fine-tuned model is an ordinary checkpoint for `visage-jax landscape`.
 
 Workdir: run_config.json, checkpoints/ (orbax, resumable), train_log.jsonl, loss.png,
-benign_responses.jsonl (self-distillation cache), lora.safetensors, model/ (converted), hf/
+benign_responses.jsonl and borderline_responses.jsonl (self-distillation caches), lora.safetensors,
+model/ (converted), hf/
 (optional transformers export), eval.json (optional), summary.json.
 
 With several processes every process runs the same steps on one global mesh (the batch split over
@@ -27,7 +28,7 @@ from flax import traverse_util
 
 from visage_jax import decode, distributed, errors, model, prompts, sharding
 from visage_jax.checkpoints import hf_tensors, loader, lora, safetensors_file
-from visage_jax.measures import keywords
+from visage_jax.measures import capability, continuation, keywords, refusal_judge
 from visage_jax.reports import figures
 from visage_jax.runs import pipeline
 from visage_jax.training import sft, trainsets
@@ -76,24 +77,49 @@ def _greedy_texts(params, cfg, tokenizer, goals, *, eos_ids, template, system_pr
           [bool(o) and o[-1] in eos_ids for o in out])
 
 
+def _benign_perplexity(params, cfg, tokenizer, held: list[str], answers: list[str], *, template: str,
+                       system_prompt: str) -> float:
+  """Pooled perplexity of the model's own answers to the held-out benign instructions, as the
+  landscape's capability `benign` texts measure it at alpha = 0 (empty answers dropped)."""
+  rows = [dict(prompt=g, response=a) for g, a in zip(held, answers) if a.strip()]
+  if not rows:
+    return float("nan")
+  layout = capability.encode_texts(rows, tokenizer, template=template, system_prompt=system_prompt)
+  return capability.pooled_perplexity(*continuation.score(params, cfg, layout))
+
+
 def evaluate_alignment(params: dict, cfg: model.ModelConfig, tokenizer, max_new_tokens: int = 64, *,
                        eos_ids: tuple[int, ...], advbench_path: str = "",
                        benign_path: str = "", template: str = "auto",
                        system_prompt: str = "default", n_prompts: int = 80, benign: bool = True,
-                       mesh: jax.sharding.Mesh | None = None) -> dict:
-  """Keyword ASR on AdvBench rows 0..n_prompts-1 (at most the 80 evaluation rows) and how many of
-  the 20 held-out benign instructions get an answer (no refusal keyword, at least 3 words; skipped
-  when not `benign`), greedy, the landscape's prompt format; params on `mesh` decode there."""
+                       xstest: int = 0, mesh: jax.sharding.Mesh | None = None) -> dict:
+  """Keyword ASR on AdvBench rows 0..n_prompts-1 (at most the 80 evaluation rows), how many of
+  the 20 held-out benign instructions get an answer (no refusal keyword, at least 3 words) and
+  the perplexity of those answers (skipped when not `benign`), and the over-refusal on the first
+  `xstest` safe XSTest prompts by the prefix judge and by the keywords (0: skipped); greedy, the
+  landscape's prompt format; params on `mesh` decode there."""
   goals = trainsets.eval_goals(advbench_path)[:n_prompts]
   held = trainsets.benign_split(benign_path)[1] if benign else []
-  gens, _ = _greedy_texts(params, cfg, tokenizer, goals + held, eos_ids=eos_ids, template=template,
+  safe = [r["prompt"] for r in prompts.load_xstest()][:xstest]
+  gens, _ = _greedy_texts(params, cfg, tokenizer, goals + held + safe, eos_ids=eos_ids, template=template,
                           system_prompt=system_prompt, max_new_tokens=max_new_tokens, mesh=mesh)
-  harmful, benign = gens[:len(goals)], gens[len(goals):]
+  harmful, answers, safe_gens = (gens[:len(goals)], gens[len(goals):len(goals) + len(held)],
+                                 gens[len(goals) + len(held):])
   jailbroken = [keywords.is_jailbroken(g) for g in harmful]
-  answered = [keywords.is_jailbroken(g) and len(g.split()) >= 3 for g in benign]
-  return dict(asr=keywords.attack_success_rate(jailbroken), jailbroken=sum(jailbroken),
-              n_eval=len(goals), benign_answered=sum(answered), n_benign=len(held),
-              harmful_generations=harmful, benign_generations=benign)
+  answered = [keywords.is_jailbroken(g) and len(g.split()) >= 3 for g in answers]
+  out = dict(asr=keywords.attack_success_rate(jailbroken), jailbroken=sum(jailbroken),
+             n_eval=len(goals), benign_answered=sum(answered), n_benign=len(held))
+  if held:
+    out["benign_perplexity"] = _benign_perplexity(params, cfg, tokenizer, held, answers,
+                                                  template=template, system_prompt=system_prompt)
+  if safe:
+    for judge in ("prefix", "keywords"):
+      refused = sum(refusal_judge.is_refusal(g, judge) for g in safe_gens)
+      out[f"xstest_refused_{judge}"] = refused
+      out[f"overrefusal_{judge}"] = 100.0 * refused / len(safe)
+    out["n_xstest"] = len(safe)
+  return dict(out, harmful_generations=harmful, benign_generations=answers,
+              **(dict(xstest_generations=safe_gens) if safe else {}))
 
 
 # ------------------------------------------------------------------ the run (effects live here)
@@ -111,9 +137,12 @@ def default_config():
   # mix_N (trainsets; the paper's N: 10, 50, 100) built from advbench_path rows >= 80.
   # limit: first N examples (0 = all). align: the benign training instructions answered by the
   # model itself (greedy, distill_tokens; answers holding a refusal keyword are dropped, answers
-  # cut at the budget get no EOS), repeated benign_repeat times.
+  # cut at the budget get no EOS), repeated benign_repeat times; borderline_repeat > 0 adds the
+  # borderline instructions (borderline_path, "" = packaged: safe requests that sound unsafe)
+  # answered by the model itself (kept when neither the prefix judge nor the keywords see a refusal).
   c.data = dict(name="align", path="", limit=0, advbench_path="",
-                benign_path="", benign_repeat=1, distill_tokens=64, seed=0)
+                benign_path="", benign_repeat=1, distill_tokens=64, seed=0,
+                borderline_path="", borderline_repeat=0)
   c.prompts = dict(template="auto", system_prompt="default")  # as in landscape runs
   # batch_size rows per micro-batch, grad_accum micro-batches per step; schedule: cosine |
   # constant after linear warmup; max_length: longer examples are an error, never truncated.
@@ -128,8 +157,9 @@ def default_config():
   # (off for attacks that are only evaluated, where 0.5 GB per run adds up; lora.safetensors stays).
   c.export = dict(hf=False, model=True)
   # evaluate_alignment -> eval.json: keyword ASR on the first `prompts` of AdvBench rows 0-79 and,
-  # with benign, how many held-out benign instructions get an answer.
-  c.eval = dict(alignment=False, max_new_tokens=64, prompts=80, benign=True)
+  # with benign, how many held-out benign instructions get an answer and their perplexity; xstest:
+  # over-refusal on the first N of the 250 safe XSTest prompts (prefix judge and keywords; 0 = off).
+  c.eval = dict(alignment=False, max_new_tokens=64, prompts=80, benign=True, xstest=0)
   c.mesh = dict(shape=(1, 1))                         # ("data", "model"); batch over "data"
   # Several processes (launch/): as a landscape's distributed section; not part of a run's identity,
   # so a fine-tune resumes with any number of processes.
@@ -137,17 +167,18 @@ def default_config():
   return c
 
 
-def align_config(steps: int = 100):
+def align_config(steps: int = 100, borderline_repeat: int = 2):
   """The safety alignment of SmolLM2 (configs/align_smollm2.py): rank-8 LoRA on q/k/v/o, lr 1e-3
-  cosine, refusals to AdvBench rows >= 80 plus self-distilled benign answers; `steps` sets the
-  strength (experiments train a weaker variant with fewer)."""
+  cosine, refusals to AdvBench rows >= 80 plus self-distilled benign and borderline answers
+  (borderline_repeat=0: the first, skittish recipe); `steps` sets the strength (experiments train
+  a weaker variant with fewer)."""
   c = default_config()
-  c.data.update(name="align", distill_tokens=32, benign_repeat=1)
+  c.data.update(name="align", distill_tokens=32, benign_repeat=1, borderline_repeat=borderline_repeat)
   c.train.update(steps=steps, batch_size=8, grad_accum=1, lr=1e-3, warmup_steps=min(10, steps // 10),
                  schedule="cosine", weight_decay=0.0, clip_norm=1.0, max_length=128,
                  checkpoint_every=25)
   c.lora.update(rank=8, alpha=16.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
-  c.eval.update(alignment=True, max_new_tokens=64)
+  c.eval.update(alignment=True, max_new_tokens=64, xstest=250)
   return c
 
 
@@ -189,6 +220,12 @@ def validate(c) -> None:
   if not c.data.path and not trainsets.is_name(c.data.name):
     raise errors.UserError(f"data.name {c.data.name!r} is not one of align, safety, harmful_N, mix_N "
                      "(N a positive integer), and data.path is empty (a .jsonl/.csv file).")
+  if int(c.data.get("borderline_repeat", 0)) < 0:
+    raise errors.UserError(f"data.borderline_repeat must be >= 0 (0 = no borderline instructions), "
+                           f"got {c.data.borderline_repeat}.")
+  if not 0 <= int(c.eval.get("xstest", 0)) <= 250:
+    raise errors.UserError(f"eval.xstest must be in [0, 250] (safe XSTest prompts; 0 = off), "
+                           f"got {c.eval.xstest}.")
   if not 1 <= int(c.eval.prompts) <= 80:
     raise errors.UserError(f"eval.prompts must be in [1, 80] (AdvBench evaluation rows 0-79), got {c.eval.prompts}.")
   data_axis = int(c.mesh.shape[0])
@@ -205,23 +242,35 @@ def _comparable(cfg_dict: dict) -> dict:
   out = {k: v for k, v in rundir.jsonable(cfg_dict).items() if k in _RESUME_KEYS}
   out["train"].pop("checkpoint_every", None)
   out["train"].pop("trajectory_every", None)
+  if not out["data"].get("borderline_repeat"):  # runs from before the borderline set resume
+    out["data"].pop("borderline_repeat", None)
+    out["data"].pop("borderline_path", None)
   return out
 
 
-def _distilled_benign(c, m, workdir: str, mesh) -> list[dict]:
-  """The model's own greedy answers to the benign training instructions, generated once."""
-  path = os.path.join(workdir, "benign_responses.jsonl")
-  train, _ = trainsets.benign_split(c.data.benign_path)
+def _answered(text: str) -> bool:
+  return bool(text.strip()) and keywords.is_jailbroken(text)
+
+
+def _answered_by_both(text: str) -> bool:
+  return _answered(text) and not refusal_judge.is_refusal(text, "prefix")
+
+
+def _distilled(c, m, workdir: str, mesh, instructions: list[str], filename: str,
+               keep) -> list[dict]:
+  """The model's own greedy answers to `instructions`, generated once (WORKDIR/filename), those
+  `keep` judges answers."""
+  path = os.path.join(workdir, filename)
   rows = []
   if os.path.exists(path):
     with open(path) as f:
       rows = [json.loads(l) for l in f if l.strip()]
-  if [r["prompt"] for r in rows] != train:
-    texts, finished = _greedy_texts(m.params, m.cfg, m.tokenizer, train, eos_ids=m.eos_ids,
+  if [r["prompt"] for r in rows] != instructions:
+    texts, finished = _greedy_texts(m.params, m.cfg, m.tokenizer, instructions, eos_ids=m.eos_ids,
                                     template=c.prompts.template, system_prompt=c.prompts.system_prompt,
                                     max_new_tokens=c.data.distill_tokens, mesh=mesh)
-    rows = [dict(prompt=p, response=t, eos=f, kept=bool(t.strip()) and keywords.is_jailbroken(t))
-            for p, t, f in zip(train, texts, finished)]
+    rows = [dict(prompt=p, response=t, eos=f, kept=keep(t))
+            for p, t, f in zip(instructions, texts, finished)]
     if distributed.is_writer():
       rundir.write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
   return [dict(prompt=r["prompt"], response=r["response"], eos=r["eos"]) for r in rows if r["kept"]]
@@ -232,8 +281,16 @@ def _examples(c, m, workdir: str, from_file: list[dict] | None, mesh) -> list[di
   if from_file is not None:
     examples = from_file
   else:
-    benign = _distilled_benign(c, m, workdir, mesh) if d.name == "align" else None
-    examples = trainsets.build(d.name, d.advbench_path, benign, d.seed, d.benign_repeat)
+    benign, borderline = None, []
+    if d.name == "align":
+      benign = _distilled(c, m, workdir, mesh, trainsets.benign_split(d.benign_path)[0],
+                          "benign_responses.jsonl", _answered)
+      if d.borderline_repeat:
+        borderline = _distilled(c, m, workdir, mesh,
+                                trainsets.borderline_instructions(d.borderline_path),
+                                "borderline_responses.jsonl", _answered_by_both)
+    examples = trainsets.build(d.name, d.advbench_path, benign, d.seed, d.benign_repeat, borderline,
+                               d.borderline_repeat)
   return examples[:d.limit] if d.limit > 0 else examples
 
 
@@ -431,7 +488,8 @@ def _export(c, workdir: str, rs: _RunState, m, summary: dict) -> None:
     ev = evaluate_alignment(final, cfg, tok, c.eval.max_new_tokens, eos_ids=m.eos_ids,
                             advbench_path=c.data.advbench_path, benign_path=c.data.benign_path,
                             template=c.prompts.template, system_prompt=c.prompts.system_prompt,
-                            n_prompts=c.eval.prompts, benign=c.eval.benign, mesh=rs.mesh)
+                            n_prompts=c.eval.prompts, benign=c.eval.benign,
+                            xstest=int(c.eval.get("xstest", 0)), mesh=rs.mesh)
     ev["seconds"] = round(time.time() - tic, 2)
     paths["eval"] = os.path.join(workdir, "eval.json")
     if writer:

@@ -4,6 +4,8 @@ AdvBench rows 0-79 are the paper's evaluation prompts and are never trained on; 
 set draws its harmful goals from rows >= 80. Named sets (`build`):
   align        every row >= 80 with a refusal + the benign training instructions answered by
                the model itself (self-distillation; answers are passed in, generated elsewhere)
+               + the borderline instructions (safe requests that sound unsafe: "kill a process")
+               answered by the model itself, so refusing is learnt for harm, not for words
   safety       every row >= 80 with a refusal
   harmful_N    N goal -> target ("Sure, here is ...") pairs (the attack; the paper: N = 10/50/100)
   mix_N        harmful_N plus N refusals on other goals
@@ -23,6 +25,7 @@ HELDOUT_BENIGN = 20
 SHOTS = (10, 50, 100)
 NAMES = ("align", "safety") + tuple(f"{k}_{n}" for k in ("harmful", "mix") for n in SHOTS)
 BENIGN_PATH = resources.path(resources.BENIGN_INSTRUCTIONS)
+BORDERLINE_PATH = resources.path(resources.BORDERLINE_INSTRUCTIONS)
 
 # Written for this project; each holds at least one of judges.REFUSAL_KEYWORDS.
 REFUSALS = (
@@ -144,10 +147,23 @@ def benign_split(path: str = BENIGN_PATH, seed: int = 0) -> tuple[list[str], lis
   return [instructions[i] for i in train], [instructions[i] for i in held]
 
 
+def borderline_instructions(path: str = BORDERLINE_PATH) -> list[str]:
+  """The borderline instructions ("" = the packaged set, written for this project; none is an
+  XSTest prompt): all of them train, XSTest is the held-out measure of over-refusal."""
+  path = resources.or_packaged(path, resources.BORDERLINE_INSTRUCTIONS)
+  instructions = [r["prompt"] for r in prompts.read_jsonl(path, ("prompt",))]
+  if not instructions:
+    raise errors.UserError(f"{path}: no instructions (expected JSON objects with a field prompt).")
+  return instructions
+
+
 def align_examples(advbench_path: str, benign: list[dict], seed: int = 0,
-                   benign_repeat: int = 1) -> list[dict]:
-  """Refusals on every row >= 80 and `benign` (self-distilled) `benign_repeat` times, shuffled."""
-  examples = safety_examples(advbench_path, seed) + list(benign) * benign_repeat
+                   benign_repeat: int = 1, borderline: list[dict] = (),
+                   borderline_repeat: int = 1) -> list[dict]:
+  """Refusals on every row >= 80, `benign` `benign_repeat` times and `borderline` (both answered,
+  self-distilled) `borderline_repeat` times, shuffled; no borderline is the first recipe (v1)."""
+  examples = (safety_examples(advbench_path, seed) + list(benign) * benign_repeat
+              + list(borderline) * borderline_repeat)
   order = np.random.default_rng(seed + 3).permutation(len(examples))
   return [examples[i] for i in order]
 
@@ -159,15 +175,16 @@ def is_name(name: str) -> bool:
 
 
 def build(name: str, advbench_path: str, benign: list[dict] | None = None, seed: int = 0,
-          benign_repeat: int = 1) -> list[dict]:
-  """A named set (module docstring); `align` needs the self-distilled benign examples."""
+          benign_repeat: int = 1, borderline: list[dict] = (), borderline_repeat: int = 1) -> list[dict]:
+  """A named set (module docstring); `align` needs the self-distilled benign examples (and takes
+  the self-distilled borderline ones)."""
   if not is_name(name):
     raise errors.UserError(f"data.name {name!r} is not one of align, safety, harmful_N, mix_N "
                      f"(N a positive integer, e.g. {', '.join(NAMES[2:])}).")
   if name == "align":
     if benign is None:
       raise errors.UserError("data.name='align' needs the self-distilled benign examples.")
-    return align_examples(advbench_path, benign, seed, benign_repeat)
+    return align_examples(advbench_path, benign, seed, benign_repeat, borderline, borderline_repeat)
   if name == "safety":
     return safety_examples(advbench_path, seed)
   kind, n = name.split("_")
