@@ -272,7 +272,7 @@ class LandscapeTest(parameterized.TestCase):
   def test_bad_inputs(self):
     d = self.create_tempdir()
     nocol = d.create_file("q.csv", "question\nhello\n").full_path
-    with self.assertRaisesRegex(ValueError, "expected a CSV with a 'goal' or 'prompt' column"):
+    with self.assertRaisesRegex(ValueError, "expected a CSV with a 'goal' column"):
       landscape.run(tiny_config(self.models["bpe"], nocol), os.path.join(d.full_path, "w1"), progress=False)
     empty = d.create_file("e.csv", "goal,target\n").full_path
     with self.assertRaisesRegex(ValueError, "the prompt set is empty"):

@@ -68,7 +68,7 @@ class DataTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, r"b.jsonl:1: expected an object with a string field 'prompt'"):
       prompts.load_goals(bad.full_path)
     nocol = d.create_file("c.csv", "question,target\nq,t\n")
-    with self.assertRaisesRegex(ValueError, r"c.csv: expected a CSV with a 'goal' or 'prompt' column, found columns \['question', 'target'\]"):
+    with self.assertRaisesRegex(ValueError, r"c.csv: expected a CSV with a 'goal' column, found columns \['question', 'target'\]"):
       prompts.load_goals(nocol.full_path)
     empty = d.create_file("e.csv", "goal,target\n")
     with self.assertRaisesRegex(ValueError, "e.csv: the prompt set is empty"):

@@ -134,8 +134,8 @@ def load_goals(path: str, limit: int | None = None) -> list[str]:
       reader = csv.DictReader(f)
       column = next((k for k in ("goal", "prompt") if k in (reader.fieldnames or [])), None)
       if column is None:
-        raise errors.UserError(f"{path}: expected a CSV with a 'goal' or 'prompt' column, found columns "
-                         f"{reader.fieldnames or []}.")
+        raise errors.UserError(f"{path}: expected a CSV with a 'goal' column, found columns "
+                         f"{reader.fieldnames or []}.")   # a 'prompt' column is read too
       goals = [row[column] for row in reader]
   if limit is not None and limit > 0:
     goals = goals[:limit]

@@ -151,7 +151,7 @@ def borderline_instructions(path: str = BORDERLINE_PATH) -> list[str]:
   """The borderline instructions ("" = the packaged set, written for this project; none is an
   XSTest prompt): all of them train, XSTest is the held-out measure of over-refusal."""
   path = resources.or_packaged(path, resources.BORDERLINE_INSTRUCTIONS)
-  instructions = [r["prompt"] for r in prompts.read_jsonl(path, ("prompt",))]
+  instructions = [r["prompt"] for r in prompts.load_rows(path, ("prompt",))]
   if not instructions:
     raise errors.UserError(f"{path}: no instructions (expected JSON objects with a field prompt).")
   return instructions
