@@ -9,6 +9,8 @@ import jax
 import numpy as np
 from absl.testing import absltest
 
+import fixtures
+
 from visage_jax import cli, errors, model
 from visage_jax.checkpoints import hf_tensors
 from visage_jax.directions import cosine, vectors
@@ -46,7 +48,7 @@ class CosineTest(absltest.TestCase):
   def test_command_prints_the_table_and_writes_json(self):
     out = os.path.join(self.create_tempdir().full_path, "cos.json")
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf), _flag("out", out):
+    with contextlib.redirect_stdout(buf), fixtures.cli_flag("out", out):
       cli.cmd_cosine([self.run_dir, self.file])
     self.assertIn(f"3: {self.file}#1", buf.getvalue())
     self.assertIn("+1.0000", buf.getvalue())
@@ -65,16 +67,6 @@ class CosineTest(absltest.TestCase):
     vectors.save_safetensors(other, [vectors.random_direction(0, model.init(jax.random.key(1), small), small)], small)
     with self.assertRaisesRegex(errors.UserError, "different models"):
       cosine.cosine_matrix([self.run_dir, other])
-
-
-@contextlib.contextmanager
-def _flag(name, value):
-  old = getattr(cli.FLAGS, name)
-  setattr(cli.FLAGS, name, value)
-  try:
-    yield
-  finally:
-    setattr(cli.FLAGS, name, old)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Shared test material: a toy tokenizer, tiny random transformers checkpoints, AdvBench."""
 
+import contextlib
 import functools
 import os
 import socket
@@ -235,3 +236,15 @@ def write_text(directory: str, name: str, text: str) -> str:
   with open(path, "w") as f:
     f.write(text)
   return path
+
+
+@contextlib.contextmanager
+def cli_flag(name: str, value):
+  """visage_jax.cli's flag `name` set to `value` for an in-process command call, then restored."""
+  from visage_jax import cli
+  old = getattr(cli.FLAGS, name)
+  setattr(cli.FLAGS, name, value)
+  try:
+    yield
+  finally:
+    setattr(cli.FLAGS, name, old)

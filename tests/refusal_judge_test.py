@@ -12,6 +12,8 @@ import sys
 
 from absl.testing import absltest, parameterized
 
+import fixtures
+
 from visage_jax import cli, errors
 from visage_jax.measures import keywords, refusal_judge
 
@@ -150,7 +152,7 @@ class ClassifyCommandTest(parameterized.TestCase):
     with contextlib.ExitStack() as stack:
       stack.enter_context(contextlib.redirect_stdout(buf))
       for name, value in dict(dict(out=out, judge="", column="completion", prompt_column=""), **flags).items():
-        stack.enter_context(_flag(name, value))
+        stack.enter_context(fixtures.cli_flag(name, value))
       cli.cmd_classify()
     with open(out) as f:
       return [json.loads(line) for line in f], json.loads(buf.getvalue())
@@ -198,7 +200,7 @@ class ClassifyCommandTest(parameterized.TestCase):
     with contextlib.ExitStack() as stack:
       for name, value in dict(dict(input=path, out=out, judge="", column="completion", prompt_column=""),
                               **flags).items():
-        stack.enter_context(_flag(name, value))
+        stack.enter_context(fixtures.cli_flag(name, value))
       with self.assertRaisesRegex(errors.UserError, message):
         cli.cmd_classify()
     self.assertEqual(os.listdir(d), [] if kind is None else [os.path.basename(path)])
@@ -214,16 +216,6 @@ class ClassifyCommandTest(parameterized.TestCase):
                      [f"visage-jax: error: {path}: expected a CSV with column 'response'; found "
                       "columns ['prompt', 'completion']."])
     self.assertFalse(os.path.exists(out))
-
-
-@contextlib.contextmanager
-def _flag(name, value):
-  old = getattr(cli.FLAGS, name)
-  setattr(cli.FLAGS, name, value)
-  try:
-    yield
-  finally:
-    setattr(cli.FLAGS, name, old)
 
 
 if __name__ == "__main__":

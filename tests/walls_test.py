@@ -12,6 +12,8 @@ import sys
 
 import numpy as np
 from absl.testing import absltest
+
+import fixtures
 from matplotlib import image as mpl_image
 from scipy import stats
 
@@ -76,16 +78,6 @@ def _value(cell: str) -> float:
   return math.inf if cell == "none on grid" else float(cell)
 
 
-@contextlib.contextmanager
-def _flag(name, value):
-  old = getattr(cli.FLAGS, name)
-  setattr(cli.FLAGS, name, value)
-  try:
-    yield
-  finally:
-    setattr(cli.FLAGS, name, old)
-
-
 class WallsTest(absltest.TestCase):
 
   @classmethod
@@ -116,7 +108,7 @@ class WallsTest(absltest.TestCase):
   @staticmethod
   def walls(runs, out):
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf), _flag("out", out):
+    with contextlib.redirect_stdout(buf), fixtures.cli_flag("out", out):
       cli.cmd_walls(runs)
     return buf.getvalue()
 
