@@ -65,22 +65,22 @@ def pad_continuations(continuations: list[list[int]], pad_id: int, width: int = 
   return cont, cont_mask
 
 
-def _prefill(params, prompt, prompt_mask, length, d, c, cfg, shared=0):
+def _prefill(params, prompt, prompt_mask, length, d, c, cfg, shared_prefix=0):
   """(logits at each prompt's last position [B, 1, V], the prompts' cache of `length` slots).
 
-  The first `shared` columns, the same tokens in every row under the same weights (one grid
+  The first `shared_prefix` columns, the same tokens in every row under the same weights (one grid
   point), are computed for one row and their keys/values repeated, as decode.prefill does.
   """
   B = prompt.shape[0]
-  if shared:
+  if shared_prefix:
     one = model.init_cache(cfg, 1, length)
-    _, one = model.forward(params, prompt[:1, :shared], prompt_mask[:1, :shared], one, cfg, d,
+    _, one = model.forward(params, prompt[:1, :shared_prefix], prompt_mask[:1, :shared_prefix], one, cfg, d,
                            None if c is None else c[:1], last_only=True, attend=0)
     cache = jax.tree.map(lambda x: jnp.repeat(x, B, axis=1 if x.ndim == 5 else 0), one)
-    prompt, prompt_mask = prompt[:, shared:], prompt_mask[:, shared:]
+    prompt, prompt_mask = prompt[:, shared_prefix:], prompt_mask[:, shared_prefix:]
   else:
     cache = model.init_cache(cfg, B, length)
-  return model.forward(params, prompt, prompt_mask, cache, cfg, d, c, last_only=True, attend=shared)
+  return model.forward(params, prompt, prompt_mask, cache, cfg, d, c, last_only=True, attend=shared_prefix)
 
 
 def _continue(params, first, cache, cont, cont_mask, d, c, cfg):
@@ -94,23 +94,23 @@ def _continue(params, first, cache, cont, cont_mask, d, c, cfg):
   return jnp.sum(jnp.where(cont_mask, nll, 0.0), axis=1), jnp.sum(w, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "shared"))
+@functools.partial(jax.jit, static_argnames=("cfg", "shared_prefix"))
 def nll_sums(params: dict, prompt: jax.Array, prompt_mask: jax.Array,   # [B, T]
              cont: jax.Array, cont_mask: jax.Array,                     # [B, G]
              dirs: dict | None = None, r: jax.Array | None = None,
              coef: jax.Array | None = None, *, cfg: model.ModelConfig,
-             shared: int = 0) -> tuple[jax.Array, jax.Array]:
+             shared_prefix: int = 0) -> tuple[jax.Array, jax.Array]:
   """(summed NLL [B], scored tokens [B]) of each row's continuation under params (+ coef.dirs[r]).
 
   dirs leaves [R, C, ...] as the engine stacks them, indexed inside the program (no host copy);
-  coef [C], the same for every row (fused evaluation of one grid point). shared: Layout.shared_prefix.
+  coef [C], the same for every row (fused evaluation of one grid point). shared_prefix: Layout.shared_prefix.
   """
   B, T = prompt.shape
   d, c = None, None
   if dirs is not None:
     d = jax.tree.map(lambda x: x[r], dirs)
     c = jnp.broadcast_to(coef.astype(jnp.float32), (B, coef.shape[-1]))
-  first, cache = _prefill(params, prompt, prompt_mask, T + cont.shape[1], d, c, cfg, shared)
+  first, cache = _prefill(params, prompt, prompt_mask, T + cont.shape[1], d, c, cfg, shared_prefix)
   return _continue(params, first, cache, cont, cont_mask, d, c, cfg)
 
 
@@ -151,7 +151,7 @@ def score(params: dict, cfg: model.ModelConfig, rows: Layout, *, batch_size: int
   extra = () if dirs is None else (dirs, np.int32(r), np.asarray(coef, np.float32))
   return in_batches(rows.rows, even_batch(rows.rows, batch_size), lambda sel: nll_sums(
       params, rows.prompt[sel], rows.prompt_mask[sel], rows.cont[sel], rows.cont_mask[sel], *extra, cfg=cfg,
-      shared=rows.shared_prefix))
+      shared_prefix=rows.shared_prefix))
 
 
 def in_batches(n_rows: int, batch_size: int, run) -> tuple[np.ndarray, np.ndarray]:

@@ -258,7 +258,6 @@ class Setup:
   load_seconds: float
   writer: bool               # this process writes the files (process 0)
   group: tuple[int, int] = (0, 0)   # [start, stop): the directions in `stacked` (direction_group)
-  goals_for_sources: tuple = ()     # the run's goals, for building a later group's directions
   direction_source: dict | None = None   # landscape.json["direction_source"]: a gradient or refusal direction
 
   @property
@@ -324,7 +323,7 @@ def prepare(c, path: str, *, overwrite: bool = False, text: bool = True) -> Setu
   return Setup(c=c, cfg_dict=cfg_dict, model=m, prompts=p, xs=xs, ys=ys, coefs=coefs, stacked=stacked,
                n_dirs=n_dirs, tables=keywords.build_keyword_tables(m.tokenizer, m.cfg.vocab_size), spec=spec, mesh=mesh,
                batch=batch, mode=mode, mode_reason=why, load_seconds=load_seconds, writer=writer,
-               group=(0, size), goals_for_sources=tuple(goals), direction_source=source)
+               group=(0, size), direction_source=source)
 
 
 def groups(s: Setup) -> list[tuple[int, int]]:
@@ -338,7 +337,7 @@ def with_group(s: Setup, group: tuple[int, int]) -> Setup:
   caller drops the old Setup first, so memory holds one group."""
   if group == s.group:
     return s
-  dirs, _ = build_directions(s.c, s.model, list(s.goals_for_sources), s.mesh, indices=range(*group))
+  dirs, _ = build_directions(s.c, s.model, s.prompts.goals, s.mesh, indices=range(*group))
   return dataclasses.replace(s, stacked=vectors.stack_grouped(dirs, s.mesh), group=group)
 
 
