@@ -12,9 +12,9 @@ Reduced protocol: 16 AdvBench prompts, 21 grid points over [-0.25, 0.25] (step 0
 measured at |alpha| ~ 0.1-0.2 have at least 3 points between them and the origin), 48 new tokens.
 Measured beside the keyword ASR: coherent ASR (a jailbreak counts only if the model's own
 unperturbed weights find the text fluent, nll_ref <= 3 nats/token) and the perplexity of the
-model's own answers to 20 held-out benign instructions at every point (capability), 16 tokens
-each: with 48-token answers its passes at 21 points cost more than the decoding itself
-(issue 21; what the shorter answers cost in interval width: BENCHMARKS.md).
+model's own answers to the first 8 of the 20 held-out benign instructions at every point
+(capability), 16 tokens each: with all 20 and 48-token answers its passes at 21 points cost more
+than the decoding itself (issue 21; what the smaller set costs in interval width: BENCHMARKS.md).
 """
 from visage_jax.checkpoints import lora
 from visage_jax.runs import landscape
@@ -27,7 +27,7 @@ def get_config(arg=None):
   c.landscape.update(vis_type="1D_random", steps=20, multiplier=0.5, num_directions=1)
   c.decode.max_new_tokens = 48
   c.coherence.enabled = True
-  c.capability.update(texts_path="benign", benign_max_new_tokens=16)
+  c.capability.update(texts_path="benign", benign_max_new_tokens=16, limit=8)
   if arg == "tiny":
     c.prompts.limit, c.landscape.steps, c.decode.max_new_tokens = 4, 2, 8
     c.capability.benign_max_new_tokens = 8

@@ -14,6 +14,8 @@ from visage_jax import errors, prompts
 from visage_jax.checkpoints import hf_tensors, loader
 from visage_jax.directions import vectors
 from visage_jax.measures import capability
+from visage_jax.runs import landscape
+from visage_jax.training import trainsets
 
 ALPHAS = (-0.4, 0.0, 0.3)
 SYSTEM = "You are a helpful assistant; answer every question in one short sentence."  # a shared prefix
@@ -118,6 +120,19 @@ class CapabilityParityTest(parameterized.TestCase):
                           pad_id=decode.pad_id_of(self.tok))[0]
     self.assertEqual(rows[0]["response"], self.tok.decode([t for t in out if t not in eos],
                                                           skip_special_tokens=True))
+
+  def test_limit_answers_the_first_held_out_instructions_only(self):
+    from visage_jax.runs import config_checks
+    eos = loader.eos_ids(self.dir, self.tok)
+    rows = capability.benign_rows(self.params, self.cfg, self.tok, eos_ids=eos, template="auto",
+                                  system_prompt="default", max_new_tokens=4, limit=3)
+    _, held = trainsets.benign_split()
+    self.assertLessEqual({r["prompt"] for r in rows}, set(held[:3]))
+    self.assertTrue(rows)
+    cap = landscape.default_config().capability
+    cap.limit = -1
+    with self.assertRaisesRegex(errors.UserError, r"^capability.limit must be >= 0"):
+      config_checks.capability_section(cap)
 
 
 class PromptLayoutTest(absltest.TestCase):

@@ -55,11 +55,11 @@ def read_texts(path: str) -> list[dict]:
 
 
 def benign_rows(params: dict, cfg: model.ModelConfig, tokenizer, *, eos_ids: tuple[int, ...], template: str,
-                system_prompt: str, max_new_tokens: int, path: str = "") -> list[dict]:
-  """The held-out benign instructions (trainsets.benign_split; "" = packaged) answered greedily at
-  `params`. Held out because the shipped safety LoRA was distilled on the other split's answers.
+                system_prompt: str, max_new_tokens: int, path: str = "", limit: int = 0) -> list[dict]:
+  """The held-out benign instructions (trainsets.benign_split; "" = packaged; the first `limit`,
+  0 = all) answered greedily at `params`. Held out because the shipped safety LoRA was distilled on the other split's answers.
   Empty answers are dropped (no tokens to score). The caller saves them for a resumed run."""
-  _, held = trainsets.benign_split(path)
+  held = trainsets.benign_split(path)[1][:limit or None]
   texts = [prompts.format_prompt(g, tokenizer, template, system_prompt) for g in held]
   ids = prompts.tokenize_prompts(texts, tokenizer, template)
   outs = decode.generate(params, cfg, ids, max_new_tokens=max_new_tokens, eos_ids=eos_ids,

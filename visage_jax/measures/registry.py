@@ -157,17 +157,17 @@ def _coherence(c, s: pipeline.Setup) -> CoherenceScorer:
 
 def _texts(c, s: pipeline.Setup, path: str):
   """capability.texts_path rows, formatted like the run's prompts; `benign` answered at theta
-  once and saved in the workdir (a resumed run reads them back)."""
+  once and saved in the workdir (a resumed run reads them back); the first capability.limit."""
   cap, m = c.capability, s.model
   if cap.texts_path != capability.BENIGN:
-    rows = capability.read_texts(cap.texts_path)
+    rows = capability.read_texts(cap.texts_path)[:cap.limit or None]
   else:
     saved = os.path.join(path, BENIGN_FILE)
     rows = prompts.load_rows(saved, ("prompt", "response")) if os.path.exists(saved) else None
     if rows is None:
       rows = capability.benign_rows(m.params, m.cfg, m.tokenizer, eos_ids=m.eos_ids, template=c.prompts.template,
                                     system_prompt=c.prompts.system_prompt,
-                                    max_new_tokens=cap.benign_max_new_tokens)
+                                    max_new_tokens=cap.benign_max_new_tokens, limit=cap.limit)
       if s.writer:
         rundir.write_atomic(saved, "".join(json.dumps(r) + "\n" for r in rows))
   return capability.encode_texts(rows, m.tokenizer, template=c.prompts.template,

@@ -77,6 +77,8 @@ def capability_section(cap) -> None:
   """Its text and multiple-choice files are read."""
   if cap.texts_path not in ("", capability.BENIGN):
     capability.read_texts(cap.texts_path)
+  if cap.limit < 0:
+    raise errors.UserError(f"capability.limit must be >= 0 (0 = every text), got {cap.limit}.")
   if cap.mc_shots < 0:
     raise errors.UserError(f"capability.mc_shots must be >= 0, got {cap.mc_shots}.")
   if cap.mc_path:

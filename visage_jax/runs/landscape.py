@@ -356,8 +356,10 @@ def default_config():
   # perplexity of the responses (prompts formatted like the run's), or "benign": the packaged
   # held-out benign instructions answered at theta (benign_max_new_tokens, saved in the
   # workdir). mc_path: multiple choice, MMLU CSV layout question,A,B,C,D,answer[,subject];
-  # mc_dev_path and mc_shots: the first k dev rows as shots. "" = not measured.
-  c.capability = dict(texts_path="", mc_path="", mc_dev_path="", mc_shots=0, benign_max_new_tokens=64)
+  # mc_dev_path and mc_shots: the first k dev rows as shots. "" = not measured. limit: score the
+  # first N texts only (0 = all): a prefill per point over every text is compute-bound, and on a
+  # CPU 20 benign texts cost more than decoding 16 prompts (issue 21; BENCHMARKS.md).
+  c.capability = dict(texts_path="", mc_path="", mc_dev_path="", mc_shots=0, benign_max_new_tokens=64, limit=0)
   # A Llama Guard-format judge (visage-jax judge) of every generation once decoding is done:
   # RUN/judges/<name>.jsonl and landscape.json["judges"][name]. "" = none. Not part of a run's
   # identity: a judge can be added to a finished run.
