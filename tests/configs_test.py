@@ -20,6 +20,7 @@ PAPER_MODELS = {"llama2_7b_chat": ("meta-llama/Llama-2-7b-chat-hf", "meta-llama/
                 "vicuna_7b": ("lmsys/vicuna-7b-v1.5", "meta-llama/Llama-2-7b-hf")}
 LANDSCAPE_CONFIGS = {"demo": (None, "tiny", "unaligned"),
                      "directions": ("census", "gradient", "refusal", "alignment"),
+                     "trajectory": (None, "tiny"),
                      **{name: (None, "2d", "interpolation") for name in PAPER_MODELS}}
 
 
@@ -72,6 +73,16 @@ class ConfigsTest(parameterized.TestCase):
       self.assertEqual(c.eval.xstest, 250)
     with self.assertRaisesRegex(ValueError, "unknown arg 'v2'"):
       _load("align_smollm2").get_config("v2")
+
+  @parameterized.named_parameters(("full", "finetune", 10), ("tiny", "finetune_tiny", 5))
+  def test_trajectory_finetune_configs(self, arg, n_checkpoints):
+    from visage_jax.runs import finetune
+    c = _load("trajectory").get_config(arg)
+    finetune.validate(c)
+    t = c.train
+    saved = {0, t.steps} | set(range(t.trajectory_every, t.steps, t.trajectory_every))
+    self.assertLen(saved, n_checkpoints)
+    self.assertEqual(c.model.lora_path, _load("demo").get_config().model.lora_path)   # the aligned demo model
 
   def test_every_config_file_is_covered_or_loads(self):
     for path in glob.glob(os.path.join(ROOT, "configs", "*.py")):

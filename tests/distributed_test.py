@@ -206,6 +206,15 @@ class TwoProcessJobsTest(absltest.TestCase):
       self.assertEqual(sorted(got), sorted(want))
       for k in want:
         np.testing.assert_allclose(got[k], want[k], atol=_atol(ft, want.values()), rtol=0, err_msg=f"{run}: {k}")
+    for run in ("ft", "ft_resume"):   # the trajectory: written once, the same tensors as one process's
+      names = sorted(os.listdir(os.path.join(two, run, finetune.TRAJECTORY_DIR)))
+      self.assertEqual(names, [f"step_{k:06d}.safetensors" for k in (0, 2, 3)])
+      for name in names:
+        got, want = (load_file(os.path.join(d, finetune.TRAJECTORY_DIR, name)) for d in (os.path.join(two, run),
+                                                                                         os.path.join(one, "ft")))
+        self.assertEqual(sorted(got), sorted(want))
+        for k in want:
+          np.testing.assert_allclose(got[k], want[k], atol=_atol(ft, want.values()), rtol=0, err_msg=f"{run}: {name} {k}")
     _, a = loader.load_params(os.path.join(two, "ft", "model"))
     _, b = loader.load_params(os.path.join(one, "ft", "model"))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):

@@ -26,14 +26,15 @@ def sweep_config(model_dir, prompts_path, mesh):
 
 
 def finetune_config(model_dir, data_path, mesh):
-  """3 steps of a rank-4 LoRA, 4 rows x 2 micro-batches per step; exports lora, model/ and hf/, and
+  """3 steps of a rank-4 LoRA, 4 rows x 2 micro-batches per step, its trajectory at steps 0, 2, 3;
+  exports lora, model/ and hf/, and
   evaluates 2 prompts (rows padded to the mesh's data axis)."""
   from visage_jax.runs import finetune
 
   c = finetune.default_config()
   c.model.path, c.data.path = model_dir, data_path
   c.train.update(steps=3, batch_size=4, grad_accum=2, lr=3e-3, warmup_steps=1, checkpoint_every=2,
-                 max_length=64)
+                 max_length=64, trajectory_every=2)
   c.lora.update(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))
   c.export.hf = True
   c.eval.update(alignment=True, max_new_tokens=4, prompts=2, benign=False)

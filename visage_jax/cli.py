@@ -1,6 +1,6 @@
 """`visage-jax <command> --flags`: absl flags -> plain arguments -> one library call.
 
-Commands: generate, convert, landscape, judge, report, export-directions, bench, finetune, experiments,
+Commands: generate, convert, landscape, trajectory, judge, report, export-directions, bench, finetune, experiments,
 sweep, plan, compare (RUN_A RUN_B as positional arguments), cosine, walls, classify.
 """
 
@@ -30,6 +30,8 @@ flags.DEFINE_string("out", "", "Output path (convert: the converted directory; "
 flags.DEFINE_string("workdir", "", "Run directory (landscape, export-directions, report: a run or a sweep).")
 flags.DEFINE_string("name", "llamaguard", "judge: the judge's name (RUN/judges/NAME.jsonl, "
                     "landscape.json judges.NAME).")
+flags.DEFINE_string("finetune", "", "trajectory: a `visage-jax finetune` workdir (train.trajectory_every > 0).")
+flags.DEFINE_list("checkpoints", [], "trajectory: checkpoints in training order, P1,P2,...; the last is theta_final.")
 flags.DEFINE_bool("overwrite", False, "landscape: discard a run with a different config in --workdir.")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
 flags.DEFINE_bool("debug", False, "Show the traceback of a user error (also VISAGE_JAX_DEBUG=1).")
@@ -100,6 +102,19 @@ def cmd_landscape() -> None:
   record = landscape.run(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite,
                          progress=FLAGS.progress)
   print(json.dumps(record.headline()))
+  sys.stderr.write(landscape.summary_text(record, FLAGS.workdir))
+
+
+def cmd_trajectory() -> None:
+  """A fine-tuning trajectory on its landscape plane; prints the run summary as one JSON line."""
+  from visage_jax.runs import landscape, trajectory
+
+  if FLAGS.config is None or not FLAGS.workdir or bool(FLAGS.finetune) == bool(FLAGS.checkpoints):
+    raise errors.UserError("trajectory needs --config=configs/<name>.py, --workdir=DIR and one of "
+                           "--finetune=FT_WORKDIR or --checkpoints=P1,P2,...")
+  record = trajectory.run(FLAGS.config, FLAGS.workdir, finetune_dir=FLAGS.finetune,
+                          checkpoints=tuple(FLAGS.checkpoints), overwrite=FLAGS.overwrite, progress=FLAGS.progress)
+  print(json.dumps(dict(record.headline(), trajectory=record.section("trajectory"))))
   sys.stderr.write(landscape.summary_text(record, FLAGS.workdir))
 
 
@@ -326,6 +341,7 @@ def _plan_pods(c, dtype: str, kw: dict) -> None:
 
 
 COMMANDS = {"generate": cmd_generate, "convert": cmd_convert, "landscape": cmd_landscape,
+            "trajectory": cmd_trajectory,
             "judge": cmd_judge, "report": cmd_report,
             "export-directions": cmd_export_directions, "bench": cmd_bench, "finetune": cmd_finetune,
             "experiments": cmd_experiments, "sweep": cmd_sweep, "plan": cmd_plan, "compare": cmd_compare,
@@ -337,7 +353,7 @@ POSITIONAL_COMMANDS = ("compare", "cosine", "walls")
 
 
 # Commands that join a multi-process run when their config's `distributed` section asks.
-DISTRIBUTED_COMMANDS = ("landscape", "sweep", "bench", "finetune", "experiments")
+DISTRIBUTED_COMMANDS = ("landscape", "trajectory", "sweep", "bench", "finetune", "experiments")
 
 
 # Errors of the user's files and paths, besides errors.UserError: reported in one line too.

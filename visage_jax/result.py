@@ -82,6 +82,19 @@ class Bootstrap:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class Trajectory:
+  """A fine-tuning trajectory drawn on the run's plane (runs/trajectory.py): landscape.json["trajectory"]."""
+  steps: np.ndarray                  # [n] training step of each checkpoint, in order (the last is theta_final)
+  labels: tuple[str, ...]            # [n] what each checkpoint was read from
+  coords: np.ndarray                 # [n, 2] (alpha, beta) on the grid's axes
+  scale: np.ndarray                  # [2] parameter-space length of one grid unit along d1, d2
+  explained_variance: np.ndarray     # [2] of the PCA components d1, d2
+  residual_ratio: np.ndarray         # [n] |delta_i off the plane| / |delta_i|
+  checkpoint: dict[str, np.ndarray]  # curve name -> [n] measured at theta_i itself (NaN: not yet)
+  plane: dict[str, np.ndarray]       # curve name -> [n] the grid's surface at (alpha_i, beta_i), bilinear
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class Result:
   """A landscape run's results; see the module docstring for names and shapes."""
   vis_type: str
@@ -103,6 +116,7 @@ class Result:
   bootstrap: Bootstrap | None         # None: the run has no ci95
   judge_disagreements: tuple[dict, ...]
   config: dict                        # the resolved config the run saved ({} if none)
+  trajectory: Trajectory | None = None   # a trajectory run's checkpoints on its plane
   path: str | None = None             # the run directory, when read from or written to one
   _json: dict = dataclasses.field(default_factory=dict, repr=False)
 
@@ -251,6 +265,10 @@ class Result:
     """What a gradient or refusal direction was made from (loss, layer, norm ratios), else None."""
     value = self._json.get("direction_source")
     return copy.deepcopy(value) if isinstance(value, dict) else None
+
+  def with_trajectory(self, section: dict) -> "Result":
+    """The record with landscape.json["trajectory"] set (runs/trajectory.py writes it, checked here)."""
+    return self._with(dict(self._json, trajectory=section))
 
   def judge_section(self, name: str) -> tuple[dict | None, dict | None]:
     """(judges[name], ci95.judges[name]) as in the file; None where absent."""
@@ -406,7 +424,8 @@ class _Parser:
         model=d.get("model"), seed=d.get("seed"), max_nll=coherence.get("max_nll"),
         coherence_model=coherence.get("model"), judges=self.judges(d),
         refined=self.refined(d) if n_dirs else (), basin=self.basin(d.get("basin"), two_d=ys is not None),
-        bootstrap=bootstrap, judge_disagreements=tuple(disagreements), config=config, path=path, _json=d)
+        bootstrap=bootstrap, judge_disagreements=tuple(disagreements), config=config,
+        trajectory=self.trajectory(d.get("trajectory"), two_d=ys is not None), path=path, _json=d)
 
   def curves(self, d: dict, shape: tuple, n_dirs: int | None):
     """Every curve, the intervals of those that have one, and each ASR curve's VISAGE."""
@@ -443,6 +462,31 @@ class _Parser:
       elif _is_grid(value, shape):   # another scorer's per-point measure at the top level
         curves[key] = np.array(value, dtype=np.float64)
     return curves, intervals, visages
+
+  def trajectory(self, value, two_d: bool) -> Trajectory | None:
+    if value is None:
+      return None
+    if not isinstance(value, dict):
+      self.fail(f"field 'trajectory' must be an object, got {type(value).__name__}")
+    if not two_d:
+      self.fail("field 'trajectory' needs a 2D landscape (its plane)")
+    steps = value.get("steps")
+    n = len(steps) if isinstance(steps, list) else -1
+    self.shape_from = "trajectory.steps"
+    vec = lambda v, name, shape=(n,): self.floats(v, f"trajectory.{name}", shape)
+    labels = value.get("labels")
+    if not isinstance(labels, list) or len(labels) != n or not all(isinstance(l, str) for l in labels):
+      self.fail(f"field 'trajectory.labels' must be a list of {n} strings (one per step), got {labels!r}")
+    curves = {}
+    for part in ("checkpoint", "plane"):
+      got = value.get(part)
+      if not isinstance(got, dict):
+        self.fail(f"field 'trajectory.{part}' must be an object (curve name -> values), got {got!r}")
+      curves[part] = {name: vec(v, f"{part}.{name}") for name, v in got.items()}
+    return Trajectory(steps=vec(steps, "steps").astype(np.int64), labels=tuple(labels),
+                      coords=vec(value.get("coords"), "coords", (n, 2)), scale=vec(value.get("scale"), "scale", (2,)),
+                      explained_variance=vec(value.get("explained_variance"), "explained_variance", (2,)),
+                      residual_ratio=vec(value.get("residual_ratio"), "residual_ratio"), **curves)
 
   def judges(self, d: dict) -> dict[str, Judge]:
     return {name: Judge(model=j.get("model"), max_new_tokens=j.get("max_new_tokens"), dtype=j.get("dtype"),

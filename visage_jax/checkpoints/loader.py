@@ -11,6 +11,8 @@ written and restored shard by shard.
 """
 
 import contextlib
+import dataclasses
+import functools
 import glob
 import hashlib
 import importlib.util
@@ -207,6 +209,42 @@ def load_converted(path: str, dtype: str = "float32", shardings=None) -> tuple[m
   return cfg, params
 
 
+def _converted_leaf(path: str, cfg: model.ModelConfig, leaf_path: tuple[str, ...]) -> np.ndarray:
+  """One leaf of a converted directory (format 2), restored to the host."""
+  import orbax.checkpoint as ocp
+
+  target = {}
+  shape = tuple(hf_tensors.get_leaf(model.param_shapes(cfg), leaf_path))
+  one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  hf_tensors.set_leaf(target, leaf_path, jax.ShapeDtypeStruct(shape, jnp.dtype(cfg.param_dtype), sharding=one))
+  try:
+    with ocp.StandardCheckpointer() as ckpt:
+      restored = ckpt.restore(os.path.join(path, _PARAMS_DIR, _leaf_dir(leaf_path)), target)
+  except Exception as e:
+    raise CheckpointError(f"{path}: cannot restore leaf {'/'.join(leaf_path)} ({type(e).__name__}: {e}).") from None
+  return np.asarray(hf_tensors.get_leaf(restored, leaf_path))
+
+
+@contextlib.contextmanager
+def leaves(path: str, dtype: str = "float32"):
+  """(cfg, [(leaf path, read)]) of a local checkpoint, `read()` giving one whole leaf on the host:
+  a caller that walks several checkpoints leaf by leaf (a trajectory's plane) holds one leaf of
+  each, never a model. A converted directory of format 1 (one orbax tree) is restored whole."""
+  kind = checkpoint_kind(path)
+  if kind in ("hf", "gguf"):
+    with (_hf_dir_leaves if kind == "hf" else gguf_file.gguf_leaves)(path, dtype) as got:
+      yield got
+    return
+  cfg = load_config(path, dtype)
+  if _read_json(os.path.join(os.path.abspath(path), CONVERTED_MARKER)).get("format", 1) == 1:
+    cfg, params = load_converted(path, dtype)
+    yield cfg, [(p, functools.partial(hf_tensors.get_leaf, params, p)) for p in hf_tensors.leaf_paths(cfg)]
+    return
+  cfg = dataclasses.replace(cfg, param_dtype=_read_json(os.path.join(path, CONVERTED_MARKER)).get(
+      "param_dtype", "float32"))
+  yield cfg, [(p, functools.partial(_converted_leaf, os.path.abspath(path), cfg, p)) for p in hf_tensors.leaf_paths(cfg)]
+
+
 def convert(path: str, out: str, dtype: str = "float32", tokenizer=None, shardings=None) -> model.ModelConfig:
   """Any checkpoint -> a converted (orbax) directory, streamed leaf by leaf.
 
@@ -282,7 +320,6 @@ def load_params(path: str, dtype: str = "float32", shardings=None) -> tuple[mode
   loader = {"gguf": gguf_file.load_gguf, "hf": load_hf_dir, "converted": load_converted}[kind]
   cfg, params = loader(path, dtype, shardings)
   if cfg.param_dtype != dtype:
-    import dataclasses
     cfg = dataclasses.replace(cfg, param_dtype=dtype)
     params = model.cast_params(params, dtype)
   return cfg, params
@@ -291,8 +328,6 @@ def load_params(path: str, dtype: str = "float32", shardings=None) -> tuple[mode
 def load_config(path: str, dtype: str = "float32") -> model.ModelConfig:
   """The architecture of a local checkpoint from its metadata alone (no weights read; a hub id:
   `resolve(path, weights=False)` first)."""
-  import dataclasses
-
   if random_weights.is_random(path):
     return random_weights.config(path, dtype)
   kind = checkpoint_kind(path)

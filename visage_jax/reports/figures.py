@@ -246,6 +246,42 @@ def plot_landscape(record: result.Result, path: str) -> None:
   _save(fig, path)
 
 
+def plot_trajectory(record: result.Result, path: str) -> None:
+  """A trajectory run's ASR contour on its plane with the fine-tuning path drawn from start to
+  end, each checkpoint coloured by its own (true) ASR; the grid shows the surface at its projection."""
+  t = record.trajectory
+  x, y = record.coords_x, record.coords_y
+  gx, gy = np.meshgrid(x, y, indexing="ij")
+  norm = colors.Normalize(0, 100)
+  fig = Figure(figsize=(7.2, 6.0), layout="constrained")
+  ax = fig.add_subplot()
+  z = np.ma.masked_invalid(record.asr)
+  if min(z.shape) >= 2 and z.count() >= 3:
+    filled = ax.contourf(gx, gy, z, levels=np.linspace(0, 100, 21), cmap=CMAP, norm=norm)
+    lines = ax.contour(gx, gy, z, levels=[50], colors="white", linewidths=1.0)
+    ax.clabel(lines, fmt="%d%%", fontsize=7)
+  else:
+    filled = ax.scatter(gx.ravel(), gy.ravel(), c=record.asr.ravel(), cmap=CMAP, norm=norm, s=80)
+  fig.colorbar(filled, ax=ax, label="ASR (%)", ticks=np.linspace(0, 100, 6))
+  cx, cy = t.coords[:, 0], t.coords[:, 1]
+  ax.plot(cx, cy, color="black", lw=1.2, zorder=4)
+  true = t.checkpoint.get("asr", np.full(len(cx), np.nan))
+  ax.scatter(cx, cy, c=np.nan_to_num(true, nan=0.0), cmap=CMAP, norm=norm, s=70, edgecolors="black",
+             linewidths=1.0, zorder=5, plotnonfinite=True)
+  for k, (px, py) in enumerate(zip(cx, cy)):
+    label = "start" if k == 0 else "end" if k == len(cx) - 1 else ""
+    ax.annotate(f"{label} (step {t.steps[k]})" if label else str(t.steps[k]), (px, py),
+                textcoords="offset points", xytext=(6, 6), fontsize=8 if label else 7,
+                fontweight="bold" if label else "normal", color="black",
+                bbox=dict(boxstyle="round,pad=0.15", fc="white", alpha=0.7, lw=0))
+  ev = t.explained_variance
+  ax.set_xlabel(f"α (PCA d₁, {100 * ev[0]:.0f}% of variance; 1 = {t.scale[0]:.3g})")
+  ax.set_ylabel(f"β (PCA d₂, {100 * ev[1]:.0f}%; 1 = {t.scale[1]:.3g})")
+  ax.set_title("fine-tuning trajectory  ·  dots: each checkpoint's own ASR", fontsize=10)
+  fig.suptitle(_header(record), fontsize=11)
+  _save(fig, path)
+
+
 def plot_sweep(records: dict, path: str) -> list[str]:
   """One axes for a whole sweep (run name -> record): ASR vs alpha of every run (1D: mean over
   directions; 2D: the beta = 0 slice, dashed). Returns the runs drawn; runs with no point yet,

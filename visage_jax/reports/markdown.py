@@ -21,6 +21,7 @@ SAMPLE_CHARS = 160   # a generation's cell: enough to see a refusal or a complia
 PROMPT_CHARS = 60
 CAPABILITY = (("perplexity", "perplexity", ".4g"), ("mc_accuracy", "MC accuracy", ".3f"))
 TABLE_NOTE = "Cells: value [95 % interval]; — = not evaluated (or not computed)."
+TRAJECTORY_FIGURE = "trajectory.png"
 
 
 # ------------------------------------------------------------------ small pieces
@@ -208,6 +209,25 @@ def _refined_section(record: result.Result) -> list[str]:
 # ------------------------------------------------------------------ sample generations
 
 
+def _trajectory_section(path: str, record: result.Result) -> list[str]:
+  """A trajectory run: its figure and, per checkpoint, its coordinates, how far it lies off the
+  plane, and each measure at the checkpoint itself beside the surface's value at its projection."""
+  t = record.trajectory
+  if t is None:
+    return []
+  ev = ", ".join(f"{100 * v:.1f} %" for v in t.explained_variance)
+  out = ["## Trajectory", "", f"Checkpoints on the plane of their PCA (explained variance {ev}); "
+         "residual = the part of θᵢ − θ_final off the plane, relative."]
+  if os.path.exists(os.path.join(path, TRAJECTORY_FIGURE)):
+    out += ["", f"![trajectory]({TRAJECTORY_FIGURE})"]
+  names = list(t.checkpoint)
+  header = ["step", "α", "β", "residual"] + [h for n in names for h in (f"{n} (checkpoint)", f"{n} (plane)")]
+  rows = [[str(s), f"{a:+.3f}", f"{b:+.3f}", f"{r:.3f}"] +
+          [v for n in names for v in (_num(_at(t.checkpoint[n], k)), _num(_at(t.plane[n], k)))]
+          for k, (s, (a, b), r) in enumerate(zip(t.steps, t.coords, t.residual_ratio))]
+  return out + [""] + _table(header, rows)
+
+
 def pick_samples(outputs: list[dict]) -> list[int]:
   """Two prompts to compare: the first jailbroken and the first refused one when both occur,
   else the first two (in prompt order)."""
@@ -294,7 +314,7 @@ def write_run_report(path: str, record: result.Result | None = None) -> str:
             else ["No figure yet (landscape.png is drawn when the run completes)."])
   points = _points_2d if record.two_d else _points_1d
   sections = [_title(record), figure, _visage_section(record, measures), points(record, measures),
-              _basin_section(record, measures), _refined_section(record),
+              _basin_section(record, measures), _refined_section(record), _trajectory_section(path, record),
               _samples_section(path, record, "## Sample generations", "generations.jsonl"),
               _samples_section(path, record, "## Sample generations at refined points", "refined.jsonl")]
   text = "\n\n".join("\n".join(s) for s in sections if s) + "\n"
@@ -307,6 +327,8 @@ def rebuild(path: str, record: result.Result | None = None) -> str:
   RUN/landscape.json when not given); returns the report."""
   record = result.load_run(path) if record is None else record
   figures.plot_landscape(record, os.path.join(path, "landscape.png"))
+  if record.trajectory is not None:
+    figures.plot_trajectory(record, os.path.join(path, TRAJECTORY_FIGURE))
   return write_run_report(path, record)
 
 

@@ -208,14 +208,21 @@ def _evaluate_alphas(s: pipeline.Setup, r: int, k: int, alphas: list[float], sco
   `here` is the run with `alphas` as its grid (what scorers of the point's params read), decoded
   for direction r alone."""
   here = dataclasses.replace(s, coefs=np.asarray(alphas, np.float64)[:, None])
-  one = here if s.n_dirs == 1 else dataclasses.replace(
-      here, stacked=jax.tree.map(lambda x: x[r:r + 1], s.stacked), n_dirs=1)
-  points, got = _Points(here, scorers, set()), []
-  for rows in pipeline.evaluate(one, list(range(len(alphas)))):
-    rows = [dataclasses.replace(row, direction=r) for row in rows]
-    got += points.add(rows, scoring.records(rows, scorers))
   keep = lambda l: {f: v for f, v in l.items() if f not in ("direction", "step")}
-  return [dict(direction=r, step=None, round=k, **keep(l)) for l in sorted(got, key=lambda l: l["step"])]
+  return [dict(direction=r, step=None, round=k, **keep(l)) for l in point_lines(here, scorers, r)]
+
+
+def point_lines(s: pipeline.Setup, scorers: tuple, direction: int = 0) -> list[dict]:
+  """Every point of `s` (its coefs) on `direction` alone, decoded, scored and aggregated into
+  generations.jsonl's line format, in step order; nothing is written (refined points, a
+  trajectory's checkpoints)."""
+  one = s if s.n_dirs == 1 else dataclasses.replace(
+      s, stacked=jax.tree.map(lambda x: x[direction:direction + 1], s.stacked), n_dirs=1)
+  points, got = _Points(s, scorers, set()), []
+  for rows in pipeline.evaluate(one, list(range(s.n_points))):
+    rows = [dataclasses.replace(row, direction=direction) for row in rows]
+    got += points.add(rows, scoring.records(rows, scorers))
+  return sorted(got, key=lambda l: l["step"])
 
 
 def _refined_curves(s: pipeline.Setup, refined: list[dict], scorers: tuple) -> list[dict]:

@@ -1,0 +1,36 @@
+"""F6, the road out of the basin: the aligned demo model through F2's harmful fine-tune, drawn on its landscape.
+
+  visage-jax finetune --config=configs/trajectory.py:finetune --workdir=runs/ft_trajectory
+  visage-jax trajectory --config=configs/trajectory.py --finetune=runs/ft_trajectory --workdir=runs/trajectory
+
+The fine-tune is configs/finetune_harmful.py's harmful_100 (F2: a fresh rank-8 LoRA on q/k/v/o of the
+aligned SmolLM2, 5 epochs, 63 steps, ~9 minutes on 2 CPU cores) with the trained adapter saved every
+7 steps: 10 checkpoints, steps 0, 7, ..., 63. The trajectory is the demo's protocol (16 AdvBench
+prompts, 48 new tokens, coherence on) on an 11 x 11 grid of the checkpoints' PCA plane around the
+fine-tuned model, then each checkpoint decoded itself; trajectory.png draws the path.
+Tiny variants (seconds each, CI): `:finetune_tiny` (4 steps, a checkpoint per step) and `:tiny`.
+"""
+from visage_jax.runs import finetune, trajectory
+
+
+def get_config(arg=None):
+  if arg in ("finetune", "finetune_tiny"):
+    c = finetune.attack_config("harmful_100", epochs=5)
+    c.train.trajectory_every = 7
+    if arg == "finetune_tiny":
+      c = finetune.attack_config("harmful_10")
+      c.data.limit = 4
+      c.train.update(steps=4, batch_size=2, trajectory_every=1)
+      c.eval.alignment = False
+    return c
+  c = trajectory.default_config()
+  c.prompts.limit = 16
+  c.landscape.steps = 10
+  c.decode.max_new_tokens = 48
+  c.coherence.enabled = True
+  c.trajectory.margin = 0.25
+  if arg == "tiny":
+    c.prompts.limit, c.landscape.steps, c.decode.max_new_tokens = 2, 2, 4
+  elif arg:
+    raise ValueError(f"unknown config argument {arg!r}: use finetune, finetune_tiny or tiny")
+  return c
