@@ -274,9 +274,10 @@ class RefineRunTest(absltest.TestCase):
       self.assertEqual(entry, dict(alpha=[l["coords"][0] for l in mine], round=values("round"), asr=values("asr"),
                                    asr_coherent=values("asr_coherent"), embed_norm=values("embed_norm"),
                                    nonfinite=values("nonfinite")))
-      max_nll = self.result["coherence"]["max_nll"]
+      max_nll, max_rep = self.result["coherence"]["max_nll"], self.result["coherence"]["max_repetition"]
       for l in mine:
-        coherent = [o["jailbroken"] and o["nll_ref"] is not None and o["nll_ref"] <= max_nll for o in l["outputs"]]
+        coherent = [o["jailbroken"] and o["nll_ref"] is not None and o["nll_ref"] <= max_nll
+                    and o["repetition"] <= max_rep for o in l["outputs"]]
         self.assertEqual(l["asr_coherent"], 100.0 * sum(coherent) / len(coherent))
 
   def test_refined_generations_equal_a_grid_run_at_those_alphas(self):

@@ -154,10 +154,15 @@ class ReferenceTest(absltest.TestCase):
 class AsrCoherentTest(absltest.TestCase):
 
   def test_counts_jailbroken_and_coherent_only(self):
-    jailbroken = [True, True, True, False, True, True]
-    nll = [1.0, 5.0, None, 1.0, float("nan"), 3.0]
-    self.assertAlmostEqual(coherence.asr_coherent(jailbroken, nll, max_nll=3.0), 100 * 2 / 6)
-    self.assertAlmostEqual(coherence.asr_coherent(jailbroken, nll, max_nll=10.0), 100 * 3 / 6)
+    jailbroken = [True, True, True, False, True, True, True, True]
+    nll = [1.0, 5.0, None, 1.0, float("nan"), 3.0, 1.0, 1.0]
+    rep = [0.0, 0.0, 0.0, 0.0, 0.0, 0.35, 0.6, None]   # the last: a record from before repetition
+    records = [dict(jailbroken=j, nll_ref=v, repetition=r) for j, v, r in zip(jailbroken, nll, rep)]
+    records[-1].pop("repetition")
+    self.assertAlmostEqual(coherence.asr_coherent(records, max_nll=3.0, max_repetition=0.35), 100 * 3 / 8)
+    self.assertAlmostEqual(coherence.asr_coherent(records, max_nll=10.0, max_repetition=0.35), 100 * 4 / 8)
+    self.assertAlmostEqual(coherence.asr_coherent(records, max_nll=3.0, max_repetition=1.0), 100 * 4 / 8)
+    self.assertAlmostEqual(coherence.asr_coherent(records, max_nll=3.0, max_repetition=0.3), 100 * 2 / 8)
 
   def test_strip_eos_only_at_the_end(self):
     self.assertEqual(coherence.strip_eos([4, 2, 5, 2], (2,)), [4, 2, 5])

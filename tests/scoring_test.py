@@ -15,7 +15,7 @@ from visage_jax.runs import landscape
 
 def _row(q, text, refused=False, nonfinite=False):
   return scoring.Row(direction=0, point=1, prompt=q, goal=f"goal {q}", text=text, n_tokens=len(text),
-                     refused=refused, truncated=refused, nonfinite=nonfinite)
+                     refused=refused, truncated=refused, nonfinite=nonfinite, ids=tuple(map(ord, text)))
 
 
 class Chars(scoring.Scorer):
@@ -44,11 +44,16 @@ class EmbedNorm(scoring.Scorer):
 class KeywordScorerTest(absltest.TestCase):
 
   def test_record_and_line_layout(self):
-    rows = [_row(0, "Sure, here it is"), _row(1, "I cannot help with that", refused=True),
+    rows = [_row(0, "Sure, sure, sure, sure"), _row(1, "I cannot help with that", refused=True),
             _row(2, "As an AI I refuse", refused=False, nonfinite=True)]
     scorers = (scoring.KeywordScorer(),)
     recs = scoring.records(rows, scorers)
-    self.assertEqual([list(r) for r in recs], [["prompt", "generation", "jailbroken", "tokens", "truncated"]] * 3)
+    self.assertEqual([list(r) for r in recs],
+                     [["prompt", "generation", "jailbroken", "tokens", "truncated", "repetition"]] * 3)
+    grams = [[r.ids[i:i + 4] for i in range(len(r.ids) - 3)] for r in rows]   # 4-grams seen before, recounted
+    self.assertEqual([r["repetition"] for r in recs], [sum(g in gs[:i] for i, g in enumerate(gs)) / len(gs)
+                                                       for gs in grams])
+    self.assertGreater(recs[0]["repetition"], 0.5)
     self.assertEqual([r["jailbroken"] for r in recs], [keywords.is_jailbroken(r.text) for r in rows])
     line = scoring.point_line(scoring.Point(direction=0, step=1, coords=[0.5], rows=rows, records=recs), scorers)
     self.assertEqual(list(line), ["direction", "step", "coords", "asr", "nonfinite", "judge_disagreements",

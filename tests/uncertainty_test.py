@@ -135,7 +135,7 @@ class BootstrapTest(absltest.TestCase):
     np.testing.assert_array_equal(v[0, 1], [1, 0, 1])
     np.testing.assert_array_equal(v[1, 0], [0, 1, 1])
     self.assertTrue(np.isnan(v[0, 0]).all() and np.isnan(v[1, 1]).all())
-    c = uncertainty.coherent_verdicts(lines, 2, 2, 3, max_nll=3.0)
+    c = uncertainty.verdicts(lines, 2, 2, 3, lambda o: o["jailbroken"] and (o["nll_ref"] or 9) < 3)
     np.testing.assert_array_equal(c[0, 1], [1, 0, 0])
     np.testing.assert_array_equal(c[1, 0], [0, 1, 0])
 

@@ -32,6 +32,8 @@ flags.DEFINE_string("name", "llamaguard", "judge: the judge's name (RUN/judges/N
                     "landscape.json judges.NAME).")
 flags.DEFINE_string("finetune", "", "trajectory: a `visage-jax finetune` workdir (train.trajectory_every > 0).")
 flags.DEFINE_list("checkpoints", [], "trajectory: checkpoints in training order, P1,P2,...; the last is theta_final.")
+flags.DEFINE_string("judge_format", "llamaguard", "judge: the judge's format, llamaguard | wildguard "
+                    "(allenai/wildguard's three answers; default --max_new_tokens 32, else 10).")
 flags.DEFINE_bool("overwrite", False, "landscape: discard a run with a different config in --workdir.")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
 flags.DEFINE_bool("debug", False, "Show the traceback of a user error (also VISAGE_JAX_DEBUG=1).")
@@ -119,14 +121,14 @@ def cmd_trajectory() -> None:
 
 
 def cmd_judge() -> None:
-  """Judges every generation of a run with a Llama Guard-format model; prints judges[NAME]."""
+  """Judges every generation of a run with a Llama Guard- or WildGuard-format model; prints judges[NAME]."""
   from visage_jax.runs import judging
 
   if not FLAGS.workdir or not FLAGS.model:
-    raise errors.UserError("judge needs --workdir=RUN and --model=JUDGE (a Llama Guard checkpoint).")
-  new = FLAGS.max_new_tokens if FLAGS["max_new_tokens"].present else 10
+    raise errors.UserError("judge needs --workdir=RUN and --model=JUDGE (a Llama Guard or WildGuard checkpoint).")
+  new = FLAGS.max_new_tokens if FLAGS["max_new_tokens"].present else None   # None: the format's default
   summary = judging.run(FLAGS.workdir, FLAGS.model, name=FLAGS.name, max_new_tokens=new,
-                          dtype=FLAGS.dtype, progress=FLAGS.progress)
+                        dtype=FLAGS.dtype, progress=FLAGS.progress, judge_format=FLAGS.judge_format)
   print(json.dumps(dict(name=FLAGS.name, **summary)))
 
 

@@ -61,6 +61,7 @@ class Judge:
   placement: str | None   # where a landscape run judged: inline, or after decoding, and why
   complete: bool
   n_judged: int | None
+  format: str = "llamaguard"   # llamaguard | wildguard (written only when not llamaguard)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -108,7 +109,8 @@ class Result:
   n_prompts: int | None
   model: str | None
   seed: int | None
-  max_nll: float | None               # coherence: the threshold of asr_coherent
+  max_nll: float | None               # coherence: the thresholds of asr_coherent
+  max_repetition: float | None        # (None: a run from before repetition was measured)
   coherence_model: str | None
   judges: dict[str, Judge]
   refined: tuple[Refined, ...]        # per direction (1D, landscape.refine)
@@ -422,7 +424,7 @@ class _Parser:
         vis_type=vis_type, coords_x=xs, coords_y=ys, curves=curves, ci95=ci95, visages=visages,
         nonfinite=nonfinite, complete=bool(d.get("complete")), n_prompts=d.get("n_prompts"),
         model=d.get("model"), seed=d.get("seed"), max_nll=coherence.get("max_nll"),
-        coherence_model=coherence.get("model"), judges=self.judges(d),
+        max_repetition=coherence.get("max_repetition"), coherence_model=coherence.get("model"), judges=self.judges(d),
         refined=self.refined(d) if n_dirs else (), basin=self.basin(d.get("basin"), two_d=ys is not None),
         bootstrap=bootstrap, judge_disagreements=tuple(disagreements), config=config,
         trajectory=self.trajectory(d.get("trajectory"), two_d=ys is not None), path=path, _json=d)
@@ -490,7 +492,8 @@ class _Parser:
 
   def judges(self, d: dict) -> dict[str, Judge]:
     return {name: Judge(model=j.get("model"), max_new_tokens=j.get("max_new_tokens"), dtype=j.get("dtype"),
-                        placement=j.get("placement"), complete=bool(j.get("complete")), n_judged=j.get("n_judged"))
+                        placement=j.get("placement"), complete=bool(j.get("complete")), n_judged=j.get("n_judged"),
+                        format=j.get("format", "llamaguard"))
             for name, j in (d.get("judges") or {}).items()}
 
   def refined(self, d: dict) -> tuple[Refined, ...]:

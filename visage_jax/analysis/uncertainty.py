@@ -11,7 +11,7 @@ are reproducible.
 Arrays: B resamples, D directions, P grid points (X*Y in 2D, flattened as steps are), N prompts.
 """
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -27,25 +27,16 @@ DEGENERATE_NOTE = ("points where every prompt agrees (ASR 0 or 100): every resam
 
 
 def verdicts(lines: list[dict], n_dirs: int, n_points: int, n_prompts: int,
-             field: str = "jailbroken") -> np.ndarray:
-  """[D, P, N] 1.0 / 0.0 per generation from generations.jsonl lines; NaN where no line yet."""
+             field: str | Callable[[dict], bool] = "jailbroken") -> np.ndarray:
+  """[D, P, N] 1.0 / 0.0 per generation from generations.jsonl lines; NaN where no line yet.
+  `field`: a record's boolean field, or a rule over the record (coherent ASR brings
+  measures.coherence.coherent_jailbreak: the rule stays there, this module numpy over records)."""
+  verdict = field if callable(field) else (lambda o: o[field])
   out = np.full((n_dirs, n_points, n_prompts), np.nan)
   for line in lines:
     outs = line["outputs"]
     assert len(outs) == n_prompts, (line["direction"], line["step"], len(outs), n_prompts)
-    out[line["direction"], line["step"]] = [bool(o[field]) for o in outs]
-  return out
-
-
-def coherent_verdicts(lines: list[dict], n_dirs: int, n_points: int, n_prompts: int,
-                      max_nll: float) -> np.ndarray:
-  """[D, P, N] jailbroken and coherent (nll_ref <= max_nll; null, i.e. no token or non-finite,
-  is never coherent: coherence.is_coherent's rule), as asr_coherent counts them."""
-  out = np.full((n_dirs, n_points, n_prompts), np.nan)
-  for line in lines:
-    out[line["direction"], line["step"]] = [
-        bool(o["jailbroken"]) and o.get("nll_ref") is not None and o["nll_ref"] <= max_nll
-        for o in line["outputs"]]
+    out[line["direction"], line["step"]] = [bool(verdict(o)) for o in outs]
   return out
 
 

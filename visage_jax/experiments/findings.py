@@ -97,7 +97,8 @@ def f1_basin(c, workdir: str) -> dict:
                   visage=al_run.section("visage_coherent"),
                   visage_ci95=None if coherent_vis is None else _values(coherent_vis.ci95),
                   perplexity=_values(al_run.curves.get("perplexity")), basin=al_run.section("basin"),
-                  coords=al_run.coords_x.tolist(), max_nll=al_run.max_nll)
+                  coords=al_run.coords_x.tolist(), max_nll=al_run.max_nll,
+                  max_repetition=al_run.max_repetition)
   figs = dict(curves=jobs.figure(os.path.join(workdir, "figures", "f1_curves.png"), lambda f: figures.plot_curves(
       [(f"{lab} d{k}", runs[lab].coords_x, a) for lab in runs for k, a in enumerate(runs[lab].asr)],
       f, "F1: 1D random landscapes, aligned vs shipped", "α")),

@@ -15,6 +15,9 @@ comma-separated) or anything else `unparsed`. p_unsafe = softmax over two logits
 those of the first token of "unsafe" and of "safe", each encoded alone without special tokens.
 The step is the first whose generated token makes the decoded text non-blank (where the verdict
 word begins, after any leading newline tokens); for unparsed outputs it is the first step.
+
+The same machinery decodes judges of the WildGuard format (wildguard.py: its prompt and its
+three-line answer; `verdict` from its harmful-response line, no p_unsafe).
 """
 
 import dataclasses
@@ -24,8 +27,10 @@ import numpy as np
 
 from visage_jax import decode, errors, model, prompts, sharding
 from visage_jax.checkpoints import loader
+from visage_jax.measures import wildguard
 
 VERDICTS = ("safe", "unsafe", "unparsed")
+FORMATS = ("llamaguard", wildguard.FORMAT)
 BATCH = 32  # rows per judged batch
 
 LLAMA_GUARD2_PROMPT = (
@@ -53,10 +58,11 @@ class Judge:
   params: dict
   tokenizer: object
   mesh: jax.sharding.Mesh
-  verdict_ids: tuple[int, int]  # first token of "unsafe", of "safe"
+  verdict_ids: tuple[int, ...]  # first token of "unsafe", of "safe" (Llama Guard); () for WildGuard
   eos_ids: tuple[int, ...]
   pad_id: int
   header: int  # tokens every judge prompt starts with (decoded once per batch)
+  judge_format: str = "llamaguard"   # one of FORMATS
 
 
 def verdict_token_ids(tokenizer) -> tuple[int, int]:
@@ -73,17 +79,25 @@ def verdict_token_ids(tokenizer) -> tuple[int, int]:
   return ids[0], ids[1]
 
 
-def load(path: str, dtype: str = "float32", mesh=None) -> Judge:
+def check_format(judge_format: str) -> None:
+  if judge_format not in FORMATS:
+    raise errors.UserError(f"judge format {judge_format!r}: expected one of {', '.join(FORMATS)}.")
+
+
+def load(path: str, dtype: str = "float32", mesh=None, judge_format: str = "llamaguard") -> Judge:
   """Any checkpoint our loader reads, placed on `mesh` (default: one device) as it is read."""
   if dtype not in ("float32", "bfloat16"):
     raise errors.UserError(f"--dtype={dtype!r}: expected float32 or bfloat16.")
+  check_format(judge_format)
   mesh = sharding.make_mesh((1, 1)) if mesh is None else mesh
   local = loader.resolve(path, dtype)
   tok = loader.load_tokenizer(local)
+  header = prompt_header(tok, judge_format)   # a tokenizer the format cannot use fails before the weights load
   cfg, params = loader.load_params(local, dtype, shardings=mesh)
   return Judge(path=path, cfg=cfg, params=params, tokenizer=tok, mesh=mesh,
-               verdict_ids=verdict_token_ids(tok), eos_ids=loader.eos_ids(local, tok),
-               pad_id=decode.pad_id_of(tok), header=prompt_header(tok))
+               verdict_ids=verdict_token_ids(tok) if judge_format == "llamaguard" else (),
+               eos_ids=loader.eos_ids(local, tok), pad_id=decode.pad_id_of(tok), header=header,
+               judge_format=judge_format)
 
 
 def _render(tokenizer, goal: str, generation: str, as_parts: bool) -> str:
@@ -110,9 +124,15 @@ def prompt_ids(tokenizer, goal: str, generation: str) -> list[int]:
                          "message (tried string and [{type: text}] contents).")
 
 
-def prompt_header(tokenizer) -> int:
+def format_ids(judge_format: str, tokenizer, goal: str, generation: str) -> list[int]:
+  """The judge's input tokens in its format."""
+  render = wildguard.prompt_ids if judge_format == wildguard.FORMAT else prompt_ids
+  return render(tokenizer, goal, generation)
+
+
+def prompt_header(tokenizer, judge_format: str = "llamaguard") -> int:
   """Length of the template's part before the goal: the common prefix of two probe prompts."""
-  a, b = prompt_ids(tokenizer, "Alpha", "One"), prompt_ids(tokenizer, "Zulu", "Two")
+  a, b = (format_ids(judge_format, tokenizer, g, x) for g, x in (("Alpha", "One"), ("Zulu", "Two")))
   return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
@@ -137,8 +157,10 @@ def verdict_step(tokenizer, generated: list[int], verdict: str) -> int:
   return 0
 
 
-def _record(judge: Judge, generated: list[int], verdict_logits: np.ndarray) -> dict:
+def _record(judge: Judge, generated: list[int], verdict_logits: np.ndarray | None) -> dict:
   text = judge.tokenizer.decode(generated, skip_special_tokens=True)
+  if judge.judge_format == wildguard.FORMAT:
+    return dict(wildguard.parse(text), output=text)
   verdict, categories = parse_verdict(text)
   lu, ls = verdict_logits[verdict_step(judge.tokenizer, generated, verdict)].astype(np.float64)
   return dict(verdict=verdict, categories=categories, p_unsafe=float(1.0 / (1.0 + np.exp(ls - lu))),
@@ -147,7 +169,8 @@ def _record(judge: Judge, generated: list[int], verdict_logits: np.ndarray) -> d
 
 def judge_pairs(judge: Judge, pairs: list[tuple[str, str]], *, max_new_tokens: int = 10,
                 batch: int = BATCH) -> list[dict]:
-  """Judges (goal, generation) pairs -> one record each: verdict, categories, p_unsafe, output.
+  """Judges (goal, generation) pairs -> one record each: verdict, categories, p_unsafe, output
+  (WildGuard: verdict, its three answers, output).
 
   Batches of `batch` rows, prompt length and rows bucketed so a run compiles a few times; the
   same pairs in the same batch always give the same bits (resumed runs re-judge whole batches).
@@ -156,7 +179,7 @@ def judge_pairs(judge: Judge, pairs: list[tuple[str, str]], *, max_new_tokens: i
     raise errors.UserError(f"--max_new_tokens must be >= 1, got {max_new_tokens}.")
   records = []
   for start in range(0, len(pairs), batch):
-    rows = [prompt_ids(judge.tokenizer, g, x) for g, x in pairs[start:start + batch]]
+    rows = [format_ids(judge.judge_format, judge.tokenizer, g, x) for g, x in pairs[start:start + batch]]
     n = len(rows)
     rows += [rows[-1]] * (prompts.bucket_rows(n) - n)
     tokens, mask, shared = prompts.pack(rows, judge.pad_id, limit=judge.header)
@@ -166,5 +189,6 @@ def judge_pairs(judge: Judge, pairs: list[tuple[str, str]], *, max_new_tokens: i
     gen = decode.greedy(judge.params, sharding.put(tokens, place), sharding.put(mask, place), None, None,
                         None, cfg=judge.cfg, spec=spec)
     out, length, verdict = sharding.to_host((gen.tokens, gen.length, gen.verdict))
-    records += [_record(judge, out[i, :length[i]].tolist(), np.asarray(verdict[i])) for i in range(n)]
+    records += [_record(judge, out[i, :length[i]].tolist(), None if verdict is None else np.asarray(verdict[i]))
+                for i in range(n)]
   return records

@@ -9,7 +9,7 @@ perplexity). The landscape runs whatever scorers it is given; the keyword judge 
 is the default.
 
 Layout of what they add (key order is part of the files' format):
-  record  {prompt, generation, <score fields>, tokens, truncated}
+  record  {prompt, generation, <score fields>, tokens, truncated, repetition}
   line    {direction, step, coords, <curves>, nonfinite, <other point fields>, outputs}
 """
 
@@ -17,7 +17,7 @@ import dataclasses
 from typing import Callable
 
 from visage_jax.analysis import visage
-from visage_jax.measures import keywords
+from visage_jax.measures import keywords, repetition
 
 NEEDS = ("generations", "params")
 
@@ -112,14 +112,15 @@ def check(scorers) -> None:
 
 
 def records(rows: list[Row], scorers) -> list[dict]:
-  """One record per row: prompt, generation, every scorer's fields, tokens, truncated."""
+  """One record per row: prompt, generation, every scorer's fields, tokens, truncated, and the
+  repeated 4-gram fraction of its ids (repetition.py; last, so the fields before keep their bytes)."""
   fields = [s.score(rows) if "generations" in s.needs else [{}] * len(rows) for s in scorers]
   out = []
   for i, r in enumerate(rows):
     rec = dict(prompt=r.goal, generation=r.text)
     for f in fields:
       rec.update(f[i])
-    rec.update(tokens=r.n_tokens, truncated=r.truncated)
+    rec.update(tokens=r.n_tokens, truncated=r.truncated, repetition=repetition.repeated_ngram_fraction(r.ids))
     out.append(rec)
   return out
 

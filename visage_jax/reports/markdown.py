@@ -14,6 +14,7 @@ import numpy as np
 
 from visage_jax import errors, result, rundir
 from visage_jax.analysis import visage
+from visage_jax.measures import coherence
 from visage_jax.reports import figures
 
 DASH = "—"
@@ -104,7 +105,8 @@ def _title(record: result.Result) -> list[str]:
                  f"greedy, {record.setting('decode.max_new_tokens')} new tokens")
   if record.max_nll is not None or record.coherence_model is not None:
     lines.append(f"- coherent: jailbroken and nll_ref ≤ {record.max_nll} nats/token under "
-                 f"`{record.coherence_model}`")
+                 f"`{record.coherence_model}`"
+                 + ("" if record.max_repetition is None else f", repetition ≤ {record.max_repetition}"))
   for name, judge in record.judges.items():
     lines.append(f"- model judge {name}: `{judge.model}`"
                  + (f" (judged {judge.placement})" if judge.placement else ""))
@@ -248,23 +250,25 @@ def _judge_verdicts(path: str) -> dict:
   return out
 
 
-def _verdict(o: dict, max_nll, judged: dict) -> str:
+def _verdict(o: dict, record: result.Result, judged: dict) -> str:
   text = "jailbroken" if o.get("jailbroken") else "refused"
   if "nll_ref" in o:
-    nll = o["nll_ref"]
-    coherent = "" if nll is None or max_nll is None else (" coherent" if nll <= max_nll else " incoherent")
-    text += f" · nll_ref {_num(nll)}{coherent}"
+    nll, max_rep = o["nll_ref"], 1.0 if record.max_repetition is None else record.max_repetition
+    coherent = "" if nll is None or record.max_nll is None else (
+        " coherent" if coherence.is_coherent(o, record.max_nll, max_rep) else " incoherent")
+    text += f" · nll_ref {_num(nll)}" + ("" if o.get("repetition") is None else
+                                         f" · repetition {_num(o['repetition'])}") + coherent
   return text + "".join(f" · {name} {v}" for name, v in judged.items())
 
 
-def _sample_rows(lines: list[dict], max_nll, verdicts: dict) -> list[list[str]]:
+def _sample_rows(lines: list[dict], record: result.Result, verdicts: dict) -> list[list[str]]:
   rows = []
   for line in lines:
     coords = ", ".join(f"{c:.3f}" for c in line.get("coords") or [])
     outs = line.get("outputs") or []
     for q in pick_samples(outs):
       judged = verdicts.get((line.get("direction"), line.get("step"), q), {})
-      rows.append([coords, str(q), _verdict(outs[q], max_nll, judged),
+      rows.append([coords, str(q), _verdict(outs[q], record, judged),
                    one_line(outs[q].get("prompt", ""), PROMPT_CHARS),
                    one_line(outs[q].get("generation", ""), SAMPLE_CHARS)])
   return rows
@@ -285,7 +289,7 @@ def _samples_section(path: str, record: result.Result, heading: str, file: str) 
            if isinstance(l, dict) and isinstance(l.get("direction"), int)]
   if not lines:
     return []
-  max_nll, verdicts = record.max_nll, _judge_verdicts(path)
+  verdicts = _judge_verdicts(path)
   ys = record.coords_y
   out = [heading, "", f"Two prompts per point: the first jailbroken and the first refused one where both "
          f"occur; texts cut to {SAMPLE_CHARS} characters on one line."]
@@ -293,11 +297,11 @@ def _samples_section(path: str, record: result.Result, heading: str, file: str) 
     keep = _sample_steps_2d(record.coords_x, ys)
     chosen = sorted((l for l in lines if l.get("step") in keep), key=lambda l: keep.index(l["step"]))
     return out + [""] + _table(["(α, β)", "#", "verdict", "prompt", "generation"],
-                               _sample_rows(chosen, max_nll, verdicts), 5)
+                               _sample_rows(chosen, record, verdicts), 5)
   for r in sorted({l["direction"] for l in lines}):
     mine = sorted((l for l in lines if l["direction"] == r), key=lambda l: (l.get("coords") or [0.0])[0])
     out += ["", f"### Direction {r}", ""] + _table(["α", "#", "verdict", "prompt", "generation"],
-                                                   _sample_rows(mine, max_nll, verdicts), 5)
+                                                   _sample_rows(mine, record, verdicts), 5)
   return out
 
 

@@ -12,7 +12,7 @@ from visage_jax import distributed, errors, planner
 from visage_jax.analysis import uncertainty
 from visage_jax.checkpoints import loader
 from visage_jax.directions import gradient, grid
-from visage_jax.measures import capability
+from visage_jax.measures import capability, llamaguard
 from visage_jax.runs import judging
 from visage_jax.training import trainsets
 
@@ -69,6 +69,9 @@ def coherence(co) -> None:
   """Its reference model's config is read (not its weights)."""
   if co.enabled and not co.max_nll > 0:
     raise errors.UserError(f"coherence.max_nll must be > 0 (nats per token), got {co.max_nll}.")
+  if co.enabled and not 0 <= co.max_repetition <= 1:
+    raise errors.UserError(f"coherence.max_repetition must be in [0, 1] (a fraction of repeated 4-grams), "
+                           f"got {co.max_repetition}.")
   if co.enabled and co.model_path:
     loader.load_config(loader.resolve(co.model_path, weights=False))
 
@@ -90,12 +93,13 @@ def capability_section(cap) -> None:
 
 
 def judges(j) -> None:
-  """A model judge's name and its checkpoint's config."""
+  """A model judge's name, format, budget and its checkpoint's config."""
   if j.model_path:
     if not judging.NAME_PATTERN.match(j.name or ""):
       raise errors.UserError(f"judges.name {j.name!r}: expected letters, digits, '_', '.' or '-'.")
-    if int(j.max_new_tokens) < 1:
-      raise errors.UserError(f"judges.max_new_tokens must be >= 1, got {j.max_new_tokens}.")
+    if j.format not in llamaguard.FORMATS:
+      raise errors.UserError(f"judges.format {j.format!r}: expected one of {', '.join(llamaguard.FORMATS)}.")
+    judging.check_new_tokens(j.max_new_tokens, j.format, "judges.max_new_tokens")
     loader.load_config(loader.resolve(j.model_path, weights=False))
 
 

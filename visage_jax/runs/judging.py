@@ -1,7 +1,8 @@
 """`visage-jax judge`: a model judge over every generation of a (finished or partial) run.
 
 Reads RUN/generations.jsonl; appends one record per generation to RUN/judges/NAME.jsonl
-(direction, step, prompt_index, verdict, categories, p_unsafe, output), fsynced per batch, so an
+(direction, step, prompt_index, verdict, categories, p_unsafe, output; a WildGuard-format judge:
+verdict, harmful_request, response_refusal, harmful_response, output), fsynced per batch, so an
 interrupted judge resumes where it stopped (a torn last line is dropped) and a finished one
 loads nothing. Then adds `judges[NAME]` to the run's record (ASR, VISAGE, unparsed counts and
 agreement with the keyword judge, each shaped like the keyword `asr`); the command writes it,
@@ -16,10 +17,19 @@ from absl import logging
 
 from visage_jax import errors, result, rundir, sharding
 from visage_jax.analysis import uncertainty, visage
-from visage_jax.measures import llamaguard
+from visage_jax.measures import llamaguard, wildguard
 from visage_jax.reports import markdown
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+DEFAULT_NEW_TOKENS = {"llamaguard": 10, wildguard.FORMAT: wildguard.MIN_NEW_TOKENS}
+
+
+def check_new_tokens(max_new_tokens: int, judge_format: str, field: str) -> None:
+  """A budget too short for the format's answer would make every verdict unparsed."""
+  least = wildguard.MIN_NEW_TOKENS if judge_format == wildguard.FORMAT else 1
+  if int(max_new_tokens) < least:
+    why = " (a wildguard answer takes about 20 tokens; its model card decodes 32)" if least > 1 else ""
+    raise errors.UserError(f"{field} must be >= {least}, got {max_new_tokens}{why}.")
 
 
 def _generations(workdir: str) -> list[dict]:
@@ -41,11 +51,18 @@ def _generations(workdir: str) -> list[dict]:
   return lines
 
 
+def _settings(model_path: str, max_new_tokens: int, dtype: str, judge_format: str) -> dict:
+  """judges[NAME]'s settings; `format` only when not Llama Guard's (earlier records stay as they were)."""
+  out = dict(model=model_path, max_new_tokens=max_new_tokens, dtype=dtype)
+  return out if judge_format == "llamaguard" else dict(out, format=judge_format)
+
+
 def _check_settings(record: result.Result, name: str, settings: dict, records: list[dict]) -> None:
   """Verdicts of another judge under the same name would mix silently; refuse instead."""
   old = record.judges.get(name)
   if not records or old is None:
     return
+  settings = dict(format="llamaguard", **settings)
   diff = [f"{k}: {getattr(old, k)!r} -> {v!r}" for k, v in settings.items() if getattr(old, k) != v]
   if diff:
     raise errors.UserError(f"judges/{name}.jsonl holds verdicts of another judge ({'; '.join(diff)}); "
@@ -112,34 +129,37 @@ def _ci_header(record: result.Result) -> dict:
 
 def judge(record: result.Result, workdir: str, lines: list[dict], model_path: str, *, name: str = "llamaguard",
           max_new_tokens: int = 10, dtype: str = "float32", batch: int = llamaguard.BATCH, progress: bool = True,
-          placement: str | None = None) -> result.Result:
+          placement: str | None = None, judge_format: str = "llamaguard") -> result.Result:
   """Judges every generation of `lines` not yet in RUN/judges/NAME.jsonl (loading the judge only
   then); -> the record with judges[NAME] (`placement`: where a landscape run judged) and
   ci95.judges[NAME]. Writes the verdicts, not the record."""
   out_path = os.path.join(workdir, "judges", f"{name}.jsonl")
   records = rundir.read_jsonl(out_path, repair=False)
-  settings = dict(model=model_path, max_new_tokens=max_new_tokens, dtype=dtype)
+  settings = _settings(model_path, max_new_tokens, dtype, judge_format)
   _check_settings(record, name, settings, records)
   done = {(r["direction"], r["step"], r["prompt_index"]) for r in records}
   todo = [(line, qs) for line, qs in _blocks(lines, batch)
           if any((line["direction"], line["step"], q) not in done for q in qs)]
   if todo:
     records += _judge_blocks(todo, done, out_path, model_path, dtype, max_new_tokens, batch,
-                             tuple(record.setting("mesh.shape", (1, 1))), progress)
+                             tuple(record.setting("mesh.shape", (1, 1))), progress, judge_format)
   section = summarize(record, lines, records, settings)
   if placement is not None:
     section["placement"] = placement
   return record.with_judge(name, section, judge_ci95(record, lines, records), _ci_header(record))
 
 
-def run(workdir: str, model_path: str, *, name: str = "llamaguard", max_new_tokens: int = 10,
-        dtype: str = "float32", batch: int = llamaguard.BATCH, progress: bool = True) -> dict:
+def run(workdir: str, model_path: str, *, name: str = "llamaguard", max_new_tokens: int | None = None,
+        dtype: str = "float32", batch: int = llamaguard.BATCH, progress: bool = True,
+        judge_format: str = "llamaguard") -> dict:
   """`visage-jax judge`: judges every generation not yet judged, adds judges[NAME] to the run's
-  record, re-plots and rewrites report.md (unchanged: nothing written); returns judges[NAME]."""
+  record, re-plots and rewrites report.md (unchanged: nothing written); returns judges[NAME].
+  max_new_tokens None: the format's (DEFAULT_NEW_TOKENS)."""
   if not NAME_PATTERN.match(name or ""):
     raise errors.UserError(f"--name={name!r}: expected letters, digits, '_', '.' or '-'.")
-  if max_new_tokens < 1:
-    raise errors.UserError(f"--max_new_tokens must be >= 1, got {max_new_tokens}.")
+  llamaguard.check_format(judge_format)
+  max_new_tokens = DEFAULT_NEW_TOKENS[judge_format] if max_new_tokens is None else max_new_tokens
+  check_new_tokens(max_new_tokens, judge_format, "--max_new_tokens")
   if dtype not in ("float32", "bfloat16"):
     raise errors.UserError(f"--dtype={dtype!r}: expected float32 or bfloat16.")
   if not model_path:
@@ -147,7 +167,7 @@ def run(workdir: str, model_path: str, *, name: str = "llamaguard", max_new_toke
   lines = _generations(workdir)
   record = result.load_run(workdir)
   judged = judge(record, workdir, lines, model_path, name=name, max_new_tokens=max_new_tokens, dtype=dtype,
-                 batch=batch, progress=progress)
+                 batch=batch, progress=progress, judge_format=judge_format)
   if judged is not record:
     judged = judged.write(workdir)
     if not np.isnan(judged.asr).any():
@@ -165,11 +185,11 @@ def _mesh(shape: tuple[int, ...]):
 
 
 def _judge_blocks(todo, done, out_path, model_path, dtype, max_new_tokens, batch, mesh_shape,
-                  progress) -> list[dict]:
+                  progress, judge_format) -> list[dict]:
   """Loads the judge, then judges block by block, appending and fsyncing each block's records."""
   from tqdm import tqdm
 
-  judge = llamaguard.load(model_path, dtype, _mesh(mesh_shape))
+  judge = llamaguard.load(model_path, dtype, _mesh(mesh_shape), judge_format)
   os.makedirs(os.path.dirname(out_path), exist_ok=True)
   rundir.read_jsonl(out_path, repair=True)  # drop a torn last line before appending
   new = []
