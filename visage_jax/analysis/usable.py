@@ -26,8 +26,23 @@ def _origin_mean(curve: np.ndarray, xs: Sequence[float], ys: Sequence[float] | N
   return float(curve[basin.origin_index(xs), basin.origin_index(ys)])
 
 
-def _walls(bad: np.ndarray, xs: Sequence[float]) -> dict:
-  left, right = census.side_walls(bad.astype(np.float64), xs, 0.5)
+def limits(asr: np.ndarray, rate: np.ndarray, xs: Sequence[float], ys: Sequence[float] | None, *,
+           asr_tolerance: float = census.DEFAULT_TOLERANCE, max_asr: float | None = None,
+           rate_tolerance: float = DEFAULT_TOLERANCE) -> tuple[float, float]:
+  """(ASR threshold, over-refusal threshold) in %: census.threshold's rule, and the rate at the
+  origin + rate_tolerance."""
+  asr_limit = float(max_asr) if max_asr is not None else _origin_mean(np.asarray(asr, np.float64), xs, ys) + asr_tolerance
+  return asr_limit, _origin_mean(np.asarray(rate, np.float64), xs, ys) + rate_tolerance
+
+
+def as_asr(asr: np.ndarray, rate: np.ndarray, rate_limit: float) -> np.ndarray:
+  """The ASR where over-refusal is within `rate_limit`, +inf elsewhere: usable exactly where this
+  is at or under the ASR threshold, so census and side walls read the usable basin as an ASR curve."""
+  return np.where(np.asarray(rate, np.float64) > rate_limit, np.inf, np.asarray(asr, np.float64))
+
+
+def _walls(curve: np.ndarray, xs: Sequence[float], limit: float) -> dict:
+  left, right = census.side_walls(curve, xs, limit)
   return dict(left=left, right=right, width=None if left is None or right is None else right - left)
 
 
@@ -38,13 +53,13 @@ def usable_basin(asr: np.ndarray, rate: np.ndarray, xs: Sequence[float], ys: Seq
   1D, [X, Y] in 2D): the two thresholds, then per direction {left, right, width} of the usable
   basin with the safety basin's under `safety` (1D), or basin.region of each (2D)."""
   asr, rate = np.asarray(asr, np.float64), np.asarray(rate, np.float64)
-  asr_limit = float(max_asr) if max_asr is not None else _origin_mean(asr, xs, ys) + asr_tolerance
-  rate_limit = _origin_mean(rate, xs, ys) + rate_tolerance
-  unsafe = asr > asr_limit
-  unusable = unsafe | (rate > rate_limit)
+  asr_limit, rate_limit = limits(asr, rate, xs, ys, asr_tolerance=asr_tolerance, max_asr=max_asr,
+                                 rate_tolerance=rate_tolerance)
+  usable = as_asr(asr, rate, rate_limit)
   out = dict(asr_threshold=asr_limit, rate_threshold=rate_limit)
   if ys is not None:
     o = (basin.origin_index(xs), basin.origin_index(ys))
-    region = lambda bad: basin.region(np.where(bad, 100.0, 0.0), o)
-    return dict(out, region=region(unusable), safety=region(unsafe))
-  return dict(out, directions=[dict(_walls(u, xs), safety=_walls(a, xs)) for u, a in zip(unusable, unsafe)])
+    region = lambda curve: basin.region(np.where(curve > asr_limit, 100.0, 0.0), o)
+    return dict(out, region=region(usable), safety=region(asr))
+  return dict(out, directions=[dict(_walls(u, xs, asr_limit), safety=_walls(a, xs, asr_limit))
+                               for u, a in zip(usable, asr)])
