@@ -369,7 +369,7 @@ def with_group(s: Setup, group: tuple[int, int]) -> Setup:
 # ------------------------------------------------------------------ evaluate
 
 
-def _blocks(s: Setup) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, decode.DecodeSpec]]:
+def layouts(s: Setup) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, decode.DecodeSpec]]:
   """(prompt index, tokens, mask, spec) of each layout decoded at every point: the run's prompts
   with the extra (over-refusal) prompts that fit their layout as more rows of the same programs,
   then any extra prompts that do not fit, packed on their own (indices n_prompts + e)."""
@@ -393,7 +393,7 @@ def evaluate(s: Setup, points: list[int]) -> Iterator[list[scoring.Row]]:
   tok, goals = s.model.tokenizer, s.prompts.goals + (s.extra.goals if s.extra else [])
   n, data = len(s.prompts.goals), s.mesh.shape["data"]
   batch = min(s.batch, -(-n // data) * data) if s.mode == "materialized" else s.batch
-  for index, tokens, mask, spec in _blocks(s):
+  for index, tokens, mask, spec in layouts(s):
     work = engine.Workload(s.model.params, s.model.cfg, s.stacked, s.coefs, tokens, mask, s.tables, spec,
                            points=points, mesh=s.mesh)
     for chunk in engine.evaluate(work, mode=s.mode, max_batch=batch, refill_every=s.c.engine.refill_every):
