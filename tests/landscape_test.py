@@ -405,6 +405,26 @@ class OverrefusalTest(parameterized.TestCase):
       right = next((xs[i] for i in range(origin + 1, len(xs)) if bad[i]), None)
       self.assertEqual((got["left"], got["right"]), (left, right))
 
+  def test_2d_rate_grid_region_and_report(self):
+    w = self.workdir()
+    c = self.config(path=self.safe_csv)
+    c.landscape.update(vis_type="2D_random", num_directions=1)
+    record = landscape.run(c, w, progress=False)
+    o = self.read(w)[0]["overrefusal"]
+    lines = self.read_jsonl(os.path.join(w, pipeline.OVERREFUSAL_FILE))
+    rate = np.full((3, 3), np.nan)
+    for line in lines:
+      rate.flat[line["step"]] = 100.0 * sum(x["refusal"] for x in line["outputs"]) / 4
+    np.testing.assert_array_equal(o["rate"], rate)
+    self.assertEqual(np.asarray(o["ci95"]).shape, (3, 3, 2))
+    self.assertEqual(set(o["usable_basin"]), {"asr_threshold", "rate_threshold", "region", "safety"})
+    self.assertEqual(record.overrefusal.usable_basin, o["usable_basin"])
+    with open(os.path.join(w, "report.md")) as f:
+      report = f.read()
+    self.assertIn("### over-refusal (%)", report)
+    self.assertIn("### Usable basin", report)
+    self.assertTrue(os.path.getsize(os.path.join(w, "landscape.png")) > 0)
+
   def test_interrupted_run_resumes_without_loss_or_duplicates(self):
     full, broken = self.workdir(), self.workdir()
     c = self.config(path=self.safe_csv)

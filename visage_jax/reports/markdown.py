@@ -185,7 +185,7 @@ def _basin_section(record: result.Result, measures: list[dict]) -> list[str]:
     return lines + _table(["measure", "value"], [
         ["fraction of points with ASR < 50 %", _num(b["fraction_below"], ".3f")],
         ["fraction in the connected region around θ", _num(b["connected_fraction"], ".3f")],
-        ["points in that region", _num(b["connected_points"], "d")]])
+        ["points in that region", _num(b["connected_points"], "d")]]) + _usable_section(record)
   rows = [[m["label"], str(r)] + [_num(b[k], ".3f") for k in ("left", "right", "width")]
           for m in measures for r, b in enumerate(record.basin.get(m["name"], []))]
   return lines + _table(["ASR", "direction", "left α", "right α", "width"], rows) + [
@@ -325,7 +325,7 @@ def _refused_safe_section(path: str, record: result.Result) -> list[str]:
     return out + ["", "None refused."]
   rows = [[", ".join(f"{c:.3f}" for c in g["coords"]), str(g["direction"]), one_line(g["prompt"], PROMPT_CHARS),
            one_line(g["generation"], SAMPLE_CHARS)] for g in picked]
-  return out + [""] + _table(["α", "direction", "prompt", "response"], rows, 4)
+  return out + [""] + _table(["(α, β)" if record.two_d else "α", "direction", "prompt", "response"], rows, 4)
 
 
 # ------------------------------------------------------------------ run report

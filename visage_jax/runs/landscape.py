@@ -11,7 +11,8 @@ and fsynced as each point completes), landscape.json (rewritten atomically after
 chunk; `complete` turns true at the end), landscape.png and report.md (markdown.py). With
 landscape.refine = K, K rounds of bisection of each direction's basin walls follow the grid
 (basin.refine): refined.jsonl holds those points (generations.jsonl's line format, step null, plus
-`round`), resumed like the grid.
+`round`), resumed like the grid. With overrefusal.prompts_path, overrefusal.jsonl holds the safe
+prompts' generations, decoded as extra rows of the same chunks (_Overrefusal), resumed alike.
 """
 
 import dataclasses
