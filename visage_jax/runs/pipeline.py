@@ -127,6 +127,8 @@ def comparable(cfg_dict: dict) -> dict:
   for source in ("gradient", "refusal"):   # settings of a direction source the run does not use
     if source not in vis_type:
       out.pop(source, None)
+  if not out.get("overrefusal", {}).get("prompts_path"):
+    out.pop("overrefusal", None)   # off: as a run from before the feature saved it
   return out
 
 
