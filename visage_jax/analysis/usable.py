@@ -31,7 +31,8 @@ def limits(asr: np.ndarray, rate: np.ndarray, xs: Sequence[float], ys: Sequence[
            rate_tolerance: float = DEFAULT_TOLERANCE) -> tuple[float, float]:
   """(ASR threshold, over-refusal threshold) in %: census.threshold's rule, and the rate at the
   origin + rate_tolerance."""
-  asr_limit = float(max_asr) if max_asr is not None else _origin_mean(np.asarray(asr, np.float64), xs, ys) + asr_tolerance
+  origin = _origin_mean(np.asarray(asr, np.float64), xs, ys)
+  asr_limit = float(max_asr) if max_asr is not None else origin + asr_tolerance
   return asr_limit, _origin_mean(np.asarray(rate, np.float64), xs, ys) + rate_tolerance
 
 
