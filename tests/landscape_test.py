@@ -12,6 +12,7 @@ import fixtures
 from visage_jax import engine, errors, prompts
 from visage_jax.analysis import uncertainty, visage
 from visage_jax.measures import keywords, refusal_judge
+from visage_jax.reports import markdown
 from visage_jax.runs import landscape, pipeline
 
 
@@ -352,12 +353,23 @@ class OverrefusalTest(parameterized.TestCase):
     self.assertEqual(rb["overrefusal"]["rate"], rate)
     self.assertTrue(any(0 < v for row in rate for v in row), "the fixture must refuse some safe prompts")
     self.assertEqual((rb["overrefusal"]["judge"], rb["overrefusal"]["n_prompts"]), ("keywords", 4))
-    for row, cis in zip(rate, rb["overrefusal"]["ci95"]):
-      for v, (lo, hi) in zip(row, cis):
-        self.assertLessEqual(lo, v)
-        self.assertLessEqual(v, hi)
+    refused = np.zeros((2, 3, 4))   # the bootstrap over the 4 safe prompts, in plain numpy
+    for line in lines:
+      refused[line["direction"], line["step"]] = [o["refusal"] for o in line["outputs"]]
+    draws = np.random.default_rng([0, 0]).integers(0, 4, size=(1000, 4))   # ci95.seed, the prompts' stream
+    samples = 100.0 * refused[:, :, draws].mean(axis=-1)
+    np.testing.assert_allclose(rb["overrefusal"]["ci95"],
+                               np.moveaxis(np.percentile(samples, [2.5, 97.5], axis=-1), 0, -1))
     np.testing.assert_array_equal(record.curves["overrefusal"], rate)
-    self.assertIn("over-refusal (%)", open(os.path.join(with_over, "report.md")).read())
+    with open(os.path.join(with_over, "report.md")) as f:
+      report = f.read()
+    self.assertIn("over-refusal (%)", report)
+    nearest = min((l for l in lines if any(o["refusal"] for o in l["outputs"])),
+                  key=lambda l: (abs(l["coords"][0]), l["direction"]))
+    first = next(o for o in nearest["outputs"] if o["refusal"])
+    refused_section = report.split("## Refused safe prompts", 1)[1]
+    first_row = refused_section.split("\n| ")[3]
+    self.assertIn(markdown.one_line(first["prompt"], markdown.PROMPT_CHARS), first_row)
 
   def test_extra_rows_leave_the_runs_logits_bit_equal(self):
     """Text is too coarse to see layout changes on a tiny model: every logit of every step of the
