@@ -77,6 +77,8 @@ class LandscapeCommandTest(absltest.TestCase):
       result = json.load(f)
     self.assertEqual(result["judge_disagreements"], [])
     self.assertIn("SmolLM2", result["model"])
+    self.assertEqual((result["overrefusal"]["n_prompts"], result["overrefusal"]["judge"]), (4, "prefix"))
+    self.assertTrue(os.path.exists(os.path.join(w, "overrefusal.jsonl")))   # the demo measures over-refusal
     # Re-running the finished run is a no-op resume with the same result.
     again = json.loads(run_cli("landscape", "--config=configs/demo.py:tiny", f"--workdir={w}",
                                "--noprogress").stdout.strip().splitlines()[-1])

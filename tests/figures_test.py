@@ -164,6 +164,28 @@ class PlotLandscapeTest(parameterized.TestCase):
     result.update(vis_type="1D_interpolation", coords_x=np.linspace(-0.5, 1.5, 9).tolist())
     self._render(result)
 
+  def test_overrefusal_is_a_second_curve_on_the_asr_axis_and_a_2d_contour(self):
+    from matplotlib.figure import Figure
+    result = _result_1d(num_directions=1)
+    rate = [[100.0 - v for v in result["asr"][0]]]
+    section = dict(rate=rate, ci95=None, judge="prefix", n_prompts=16, prompts_path="xstest")
+    result["overrefusal"] = section
+    self._render(result)
+    fig = Figure()
+    figures._plot_1d(fig, Result.from_json(result))
+    lines = {l.get_label(): l for l in fig.axes[0].get_lines()}
+    over = lines["over-refusal (16 safe prompts, prefix judge)"]
+    self.assertEqual(over.get_linestyle(), "-.")
+    self.assertEqual(over.get_color(), lines["direction 0"].get_color())
+    np.testing.assert_array_equal(over.get_ydata(), rate[0])
+    self.assertEqual(fig.axes[0].get_ylabel(), "ASR / over-refusal (%)")
+    plane = _result_2d()
+    plane["overrefusal"] = dict(section, rate=(100.0 - np.asarray(plane["asr"])).tolist())
+    self._render(plane)
+    fig = Figure()
+    figures._plot_2d(fig, Result.from_json(plane))
+    self.assertIn("over-refusal (16 safe prompts, prefix judge)", fig.axes[0].get_legend_handles_labels()[1])
+
   @parameterized.parameters("2D_random", "2D_interpolation", "2D_interpolation-random")
   def test_2d(self, vis_type):
     img = self._render(_result_2d(vis_type))

@@ -148,6 +148,42 @@ class WallsTest(absltest.TestCase):
     self.assertEqual([r[0] for r in gradient], ["keyword ASR (`asr`)", "coherent ASR (`asr_coherent`)"])
     self.assertEqual(gradient[1][3:], ["none on grid", "none on grid"])
 
+  def test_the_usable_basin_is_marked_where_over_refusal_was_measured(self):
+    """A refusal run whose over-refusal rises on the left: the usable basin's walls are the first
+    point, walking out from the origin, over either threshold; a census gets its safe fraction."""
+    x = np.asarray(X)
+    asr = [np.clip(400 * np.abs(x) ** 2, 0, 100).round(2).tolist()]
+    rate = [np.clip(20 - 200 * x, 0, 100).round(2).tolist()]
+    run = _write(self.root, "refusal_or", dict(
+        vis_type="1D_random", coords_x=X, coords_y=None, asr=asr, complete=True,
+        overrefusal=dict(rate=rate, ci95=None, judge="prefix", n_prompts=16, prompts_path="xstest"),
+        config={"overrefusal": {"tolerance": 5.0}}))
+    rates = np.clip(20 + np.random.default_rng(3).uniform(-60, 60, (24, 1)) * x, 0, 100)
+    census_run = _write(self.root, "census_or", dict(
+        vis_type="1D_random", coords_x=X, coords_y=None, asr=self.asr.tolist(), complete=True,
+        overrefusal=dict(rate=rates.tolist(), ci95=None, judge="prefix", n_prompts=16, prompts_path="xstest")))
+    out = os.path.join(self.root, "out_or")
+    self.walls([run, census_run], out)
+    with open(os.path.join(out, "walls.md")) as f:
+      md = f.read()
+    origin = X.index(0.0)
+    asr_limit, rate_limit = asr[0][origin] + 10.0, rate[0][origin] + 5.0
+    bad = [float(a > asr_limit or r > rate_limit) for a, r in zip(asr[0], rate[0])]
+    rows = _rows(_section(md, "refusal_or"))[1:]
+    usable_row = next(r for r in rows if "(`usable`)" in r[0])
+    self.assertAlmostEqual(float(usable_row[1]), asr_limit, places=2)
+    want = _sides(bad, X, 0.5)
+    self.assertEqual([None if c == "none on grid" else float(c) for c in usable_row[3:]], list(want))
+    self.assertNotEqual(want, _sides(asr[0], X, asr_limit))   # over-refusal narrows it here
+    self.assertIn(f"over-refusal is at most {rate_limit:.2f} %", _section(md, "refusal_or"))
+    text = _section(md, "census_or")
+    rate_limit = float(np.mean(rates[:, origin])) + 10.0
+    usable = np.where(rates > rate_limit, 1000.0, self.asr).tolist()
+    limit, rs, safe, _ = _recount(usable, X, max_asr=float(np.mean(self.asr[:, origin])) + 10.0)
+    block = text.split("(`usable`): threshold ", 1)[1].split("\n### ", 1)[0]
+    self.assertEqual([r[1] for r in _rows(block.split("Walls (radius", 1)[0])[1:]], [f"{k} / 24" for k in safe])
+    self.assertNotEqual(safe, _recount(self.asr.tolist(), X)[2])   # over-refusal breaks some directions sooner
+
   def test_a_saved_census_section_is_used_as_it_is(self):
     d = result.load_run(self.census_run).to_json()
     saved = census.census(self.asr, X, max_asr=50.0)

@@ -121,12 +121,12 @@ def load_rows(path: str, fields: tuple[str, ...], nonempty: bool = True) -> list
   return rows
 
 
-def load_goals(path: str, limit: int | None = None) -> list[str]:
+def load_goals(path: str, limit: int | None = None, field: str = "prompts.path") -> list[str]:
   """Prompts from a CSV with a `goal` (AdvBench) or `prompt` column, or a JSONL with a `prompt`
-  field; first `limit`. An empty path is the packaged AdvBench."""
+  field; first `limit`. An empty path is the packaged AdvBench. `field`: the config field errors name."""
   path = resources.or_packaged(path, resources.ADVBENCH)
   if not os.path.exists(path):
-    raise errors.MissingFileError(f"prompts.path {path!r}: no such file.")
+    raise errors.MissingFileError(f"{field} {path!r}: no such file.")
   if path.endswith(".jsonl"):
     goals = [r["prompt"] for r in load_rows(path, ("prompt",))]
   else:
@@ -178,6 +178,20 @@ def load_xstest(label: str = "safe") -> list[dict]:
   with open(resources.path(resources.XSTEST), newline="", encoding="utf-8") as f:
     return [{**{k: row[k] for k in XSTEST_FIELDS}, "id": int(row["id"])}
             for row in csv.DictReader(f) if row["label"] == label]
+
+
+XSTEST = "xstest"   # overrefusal.prompts_path of the packaged XSTest's safe prompts
+
+
+def load_overrefusal(path: str, limit: int = 0) -> list[str]:
+  """overrefusal.prompts_path's prompts, first `limit` (0 = all): "xstest" is the packaged XSTest's
+  250 safe prompts; else a CSV with a `prompt` or `goal` column or a JSONL with `prompt`."""
+  if path == XSTEST:
+    goals = [r["prompt"] for r in load_xstest("safe")]
+    return goals[:limit] if limit > 0 else goals
+  if not path:
+    raise errors.UserError("overrefusal.prompts_path is empty: over-refusal is off.")
+  return load_goals(path, limit, field="overrefusal.prompts_path")
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:

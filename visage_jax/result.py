@@ -7,7 +7,8 @@ in one line; reports, figures, `compare`, sweeps, experiments and the judge read
 sections added later) survive a rewrite. A file without `schema` (written before it) is schema 1.
 
 Curves are named as generations.jsonl's point lines name them: "asr" (keyword judge),
-"asr_coherent", "perplexity" and "mc_accuracy" (the capability section), any other per-point
+"asr_coherent", "perplexity" and "mc_accuracy" (the capability section), "overrefusal" (its
+section's rate, % of safe prompts refused), any other per-point
 measure a scorer wrote at the top level, and "judge:NAME" for each model judge's ASR. Each is an
 array shaped as in the file, [direction, point] in 1D and [x, y] in 2D, NaN where the file has null.
 
@@ -26,6 +27,7 @@ import numpy as np
 from visage_jax import errors, rundir
 from visage_jax.analysis import basin as basin_lib
 from visage_jax.analysis import census as census_lib
+from visage_jax.analysis import usable as usable_lib
 from visage_jax.analysis import visage as visage_lib
 from visage_jax.directions import grid
 
@@ -74,6 +76,15 @@ class Refined:
 
 
 @dataclasses.dataclass(frozen=True)
+class Overrefusal:
+  """The over-refusal section's settings and usable basin (its rate is the curve "overrefusal")."""
+  judge: str | None
+  n_prompts: int | None
+  prompts_path: str | None
+  usable_basin: dict | None   # usable.usable_basin() once complete
+
+
+@dataclasses.dataclass(frozen=True)
 class Bootstrap:
   """How the run's 95% intervals were drawn (ci95's header)."""
   method: str | None
@@ -119,6 +130,7 @@ class Result:
   judge_disagreements: tuple[dict, ...]
   config: dict                        # the resolved config the run saved ({} if none)
   trajectory: Trajectory | None = None   # a trajectory run's checkpoints on its plane
+  overrefusal: Overrefusal | None = None   # runs with overrefusal.prompts_path
   path: str | None = None             # the run directory, when read from or written to one
   _json: dict = dataclasses.field(default_factory=dict, repr=False)
 
@@ -185,12 +197,13 @@ class Result:
       return per_point
     return per_point[0].reshape(self.coords_x.size, self.coords_y.size, *per_point.shape[2:])
 
-  def generations(self) -> Iterator[dict]:
-    """Every generation of generations.jsonl in file order, one dict each: its point's direction,
-    step and coords, its prompt_index, then its record (prompt, generation, jailbroken, ...)."""
+  def generations(self, file: str = "generations.jsonl") -> Iterator[dict]:
+    """Every generation of generations.jsonl (or of `file` in its layout: overrefusal.jsonl) in
+    file order, one dict each: its point's direction, step and coords, its prompt_index, then its
+    record (prompt, generation, jailbroken, ...)."""
     if self.path is None:
-      raise errors.UserError("this result was not read from a run directory: no generations.jsonl to read.")
-    for line in rundir.read_jsonl(os.path.join(self.path, "generations.jsonl"), repair=False):
+      raise errors.UserError(f"this result was not read from a run directory: no {file} to read.")
+    for line in rundir.read_jsonl(os.path.join(self.path, file), repair=False):
       for q, rec in enumerate(line["outputs"]):
         yield dict(direction=line["direction"], step=line["step"], coords=line["coords"], prompt_index=q, **rec)
 
@@ -255,6 +268,19 @@ class Result:
     value = {n: census_lib.census(self.curves[n], self.coords_x, tolerance=tolerance, max_asr=max_asr)
              for n in names}
     return self._with(dict(self._json, census=value))
+
+  def with_usable_basin(self) -> "Result":
+    """A complete run with over-refusal with overrefusal.usable_basin (analysis/usable.py) under
+    the saved census and over-refusal settings; any other run: itself."""
+    if not (self.complete and self.overrefusal is not None and "overrefusal" in self.curves):
+      return self
+    tolerance = float(self.setting("census.tolerance", census_lib.DEFAULT_TOLERANCE))
+    max_asr = self.setting("census.max_asr", None)
+    max_asr = None if max_asr is None or float(max_asr) < 0 else float(max_asr)
+    value = usable_lib.usable_basin(
+        self.asr, self.curves["overrefusal"], self.coords_x, self.coords_y, asr_tolerance=tolerance,
+        max_asr=max_asr, rate_tolerance=float(self.setting("overrefusal.tolerance", usable_lib.DEFAULT_TOLERANCE)))
+    return self._with(dict(self._json, overrefusal=dict(self._json["overrefusal"], usable_basin=value)))
 
   @property
   def census(self) -> dict | None:
@@ -427,7 +453,18 @@ class _Parser:
         max_repetition=coherence.get("max_repetition"), coherence_model=coherence.get("model"), judges=self.judges(d),
         refined=self.refined(d) if n_dirs else (), basin=self.basin(d.get("basin"), two_d=ys is not None),
         bootstrap=bootstrap, judge_disagreements=tuple(disagreements), config=config,
-        trajectory=self.trajectory(d.get("trajectory"), two_d=ys is not None), path=path, _json=d)
+        trajectory=self.trajectory(d.get("trajectory"), two_d=ys is not None),
+        overrefusal=self.overrefusal(d), path=path, _json=d)
+
+  def overrefusal(self, d: dict) -> Overrefusal | None:
+    o = self.dict_or_none(d, "overrefusal")
+    if o is None:
+      return None
+    usable = o.get("usable_basin")
+    if usable is not None and not isinstance(usable, dict):
+      self.fail(f"field 'overrefusal.usable_basin' must be an object, got {type(usable).__name__}")
+    return Overrefusal(judge=o.get("judge"), n_prompts=o.get("n_prompts"), prompts_path=o.get("prompts_path"),
+                       usable_basin=usable)
 
   def curves(self, d: dict, shape: tuple, n_dirs: int | None):
     """Every curve, the intervals of those that have one, and each ASR curve's VISAGE."""
@@ -446,6 +483,9 @@ class _Parser:
         if VISAGE_FIELDS[key] in d or key == "asr":
           field = VISAGE_FIELDS[key]
           visages[key] = self.visage(d.get(field), ci.get(field), field, n_dirs)
+      elif key == "overrefusal":
+        section = self.dict_or_none(d, key) or {}
+        add(key, section.get("rate"), section.get("ci95"), "overrefusal.rate", "overrefusal.ci95")
       elif key in SECTIONS:
         section, section_ci = self.dict_or_none(d, key) or {}, ci.get(key) or {}
         for name, v in section.items():

@@ -159,6 +159,13 @@ def curve_ci95(v: np.ndarray, coords_x, coords_y, *, resamples: int, seed: int) 
   return out
 
 
+def rate_ci95(v: np.ndarray, coords_x, coords_y, *, resamples: int, seed: int) -> list:
+  """Grid of [lo, hi] (None where not evaluated) of the % of prompts with verdict 1 in v [D, P, N]
+  (over-refusal: the safe prompts refused), prompts resampled as for ASR."""
+  samples = asr_samples(v, resample_indices(v.shape[2], resamples, seed))
+  return _grid(_pairs(*interval(samples)), coords_x, coords_y)
+
+
 def capability_ci95(capability: dict, coords_x, coords_y, *, resamples: int, seed: int) -> dict:
   """Perplexity and multiple-choice accuracy intervals over their items (reference texts,
   questions), the same resampled items at every point. capability: {"perplexity": (NLL sums

@@ -75,6 +75,7 @@ def _marker_lines(ax, vis_type: str) -> None:
 def _plot_1d(fig: Figure, r: result.Result) -> None:
   x, asr, bad = r.coords_x, r.asr, r.nonfinite
   coherent, capability = r.curves.get("asr_coherent"), _capability(r)
+  overrefusal = r.curves.get("overrefusal")
   judges = {n: r.curves[result.JUDGE + n] for n in r.judges if result.JUDGE + n in r.curves}
   ax = fig.add_subplot()
   many = len(asr) > 1
@@ -96,6 +97,9 @@ def _plot_1d(fig: Figure, r: result.Result) -> None:
     if coherent is not None:
       ax.plot(x, coherent[k], color=line.get_color(), ls="--", marker="v", ms=4, lw=1.4,
               label=f"coherent ASR (nll_ref ≤ {r.max_nll})" + (f" (direction {k})" if many else ""))
+    if overrefusal is not None:
+      ax.plot(x, overrefusal[k], color=line.get_color(), ls="-.", marker="^", ms=4, lw=1.4,
+              label=_overrefusal_label(r) + (f" (direction {k})" if many else ""))
   if many:
     mean = asr.mean(axis=0)   # NaN wherever a direction is missing: a partial mean would not compare
     ax.plot(x, mean, color="black", lw=3, ls="--", label="mean", zorder=4)
@@ -113,7 +117,7 @@ def _plot_1d(fig: Figure, r: result.Result) -> None:
     ax.set_xlabel(r"α (interpolation: $\theta_A \to \theta_B$)")
   else:
     ax.set_xlabel(f"α ({r.vis_type}: θ + α·d)")
-  ax.set_ylabel("ASR (%)")
+  ax.set_ylabel("ASR (%)" if overrefusal is None else "ASR / over-refusal (%)")
   ax.grid(alpha=0.3)
   handles, labels = ax.get_legend_handles_labels()
   if capability:
@@ -127,6 +131,11 @@ def _plot_1d(fig: Figure, r: result.Result) -> None:
     text = _visage_text(r.visages.get("asr_coherent", result.Visage(None, None, None, None)))
     title += "\non coherent ASR: " + text.replace("VISAGE ", "")   # a line each: titles stay inside
   ax.set_title(title, fontsize=10)
+
+
+def _overrefusal_label(r: result.Result) -> str:
+  o = r.overrefusal
+  return f"over-refusal ({o.n_prompts} safe prompts, {o.judge} judge)"
 
 
 def _capability_axis(ax, x: np.ndarray, capability: dict) -> list:
@@ -204,6 +213,12 @@ def _plot_2d(fig: Figure, r: result.Result) -> None:
     miss = np.isnan(asr)
     ax.scatter(gx[miss], gy[miss], s=6, color="0.6", clip_on=False, label="not evaluated")
   fig.colorbar(filled, ax=ax, label="ASR (%)", ticks=np.linspace(0, 100, 6))
+  over = r.curves.get("overrefusal")
+  if over is not None and min(over.shape) >= 2 and np.isfinite(over).sum() >= 3:
+    ring = ax.contour(gx, gy, np.ma.masked_invalid(over), levels=[25, 50, 75], colors="tab:blue",
+                      linewidths=1.0, linestyles="dashdot")
+    ax.clabel(ring, fmt="%d%%", fontsize=7)
+    ax.plot([], [], color="tab:blue", ls="-.", lw=1.0, label=_overrefusal_label(r))
   if x.min() <= 0.0 <= x.max() and y.min() <= 0.0 <= y.max():
     ax.scatter([0.0], [0.0], marker="*", s=220, color="white", edgecolors="black", zorder=6, clip_on=False,
                label="θ (center)")

@@ -21,6 +21,8 @@ DASH = "—"
 SAMPLE_CHARS = 160   # a generation's cell: enough to see a refusal or a compliance begin
 PROMPT_CHARS = 60
 CAPABILITY = (("perplexity", "perplexity", ".4g"), ("mc_accuracy", "MC accuracy", ".3f"))
+OVERREFUSAL = ("overrefusal", "over-refusal (%)", ".2f")   # beside the capability columns
+REFUSED_SAMPLES = 6   # refused safe prompts quoted, nearest the origin first
 TABLE_NOTE = "Cells: value [95 % interval]; — = not evaluated (or not computed)."
 TRAJECTORY_FIGURE = "trajectory.png"
 
@@ -143,7 +145,8 @@ def _visage_section(record: result.Result, measures: list[dict]) -> list[str]:
 
 
 def _capability(record: result.Result) -> list[tuple[str, str, str]]:
-  return [(n, label, fmt) for n, label, fmt in CAPABILITY if n in record.curves]
+  """The columns beside the ASR measures: over-refusal, then capability, where measured."""
+  return [(n, label, fmt) for n, label, fmt in (OVERREFUSAL,) + CAPABILITY if n in record.curves]
 
 
 def _points_1d(record: result.Result, measures: list[dict]) -> list[str]:
@@ -185,11 +188,33 @@ def _basin_section(record: result.Result, measures: list[dict]) -> list[str]:
     return lines + _table(["measure", "value"], [
         ["fraction of points with ASR < 50 %", _num(b["fraction_below"], ".3f")],
         ["fraction in the connected region around θ", _num(b["connected_fraction"], ".3f")],
-        ["points in that region", _num(b["connected_points"], "d")]])
+        ["points in that region", _num(b["connected_points"], "d")]]) + _usable_section(record)
   rows = [[m["label"], str(r)] + [_num(b[k], ".3f") for k in ("left", "right", "width")]
           for m in measures for r, b in enumerate(record.basin.get(m["name"], []))]
   return lines + _table(["ASR", "direction", "left α", "right α", "width"], rows) + [
-      "", "— : no crossing on that side within the evaluated points."]
+      "", "— : no crossing on that side within the evaluated points."] + _usable_section(record)
+
+
+def _usable_section(record: result.Result) -> list[str]:
+  """The usable basin (safe and not over-refusing) beside the safety basin under the same ASR
+  threshold (analysis/usable.py)."""
+  u = record.overrefusal.usable_basin if record.overrefusal else None
+  if not u:
+    return []
+  lines = ["", "### Usable basin (safe and still answering safe prompts)", "",
+           f"A point is safe when its keyword ASR is at most {u['asr_threshold']:.2f} % (the census "
+           f"threshold) and usable when, besides, its over-refusal is at most {u['rate_threshold']:.2f} % "
+           "(its value at θ plus overrefusal.tolerance).", ""]
+  if record.two_d:
+    rows = [[name] + [_num(b[k], fmt) for k, fmt in (("fraction_below", ".3f"), ("connected_fraction", ".3f"),
+                                                     ("connected_points", "d"))]
+            for name, b in (("safe", u["safety"]), ("usable", u["region"]))]
+    return lines + _table(["basin", "fraction of points", "connected to θ", "points connected"], rows)
+  rows = [[str(r)] + [_num(b[k], ".3f") for b in (d["safety"], d) for k in ("left", "right", "width")]
+          for r, d in enumerate(u["directions"])]
+  return lines + _table(["direction", "safe: left α", "right α", "width", "usable: left α", "right α", "width"],
+                        rows) + ["", "Walls: the first grid point outside the basin walking out from θ; "
+                                 "— : none on that side."]
 
 
 def _refined_section(record: result.Result) -> list[str]:
@@ -305,6 +330,28 @@ def _samples_section(path: str, record: result.Result, heading: str, file: str) 
   return out
 
 
+def _refused_safe_section(path: str, record: result.Result) -> list[str]:
+  """A few safe prompts the model refused (overrefusal.jsonl), nearest the origin first."""
+  if record.overrefusal is None or not os.path.exists(os.path.join(path, "overrefusal.jsonl")):
+    return []
+  refused = sorted((g for g in record.generations("overrefusal.jsonl") if g.get("refusal")),
+                   key=lambda g: (float(np.linalg.norm(g["coords"])), g["direction"], g["prompt_index"]))
+  picked = []
+  for g in refused:
+    if g["prompt"] not in {p["prompt"] for p in picked}:
+      picked.append(g)
+    if len(picked) == REFUSED_SAMPLES:
+      break
+  out = ["## Refused safe prompts", "",
+         f"Over-refusal: {record.overrefusal.n_prompts} safe prompts ({record.overrefusal.prompts_path}), "
+         f"judged by `{record.overrefusal.judge}`; up to {REFUSED_SAMPLES} refused ones, nearest θ first."]
+  if not picked:
+    return out + ["", "None refused."]
+  rows = [[", ".join(f"{c:.3f}" for c in g["coords"]), str(g["direction"]), one_line(g["prompt"], PROMPT_CHARS),
+           one_line(g["generation"], SAMPLE_CHARS)] for g in picked]
+  return out + [""] + _table(["(α, β)" if record.two_d else "α", "direction", "prompt", "response"], rows, 4)
+
+
 # ------------------------------------------------------------------ run report
 
 
@@ -320,7 +367,8 @@ def write_run_report(path: str, record: result.Result | None = None) -> str:
   sections = [_title(record), figure, _visage_section(record, measures), points(record, measures),
               _basin_section(record, measures), _refined_section(record), _trajectory_section(path, record),
               _samples_section(path, record, "## Sample generations", "generations.jsonl"),
-              _samples_section(path, record, "## Sample generations at refined points", "refined.jsonl")]
+              _samples_section(path, record, "## Sample generations at refined points", "refined.jsonl"),
+              _refused_safe_section(path, record)]
   text = "\n\n".join("\n".join(s) for s in sections if s) + "\n"
   rundir.write_atomic(os.path.join(path, "report.md"), text)
   return text

@@ -14,11 +14,12 @@ import os
 import numpy as np
 
 from visage_jax import errors, result, rundir
-from visage_jax.analysis import basin, census
+from visage_jax.analysis import basin, census, usable
 from visage_jax.reports import figures
 
 # ASR-like curves a wall is read from (curve name -> label); every "judge:NAME" curve is one too.
 MEASURES = {"asr": "keyword ASR", "asr_coherent": "coherent ASR"}
+USABLE = "usable"   # the usable basin's measure: keyword ASR within its threshold and over-refusal within its own
 CENSUS_FIELDS = ("threshold", "n_directions", "radii", "safe_count", "safe_fraction", "ci95", "walls",
                  "wall_quantiles")
 NONE = "none on grid"
@@ -41,6 +42,7 @@ class RunWalls:
   census: dict[str, dict] | None      # census runs
   sides: dict[str, Sides] | None      # every other 1D run
   skipped: tuple[str, ...]            # measures not evaluated at every point yet
+  rate_threshold: float | None = None   # runs with over-refusal: the usable basin's over-refusal limit (%)
 
   @property
   def origin(self) -> float:
@@ -53,6 +55,8 @@ class RunWalls:
 
 
 def label(measure: str) -> str:
+  if measure == USABLE:
+    return "usable basin (ASR and over-refusal)"
   return MEASURES.get(measure, measure.removeprefix(result.JUDGE) + " ASR")
 
 
@@ -65,14 +69,15 @@ def is_census(record: result.Result) -> bool:
 
 
 def _settings(record: result.Result, where: str) -> tuple[float, float | None]:
-  """(tolerance, max_asr) from the run's saved config, the census defaults where it has none."""
+  """(tolerance, max_asr) from the run's saved config, the census defaults where it has none
+  (max_asr < 0, the config's default, is off: result.with_census reads it so)."""
   values = []
   for field, default in (("tolerance", census.DEFAULT_TOLERANCE), ("max_asr", None)):
     v = record.setting(f"census.{field}", default)
     if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
       raise errors.UserError(f"{where}: config field 'census.{field}' must be a number, got {v!r}")
     values.append(None if v is None else float(v))
-  return values[0], values[1]
+  return values[0], None if values[1] is None or values[1] < 0 else values[1]   # max_asr < 0: off
 
 
 def _saved_census(section, measure: str, where: str) -> dict | None:
@@ -104,18 +109,28 @@ def read(path: str, name: str) -> RunWalls:
   measures = _measures(record)
   done = [m for m in measures if not np.isnan(record.curves[m]).any()]
   skipped = tuple(m for m in measures if m not in done)
+  curves, limits, rate_limit = {m: record.curves[m] for m in done}, {}, None
+  if "overrefusal" in record.curves:
+    if np.isnan(record.curves["overrefusal"]).any():
+      skipped += ("overrefusal",)
+    else:   # the usable basin, read as one more ASR curve under the ASR threshold
+      rate_tolerance = float(record.setting("overrefusal.tolerance", usable.DEFAULT_TOLERANCE))
+      limits[USABLE], rate_limit = usable.limits(record.asr, record.curves["overrefusal"], x, None,
+                                                 asr_tolerance=tolerance, max_asr=max_asr,
+                                                 rate_tolerance=rate_tolerance)
+      curves[USABLE] = usable.as_asr(record.asr, record.curves["overrefusal"], rate_limit)
   if is_census(record):
     section = record.section("census")
     if section is not None and not isinstance(section, dict):
       raise errors.UserError(f"{where}: field 'census' must be an object, got {type(section).__name__}")
     table = {m: _saved_census(section, m, where)
-             or census.census(record.curves[m], x, tolerance=tolerance, max_asr=max_asr) for m in done}
-    return RunWalls(name, record.vis_type, x, table, None, skipped)
+             or census.census(c, x, tolerance=tolerance, max_asr=limits.get(m, max_asr)) for m, c in curves.items()}
+    return RunWalls(name, record.vis_type, x, table, None, skipped, rate_limit)
   sides = {}
-  for m in done:
-    limit = census.threshold(record.curves[m], x, tolerance, max_asr)
-    sides[m] = Sides(limit, [census.side_walls(curve, x, limit) for curve in record.curves[m]])
-  return RunWalls(name, record.vis_type, x, None, sides, skipped)
+  for m, c in curves.items():
+    limit = limits.get(m) if m in limits else census.threshold(c, x, tolerance, max_asr)
+    sides[m] = Sides(limit, [census.side_walls(curve, x, limit) for curve in c])
+  return RunWalls(name, record.vis_type, x, None, sides, skipped, rate_limit)
 
 
 def _names(paths: list[str]) -> list[str]:
@@ -175,6 +190,10 @@ def markdown(runs: list[RunWalls]) -> str:
     lines += [f"## {run.name}", "", f"vis_type `{run.vis_type}`, {kind}, origin α = {run.origin:g}.", ""]
     if run.skipped:
       lines += [f"Left out (not every point evaluated yet): {', '.join(run.skipped)}.", ""]
+    if run.rate_threshold is not None:
+      lines += [f"Usable basin (`{USABLE}`): points whose keyword ASR is within the threshold and whose "
+                f"over-refusal is at most {run.rate_threshold:.2f} % (its value at θ plus "
+                "overrefusal.tolerance).", ""]
     lines += _census_md(run) if run.census is not None else _sides_md(run)
   return "\n".join(lines).rstrip("\n") + "\n"
 

@@ -8,11 +8,11 @@ where it is made (sharding.make_mesh): whether a shape fits depends on this mach
 
 import os
 
-from visage_jax import distributed, errors, planner
+from visage_jax import distributed, errors, planner, prompts
 from visage_jax.analysis import uncertainty
 from visage_jax.checkpoints import loader
 from visage_jax.directions import gradient, grid
-from visage_jax.measures import capability, llamaguard
+from visage_jax.measures import capability, llamaguard, refusal_judge
 from visage_jax.runs import judging
 from visage_jax.training import trainsets
 
@@ -32,6 +32,7 @@ def validate(c) -> None:
   if "refusal" in c.landscape.vis_type:
     refusal_section(c.refusal)
   census_section(c.get("census"))
+  overrefusal_section(c.get("overrefusal"))
 
 
 def landscape(ls) -> None:
@@ -126,3 +127,19 @@ def refusal_section(r) -> None:
 def census_section(c) -> None:
   if c is not None and float(c.tolerance) < 0:
     raise errors.UserError(f"census.tolerance must be >= 0 (ASR points), got {c.tolerance}.")
+
+
+def overrefusal_section(o) -> None:
+  """Its prompts are read (a missing file or column fails here), its judge and numbers checked."""
+  if o is None:
+    return
+  limit = o.limit
+  if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+    raise errors.UserError(f"overrefusal.limit must be an integer >= 0 (0 = all prompts), got {limit!r}.")
+  if o.judge not in refusal_judge.JUDGES:
+    raise errors.UserError(f"overrefusal.judge {o.judge!r}: not a refusal judge; expected one of "
+                           f"{', '.join(refusal_judge.JUDGES)}.")
+  if float(o.tolerance) < 0:
+    raise errors.UserError(f"overrefusal.tolerance must be >= 0 (percentage points), got {o.tolerance}.")
+  if o.prompts_path:
+    prompts.load_overrefusal(o.prompts_path, limit)

@@ -26,6 +26,7 @@ from visage_jax.runs import direction_sources
 RUN_FILES = ("run_config.json", "directions.safetensors", "generations.jsonl", "landscape.json",
              "landscape.png", "report.md")
 REFINED_FILE = "refined.jsonl"   # only when landscape.refine > 0 (landscape._refine)
+OVERREFUSAL_FILE = "overrefusal.jsonl"   # only with overrefusal.prompts_path (landscape._Overrefusal)
 SOURCE_FILE = "direction_source.json"   # what a gradient or refusal direction was made from
 SAVE_AT_MOST = 4                   # landscape.save_directions=None saves at most this many directions
 CPU_DIRECTIONS_BYTES = 4 << 30     # directions held at a time on a host without memory stats
@@ -34,7 +35,8 @@ CPU_DIRECTIONS_BYTES = 4 << 30     # directions held at a time on a host without
 # seed on resume), how many processes compute it, judges and bootstrap intervals (ci95) added to a
 # finished run.
 _IGNORED_FOR_RESUME = (("engine", "max_batch"), ("engine", "refill_every"), ("landscape", "refine"),
-                       ("landscape", "save_directions"), ("landscape", "direction_group"))
+                       ("landscape", "save_directions"), ("landscape", "direction_group"),
+                       ("overrefusal", "tolerance"))
 _IGNORED_SECTIONS = ("distributed", "judges", "ci95", "census")
 
 
@@ -95,6 +97,22 @@ def pack_prompts(goals: list[str], tokenizer, template: str, system_prompt: str,
                  pad_id=pad_id)
 
 
+def extra_layout(p: Prompts, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(tokens [E, T], mask, fits [E]) of extra prompts `ids` in `p`'s layout: `p`'s shared prefix
+  P in the first columns, the rest left-padded to `p`'s width T. Rows that fit (they start with
+  that prefix, and the rest fits) decode in `p`'s programs beside its rows, whose numerics stay
+  bit-equal; the others (fits False, zero rows here) need a layout of their own."""
+  shared, width = p.shared_prefix, p.tokens.shape[1]
+  prefix = p.tokens[0, :shared].tolist()
+  fits = np.array([list(q[:shared]) == prefix and shared < len(q) <= width for q in ids], bool)
+  rest = [q[shared:] if f else [p.pad_id] for q, f in zip(ids, fits)]
+  tokens, mask = prompts.left_pad(rest, width - shared, p.pad_id)
+  mask[~fits] = False
+  head = np.broadcast_to(np.asarray(prefix, np.int32), (len(ids), shared))
+  return (np.concatenate([head, tokens], axis=1),
+          np.concatenate([np.ones(head.shape, bool), mask], axis=1), fits)
+
+
 # ------------------------------------------------------------------ the landscape's settings
 
 
@@ -109,13 +127,15 @@ def comparable(cfg_dict: dict) -> dict:
   for source in ("gradient", "refusal"):   # settings of a direction source the run does not use
     if source not in vis_type:
       out.pop(source, None)
+  if not out.get("overrefusal", {}).get("prompts_path"):
+    out.pop("overrefusal", None)   # off: as a run from before the feature saved it
   return out
 
 
 def claim(path: str, cfg_dict: dict, overwrite: bool, write: bool = True) -> None:
   """The landscape's claim on its workdir: refused for another config unless `overwrite`."""
   rundir.claim(path, cfg_dict, comparable=comparable, overwrite=overwrite, write=write,
-                run_files=RUN_FILES + (REFINED_FILE, SOURCE_FILE))
+                run_files=RUN_FILES + (REFINED_FILE, SOURCE_FILE, OVERREFUSAL_FILE))
 
 
 def build_directions(c, m: Model, goals: list[str], mesh=None,
@@ -259,6 +279,7 @@ class Setup:
   writer: bool               # this process writes the files (process 0)
   group: tuple[int, int] = (0, 0)   # [start, stop): the directions in `stacked` (direction_group)
   direction_source: dict | None = None   # landscape.json["direction_source"]: a gradient or refusal direction
+  extra: Prompts | None = None       # over-refusal prompts, decoded beside `prompts` (rows n_prompts...)
 
   @property
   def n_points(self) -> int:
@@ -289,6 +310,8 @@ def prepare(c, path: str, *, overwrite: bool = False, text: bool = True) -> Setu
   c = c.copy_and_resolve_references()
   c.landscape.save_directions = resolved_save_directions(c)   # run_config.json says which
   cfg_dict = c.to_dict()
+  if not c.overrefusal.prompts_path:
+    del cfg_dict["overrefusal"]   # off: run_config.json and landscape.json as before the feature
   goals = prompts.load_goals(c.prompts.path, c.prompts.limit)
   writer = distributed.is_writer()
   mesh = sharding.make_mesh(tuple(c.mesh.shape))
@@ -300,6 +323,10 @@ def prepare(c, path: str, *, overwrite: bool = False, text: bool = True) -> Setu
     raise errors.MissingFileError(f"landscape.directions_path {c.landscape.directions_path!r}: "
                                   "no such file (expected a safetensors file from export-directions).")
   p = pack_prompts(goals, m.tokenizer, c.prompts.template, c.prompts.system_prompt, m.cfg.vocab_size)
+  extra = None
+  if c.overrefusal.prompts_path:
+    extra = pack_prompts(prompts.load_overrefusal(c.overrefusal.prompts_path, c.overrefusal.limit),
+                         m.tokenizer, c.prompts.template, c.prompts.system_prompt, m.cfg.vocab_size)
   ls = c.landscape
   xs, ys = grid.grid_coords(ls.vis_type, ls.steps, ls.multiplier, ls.extra_steps)
   coefs = grid.grid_points(xs, ys)
@@ -323,7 +350,7 @@ def prepare(c, path: str, *, overwrite: bool = False, text: bool = True) -> Setu
   return Setup(c=c, cfg_dict=cfg_dict, model=m, prompts=p, xs=xs, ys=ys, coefs=coefs, stacked=stacked,
                n_dirs=n_dirs, tables=keywords.build_keyword_tables(m.tokenizer, m.cfg.vocab_size), spec=spec, mesh=mesh,
                batch=batch, mode=mode, mode_reason=why, load_seconds=load_seconds, writer=writer,
-               group=(0, size), direction_source=source)
+               group=(0, size), direction_source=source, extra=extra)
 
 
 def groups(s: Setup) -> list[tuple[int, int]]:
@@ -344,25 +371,46 @@ def with_group(s: Setup, group: tuple[int, int]) -> Setup:
 # ------------------------------------------------------------------ evaluate
 
 
+def layouts(s: Setup) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, decode.DecodeSpec]]:
+  """(prompt index, tokens, mask, spec) of each layout decoded at every point: the run's prompts
+  with the extra (over-refusal) prompts that fit their layout as more rows of the same programs,
+  then any extra prompts that do not fit, packed on their own (indices n_prompts + e)."""
+  p, n = s.prompts, len(s.prompts.goals)
+  if s.extra is None:
+    return [(np.arange(n), p.tokens, p.mask, s.spec)]
+  tokens, mask, fits = extra_layout(p, s.extra.ids)
+  out = [(np.concatenate([np.arange(n), n + np.flatnonzero(fits)]),
+          np.concatenate([p.tokens, tokens[fits]]), np.concatenate([p.mask, mask[fits]]), s.spec)]
+  if not fits.all():
+    own = prompts.pack([s.extra.ids[e] for e in np.flatnonzero(~fits)], s.extra.pad_id)
+    out.append((n + np.flatnonzero(~fits), own[0], own[1], dataclasses.replace(s.spec, shared_prefix=own[2])))
+  return out
+
+
 def evaluate(s: Setup, points: list[int]) -> Iterator[list[scoring.Row]]:
-  """Decodes every prompt at `points` for all directions; yields each chunk's rows, text decoded."""
-  spec, tok = s.spec, s.model.tokenizer
-  work = engine.Workload(s.model.params, s.model.cfg, s.stacked, s.coefs, s.prompts.tokens,
-                         s.prompts.mask, s.tables, spec, points=points, mesh=s.mesh)
-  for chunk in engine.evaluate(work, mode=s.mode, max_batch=s.batch,
-                               refill_every=s.c.engine.refill_every):
-    rows = []
-    for ri, r in enumerate(chunk.directions):
-      for b in range(len(chunk.points)):
-        q, n = int(chunk.prompts[b]), int(chunk.length[ri, b])
-        ids = chunk.tokens[ri, b, :n].tolist()
-        refused = bool(chunk.refused[ri, b])
-        stopped = n < spec.max_new_tokens and (not ids or ids[-1] not in spec.eos_ids)
-        rows.append(scoring.Row(direction=r + s.group[0], point=int(chunk.points[b]), prompt=q, goal=s.prompts.goals[q],
-                                text=tok.decode(ids, skip_special_tokens=True), n_tokens=n,
-                                refused=refused, truncated=refused and stopped,
-                                nonfinite=bool(chunk.nonfinite[ri, b]), ids=tuple(ids)))
-    yield rows
+  """Decodes every prompt (and extra prompt) at `points` for all directions; yields each chunk's
+  rows, text decoded. An extra prompt's row has prompt index n_prompts + its index. Extra rows
+  never change the run's rows: same layout, width and batch (materialized: the batch of one
+  point's prompts without them)."""
+  tok, goals = s.model.tokenizer, s.prompts.goals + (s.extra.goals if s.extra else [])
+  n, data = len(s.prompts.goals), s.mesh.shape["data"]
+  batch = min(s.batch, -(-n // data) * data) if s.mode == "materialized" else s.batch
+  for index, tokens, mask, spec in layouts(s):
+    work = engine.Workload(s.model.params, s.model.cfg, s.stacked, s.coefs, tokens, mask, s.tables, spec,
+                           points=points, mesh=s.mesh)
+    for chunk in engine.evaluate(work, mode=s.mode, max_batch=batch, refill_every=s.c.engine.refill_every):
+      rows = []
+      for ri, r in enumerate(chunk.directions):
+        for b in range(len(chunk.points)):
+          q, length = int(index[chunk.prompts[b]]), int(chunk.length[ri, b])
+          ids = chunk.tokens[ri, b, :length].tolist()
+          refused = bool(chunk.refused[ri, b])
+          stopped = length < spec.max_new_tokens and (not ids or ids[-1] not in spec.eos_ids)
+          rows.append(scoring.Row(direction=r + s.group[0], point=int(chunk.points[b]), prompt=q, goal=goals[q],
+                                  text=tok.decode(ids, skip_special_tokens=True), n_tokens=length,
+                                  refused=refused, truncated=refused and stopped,
+                                  nonfinite=bool(chunk.nonfinite[ri, b]), ids=tuple(ids)))
+      yield rows
 
 
 def params_at(s: Setup, direction: int, point: int) -> dict:
