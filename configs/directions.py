@@ -13,7 +13,8 @@ points over [-0.25, 0.25] (the demo's range), drawn from the seed in groups and 
 gradient: -grad of the compliance loss on AdvBench rows 400-519, normalized per tensor like a
 random direction, 21 points over [-0.02, 0.02] (on the demo's [-0.25, 0.25] grid every point but
 the origin is broken, measured: the wall lies inside the first step). refusal: the refusal direction at the layer chosen on rows
-380-399, 11 points over [-1.5, 1.5] so alpha = 1 (the ablation) and -1 (refusal added) are points.
+380-399, 13 points over [-1.5, 1.5] (step 0.25) so alpha = 1 (the ablation) and -1 (refusal added)
+are points.
 alignment: interpolation from the aligned model (alpha = 0) to SmolLM2 as shipped (alpha = 1,
 theta_base - theta_aligned: AsFT's alignment direction reversed), 2 extra steps each side.
 Results: EXPERIMENTS.md, F5.
@@ -39,7 +40,7 @@ def get_config(arg="census"):
   elif arg == "gradient":   # the demo's grid breaks at its first step (|alpha| = 0.025): a 12x finer one
     c.landscape.update(vis_type="1D_gradient", multiplier=0.04)
   elif arg == "refusal":
-    c.landscape.update(vis_type="1D_refusal", steps=10, multiplier=3.0)
+    c.landscape.update(vis_type="1D_refusal", steps=12, multiplier=3.0)
   else:
     c.landscape.update(vis_type="1D_interpolation", steps=10, extra_steps=2, target_path=_unaligned())
   return c

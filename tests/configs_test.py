@@ -33,6 +33,13 @@ def _load(name):
 
 class ConfigsTest(parameterized.TestCase):
 
+  def test_refusal_grid_has_the_ablation_and_its_opposite(self):
+    """F5 reads the generations at alpha = 1 (the refusal direction projected out) and -1."""
+    from visage_jax.directions import grid
+    l = _load("directions").get_config("refusal").landscape
+    xs, _ = grid.grid_coords(l.vis_type, l.steps, l.multiplier)
+    self.assertTrue(any(abs(x - 1.0) < 1e-9 for x in xs) and any(abs(x + 1.0) < 1e-9 for x in xs), xs)
+
   @parameterized.named_parameters(*[(f"{n}_{a}", n, a) for n, args in LANDSCAPE_CONFIGS.items() for a in args])
   def test_landscape_configs_validate(self, name, arg):
     c = _load(name).get_config(arg)
