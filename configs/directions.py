@@ -11,8 +11,8 @@ The demo's model (the embedded SmolLM2-135M-Instruct with the shipped safety LoR
 AdvBench prompts and 48 tokens, keyword and coherent ASR. census: 32 random directions on 11
 points over [-0.25, 0.25] (the demo's range), drawn from the seed in groups and not saved.
 gradient: -grad of the compliance loss on AdvBench rows 400-519, normalized per tensor like a
-random direction, 21 points over [-0.02, 0.02] (on the demo's [-0.25, 0.25] grid every point but
-the origin is broken, measured: the wall lies inside the first step). refusal: the refusal direction at the layer chosen on rows
+random direction, 21 points over [-0.002, 0.002] (measured: on the demo's [-0.25, 0.25] grid and on
+[-0.02, 0.02] every point but the origin is broken, the wall lies inside the first step). refusal: the refusal direction at the layer chosen on rows
 380-399, 13 points over [-1.5, 1.5] (step 0.25) so alpha = 1 (the ablation) and -1 (refusal added)
 are points.
 alignment: interpolation from the aligned model (alpha = 0) to SmolLM2 as shipped (alpha = 1,
@@ -37,8 +37,8 @@ def get_config(arg="census"):
   c.landscape.update(steps=20, multiplier=0.5)
   if arg == "census":
     c.landscape.update(vis_type="1D_random", num_directions=32, steps=10, seed=1)
-  elif arg == "gradient":   # the demo's grid breaks at its first step (|alpha| = 0.025): a 12x finer one
-    c.landscape.update(vis_type="1D_gradient", multiplier=0.04)
+  elif arg == "gradient":   # [-0.02, 0.02] breaks at its first step (|alpha| = 0.002): 10x finer
+    c.landscape.update(vis_type="1D_gradient", multiplier=0.004)
   elif arg == "refusal":
     c.landscape.update(vis_type="1D_refusal", steps=12, multiplier=3.0)
   else:
