@@ -128,9 +128,9 @@ class ReferenceTest(absltest.TestCase):
       ref = coherence.Reference(self.params, self.cfg, self.prompt_ids, eos_ids=(EOS,),
                                 pad_id=self.tok.pad_token_id, max_new_tokens=16, batch_size=2,
                                 reuse_prompts=reuse)
-      self.assertEqual(ref.prefilled is not None, reuse)
       for rows in self.chunks:
         self._check(ref.nll([q for q, _ in rows], [g for _, g in rows]), rows)
+      self.assertEqual(bool(ref.prefilled), reuse)
 
   def test_each_distinct_generation_is_scored_once(self):
     ref = coherence.Reference(self.params, self.cfg, self.prompt_ids, eos_ids=(EOS,),
@@ -141,6 +141,31 @@ class ReferenceTest(absltest.TestCase):
     self.assertEqual(got[1][:2], got[0][:2])
     self.assertEqual(got[2][1:], got[0][:2])
     self.assertNotEqual(got[0][0], got[0][1])   # the same refusal after another prompt
+
+  def test_bit_equal_to_the_full_pass_of_each_chunk(self):
+    """A row's bits depend on the shapes of its pass (XLA CPU's matmul picks its kernel by size:
+    a 2-row pass sums differently from a 12-row one), so Reference runs each chunk's new rows in
+    the batch the full pass used for that chunk: values equal the full pass bit for bit."""
+    rng = np.random.default_rng(3)
+    gen = lambda n: rng.integers(7, self.cfg.vocab_size, n).tolist()
+    first = [(i % 3, gen(3 + i)) for i in range(12)]
+    chunks = [first,
+              first[:10] + [(0, gen(5)), (1, gen(7) + [EOS])],   # two new rows beside ten seen ones
+              first[2:7],                                         # a last, smaller chunk
+              first[:4] + [(2, [EOS])] + [(1, gen(9)) for _ in range(15)]]
+    pad = self.tok.pad_token_id
+    widths = (prompts.bucket_length(max(map(len, self.prompt_ids))), prompts.bucket_length(16, minimum=8))
+    for reuse in (True, False):
+      ref = coherence.Reference(self.params, self.cfg, self.prompt_ids, eos_ids=(EOS,), pad_id=pad,
+                                max_new_tokens=16, reuse_prompts=reuse)
+      for rows in chunks:
+        layout = continuation.layout([self.prompt_ids[q] for q, _ in rows],
+                                     [coherence.strip_eos(g, (EOS,)) for _, g in rows], pad,
+                                     prompt_width=widths[0], cont_width=widths[1])
+        sums, counts = continuation.score(self.params, self.cfg, layout)   # f0a303a's nll_ref
+        want = [float(s / k) if k else None for s, k in zip(sums, counts)]
+        self.assertEqual(ref.nll([q for q, _ in rows], [g for _, g in rows]), want, f"reuse={reuse}")
+      self.assertEqual(sorted(ref.prefilled), [5, 10, 12] if reuse else [])   # one prompt cache a batch
 
   def test_prompt_cache_kept_only_where_it_fits(self):
     n_tokens = 3 * 64

@@ -29,55 +29,63 @@ def strip_eos(ids: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
 class Reference:
   """The reference model of a run and what it has scored: each prompt is prefilled once (its keys
   and values serve every generation from it), and each distinct (prompt, generation) is scored
-  once (the same refusal at many grid points is one pass).
+  once per batch shape (the same refusal at many grid points is one pass).
 
-  Every row runs the same arithmetic as continuation.nll_sums on [prompt | generation], so its
-  value does not depend on which rows share its batch or on what was scored before (measured:
-  bit-equal on SmolLM2 at batches of 1 to 16; the generation columns stay one width, as a
-  narrower pass moved sums by 1 ulp).
+  A row's bits depend on the shapes of the pass it runs in: XLA's CPU matmul picks its kernel and
+  summation order by size (measured: SmolLM2's 576-wide products sum differently below 33 rows,
+  so a 4-row pass of 8 columns moved nll_ref by up to 9.5e-6 relative), though not on the row's
+  position or batch-mates. So a chunk's new rows run, and its prompts are prefilled, in the batch
+  the full pass gives that chunk (continuation.even_batch of its rows), at the same widths: every
+  value equals continuation.nll_sums on the chunk's [prompt | generation] rows bit for bit.
   """
 
   def __init__(self, params: dict, cfg: model.ModelConfig, prompt_ids: list[list[int]], *,
                eos_ids: Sequence[int], pad_id: int, max_new_tokens: int = 0, batch_size: int = 16,
                reuse_prompts: bool | None = None):
     """max_new_tokens: generation columns at least (one compiled shape a run); reuse_prompts: keep
-    the prompts' keys and values (None: when they fit, `prompt_cache_fits`)."""
+    the prompts' keys and values (None: when they fit, `prompt_cache_fits`, else the full pass)."""
     _check_vocabulary(cfg, prompt_ids)
     self.params, self.cfg, self.eos_ids, self.pad_id = params, cfg, tuple(eos_ids), pad_id
     self.prompt, self.prompt_mask = continuation.pad_prompts(prompt_ids, pad_id)
     self.cont_width = prompts.bucket_length(max_new_tokens, minimum=continuation.MIN_CONTINUATION)
-    self.batch_size = continuation.even_batch(len(prompt_ids), batch_size)
-    if reuse_prompts is None:
-      reuse_prompts = prompt_cache_fits(cfg, self.prompt.size)
-    self.prefilled = self._prefill() if reuse_prompts else None
-    self.memo: dict[tuple[int, tuple[int, ...]], float | None] = {}
+    self.batch_size, self.reuse_prompts = batch_size, reuse_prompts
+    self.prefilled: dict[int, tuple[jax.Array, model.KVCache]] = {}       # batch -> first logits, cache
+    self.memo: dict[tuple[int, int, tuple[int, ...]], float | None] = {}  # (batch, prompt, ids)
 
-  def _prefill(self) -> tuple[jax.Array, model.KVCache]:
-    """(first logits [N, 1, V], cache [.., N, ..]) of every prompt, in batches of the scoring size."""
-    n, parts = self.prompt.shape[0], []
-    for start in range(0, n, self.batch_size):
-      sel = np.arange(start, start + self.batch_size).clip(max=n - 1)
-      parts.append(continuation.prefill(self.params, self.prompt[sel], self.prompt_mask[sel], cfg=self.cfg))
-    first = jnp.concatenate([f for f, _ in parts])[:n]
-    cache = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1 if xs[0].ndim == 5 else 0), *[c for _, c in parts])
-    return first, jax.tree.map(lambda x: x[:, :n] if x.ndim == 5 else x[:n], cache)
+  def _prefill(self, batch: int) -> tuple[jax.Array, model.KVCache] | None:
+    """(first logits [N, 1, V], cache [.., N, ..]) of every prompt in passes of `batch` rows, once
+    per batch (one for the chunks of a run but its last; up to 16 where chunks vary, as continuous
+    decoding's do); None where reuse_prompts is off or one more cache does not fit."""
+    if batch not in self.prefilled:
+      fits = self.reuse_prompts if self.reuse_prompts is not None else prompt_cache_fits(self.cfg, self.prompt.size)
+      if not fits:
+        return None
+      n, parts = self.prompt.shape[0], []
+      for start in range(0, n, batch):
+        sel = np.arange(start, start + batch).clip(max=n - 1)
+        parts.append(continuation.prefill(self.params, self.prompt[sel], self.prompt_mask[sel], cfg=self.cfg))
+      first = jnp.concatenate([f for f, _ in parts])[:n]
+      cache = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1 if xs[0].ndim == 5 else 0), *[c for _, c in parts])
+      self.prefilled[batch] = first, jax.tree.map(lambda x: x[:, :n] if x.ndim == 5 else x[:n], cache)
+    return self.prefilled[batch]
 
   def nll(self, prompt_index: Sequence[int], generated_ids: Sequence[Sequence[int]]) -> list[float | None]:
     """Mean NLL per generated token of each generation given prompt `prompt_index[i]`, under the
     reference (a final EOS is dropped); a generation with no token left has None (JSON null)."""
-    keys = [(int(q), tuple(strip_eos(g, self.eos_ids))) for q, g in zip(prompt_index, generated_ids, strict=True)]
+    batch = continuation.even_batch(len(prompt_index), self.batch_size)   # the full pass's, for these rows
+    keys = [(batch, int(q), tuple(strip_eos(g, self.eos_ids))) for q, g in zip(prompt_index, generated_ids, strict=True)]
     todo = list(dict.fromkeys(k for k in keys if k not in self.memo))
     if todo:
-      _check_vocabulary(self.cfg, [g for _, g in todo])
-      index = np.array([q for q, _ in todo])
-      cont, cont_mask = continuation.pad_continuations([list(g) for _, g in todo], self.pad_id, self.cont_width)
-      if self.prefilled is None:
+      _check_vocabulary(self.cfg, [g for _, _, g in todo])
+      index = np.array([q for _, q, _ in todo])
+      cont, cont_mask = continuation.pad_continuations([list(g) for _, _, g in todo], self.pad_id, self.cont_width)
+      prefilled = self._prefill(batch)
+      if prefilled is None:
         run = lambda sel: continuation.nll_sums(self.params, self.prompt[index[sel]], self.prompt_mask[index[sel]],
                                                 cont[sel], cont_mask[sel], cfg=self.cfg)
       else:
-        run = lambda sel: continuation.nll_sums_prefilled(self.params, *self.prefilled, index[sel], cont[sel],
+        run = lambda sel: continuation.nll_sums_prefilled(self.params, *prefilled, index[sel], cont[sel],
                                                           cont_mask[sel], cfg=self.cfg)
-      batch = min(self.batch_size, prompts.bucket_rows(len(todo)))   # few new rows: a small pass
       sums, counts = continuation.in_batches(len(todo), batch, run)
       self.memo.update((k, float(s / n) if n else None) for k, s, n in zip(todo, sums, counts))
     return [self.memo[k] for k in keys]
