@@ -29,8 +29,10 @@ demo: install
 experiments: install
 	$(PY) -m visage_jax.cli experiments --config=configs/experiments/all.py --workdir=runs/experiments --out=EXPERIMENTS.md
 
+# Two workers (pytest-xdist), a test class per worker at a time (setUpClass models built once): most
+# of the suite is single-threaded (compiling, importing JAX in subprocesses), so two cores halve it.
 test: install-test
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q -n 2 --dist loadscope --durations=25 tests
 
 # wheels/: the pure-Python packages an offline GPU node lacks, for launch/device_bench.sh (it
 # installs them with no index). Such a node has JAX with CUDA, flax, optax, orbax-checkpoint,
@@ -49,4 +51,4 @@ wheels: $(PY)
 
 # The unit tests for the inner loop (under 2 minutes): tests/conftest.py's SLOW are left out.
 test-fast: install-test
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n 2 --dist loadscope -m "not slow" tests

@@ -1,8 +1,10 @@
 """A full `landscape` run on a tiny checkpoint: files, formulas, resume, refusals, bad input."""
 
+import copy
 import dataclasses
 import json
 import os
+import shutil
 from unittest import mock
 
 import numpy as np
@@ -182,6 +184,47 @@ class LandscapeTest(parameterized.TestCase):
       landscape.run(c, w, progress=False)
     result = landscape.run(c, w, progress=False, overwrite=True).to_json()
     self.assertLen(result["coords_x"], 4)
+
+  def test_run_from_before_added_fields_resumes_at_their_defaults(self):
+    """A run_config.json written before coherence.max_repetition and capability.limit existed
+    resumes under their defaults: its lines are kept and only the missing points decoded."""
+    full, old = self.workdir(), self.workdir()
+    c = tiny_config(self.models["bpe"], self.prompts, steps=2, num_directions=1)
+    c.coherence.enabled = True
+    landscape.run(c, full, progress=False)
+    shutil.copytree(full, old, dirs_exist_ok=True)
+    with open(os.path.join(old, "run_config.json")) as f:
+      saved = json.load(f)
+    del saved["coherence"]["max_repetition"], saved["capability"]["limit"]
+    with open(os.path.join(old, "run_config.json"), "w") as f:
+      json.dump(saved, f)
+    gen = os.path.join(old, "generations.jsonl")
+    with open(gen) as f:
+      head = f.readlines()[:1]
+    with open(gen, "w") as f:
+      f.writelines(head)
+    bigger = copy.deepcopy(c)
+    bigger.coherence.max_repetition = 0.5   # not the default: another run
+    with self.assertRaisesRegex(errors.UserError, r"different config \(coherence.max_repetition: 0.35 -> 0.5\)"):
+      landscape.run(bigger, old, progress=False)
+    decoded = []
+
+    def evaluate(s, points):
+      decoded.extend(points)
+      return real(s, points)
+
+    real = pipeline.evaluate
+    with mock.patch.object(pipeline, "evaluate", evaluate):
+      record = landscape.run(c, old, progress=False).to_json()
+    self.assertEqual(sorted(decoded), sorted({0, 1, 2} - {json.loads(head[0])["step"]}))
+    with open(gen) as f:
+      self.assertEqual(f.readlines()[0], head[0])
+    key = lambda l: (l["direction"], l["step"])
+    self.assertEqual(sorted(self.read(old)[1], key=key), sorted(self.read(full)[1], key=key))
+    want = self.read(full)[0]
+    self.assertEqual((record["asr"], record["asr_coherent"]), (want["asr"], want["asr_coherent"]))
+    with open(os.path.join(old, "run_config.json")) as f, open(os.path.join(full, "run_config.json")) as g:
+      self.assertEqual(json.load(f), json.load(g))   # claimed again, with the fields
 
   def test_2d_random(self):
     w = self.workdir()

@@ -20,7 +20,7 @@ import numpy as np
 from visage_jax import decode, distributed, engine, errors, model, planner, prompts, rundir, sharding
 from visage_jax.checkpoints import loader, lora, random_weights
 from visage_jax.directions import grid, vectors
-from visage_jax.measures import keywords, scoring
+from visage_jax.measures import keywords, repetition, scoring
 from visage_jax.runs import direction_sources
 
 RUN_FILES = ("run_config.json", "directions.safetensors", "generations.jsonl", "landscape.json",
@@ -38,6 +38,11 @@ _IGNORED_FOR_RESUME = (("engine", "max_batch"), ("engine", "refill_every"), ("la
                        ("landscape", "save_directions"), ("landscape", "direction_group"),
                        ("overrefusal", "tolerance"))
 _IGNORED_SECTIONS = ("distributed", "judges", "ci95", "census")
+# Fields added after runs were made, and what a run_config.json written before them means by their
+# absence: their default, so a run resumes after an upgrade. capability.limit 0 scores every text,
+# as before; coherence.max_repetition gates the points decoded from then on (records written
+# before it have no repetition and stay ungated: coherence.is_coherent).
+_ADDED_FIELDS = {("capability", "limit"): 0, ("coherence", "max_repetition"): repetition.MAX_REPETITION}
 
 
 # ------------------------------------------------------------------ stages any command uses
@@ -117,8 +122,11 @@ def extra_layout(p: Prompts, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarr
 
 
 def comparable(cfg_dict: dict) -> dict:
-  """A run's identity: its config without the settings a resumed run may change."""
+  """A run's identity: its config without the settings a resumed run may change, with the
+  fields it predates at their defaults (_ADDED_FIELDS)."""
   out = json.loads(json.dumps(rundir.jsonable(cfg_dict)))
+  for (section, key), value in _ADDED_FIELDS.items():
+    out.setdefault(section, {}).setdefault(key, value)
   for section, key in _IGNORED_FOR_RESUME:
     out.get(section, {}).pop(key, None)
   for section in _IGNORED_SECTIONS:
