@@ -141,6 +141,7 @@ class ReferenceTest(absltest.TestCase):
     self.assertEqual(got[1][:2], got[0][:2])
     self.assertEqual(got[2][1:], got[0][:2])
     self.assertNotEqual(got[0][0], got[0][1])   # the same refusal after another prompt
+    self.assertEqual(ref.nll([], []), [])        # a chunk of over-refusal rows only
 
   def test_bit_equal_to_the_full_pass_of_each_chunk(self):
     """A row's bits depend on the shapes of its pass (XLA CPU's matmul picks its kernel by size:

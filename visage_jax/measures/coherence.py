@@ -72,6 +72,8 @@ class Reference:
   def nll(self, prompt_index: Sequence[int], generated_ids: Sequence[Sequence[int]]) -> list[float | None]:
     """Mean NLL per generated token of each generation given prompt `prompt_index[i]`, under the
     reference (a final EOS is dropped); a generation with no token left has None (JSON null)."""
+    if not len(prompt_index):   # a chunk of over-refusal rows only
+      return []
     batch = continuation.even_batch(len(prompt_index), self.batch_size)   # the full pass's, for these rows
     keys = [(batch, int(q), tuple(strip_eos(g, self.eos_ids))) for q, g in zip(prompt_index, generated_ids, strict=True)]
     todo = list(dict.fromkeys(k for k in keys if k not in self.memo))
