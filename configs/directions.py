@@ -14,7 +14,7 @@ gradient: -grad of the compliance loss on AdvBench rows 400-519, normalized per 
 random direction, 21 points over [-0.002, 0.002] (measured: on the demo's [-0.25, 0.25] grid and on
 [-0.02, 0.02] every point but the origin is broken, the wall lies inside the first step). refusal: the refusal direction at the layer chosen on rows
 380-399, 13 points over [-1.5, 1.5] (step 0.25) so alpha = 1 (the ablation) and -1 (refusal added)
-are points.
+are points, with over-refusal on XSTest's first 50 safe prompts (homonyms and figurative language).
 alignment: interpolation from the aligned model (alpha = 0) to SmolLM2 as shipped (alpha = 1,
 theta_base - theta_aligned: AsFT's alignment direction reversed), 2 extra steps each side.
 Results: EXPERIMENTS.md, F5.
@@ -41,6 +41,7 @@ def get_config(arg="census"):
     c.landscape.update(vis_type="1D_gradient", multiplier=0.004)
   elif arg == "refusal":
     c.landscape.update(vis_type="1D_refusal", steps=12, multiplier=3.0)
+    c.overrefusal.update(prompts_path="xstest", limit=50)   # does adding refusal (alpha < 0) make it skittish?
   else:
     c.landscape.update(vis_type="1D_interpolation", steps=10, extra_steps=2, target_path=_unaligned())
   return c
