@@ -3,6 +3,7 @@ keyword-only and with its measures, back to back on one machine, each in a fresh
 
   python tools/measures_cost.py                               # the demo, one round (~4 minutes on 2 cores)
   python tools/measures_cost.py --rounds=2 --keep=/tmp/cost   # alternate twice, keep the runs
+  python tools/measures_cost.py --flag=--config.overrefusal.prompts_path=   # both runs without over-refusal
 
 BENCHMARKS.md quotes it (issue 21: the demo with its measures at most 1.6x keyword-only). The
 GGUF conversion cache is warmed first by a tiny run, so neither configuration pays the
@@ -42,19 +43,20 @@ def main() -> None:
   ap.add_argument("--config", default="configs/demo.py")
   ap.add_argument("--rounds", type=int, default=1)
   ap.add_argument("--keep", default="", help="write the runs here (default: a temporary folder, removed)")
+  ap.add_argument("--flag", action="append", default=[], help="a config flag given to both runs (repeatable)")
   args = ap.parse_args()
   root = args.keep or tempfile.mkdtemp(prefix="measures_cost_")
   os.makedirs(root, exist_ok=True)
   landscape(f"{args.config}:tiny", os.path.join(root, "warm"))   # the GGUF conversion cache
   rows = []
   for k in range(args.rounds):
-    keyword, _ = landscape(args.config, os.path.join(root, f"keyword_{k}"), KEYWORD_ONLY)
-    full, result = landscape(args.config, os.path.join(root, f"measures_{k}"))
+    keyword, _ = landscape(args.config, os.path.join(root, f"keyword_{k}"), (*args.flag, *KEYWORD_ONLY))
+    full, result = landscape(args.config, os.path.join(root, f"measures_{k}"), args.flag)
     rows.append((keyword, full))
     print(f"round {k}: keyword-only {keyword:.1f} s, with coherence and capability {full:.1f} s "
           f"(decode_seconds {result.get('decode_seconds')}), ratio {full / keyword:.2f}", flush=True)
   keyword, full = (statistics.median(r[i] for r in rows) for i in (0, 1))
-  print(json.dumps(dict(config=args.config, rounds=args.rounds, keyword_only_s=round(keyword, 1),
+  print(json.dumps(dict(config=args.config, flags=args.flag, rounds=args.rounds, keyword_only_s=round(keyword, 1),
                         measures_s=round(full, 1), ratio=round(full / keyword, 3))))
   if not args.keep:
     shutil.rmtree(root)
