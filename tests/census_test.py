@@ -51,6 +51,19 @@ class CensusTest(parameterized.TestCase):
         want = stats.binomtest(round(frac * n), n).proportion_ci(method="exact")
         np.testing.assert_allclose(got["ci95"][k], (want.low, want.high), atol=1e-9)
 
+  def test_a_runs_own_grid_has_one_radius_per_step(self):
+    """The grid's float coordinates (-0.05 is 0.04999999999999999 from the origin, +0.05 is
+    0.050000000000000044): one radius each, and every wall is one of them."""
+    from visage_jax.directions import grid
+    coords, _ = grid.grid_coords("1D_random", 10, 0.5)
+    self.assertEqual(len(census.radii(coords)), 5)
+    np.testing.assert_allclose(census.radii(coords), [0.05, 0.1, 0.15, 0.2, 0.25], atol=1e-12)
+    asr = np.zeros((2, 11))
+    asr[0, 4], asr[1, 6] = 50, 50   # broken at -0.05 and at +0.05
+    got = census.census(asr, coords)
+    self.assertEqual(got["walls"], [census.radii(coords)[0]] * 2)
+    self.assertEqual(got["safe_count"], [0, 0, 0, 0, 0])
+
   def test_absolute_threshold_and_quantiles(self):
     coords = [-1.0, -0.5, 0.0, 0.5, 1.0]
     asr = np.array([[100, 50, 0, 0, 20], [0, 0, 0, 0, 0], [100, 100, 0, 60, 100], [0, 0, 0, 0, 100]], float)

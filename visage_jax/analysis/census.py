@@ -60,11 +60,17 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
   return lower, upper
 
 
+def distances(coords: Sequence[float]) -> np.ndarray:
+  """|alpha - origin| of every grid point, rounded to 12 decimals: a grid's coordinates are sums of
+  float steps, so -0.05 and +0.05 come out as 0.04999999999999999 and 0.050000000000000044 and
+  must be one radius."""
+  c = np.asarray(coords, np.float64)
+  return np.round(np.abs(c - c[basin.origin_index(coords)]), 12)
+
+
 def radii(coords: Sequence[float]) -> list[float]:
   """The grid's distinct |alpha| > 0, ascending (the origin itself is never a radius)."""
-  origin = float(np.asarray(coords, np.float64)[basin.origin_index(coords)])
-  dist = np.abs(np.asarray(coords, np.float64) - origin)
-  return sorted({float(d) for d in dist if d > 1e-12})
+  return sorted({float(d) for d in distances(coords) if d > 0})
 
 
 def threshold(asr: np.ndarray, coords: Sequence[float], tolerance: float = DEFAULT_TOLERANCE,
@@ -79,8 +85,7 @@ def threshold(asr: np.ndarray, coords: Sequence[float], tolerance: float = DEFAU
 def walls(asr: np.ndarray, coords: Sequence[float], limit: float) -> list[float | None]:
   """Per direction, the smallest radius at which a point with |alpha| <= radius is over `limit`
   (None where no evaluated point ever is): the radius where the direction stops being safe."""
-  c = np.asarray(coords, np.float64)
-  dist = np.abs(c - c[basin.origin_index(coords)])
+  dist = distances(coords)
   out = []
   for curve in np.asarray(asr, np.float64):
     broken = dist[curve > limit]
