@@ -248,3 +248,29 @@ def cli_flag(name: str, value):
     yield
   finally:
     setattr(cli.FLAGS, name, old)
+
+
+def train_answerer(hf, tok, data: list[tuple[list[int], list[int]]], path: str, *, lr: float, steps: int,
+                   batch: int) -> None:
+  """Teaches a tiny transformers judge to answer: (prompt ids, answer ids) pairs, loss on the answer
+  only, AdamW on seeded batches; saves it and its tokenizer at `path` (the judge parity tests)."""
+  import torch
+
+  length = max(len(p) + len(a) for p, a in data)
+  ids = torch.full((len(data), length), tok.pad_token_id)
+  labels = torch.full((len(data), length), -100)
+  att = torch.zeros((len(data), length), dtype=torch.long)
+  for i, (p, a) in enumerate(data):
+    ids[i, :len(p) + len(a)] = torch.tensor(p + a)
+    labels[i, len(p):len(p) + len(a)] = torch.tensor(a)
+    att[i, :len(p) + len(a)] = 1
+  opt = torch.optim.AdamW(hf.parameters(), lr=lr)
+  gen = torch.Generator().manual_seed(0)
+  for _ in range(steps):
+    b = torch.randint(0, len(data), (batch,), generator=gen)
+    loss = hf(input_ids=ids[b], attention_mask=att[b], labels=labels[b]).loss
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+  hf.save_pretrained(path)
+  tok.save_pretrained(path)

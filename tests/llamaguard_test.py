@@ -54,30 +54,13 @@ def _train_judge(path: str, tok) -> None:
     conv = [{"role": "user", "content": goal}, {"role": "assistant", "content": generation}]
     prompt = tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)["input_ids"]
     data.append((prompt, tok(_answer(goal), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]))
-  length = max(len(p) + len(a) for p, a in data)
-  ids = torch.full((len(data), length), tok.pad_token_id)
-  labels = torch.full((len(data), length), -100)
-  att = torch.zeros((len(data), length), dtype=torch.long)
-  for i, (p, a) in enumerate(data):
-    ids[i, :len(p) + len(a)] = torch.tensor(p + a)
-    labels[i, len(p):len(p) + len(a)] = torch.tensor(a)
-    att[i, :len(p) + len(a)] = 1
   torch.manual_seed(0)
   cfg = transformers.LlamaConfig(
       vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
   hf = transformers.LlamaForCausalLM(cfg)
-  opt = torch.optim.AdamW(hf.parameters(), lr=3e-3)
-  gen = torch.Generator().manual_seed(0)
-  for _ in range(70):
-    b = torch.randint(0, len(data), (32,), generator=gen)
-    loss = hf(input_ids=ids[b], attention_mask=att[b], labels=labels[b]).loss
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-  hf.save_pretrained(path)
-  tok.save_pretrained(path)
+  fixtures.train_answerer(hf, tok, data, path, lr=3e-3, steps=70, batch=32)
 
 
 def _reference(judge_dir: str, goal: str, generation: str, max_new_tokens: int) -> dict:

@@ -76,30 +76,13 @@ def _train_judge(path: str, tok) -> None:
     generation = tok.decode([rng.randrange(7, tok.vocab_size) for _ in range(rng.randrange(1, 10))])
     prompt = tok(REFERENCE_FORMAT.format(prompt=goal, response=generation), add_special_tokens=False)["input_ids"]
     data.append((prompt, tok(_answer(goal), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]))
-  length = max(len(p) + len(a) for p, a in data)
-  ids = torch.full((len(data), length), tok.pad_token_id)
-  labels = torch.full((len(data), length), -100)
-  att = torch.zeros((len(data), length), dtype=torch.long)
-  for i, (p, a) in enumerate(data):
-    ids[i, :len(p) + len(a)] = torch.tensor(p + a)
-    labels[i, len(p):len(p) + len(a)] = torch.tensor(a)
-    att[i, :len(p) + len(a)] = 1
   torch.manual_seed(0)
   cfg = transformers.MistralConfig(
       vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, sliding_window=None,
       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
   hf = transformers.MistralForCausalLM(cfg)
-  opt = torch.optim.AdamW(hf.parameters(), lr=LR)
-  gen = torch.Generator().manual_seed(0)
-  for _ in range(STEPS):
-    b = torch.randint(0, len(data), (BATCH,), generator=gen)
-    loss = hf(input_ids=ids[b], attention_mask=att[b], labels=labels[b]).loss
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-  hf.save_pretrained(path)
-  tok.save_pretrained(path)
+  fixtures.train_answerer(hf, tok, data, path, lr=LR, steps=STEPS, batch=BATCH)
 
 
 @functools.lru_cache(maxsize=None)
