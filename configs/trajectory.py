@@ -6,8 +6,9 @@
 The fine-tune is configs/finetune_harmful.py's harmful_100 (F2: a fresh rank-8 LoRA on q/k/v/o of the
 aligned SmolLM2, 5 epochs, 63 steps, ~9 minutes on 2 CPU cores) with the trained adapter saved every
 7 steps: 10 checkpoints, steps 0, 7, ..., 63. The trajectory is the demo's protocol (16 AdvBench
-prompts, 48 new tokens, coherence on) on an 11 x 11 grid of the checkpoints' PCA plane around the
-fine-tuned model, then each checkpoint decoded itself; trajectory.png draws the path.
+prompts, 48 new tokens, coherence on, over-refusal on the first 16 safe XSTest prompts) on an
+11 x 11 grid of the checkpoints' PCA plane around the fine-tuned model, then each checkpoint
+decoded itself (harmful and safe prompts); trajectory.png draws the path.
 Tiny variants (seconds each, CI): `:finetune_tiny` (4 steps, a checkpoint per step) and `:tiny`.
 """
 from visage_jax.runs import finetune, trajectory
@@ -28,9 +29,11 @@ def get_config(arg=None):
   c.landscape.steps = 10
   c.decode.max_new_tokens = 48
   c.coherence.enabled = True
+  c.overrefusal.update(prompts_path="xstest", limit=16)   # as the demo: the first 16 safe XSTest prompts
   c.trajectory.margin = 0.25
   if arg == "tiny":
     c.prompts.limit, c.landscape.steps, c.decode.max_new_tokens = 2, 2, 4
+    c.overrefusal.limit = 2
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}: use finetune, finetune_tiny or tiny")
   return c

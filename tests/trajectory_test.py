@@ -104,13 +104,14 @@ class TrajectoryRunTest(absltest.TestCase):
     c.decode.max_new_tokens = 6
     c.engine.update(mode="materialized", max_batch=4)
     c.coherence.enabled = True
+    c.overrefusal.update(prompts_path="xstest", limit=2)   # the checkpoints decode the safe prompts too
     return c
 
   def test_section_and_coordinates_against_numpy(self):
     t = result.load_run(self.run_dir).trajectory
     self.assertEqual(t.steps.tolist(), [0, 1, 2, 3])
     self.assertEqual(t.labels, tuple(self.paths))
-    self.assertEqual(set(t.checkpoint), {"asr", "asr_coherent"})
+    self.assertEqual(set(t.checkpoint), {"asr", "asr_coherent", "overrefusal"})
     for name in t.checkpoint:
       self.assertFalse(np.isnan(t.checkpoint[name]).any())
       self.assertFalse(np.isnan(t.plane[name]).any())
@@ -138,7 +139,9 @@ class TrajectoryRunTest(absltest.TestCase):
     got = landscape.run(c, work, progress=False)
     np.testing.assert_array_equal(got.asr, self.record.asr)
     np.testing.assert_array_equal(got.curves["asr_coherent"], self.record.curves["asr_coherent"])
+    np.testing.assert_array_equal(got.curves["overrefusal"], self.record.curves["overrefusal"])
     self.assertEqual(_lines(work), _lines(self.run_dir))
+    self.assertEqual(_lines(work, "overrefusal.jsonl"), _lines(self.run_dir, "overrefusal.jsonl"))
 
   def test_checkpoint_value_equals_a_run_of_that_checkpoint(self):
     c = self._config(landscape.default_config())
@@ -159,6 +162,11 @@ class TrajectoryRunTest(absltest.TestCase):
     t = self.record.trajectory
     self.assertEqual(t.checkpoint["asr"][1], got.asr[0, 1])
     self.assertEqual(t.checkpoint["asr_coherent"][1], got.curves["asr_coherent"][0, 1])
+    # over-refusal at the checkpoint: its safe prompts' generations and rate as the run's origin
+    safe = _lines(work, "overrefusal.jsonl")[1]
+    self.assertEqual(mine["overrefusal_outputs"], safe["outputs"])
+    self.assertEqual(mine["overrefusal"], safe["overrefusal"])
+    self.assertEqual(t.checkpoint["overrefusal"][1], got.curves["overrefusal"][0, 1])
 
   def test_resumed_run_decodes_nothing_again(self):
     with open(os.path.join(self.run_dir, "landscape.json")) as f:

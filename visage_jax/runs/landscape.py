@@ -285,6 +285,24 @@ def point_lines(s: pipeline.Setup, scorers: tuple, direction: int = 0) -> list[d
   return sorted(got, key=lambda l: l["step"])
 
 
+def point_lines_with_overrefusal(s: pipeline.Setup, scorers: tuple) -> tuple[list[dict], list[dict]]:
+  """point_lines of direction 0, and with extra (over-refusal) prompts in `s` also their
+  overrefusal.jsonl-layout lines (`refusal` verdicts, the `overrefusal` rate) from the same
+  batched decoding; nothing is written (a trajectory's checkpoints)."""
+  if s.extra is None:
+    return point_lines(s, scorers), []
+  n, scorer = len(s.prompts.goals), refusal_judge.OverrefusalScorer(s.c.overrefusal.judge)
+  points, extra_points = _Points(s, scorers, set()), _Points(s, (scorer,), set(), len(s.extra.goals))
+  got, extra_got = [], []
+  for rows in pipeline.evaluate(s, list(range(s.n_points))):
+    extra = [dataclasses.replace(r, prompt=r.prompt - n) for r in rows if r.prompt >= n]
+    rows = [r for r in rows if r.prompt < n]
+    got += points.add(rows, scoring.records(rows, scorers))
+    extra_got += extra_points.add(extra, scoring.records(extra, (scorer,)))
+  step = lambda l: l["step"]
+  return sorted(got, key=step), sorted(extra_got, key=step)
+
+
 def _refined_curves(s: pipeline.Setup, refined: list[dict], scorers: tuple) -> list[dict]:
   """landscape.json["refined"]: per direction, the refined points sorted by alpha with the grid's
   curves (basin.summarize reads them beside the grid; VISAGE never does)."""

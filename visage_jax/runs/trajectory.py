@@ -11,7 +11,9 @@ its projection (bilinear): points off the plane can sit on the wrong contour.
 Workdir: a landscape run (run_config.json, directions.safetensors, generations.jsonl,
 landscape.json with its "trajectory" section, landscape.png, report.md) plus plane.safetensors
 (the imported directions), plane.json (the PCA), trajectory.jsonl (each checkpoint's line, in
-generations.jsonl's format with its checkpoint index, training step and label) and trajectory.png.
+generations.jsonl's format with its checkpoint index, training step and label; with over-refusal
+on, also the checkpoint's `overrefusal` rate and its safe prompts' `overrefusal_outputs`) and
+trajectory.png.
 """
 
 import contextlib
@@ -284,11 +286,12 @@ def _checkpoint_lines(c, path: str, points: list[Checkpoint], info: dict, writer
         params = {}
         for p, read in point.open(stack, targets).items():
           hf_tensors.set_leaf(params, p, read().astype(s.model.cfg.param_dtype))
-      here = dataclasses.replace(s, model=dataclasses.replace(s.model, params=params), coefs=np.zeros((1, 2)),
-                                 extra=None)   # over-refusal at the checkpoints: not yet (issue 24)
-      line = landscape.point_lines(here, scorers)[0]
-      keep = {k: v for k, v in line.items() if k not in ("direction", "step", "coords")}
+      here = dataclasses.replace(s, model=dataclasses.replace(s.model, params=params), coefs=np.zeros((1, 2)))
+      got, extra = landscape.point_lines_with_overrefusal(here, scorers)
+      keep = {k: v for k, v in got[0].items() if k not in ("direction", "step", "coords")}
       new = dict(checkpoint=i, step=point.step, label=point.label, coords=info["coords"][i], **keep)
+      if extra:   # the safe prompts at the checkpoint, in overrefusal.jsonl's layout
+        new.update(overrefusal=extra[0]["overrefusal"], overrefusal_outputs=extra[0]["outputs"])
       out.append([new])
       lines.append(new)
       del params, here
@@ -298,7 +301,7 @@ def _checkpoint_lines(c, path: str, points: list[Checkpoint], info: dict, writer
 def section(record: result.Result, info: dict, lines: list[dict]) -> dict:
   """landscape.json["trajectory"]: the plane, and each curve at every checkpoint and on the plane."""
   n = len(info["steps"])
-  names = [k for k in ("asr", "asr_coherent") if k in record.curves]
+  names = [k for k in ("asr", "asr_coherent", "overrefusal") if k in record.curves]
   names += [k for l in lines[:1] for k in l if k not in names and k in record.curves]
   by = {l["checkpoint"]: l for l in lines}
   coords = np.asarray(info["coords"])
