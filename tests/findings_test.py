@@ -11,7 +11,7 @@ from unittest import mock
 from absl.testing import absltest
 
 import fixtures
-from visage_jax.experiments import findings
+from visage_jax.experiments import findings, report
 from visage_jax.runs import finetune, landscape
 
 
@@ -68,6 +68,19 @@ class ExperimentsTest(absltest.TestCase):
                                                     os.path.basename(fig))), fig)
       self.assertTrue(r["checks"], name)
       self.assertTrue(all(isinstance(ok, bool) for _, ok in r["checks"]))
+
+  def test_regenerating_keeps_the_sections_measured_by_hand(self):
+    out = os.path.join(tempfile.mkdtemp(prefix="experiments_kept_"), "EXPERIMENTS.md")
+    block = f"{report.HAND_BEGIN}\n## F9 — measured by hand\n\n| a | b |\n{report.HAND_END}"
+    with open(out, "w") as f:
+      f.write(f"# an old report\n\nstale numbers\n\n{block}\n\n## Compute\n\nstale\n")
+    for _ in range(2):   # regenerated twice: the block stays, once, before the job times
+      report.write_report(tiny_config(self.model_dir), self.workdir, out)
+      text = open(out).read()
+      self.assertEqual(text.count(block), 1)
+      self.assertNotIn("stale", text)
+      self.assertLess(text.index("## F4"), text.index(block))
+      self.assertLess(text.index(block), text.index("## Compute"))
 
   def test_jobs_are_shared_and_a_rerun_computes_nothing(self):
     # F1's aligned landscape is the capability curve, F3's default-prompt one F4's strong variant.

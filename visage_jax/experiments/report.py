@@ -81,10 +81,31 @@ def write_report(c, workdir: str, out_path: str) -> str:
   md = _header(c, res)
   for name, r in res.items():
     md += _SECTIONS[name](r, fig)
+  md += kept_sections(out_path)
   md += _job_times(res)
   text = "\n".join(md) + "\n"
   rundir.write_atomic(out_path, text)
   return text
+
+
+HAND_BEGIN, HAND_END = "<!-- kept: measured by hand, not by `visage-jax experiments` -->", "<!-- /kept -->"
+
+
+def kept_sections(out_path: str) -> list[str]:
+  """The blocks of the existing report between HAND_BEGIN and HAND_END (sections whose runs other
+  commands made, e.g. F5 and F6), markers included, in order: regenerating keeps them."""
+  if not os.path.exists(out_path):
+    return []
+  with open(out_path, encoding="utf-8") as f:
+    text = f.read()
+  out, start = [], text.find(HAND_BEGIN)
+  while start >= 0:
+    end = text.find(HAND_END, start)
+    if end < 0:
+      break
+    out += [text[start:end + len(HAND_END)], ""]
+    start = text.find(HAND_BEGIN, end)
+  return out
 
 
 def _f4_rows(c) -> str:
