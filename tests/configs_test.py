@@ -19,7 +19,7 @@ PAPER_MODELS = {"llama2_7b_chat": ("meta-llama/Llama-2-7b-chat-hf", "meta-llama/
                 "mistral_7b_instruct": ("mistralai/Mistral-7B-Instruct-v0.2", "mistralai/Mistral-7B-v0.1"),
                 "vicuna_7b": ("lmsys/vicuna-7b-v1.5", "meta-llama/Llama-2-7b-hf")}
 LANDSCAPE_CONFIGS = {"demo": (None, "tiny", "unaligned"),
-                     "directions": ("census", "gradient", "refusal", "alignment"),
+                     "directions": ("census", "census_overrefusal", "gradient", "refusal", "alignment"),
                      "trajectory": (None, "tiny"),
                      **{name: (None, "2d", "interpolation") for name in PAPER_MODELS}}
 
