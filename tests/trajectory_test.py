@@ -183,6 +183,36 @@ class TrajectoryRunTest(absltest.TestCase):
     np.testing.assert_allclose(trajectory_run.bilinear(xs, ys, z, pts), RegularGridInterpolator((xs, ys), z)(pts),
                                rtol=1e-12)
 
+  def test_gap_is_a_paired_bootstrap_over_prompts(self):
+    # plain Python: each prompt's plane value from its four corners, the difference, resampled
+    rng = np.random.default_rng(3)
+    xs, ys = np.linspace(-1, 1, 3), np.linspace(-1, 1, 5)
+    grid, own = rng.integers(0, 2, (3, 5, 7)).astype(float), rng.integers(0, 2, (4, 7)).astype(float)
+    coords = rng.uniform(-1, 1, (4, 2))
+    got = trajectory_run.gaps(xs, ys, grid, own, coords, resamples=200, seed=5)
+    draws = np.random.default_rng([5, 0]).integers(0, 7, size=(200, 7))   # uncertainty's prompt stream
+    for k, (x, y) in enumerate(coords):
+      i, j = min(int((x + 1) // 1), 1), min(int((y + 1) // 0.5), 3)
+      tx, ty = (x - xs[i]) / 1.0, (y - ys[j]) / 0.5
+      plane = [(1 - tx) * (1 - ty) * grid[i, j, q] + tx * (1 - ty) * grid[i + 1, j, q]
+               + (1 - tx) * ty * grid[i, j + 1, q] + tx * ty * grid[i + 1, j + 1, q] for q in range(7)]
+      diff = [100 * (own[k, q] - plane[q]) for q in range(7)]
+      self.assertAlmostEqual(got["difference"][k], sum(diff) / 7, places=9)
+      means = [sum(diff[q] for q in d) / 7 for d in draws]
+      np.testing.assert_allclose(got["difference_ci95"][k], np.percentile(means, [2.5, 97.5]), atol=1e-9)
+      own_means = [100 * sum(own[k, q] for q in d) / 7 for d in draws]
+      np.testing.assert_allclose(got["checkpoint_ci95"][k], np.percentile(own_means, [2.5, 97.5]), atol=1e-9)
+
+  def test_run_records_the_gap_of_every_curve(self):
+    t = self.record.trajectory
+    self.assertEqual(set(t.gap), {"asr", "asr_coherent", "overrefusal"})
+    for name, g in t.gap.items():
+      np.testing.assert_allclose(g.difference, t.checkpoint[name] - t.plane[name], atol=1e-9)
+      self.assertTrue((g.difference_ci95[:, 0] <= g.difference + 1e-9).all())
+      self.assertTrue((g.difference <= g.difference_ci95[:, 1] + 1e-9).all())
+      self.assertTrue((g.checkpoint_ci95[:, 0] <= t.checkpoint[name] + 1e-9).all())
+      self.assertTrue((t.checkpoint[name] <= g.checkpoint_ci95[:, 1] + 1e-9).all())
+
   def test_bad_input_is_one_line_and_writes_nothing(self):
     other = os.path.join(self.create_tempdir().full_path, "other")
     fixtures.save_tiny_hf(other, tokenizer=fixtures.toy_tokenizer("bpe", refusals=True), hidden_size=32)

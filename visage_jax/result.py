@@ -104,6 +104,15 @@ class Trajectory:
   residual_ratio: np.ndarray         # [n] |delta_i off the plane| / |delta_i|
   checkpoint: dict[str, np.ndarray]  # curve name -> [n] measured at theta_i itself (NaN: not yet)
   plane: dict[str, np.ndarray]       # curve name -> [n] the grid's surface at (alpha_i, beta_i), bilinear
+  gap: dict[str, "Gap"] = dataclasses.field(default_factory=dict)   # curve name -> checkpoint vs plane
+
+
+@dataclasses.dataclass(frozen=True)
+class Gap:
+  """checkpoint - plane of one curve, paired over prompts (runs/trajectory.gaps), with intervals."""
+  difference: np.ndarray        # [n] percentage points
+  difference_ci95: np.ndarray   # [n, 2] bootstrap over prompts
+  checkpoint_ci95: np.ndarray   # [n, 2] the checkpoint's own value's interval
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -525,10 +534,17 @@ class _Parser:
       if not isinstance(got, dict):
         self.fail(f"field 'trajectory.{part}' must be an object (curve name -> values), got {got!r}")
       curves[part] = {name: vec(v, f"{part}.{name}") for name, v in got.items()}
+    gap = value.get("gap") or {}   # runs written before the paired gap have none
+    if not isinstance(gap, dict) or not all(isinstance(g, dict) for g in gap.values()):
+      self.fail(f"field 'trajectory.gap' must be an object (curve name -> object), got {gap!r}")
+    gaps = {name: Gap(difference=vec(g.get("difference"), f"gap.{name}.difference"),
+                      difference_ci95=vec(g.get("difference_ci95"), f"gap.{name}.difference_ci95", (n, 2)),
+                      checkpoint_ci95=vec(g.get("checkpoint_ci95"), f"gap.{name}.checkpoint_ci95", (n, 2)))
+            for name, g in gap.items()}
     return Trajectory(steps=vec(steps, "steps").astype(np.int64), labels=tuple(labels),
                       coords=vec(value.get("coords"), "coords", (n, 2)), scale=vec(value.get("scale"), "scale", (2,)),
                       explained_variance=vec(value.get("explained_variance"), "explained_variance", (2,)),
-                      residual_ratio=vec(value.get("residual_ratio"), "residual_ratio"), **curves)
+                      residual_ratio=vec(value.get("residual_ratio"), "residual_ratio"), gap=gaps, **curves)
 
   def judges(self, d: dict) -> dict[str, Judge]:
     return {name: Judge(model=j.get("model"), max_new_tokens=j.get("max_new_tokens"), dtype=j.get("dtype"),

@@ -248,11 +248,20 @@ def _trajectory_section(path: str, record: result.Result) -> list[str]:
   if os.path.exists(os.path.join(path, TRAJECTORY_FIGURE)):
     out += ["", f"![trajectory]({TRAJECTORY_FIGURE})"]
   names = list(t.checkpoint)
-  header = ["step", "α", "β", "residual"] + [h for n in names for h in (f"{n} (checkpoint)", f"{n} (plane)")]
+
+  def gap(n, k):   # checkpoint - plane [95 % CI], paired over prompts
+    g = t.gap.get(n)
+    return "" if g is None else f"{g.difference[k]:+.1f} [{g.difference_ci95[k][0]:+.1f}, {g.difference_ci95[k][1]:+.1f}]"
+
+  cols = lambda n: (f"{n} (checkpoint)", f"{n} (plane)") + ((f"{n}: checkpoint − plane",) if n in t.gap else ())
+  header = ["step", "α", "β", "residual"] + [h for n in names for h in cols(n)]
   rows = [[str(s), f"{a:+.3f}", f"{b:+.3f}", f"{r:.3f}"] +
-          [v for n in names for v in (_num(_at(t.checkpoint[n], k)), _num(_at(t.plane[n], k)))]
+          [v for n in names for v in (_num(_at(t.checkpoint[n], k)), _num(_at(t.plane[n], k)))
+           + ((gap(n, k),) if n in t.gap else ())]
           for k, (s, (a, b), r) in enumerate(zip(t.steps, t.coords, t.residual_ratio))]
-  return out + [""] + _table(header, rows)
+  note = (["", "checkpoint − plane: percentage points, paired over prompts, with the bootstrap 95 % interval."]
+          if t.gap else [])
+  return out + [""] + _table(header, rows) + note
 
 
 def pick_samples(outputs: list[dict]) -> list[int]:

@@ -32,7 +32,8 @@ import numpy as np
 from visage_jax import distributed, errors, model, result, rundir, sharding
 from visage_jax.checkpoints import hf_tensors, loader, lora, safetensors_file
 from visage_jax.directions import trajectory, vectors
-from visage_jax.measures import registry
+from visage_jax.analysis import uncertainty
+from visage_jax.measures import coherence, registry
 from visage_jax.reports import markdown
 from visage_jax.runs import config_checks, finetune, landscape, pipeline
 
@@ -186,16 +187,33 @@ def compute_plane(points: list[Checkpoint], cfg: model.ModelConfig, mesh, margin
   return info, dirs
 
 
+def _corners(xs: np.ndarray, ys: np.ndarray, x: float, y: float) -> list[tuple[int, int, float]]:
+  """The four grid corners (i, j, weight) whose bilinear blend is the surface at (x, y)."""
+  i = int(np.clip(np.searchsorted(xs, x) - 1, 0, len(xs) - 2))
+  j = int(np.clip(np.searchsorted(ys, y) - 1, 0, len(ys) - 2))
+  tx, ty = (x - xs[i]) / (xs[i + 1] - xs[i]), (y - ys[j]) / (ys[j + 1] - ys[j])
+  return [(i, j, (1 - tx) * (1 - ty)), (i + 1, j, tx * (1 - ty)), (i, j + 1, (1 - tx) * ty), (i + 1, j + 1, tx * ty)]
+
+
 def bilinear(xs: np.ndarray, ys: np.ndarray, z: np.ndarray, points: np.ndarray) -> np.ndarray:
-  """z [X, Y] on the grid xs x ys at `points` [n, 2] inside it, bilinearly (NaN where a corner is)."""
-  out = []
-  for x, y in np.asarray(points, np.float64):
-    i = int(np.clip(np.searchsorted(xs, x) - 1, 0, len(xs) - 2))
-    j = int(np.clip(np.searchsorted(ys, y) - 1, 0, len(ys) - 2))
-    tx, ty = (x - xs[i]) / (xs[i + 1] - xs[i]), (y - ys[j]) / (ys[j + 1] - ys[j])
-    out.append((1 - tx) * (1 - ty) * z[i, j] + tx * (1 - ty) * z[i + 1, j]
-               + (1 - tx) * ty * z[i, j + 1] + tx * ty * z[i + 1, j + 1])
-  return np.asarray(out)
+  """z [X, Y, ...] on the grid xs x ys at `points` [n, 2] inside it, bilinearly (NaN where a corner is)."""
+  return np.asarray([sum(w * np.asarray(z[i, j], np.float64) for i, j, w in _corners(xs, ys, x, y))
+                     for x, y in np.asarray(points, np.float64)])
+
+
+def gaps(xs: np.ndarray, ys: np.ndarray, grid: np.ndarray, own: np.ndarray, coords: np.ndarray, *,
+         resamples: int, seed: int) -> dict:
+  """How far the plane is from the checkpoints, per prompt and paired: grid [X, Y, N] and own [n, N]
+  hold 1.0 / 0.0 per prompt (the same N prompts everywhere). The plane's value for prompt q is the
+  bilinear blend of its four corners' verdicts, so (checkpoint - plane) is a mean over prompts, and
+  its 95 % interval the percentile bootstrap over prompts (the landscape's ci95 streams)."""
+  plane = bilinear(xs, ys, grid, coords)                      # [n, N]
+  diff, n = 100.0 * (np.asarray(own, np.float64) - plane), own.shape[1]
+  counts = uncertainty.resample_counts(uncertainty.resample_indices(n, resamples, seed), n)   # [B, N]
+  lo, hi = uncertainty.interval(counts @ diff.T / n)          # over [B, n]
+  own_lo, own_hi = uncertainty.interval(counts @ (100.0 * np.asarray(own, np.float64)).T / n)
+  return dict(difference=diff.mean(axis=1).tolist(), difference_ci95=np.stack([lo, hi], -1).tolist(),
+              checkpoint_ci95=np.stack([own_lo, own_hi], -1).tolist())
 
 
 # ------------------------------------------------------------------ the run
@@ -259,7 +277,7 @@ def run(c, path: str, *, finetune_dir: str = "", checkpoints: tuple[str, ...] = 
     distributed.barrier("trajectory: plane written")
   record = landscape.run(c, path, overwrite=overwrite, progress=progress)
   lines = _checkpoint_lines(c, path, points, info, writer)
-  record = record.with_trajectory(section(record, info, lines))
+  record = record.with_trajectory(section(record, info, lines, path))
   if writer:
     record = record.write(path)
     markdown.rebuild(path, record)
@@ -298,16 +316,45 @@ def _checkpoint_lines(c, path: str, points: list[Checkpoint], info: dict, writer
   return sorted(lines, key=lambda l: l["checkpoint"])
 
 
-def section(record: result.Result, info: dict, lines: list[dict]) -> dict:
-  """landscape.json["trajectory"]: the plane, and each curve at every checkpoint and on the plane."""
+def section(record: result.Result, info: dict, lines: list[dict], path: str) -> dict:
+  """landscape.json["trajectory"]: the plane, each curve at every checkpoint and on the plane, and
+  (once the grid and every checkpoint are in) their paired difference with intervals."""
   n = len(info["steps"])
   names = [k for k in ("asr", "asr_coherent", "overrefusal") if k in record.curves]
   names += [k for l in lines[:1] for k in l if k not in names and k in record.curves]
   by = {l["checkpoint"]: l for l in lines}
   coords = np.asarray(info["coords"])
   finite = lambda v: None if v is None or not np.isfinite(v) else float(v)
-  return dict(steps=info["steps"], labels=info["labels"], coords=info["coords"], scale=info["scale"],
-              explained_variance=info["explained_variance"], residual_ratio=info["residual_ratio"],
-              checkpoint={k: [by[i].get(k) if i in by else None for i in range(n)] for k in names},
-              plane={k: [finite(v) for v in bilinear(record.coords_x, record.coords_y, record.curves[k], coords)]
-                     for k in names})
+  out = dict(steps=info["steps"], labels=info["labels"], coords=info["coords"], scale=info["scale"],
+             explained_variance=info["explained_variance"], residual_ratio=info["residual_ratio"],
+             checkpoint={k: [by[i].get(k) if i in by else None for i in range(n)] for k in names},
+             plane={k: [finite(v) for v in bilinear(record.coords_x, record.coords_y, record.curves[k], coords)]
+                    for k in names})
+  if record.complete and len(by) == n:
+    resamples, seed = int(record.setting("ci95.resamples", 1000)), int(record.setting("ci95.seed", 0))
+    out["gap"] = {k: gaps(record.coords_x, record.coords_y, grid, own, coords, resamples=resamples, seed=seed)
+                  for k, (grid, own) in _per_prompt(record, path, [by[i] for i in range(n)], names).items()}
+  return out
+
+
+def _per_prompt(record: result.Result, path: str, lines: list[dict], names: list[str]) -> dict:
+  """curve name -> (grid [X, Y, N], checkpoints [n, N]): each prompt's 1.0 / 0.0 on the grid (from
+  generations.jsonl or overrefusal.jsonl) and at each checkpoint (trajectory.jsonl)."""
+  max_nll = record.max_nll if record.max_nll is not None else float("inf")
+  max_rep = record.max_repetition if record.max_repetition is not None else float("inf")
+  rules = dict(asr=("generations.jsonl", "outputs", lambda o: o["jailbroken"]),
+               asr_coherent=("generations.jsonl", "outputs",
+                             lambda o: coherence.coherent_jailbreak(o, max_nll, max_rep)),
+               overrefusal=(pipeline.OVERREFUSAL_FILE, "overrefusal_outputs", lambda o: o["refusal"]))
+  X, Y, out = len(record.coords_x), len(record.coords_y), {}
+  for name in names:
+    if name not in rules:
+      continue
+    file, key, verdict = rules[name]
+    grid_lines = rundir.read_jsonl(os.path.join(path, file), repair=False)
+    n_prompts = len(grid_lines[0]["outputs"])
+    grid = np.full((X, Y, n_prompts), np.nan)
+    for l in grid_lines:
+      grid[l["step"] // Y, l["step"] % Y] = [float(bool(verdict(o))) for o in l["outputs"]]
+    out[name] = grid, np.asarray([[float(bool(verdict(o))) for o in l[key]] for l in lines])
+  return out
