@@ -81,7 +81,7 @@ class ConfigsTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "unknown arg 'v2'"):
       _load("align_smollm2").get_config("v2")
 
-  @parameterized.named_parameters(("full", "finetune", 10), ("tiny", "finetune_tiny", 5))
+  @parameterized.named_parameters(("full", "finetune", 64), ("tiny", "finetune_tiny", 5))
   def test_trajectory_finetune_configs(self, arg, n_checkpoints):
     from visage_jax.runs import finetune
     c = _load("trajectory").get_config(arg)
@@ -90,6 +90,10 @@ class ConfigsTest(parameterized.TestCase):
     saved = {0, t.steps} | set(range(t.trajectory_every, t.steps, t.trajectory_every))
     self.assertLen(saved, n_checkpoints)
     self.assertEqual(c.model.lora_path, _load("demo").get_config().model.lora_path)   # the aligned demo model
+    if arg == "finetune":   # the trajectory draws saved steps before the last: 0-7, then every 7th
+      drawn = _load("trajectory").get_config().trajectory.steps
+      self.assertEqual(drawn, tuple(range(8)) + (14, 21, 28, 35, 42, 49, 56))
+      self.assertTrue(set(drawn) < saved and max(drawn) < t.steps)
 
   def test_every_config_file_is_covered_or_loads(self):
     for path in glob.glob(os.path.join(ROOT, "configs", "*.py")):

@@ -9,7 +9,7 @@ import numpy as np
 from absl.testing import absltest
 
 import fixtures
-from visage_jax import model, result
+from visage_jax import errors, model, result
 from visage_jax.checkpoints import loader
 from visage_jax.directions import trajectory, vectors
 from visage_jax.runs import finetune, landscape
@@ -260,6 +260,16 @@ class FinetuneTrajectoryTest(absltest.TestCase):
                        for x, y in zip(jax.tree.leaves(base), jax.tree.leaves(final))))
     np.testing.assert_allclose(np.hypot(*(t.coords[0] * t.scale)) / np.sqrt(1 - t.residual_ratio[0] ** 2), dist,
                                rtol=1e-3)
+    # trajectory.steps picks saved steps; the fine-tuned model stays the last
+    c = TrajectoryRunTest._config()
+    c.trajectory.steps = (0, 2)
+    picked = trajectory_run.run(c, os.path.join(root, "picked"), finetune_dir=ft, progress=False).trajectory
+    self.assertEqual(picked.steps.tolist(), [0, 2, 3])
+    self.assertEqual(picked.labels, (t.labels[0], t.labels[2], t.labels[3]))
+    c.trajectory.steps = (0, 5)
+    with self.assertRaisesRegex(errors.UserError, r"trajectory.steps: .* no checkpoint of step\(s\) 5 "):
+      trajectory_run.run(c, os.path.join(root, "bad"), finetune_dir=ft, progress=False)
+    self.assertFalse(os.path.exists(os.path.join(root, "bad")))
 
 
 if __name__ == "__main__":

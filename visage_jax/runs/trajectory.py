@@ -49,8 +49,10 @@ def default_config():
   c = landscape.default_config()
   c.landscape.update(vis_type="2D_random", steps=10)
   # margin: the grid's half-width is (1 + margin) x the farthest checkpoint along each axis.
+  # steps: with --finetune, the training steps of its saved checkpoints to draw (() = every one);
+  # the fine-tuned model (FT/model) is always the last. E.g. dense where the path crosses a wall.
   # checkpoints: filled in by the command, what each checkpoint was read from (the run's identity).
-  c.trajectory = dict(margin=0.25, checkpoints=())
+  c.trajectory = dict(margin=0.25, steps=(), checkpoints=())
   return c
 
 
@@ -123,10 +125,10 @@ def from_checkpoints(paths: list[str], dtype: str) -> list[Checkpoint]:
   return [_checkpoint_file(p, dtype, i) for i, p in enumerate(paths)]
 
 
-def from_finetune(workdir: str, dtype: str, mesh) -> tuple[list[Checkpoint], str]:
-  """--finetune=FT: its trajectory/step_*.safetensors in step order (step 0: the start), then
-  FT/model (theta_final, the landscape's centre) in place of the last step's file; -> (the
-  checkpoints, FT/model)."""
+def from_finetune(workdir: str, dtype: str, mesh, only: tuple[int, ...] = ()) -> tuple[list[Checkpoint], str]:
+  """--finetune=FT: its trajectory/step_*.safetensors in step order (step 0: the start; `only`
+  those steps, when given), then FT/model (theta_final, the landscape's centre) in place of the
+  last step's file; -> (the checkpoints, FT/model)."""
   ft = rundir.read_json(os.path.join(workdir, "run_config.json"))
   summary = rundir.read_json(os.path.join(workdir, "summary.json"))
   if ft is None or summary is None or not summary.get("complete"):
@@ -138,6 +140,13 @@ def from_finetune(workdir: str, dtype: str, mesh) -> tuple[list[Checkpoint], str
   files = {int(m.group(1)): f for f in glob.glob(os.path.join(workdir, finetune.TRAJECTORY_DIR, "step_*.safetensors"))
            if (m := _STEP_FILE.fullmatch(os.path.basename(f)))}
   steps = sorted(s for s in files if s < summary["step"])
+  if only:
+    missing = sorted(set(int(s) for s in only) - set(steps))
+    if missing:
+      raise errors.UserError(f"trajectory.steps: {workdir}/{finetune.TRAJECTORY_DIR}/ has no checkpoint of step(s) "
+                             f"{', '.join(map(str, missing))} before the last step {summary['step']} (saved: "
+                             f"{', '.join(map(str, steps))}).")
+    steps = sorted(set(int(s) for s in only))
   if len(steps) + 1 < 3:
     raise errors.UserError(f"--finetune={workdir}: a trajectory plane needs at least 3 checkpoints, found "
                            f"{len(steps) + 1} (train.trajectory_every > 0 saves them under "
@@ -254,7 +263,7 @@ def run(c, path: str, *, finetune_dir: str = "", checkpoints: tuple[str, ...] = 
   dtype, writer = c.model.dtype, distributed.is_writer()
   mesh = sharding.make_mesh(tuple(c.mesh.shape))
   if finetune_dir:
-    points, final = from_finetune(finetune_dir, dtype, mesh)
+    points, final = from_finetune(finetune_dir, dtype, mesh, tuple(c.trajectory.get("steps", ())))
   else:
     points, final = from_checkpoints(list(checkpoints), dtype), checkpoints[-1]
   c = _config(c, path, [p.label for p in points], final)
