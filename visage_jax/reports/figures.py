@@ -293,7 +293,10 @@ def plot_trajectory(record: result.Result, path: str) -> None:
   ax.set_xlabel(f"α (PCA d₁, {100 * ev[0]:.0f}% of variance; 1 = {t.scale[0]:.3g})")
   ax.set_ylabel(f"β (PCA d₂, {100 * ev[1]:.0f}%; 1 = {t.scale[1]:.3g})")
   ax.set_title("fine-tuning trajectory  ·  dots: each checkpoint's own ASR", fontsize=10)
-  fig.suptitle(_header(record), fontsize=11)
+  final = (record.model or "").rstrip("/")   # FT/model says little alone: name its fine-tune folder
+  name = "/".join(final.split("/")[-3:]) if os.path.basename(final) == "model" else os.path.basename(final)
+  fig.suptitle(f"{name or 'unknown model'}  ·  {len(t.steps)} checkpoints  ·  "
+               f"{record.n_prompts} prompts{'  [partial]' if _partial(record) else ''}", fontsize=11)
   _save(fig, path)
 
 
