@@ -123,7 +123,9 @@ def _header(c, res: dict) -> list[str]:
       "",
       "Produced by `visage-jax experiments --config=configs/experiments/all.py --workdir=runs/experiments "
       "--out=EXPERIMENTS.md` (each experiment alone: `--config=configs/experiments/<name>.py`). "
-      "Every number below is read from the run files; nothing is typed in by hand.",
+      "Every number in F1-F4 is read from the run files; nothing is typed in by hand. Sections that "
+      "other commands measured (the re-aligned model, F5, F6) are written by hand from their runs, "
+      "name their commands, and are kept when this file is regenerated.",
       "",
       f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {dev.platform} ({dev.device_kind}), "
       f"Python {platform.python_version()}, jax {jax.__version__}; written {datetime.date.today()}.",
