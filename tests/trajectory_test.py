@@ -127,6 +127,8 @@ class TrajectoryRunTest(absltest.TestCase):
     np.testing.assert_allclose(np.abs(t.coords).max(axis=0), 1 / 1.25, rtol=1e-6)
     np.testing.assert_allclose(t.coords[-1], 0.0, atol=1e-6)
     self.assertTrue(os.path.exists(os.path.join(self.run_dir, "trajectory.png")))
+    # the plane is the run's directions: not copied again into directions.safetensors (a 7B plane is 56 GB)
+    self.assertFalse(os.path.exists(os.path.join(self.run_dir, "directions.safetensors")))
     self.assertIn("## Trajectory", open(os.path.join(self.run_dir, "report.md")).read())
 
   def test_plane_landscape_equals_a_run_with_the_directions_imported(self):

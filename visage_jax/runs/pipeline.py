@@ -42,7 +42,8 @@ _IGNORED_SECTIONS = ("distributed", "judges", "ci95", "census")
 # absence: their default, so a run resumes after an upgrade. capability.limit 0 scores every text,
 # as before; coherence.max_repetition gates the points decoded from then on (records written
 # before it have no repetition and stay ungated: coherence.is_coherent).
-_ADDED_FIELDS = {("capability", "limit"): 0, ("coherence", "max_repetition"): repetition.MAX_REPETITION}
+_ADDED_FIELDS = {("capability", "limit"): 0, ("coherence", "max_repetition"): repetition.MAX_REPETITION,
+                 ("trajectory", "steps"): []}   # a trajectory drew every saved step
 
 
 # ------------------------------------------------------------------ stages any command uses

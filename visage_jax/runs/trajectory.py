@@ -237,7 +237,7 @@ def _config(c, path: str, labels: list[str], final: str):
   with c.unlocked():
     c.model.update(path=final, lora_path="")
     c.landscape.update(vis_type="2D_random", multiplier=2.0, num_directions=1, extra_steps=0, refine=0,
-                       directions_path=os.path.join(os.path.abspath(path), PLANE_FILE), save_directions=True,
+                       directions_path=os.path.join(os.path.abspath(path), PLANE_FILE), save_directions=False,
                        orthogonalize=False)
     c.trajectory.checkpoints = tuple(labels)
   if not float(c.trajectory.margin) >= 0:
