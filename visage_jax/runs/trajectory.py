@@ -8,9 +8,9 @@ ordinary 2D pipeline runs on them as imported directions (resumable, sharded). T
 checkpoint is decoded itself, at the origin of its own weights, beside the surface's value at
 its projection (bilinear): points off the plane can sit on the wrong contour.
 
-Workdir: a landscape run (run_config.json, directions.safetensors, generations.jsonl,
-landscape.json with its "trajectory" section, landscape.png, report.md) plus plane.safetensors
-(the imported directions), plane.json (the PCA), trajectory.jsonl (each checkpoint's line, in
+Workdir: a landscape run (run_config.json, generations.jsonl, landscape.json with its
+"trajectory" section, landscape.png, report.md; no directions.safetensors) plus plane.safetensors
+(the imported directions, read again on resume), plane.json (the PCA), trajectory.jsonl (each checkpoint's line, in
 generations.jsonl's format with its checkpoint index, training step and label; with over-refusal
 on, also the checkpoint's `overrefusal` rate and its safe prompts' `overrefusal_outputs`) and
 trajectory.png.
