@@ -15,7 +15,7 @@ import torch
 from absl.testing import absltest, parameterized
 
 import fixtures
-from visage_jax import decode, model, prompts
+from visage_jax import decode, errors, model, prompts
 from visage_jax.checkpoints import loader, lora
 from visage_jax.measures import capability, continuation, keywords, refusal_judge
 from visage_jax.runs import finetune
@@ -339,6 +339,20 @@ class FinetuneTest(parameterized.TestCase):
     c = _config(self.dir, self.data, rank=0, steps=1, schedule="linear")
     with self.assertRaisesRegex(ValueError, "train.schedule 'linear'"):
       finetune.validate(c)
+
+  def test_a_non_finite_step_stops_the_run_before_it_is_saved(self):
+    # lr = NaN: step 1's loss and gradient are finite, its update makes every trained weight NaN
+    c = _config(self.dir, self.data, rank=2, steps=4, lr=float("nan"), warmup_steps=0, checkpoint_every=1,
+                trajectory_every=1)
+    work = self.create_tempdir().full_path
+    with self.assertRaisesRegex(errors.NonFiniteError, r"step 1 gave a non-finite update \(loss [0-9.]+, "):
+      finetune.run(c, work, progress=False)
+    log = [json.loads(l) for l in open(os.path.join(work, "train_log.jsonl"))]
+    self.assertEqual([l["step"] for l in log], [1])
+    self.assertTrue(np.isfinite(log[0]["loss"]) and np.isfinite(log[0]["grad_norm"]))
+    self.assertFalse(os.listdir(os.path.join(work, "checkpoints")))   # the NaN weights were never saved
+    self.assertEqual(os.listdir(os.path.join(work, finetune.TRAJECTORY_DIR)), ["step_000000.safetensors"])
+    self.assertFalse(os.path.exists(os.path.join(work, "summary.json")))
 
   def test_data_parallel_matches_single_device(self):
     """8 virtual CPU devices in a subprocess: the same steps on (1, 1) and (2, 2) meshes."""

@@ -13,3 +13,8 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class CheckpointError(UserError):
   """A checkpoint that cannot be read as a supported model."""
+
+
+class NonFiniteError(UserError):
+  """Training met a non-finite loss or gradient: the run's settings or data (or the arithmetic)
+  gave NaN/inf, and going on would train and evaluate a broken model. One line, like bad input."""

@@ -24,6 +24,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from visage_jax import decode, distributed, errors, model, prompts, sharding
@@ -429,6 +430,7 @@ def _train(c, workdir: str, rs: _RunState, data: dict, n_examples: int, progress
         lines.append(line)
         bar.update(1)
         bar.set_postfix(loss=f"{line['loss']:.3f}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
+        _check_finite(line, bool(m["updated_finite"]), workdir)   # before this step is saved anywhere
         if every and ((k + 1) % every == 0 or k + 1 == t.steps):
           _save_trajectory_point(workdir, k + 1, rs, lo)
         if (k + 1) % t.checkpoint_every == 0 or k + 1 == end:
@@ -441,6 +443,18 @@ def _train(c, workdir: str, rs: _RunState, data: dict, n_examples: int, progress
 
 
 TRAJECTORY_DIR = "trajectory"
+
+
+def _check_finite(line: dict, updated_finite: bool, workdir: str) -> None:
+  """A step whose loss, gradient norm or updated weights are not finite has put NaN/inf into the
+  weights: stop there, loudly, instead of training (and then evaluating) a broken model whose
+  empty generations the keyword judge would count as jailbroken."""
+  bad = [k for k in ("loss", "grad_norm") if not np.isfinite(line[k])] + ([] if updated_finite else ["update"])
+  if bad:
+    raise errors.NonFiniteError(
+        f"finetune {workdir}: step {line['step']} gave a non-finite {' and '.join(bad)} "
+        f"(loss {line['loss']}, grad_norm {line['grad_norm']}); nothing of this step was saved "
+        f"(train_log.jsonl has its line). Re-running resumes from the last checkpoint.")
 
 
 def trajectory_path(workdir: str, step: int) -> str:

@@ -119,7 +119,8 @@ def make_train_step(cfg: model.ModelConfig, opt: optax.GradientTransformation,
     updates, opt_state = opt.update(g, state["opt_state"], state["trainable"])
     new = dict(step=state["step"] + 1, trainable=optax.apply_updates(state["trainable"], updates),
                opt_state=opt_state)
-    return new, dict(loss=s / jnp.maximum(n, 1.0), tokens=n, grad_norm=optax.tree.norm(g))
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new["trainable"])]))
+    return new, dict(loss=s / jnp.maximum(n, 1.0), tokens=n, grad_norm=optax.tree.norm(g), updated_finite=finite)
 
   if shardings is None:
     return jax.jit(step, donate_argnums=0)
