@@ -154,12 +154,19 @@ class _Overrefusal:
 
   def add(self, rows: list) -> list:
     """Takes the extra rows (their lines written once their points are complete); -> the others."""
-    extra = [dataclasses.replace(r, prompt=r.prompt - self.n) for r in rows if r.prompt >= self.n]
+    rows, extra = split_extra(rows, self.n)
     if extra:
       new = self.points.add(extra, scoring.records(extra, (self.scorer,)))
       self.out.append(new)
       self.lines.extend(new)
-    return [r for r in rows if r.prompt < self.n] if extra else rows
+    return rows
+
+
+def split_extra(rows: list, n_prompts: int) -> tuple[list, list]:
+  """(the harmful prompts' rows, the extra prompts' rows renumbered from 0): pipeline.evaluate
+  gives an extra prompt e the index n_prompts + e."""
+  return ([r for r in rows if r.prompt < n_prompts],
+          [dataclasses.replace(r, prompt=r.prompt - n_prompts) for r in rows if r.prompt >= n_prompts])
 
 
 def _complete(s: pipeline.Setup, lines: list[dict], extra_lines: list[dict]) -> bool:
@@ -295,8 +302,7 @@ def point_lines_with_overrefusal(s: pipeline.Setup, scorers: tuple) -> tuple[lis
   points, extra_points = _Points(s, scorers, set()), _Points(s, (scorer,), set(), len(s.extra.goals))
   got, extra_got = [], []
   for rows in pipeline.evaluate(s, list(range(s.n_points))):
-    extra = [dataclasses.replace(r, prompt=r.prompt - n) for r in rows if r.prompt >= n]
-    rows = [r for r in rows if r.prompt < n]
+    rows, extra = split_extra(rows, n)
     got += points.add(rows, scoring.records(rows, scorers))
     extra_got += extra_points.add(extra, scoring.records(extra, (scorer,)))
   step = lambda l: l["step"]

@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from visage_jax import distributed, errors, model, result, rundir, sharding
+from visage_jax.analysis import uncertainty
 from visage_jax.checkpoints import hf_tensors, loader, lora, safetensors_file
 from visage_jax.directions import trajectory, vectors
-from visage_jax.analysis import uncertainty
 from visage_jax.measures import coherence, registry
 from visage_jax.reports import markdown
 from visage_jax.runs import config_checks, finetune, landscape, pipeline
@@ -355,15 +355,12 @@ def _per_prompt(record: result.Result, path: str, lines: list[dict], names: list
                asr_coherent=("generations.jsonl", "outputs",
                              lambda o: coherence.coherent_jailbreak(o, max_nll, max_rep)),
                overrefusal=(pipeline.OVERREFUSAL_FILE, "overrefusal_outputs", lambda o: o["refusal"]))
-  X, Y, out = len(record.coords_x), len(record.coords_y), {}
-  for name in names:
-    if name not in rules:
-      continue
+  X, Y, read, out = len(record.coords_x), len(record.coords_y), {}, {}
+  for name in (n for n in names if n in rules):
     file, key, verdict = rules[name]
-    grid_lines = rundir.read_jsonl(os.path.join(path, file), repair=False)
-    n_prompts = len(grid_lines[0]["outputs"])
-    grid = np.full((X, Y, n_prompts), np.nan)
-    for l in grid_lines:
-      grid[l["step"] // Y, l["step"] % Y] = [float(bool(verdict(o))) for o in l["outputs"]]
+    if file not in read:   # each grid file read once
+      read[file] = rundir.read_jsonl(os.path.join(path, file), repair=False)
+    n_prompts = len(read[file][0]["outputs"])
+    grid = uncertainty.verdicts(read[file], 1, X * Y, n_prompts, verdict)[0].reshape(X, Y, n_prompts)
     out[name] = grid, np.asarray([[float(bool(verdict(o))) for o in l[key]] for l in lines])
   return out
