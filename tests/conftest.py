@@ -18,12 +18,42 @@ if _OWN_TMPDIR:
 os.environ.setdefault("VISAGE_JAX_CACHE", os.path.join(_CACHE, "checkpoints"))
 # One persistent JAX compilation cache for the suite and the processes it starts (CLI runs, the
 # multi-process tests): each tiny program compiles once, not once per process. Read when jax is
-# imported, so set before any test module imports it; a fresh machine starts it empty. Bounded in
-# size, which also makes jax lock it, so concurrent processes never read a half-written entry.
+# imported, so set before any test module imports it; a fresh machine starts it empty.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_CACHE, "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))
+# Unbounded for jax: a bounded cache rescans every entry under a lock on each write (0.47 s per
+# tiny program at 3,500 entries against 0.08 s unbounded, BENCHMARKS.md), which made an empty
+# cache cost the suite minutes. Unbounded, writes are not atomic: a process that reads an entry
+# while another writes it gets jax's "Error reading persistent compilation cache entry" warning and
+# compiles instead, which is the right result, so that warning is silenced (CLI tests read stderr).
+# The size is bounded here instead, once per run (_JAX_CACHE_LIMIT).
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", "-1")
+_CACHE_WARNING = "ignore:Error reading persistent compilation cache entry:UserWarning"
+os.environ["PYTHONWARNINGS"] = ",".join(w for w in (os.environ.get("PYTHONWARNINGS"), _CACHE_WARNING) if w)
+_JAX_CACHE_LIMIT = 2 << 30
+# XLA's CPU backend at optimization level 0 for the suite and its subprocesses (which keep these
+# flags: fixtures.subprocess_env): it halves the compile time of the decode programs, most of an
+# empty-cache run, and slows the real SmolLM2 programs by about a sixth (BENCHMARKS.md). It only
+# skips LLVM passes on the same HLO, so what a test compares is unchanged.
+_SUITE_XLA_FLAGS = "--xla_backend_optimization_level=0"
+if _SUITE_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_SUITE_XLA_FLAGS}".strip()
+
+
+def _bound_jax_cache(path: str, limit: int = _JAX_CACHE_LIMIT):
+  """Empties the compilation cache when it outgrew `limit` (old code's programs pile up)."""
+  try:
+    size = sum(e.stat().st_size for e in os.scandir(path) if e.is_file())
+  except FileNotFoundError:
+    return
+  if size > limit:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def pytest_sessionstart(session):
+  if not hasattr(session.config, "workerinput"):   # the controller, before any worker starts
+    _bound_jax_cache(os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -45,7 +45,7 @@ class TwoProcessTest(absltest.TestCase):
     model_dir, prompts = os.path.join(root, "model"), fixtures.advbench_path()
     fixtures.save_refusal_model(model_dir)
     script = os.path.join(os.path.dirname(__file__), "distributed_main.py")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = fixtures.subprocess_env()
     port, two, one = fixtures.free_port(), os.path.join(root, "two"), os.path.join(root, "one")
     procs = [subprocess.Popen([sys.executable, script, model_dir, prompts, two,
                                os.path.join(root, f"report_{i}.json"), str(i), str(port)],
@@ -107,7 +107,7 @@ def _atol(c, values) -> float:
 def _run_two(script: str, args: list[str], root: str, reference, timeout: int):
   """Both processes of tests/SCRIPT (ARGS REPORT PROCESS_ID PORT) while `reference()` runs here;
   returns the two reports."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = fixtures.subprocess_env()
   port = fixtures.free_port()
   procs = [subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), script), *args,
                              os.path.join(root, f"report_{i}.json"), str(i), str(port)],

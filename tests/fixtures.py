@@ -164,9 +164,23 @@ def random_tokens(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndar
   return np.random.default_rng(seed).integers(3, vocab, size=(batch, length)).astype(np.int32)
 
 
+def subprocess_env(devices: int | None = None, **extra: str) -> dict[str, str]:
+  """This process's environment for a child: the suite's XLA_FLAGS (tests/conftest.py) without any
+  virtual device count of ours, plus `devices` CPU devices when given, plus `extra`."""
+  env = dict(os.environ, **extra)
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_COUNT)]
+  if devices is not None:
+    flags.append(f"{_DEVICE_COUNT}={devices}")
+  env["XLA_FLAGS"] = " ".join(flags)
+  return env
+
+
+_DEVICE_COUNT = "--xla_force_host_platform_device_count"
+
+
 def run_script(name: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
   """python tests/NAME ARGS in a fresh process (which sets its own XLA_FLAGS device count)."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = subprocess_env()
   return subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), name), *args],
                         capture_output=True, text=True, env=env, timeout=timeout)
 

@@ -235,7 +235,7 @@ class ShardedCheckpointTest(absltest.TestCase):
     direction drawn over both processes; every shard each process holds is checked."""
     root = self.create_tempdir().full_path
     port = str(fixtures.free_port())
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = fixtures.subprocess_env()
     script = os.path.join(os.path.dirname(__file__), "scaleout_main.py")
     outs = [os.path.join(root, f"process{i}.json") for i in range(2)]
     procs = [subprocess.Popen([sys.executable, script, "process", port, "2", str(i), root, outs[i]],

@@ -19,7 +19,7 @@ class MultiDeviceTest(absltest.TestCase):
     model_dir = os.path.join(root, "model")
     fixtures.save_refusal_model(model_dir)
     script = os.path.join(os.path.dirname(__file__), "multidevice_main.py")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = fixtures.subprocess_env()
     proc = subprocess.run([sys.executable, script, model_dir, fixtures.advbench_path(), root],
                           capture_output=True, text=True, env=env, timeout=900)
     self.assertEqual(proc.returncode, 0, proc.stderr[-4000:])

@@ -215,7 +215,7 @@ class TwoProcessSweepTest(absltest.TestCase):
     w = os.path.join(d, "sweep")
     port = fixtures.free_port()
     grid = repr((("model.path", ("/nonexistent/model", model_dir)), ("landscape.seed", (0,))))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = fixtures.subprocess_env(devices=2, JAX_PLATFORMS="cpu")
     procs = [subprocess.Popen(
         [sys.executable, "-m", "visage_jax.cli", "sweep", "--config=configs/sweep_system_prompts.py:tiny",
          "--config.base.model.lora_path=", f"--config.sweep.grid={grid}", "--config.base.mesh.shape=-1,1",
