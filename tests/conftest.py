@@ -22,9 +22,9 @@ os.environ.setdefault("VISAGE_JAX_CACHE", os.path.join(_CACHE, "checkpoints"))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_CACHE, "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
-# Unbounded for jax: a bounded cache rescans every entry under a lock on each write (0.47 s per
-# tiny program at 3,500 entries against 0.08 s unbounded, BENCHMARKS.md), which made an empty
-# cache cost the suite minutes. Unbounded, writes are not atomic: a process that reads an entry
+# Unbounded for jax: a bounded cache rescans every entry under a lock on each write (about 0.2 s
+# per tiny program at 3,500 entries against 0.03 s unbounded, BENCHMARKS.md), which made an empty
+# cache cost the suite 5 minutes. Unbounded, writes are not atomic: a process that reads an entry
 # while another writes it gets jax's "Error reading persistent compilation cache entry" warning and
 # compiles instead, which is the right result, so that warning is silenced (CLI tests read stderr).
 # The size is bounded here instead, once per run (_JAX_CACHE_LIMIT).
@@ -32,13 +32,6 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", "-1")
 _CACHE_WARNING = "ignore:Error reading persistent compilation cache entry:UserWarning"
 os.environ["PYTHONWARNINGS"] = ",".join(w for w in (os.environ.get("PYTHONWARNINGS"), _CACHE_WARNING) if w)
 _JAX_CACHE_LIMIT = 2 << 30
-# XLA's CPU backend at optimization level 0 for the suite and its subprocesses (which keep these
-# flags: fixtures.subprocess_env): it halves the compile time of the decode programs, most of an
-# empty-cache run, and slows the real SmolLM2 programs by about a sixth (BENCHMARKS.md). It only
-# skips LLVM passes on the same HLO, so what a test compares is unchanged.
-_SUITE_XLA_FLAGS = "--xla_backend_optimization_level=0"
-if _SUITE_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_SUITE_XLA_FLAGS}".strip()
 
 
 def _bound_jax_cache(path: str, limit: int = _JAX_CACHE_LIMIT):

@@ -165,8 +165,8 @@ def random_tokens(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndar
 
 
 def subprocess_env(devices: int | None = None, **extra: str) -> dict[str, str]:
-  """This process's environment for a child: the suite's XLA_FLAGS (tests/conftest.py) without any
-  virtual device count of ours, plus `devices` CPU devices when given, plus `extra`."""
+  """This process's environment for a child: its XLA_FLAGS without a virtual device count (a child
+  script sets its own), plus `devices` CPU devices when given, plus `extra`."""
   env = dict(os.environ, **extra)
   flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_COUNT)]
   if devices is not None:
