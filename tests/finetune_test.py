@@ -360,7 +360,7 @@ class FinetuneTest(parameterized.TestCase):
     np.savez(batch_file, **self._batch(EXAMPLES * 2)[1])
     code = textwrap.dedent(f"""
         import os, sys, json
-        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
         os.environ["JAX_PLATFORMS"] = "cpu"
         import jax, jax.numpy as jnp, numpy as np
         from visage_jax import sharding

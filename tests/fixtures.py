@@ -165,17 +165,13 @@ def random_tokens(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndar
 
 
 def subprocess_env(devices: int | None = None, **extra: str) -> dict[str, str]:
-  """This process's environment for a child: its XLA_FLAGS without a virtual device count (a child
-  script sets its own), plus `devices` CPU devices when given, plus `extra`."""
-  env = dict(os.environ, **extra)
-  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_COUNT)]
+  """This process's environment for a child, without its XLA_FLAGS (a child script sets its own
+  device count), with `devices` virtual CPU devices when given, plus `extra`."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(extra)
   if devices is not None:
-    flags.append(f"{_DEVICE_COUNT}={devices}")
-  env["XLA_FLAGS"] = " ".join(flags)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   return env
-
-
-_DEVICE_COUNT = "--xla_force_host_platform_device_count"
 
 
 def run_script(name: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
