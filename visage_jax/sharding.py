@@ -118,6 +118,8 @@ def to_host(tree):
 
   def one(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if x.is_fully_replicated:   # a local copy is the whole value: no collective (one per decode step)
+        return jax.device_get(x.addressable_data(0))
       return multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(x)
   return jax.tree.map(one, tree)
