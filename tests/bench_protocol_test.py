@@ -69,10 +69,7 @@ class DeviceBenchTest(absltest.TestCase):
         f.write(f"raise ImportError('{name} is not on the node: it must come from wheels/')\n")
     out = os.path.join(tmp, "out")
     env = dict(os.environ, PYTHON=sys.executable, CONFIG="configs/bench_gpu.py:tiny", JAX_PLATFORMS="cpu",
-               PYTHONPATH=blocked, PIP_NO_INDEX="1",
-               # the bench's two processes compile the same setup: the second reads it (time only)
-               JAX_COMPILATION_CACHE_DIR=os.path.join(tmp, "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+               PYTHONPATH=blocked, PIP_NO_INDEX="1")   # the suite's compilation cache (tests/conftest.py)
     proc = subprocess.run(["bash", os.path.join(repo, "launch", "device_bench.sh"), out], capture_output=True,
                           text=True, env=env, cwd=tmp, timeout=600)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])

@@ -7,8 +7,10 @@ import tempfile
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(__file__))
+import fixtures  # noqa: E402  (numpy only: jax is not imported yet)
+
 flags.FLAGS.mark_as_parsed()
-_CACHE = os.path.join(tempfile.gettempdir(), f"visage_jax_tests_{os.getuid()}")
+_CACHE = fixtures.TEST_CACHE
 # absltest's temporary files (setUpClass models, create_tempdir) in a folder of this run alone, not the
 # shared /tmp/absl_testing where two runs at once would overwrite each other's models.
 _OWN_TMPDIR = "TEST_TMPDIR" not in os.environ

@@ -6,11 +6,15 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What the suite keeps between runs (tests/conftest.py): the JAX compilation cache, converted
+# checkpoints, references that are slow to build.
+TEST_CACHE = os.path.join(tempfile.gettempdir(), f"visage_jax_tests_{os.getuid()}")
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
@@ -76,6 +80,46 @@ def _trained_tokenizer(kind: str, vocab_size: int, refusals: bool) -> str:
   tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                      special_tokens=[("<s>", bos)])
   return tok.to_str()
+
+
+def hf_gguf_reference(gguf_path: str):
+  """transformers' own model of a GGUF file (its dequantization, not ours: the independent side of
+  a parity test), float32. Parsing the file's metadata and mapping its tensors costs transformers
+  ~20 s for SmolLM2, so the model it builds is kept as a safetensors copy in the suite's cache,
+  keyed by the file's bytes and the transformers and torch versions, and read back from there."""
+  import hashlib
+  import json
+  import shutil
+
+  import safetensors.torch
+  import torch
+  import transformers
+
+  digest = hashlib.sha256(f"{transformers.__version__} {torch.__version__}".encode())
+  with open(gguf_path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 24), b""):
+      digest.update(block)
+  cached = os.path.join(TEST_CACHE, "hf_reference", digest.hexdigest()[:20])
+  if not os.path.exists(cached):   # its weights, config and generation config (a GGUF-loaded model
+    model = transformers.AutoModelForCausalLM.from_pretrained(   # refuses save_pretrained)
+        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), dtype=torch.float32)
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(cached))
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(config, f)
+    model.generation_config.save_pretrained(tmp)
+    safetensors.torch.save_model(model, os.path.join(tmp, "model.safetensors"))
+    try:
+      os.rename(tmp, cached)   # atomic: a process that lost the race keeps the winner's copy
+    except OSError:
+      shutil.rmtree(tmp, ignore_errors=True)
+  config = transformers.AutoConfig.from_pretrained(cached)
+  model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+  safetensors.torch.load_model(model, os.path.join(cached, "model.safetensors"))
+  model.generation_config = transformers.GenerationConfig.from_pretrained(cached)
+  return model.eval()
 
 
 def save_tiny_hf(path: str, arch: str = "llama", tokenizer=None, seed: int = 0,

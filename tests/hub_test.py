@@ -265,7 +265,7 @@ class CommandTest(absltest.TestCase):
   def test_generate_with_an_id_prints_what_the_directory_prints(self):
     args = ("generate", "--prompt=Write a poem", "--prompt=Tell me a story now", "--max_new_tokens=5")
     env = _offline(self.cache)
-    want = _ok(run_cli(*args, f"--model={self.snapshot}", env=env)).stdout
+    want = _ok(fixtures.cli(*args, f"--model={self.snapshot}")).stdout   # a directory: no hub, no process
     self.assertLen(want.splitlines(), 2)
     self.assertEqual(_ok(run_cli(*args, f"--model={REPO}", env=env)).stdout, want)
     home = {k: v for k, v in env.items() if k != "HF_HUB_CACHE"} | {"HF_HOME": self.home}
@@ -281,10 +281,10 @@ class CommandTest(absltest.TestCase):
               f"--config.prompts.path={goals}", "--config.prompts.limit=2",
               "--config.decode.max_new_tokens=4", "--config.landscape.steps=2", "--noprogress")
     runs = {}
-    for name, path in (("dir", self.snapshot), ("id", REPO)):
+    for name, path in (("dir", self.snapshot), ("id", REPO)):   # the directory in this process
       work = os.path.join(tmp, name)
-      proc = _ok(run_cli(*common, f"--config.model.path={path}", f"--workdir={work}",
-                         env=_offline(self.cache)))
+      args = (*common, f"--config.model.path={path}", f"--workdir={work}")
+      proc = _ok(fixtures.cli(*args) if name == "dir" else run_cli(*args, env=_offline(self.cache)))
       with open(os.path.join(work, "generations.jsonl")) as f:
         lines = [json.loads(l) for l in f]
       runs[name] = json.loads(proc.stdout.strip().splitlines()[-1]), lines

@@ -16,15 +16,13 @@ class SmolLM2Test(absltest.TestCase):
 
   @classmethod
   def setUpClass(cls):
-    from transformers import AutoModelForCausalLM
     super().setUpClass()
     path = loader.default_model_path()
     local = loader.resolve(path, "float32")   # the converted copy, made once
     cls.cfg, cls.params = loader.load_params(local)
     cls.tok = loader.load_tokenizer(local)
     cls.eos = loader.eos_ids(local, cls.tok)
-    cls.hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                  dtype=torch.float32).eval()
+    cls.hf = fixtures.hf_gguf_reference(path)   # transformers' own GGUF loading, kept between runs
     goals = prompts.load_goals(fixtures.advbench_path(), 8)
     cls.texts = [prompts.format_prompt(g, cls.tok) for g in goals]
 
