@@ -53,6 +53,28 @@ def record_writes(workdir: str, log: list) -> None:
   builtins.open, os.replace, os.remove = open_, replace_, remove_
 
 
+def _to_host_check() -> dict:
+  """sharding.to_host of a value replicated on every device of both processes (read from a local
+  shard, no collective) and of one split across them (all-gathered): both the whole value."""
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+  from visage_jax import sharding
+
+  mesh, spec = sharding.make_mesh((4, 2)), jax.sharding.PartitionSpec
+  value = np.arange(8 * 6, dtype=np.float32).reshape(8, 6)
+  replicated = sharding.put(value, jax.sharding.NamedSharding(mesh, spec()))
+  split = sharding.put(value, jax.sharding.NamedSharding(mesh, spec(*sharding.AXES)))
+  gathers, real = [], multihost_utils.process_allgather
+  multihost_utils.process_allgather = lambda x, **kw: gathers.append(x.shape) or real(x, **kw)
+  try:
+    got = sharding.to_host({"replicated": replicated, "split": split})
+  finally:
+    multihost_utils.process_allgather = real
+  return dict(spans=[not x.is_fully_addressable for x in (replicated, split)], gathers=len(gathers),
+              equal={k: bool(np.array_equal(v, value)) for k, v in got.items()})
+
+
 def main(model_dir, prompts_path, workdir, report, process_id, port):
   import jax
   from visage_jax import distributed
@@ -83,7 +105,7 @@ def main(model_dir, prompts_path, workdir, report, process_id, port):
     os.remove(os.path.join(workdir, "landscape.json"))
   distributed.barrier("test: run cut")
   resumed = landscape.run(c, workdir, progress=False).to_json()
-  out = dict(joined=joined, process_index=jax.process_index(), process_count=jax.process_count(),
+  out = dict(to_host=_to_host_check(), joined=joined, process_index=jax.process_index(), process_count=jax.process_count(),
              device_count=jax.device_count(), local_device_count=jax.local_device_count(),
              mesh=resumed["mesh"], first=dict(asr=first["asr"], visage=first["visage"]),
              asr=resumed["asr"], visage=resumed["visage"], complete=resumed["complete"], writes=writes,

@@ -64,6 +64,7 @@ class TwoProcessTest(absltest.TestCase):
         reports.append(json.load(f))
 
     for i, r in enumerate(reports):
+      self.assertEqual(r["to_host"], dict(spans=[True, True], gathers=1, equal=dict(replicated=True, split=True)))
       self.assertTrue(r["joined"])
       self.assertEqual((r["process_index"], r["process_count"]), (i, 2))
       self.assertEqual((r["device_count"], r["local_device_count"]), (8, 4))
