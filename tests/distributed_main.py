@@ -105,8 +105,9 @@ def main(model_dir, prompts_path, workdir, report, process_id, port):
     os.remove(os.path.join(workdir, "landscape.json"))
   distributed.barrier("test: run cut")
   resumed = landscape.run(c, workdir, progress=False).to_json()
-  out = dict(to_host=_to_host_check(), joined=joined, process_index=jax.process_index(), process_count=jax.process_count(),
-             device_count=jax.device_count(), local_device_count=jax.local_device_count(),
+  out = dict(to_host=_to_host_check(), joined=joined, process_index=jax.process_index(),
+             process_count=jax.process_count(), device_count=jax.device_count(),
+             local_device_count=jax.local_device_count(),
              mesh=resumed["mesh"], first=dict(asr=first["asr"], visage=first["visage"]),
              asr=resumed["asr"], visage=resumed["visage"], complete=resumed["complete"], writes=writes,
              spans=spans)

@@ -1,7 +1,5 @@
 """The embedded real model (SmolLM2-135M-Instruct, Q4_1 GGUF) against transformers' own GGUF loading."""
 
-import os
-
 import jax.numpy as jnp
 import numpy as np
 import torch
